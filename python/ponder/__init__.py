@@ -1,0 +1,37 @@
+"""ponder: test-time compute scaling for LLM reasoning (search over steps with a process reward model).
+
+The compiled core is ``ponder._core`` (C++, optional CUDA); ``ponder.reference`` holds its
+pure-Python twin, the readable specification of every operation.
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+
+try:
+    from . import _core
+except ImportError as exc:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "ponder's compiled core (ponder._core) is missing or does not load: "
+        f"{exc}. Reinstall ponder with `pip install .` from a source checkout "
+        "(it needs a C++17 compiler and CMake >= 3.18)."
+    ) from exc
+
+from ._core import ACTIVE, FINISHED, NO_ANSWER, PRUNED, Forest, build_info
+
+
+def cuda_available() -> bool:
+    """True when this build has CUDA kernels *and* a CUDA device can run them now."""
+    return bool(build_info()["cuda"]) and bool(_core.cuda_runtime_ok())
+
+
+__all__ = [
+    "ACTIVE",
+    "FINISHED",
+    "NO_ANSWER",
+    "PRUNED",
+    "Forest",
+    "__version__",
+    "build_info",
+    "cuda_available",
+]
