@@ -138,15 +138,18 @@ std::string option(py::handle obj) {
 constexpr int64_t kI64Max = INT64_MAX;
 constexpr int64_t kI32Max = INT32_MAX;
 
-}  // namespace
+// ============================================================================ kv (control plane)
+void bind_kv(py::module_& m) { (void)m; }
 
-PYBIND11_MODULE(_core, m) {
-  m.doc() = "ponder's compiled core. Semantics: ponder.reference (the pure-Python twin).";
+// ============================================================================ kernels (data plane)
+void bind_kernels(py::module_& m) { (void)m; }
+
+// ============================================================================ tree (search forest)
+void bind_tree(py::module_& m) {
   m.attr("ACTIVE") = static_cast<int>(ponder::tree::kActive);
   m.attr("FINISHED") = static_cast<int>(ponder::tree::kFinished);
   m.attr("PRUNED") = static_cast<int>(ponder::tree::kPruned);
   m.attr("NO_ANSWER") = ponder::tree::kNoAnswer;
-  m.attr("__version__") = PONDER_VERSION;
 
   m.def("build_info", &build_info,
         "What this extension was compiled with: version, cuda (bool), cuda_architectures, cuda_version, "
@@ -319,4 +322,14 @@ ponder.reference.Forest, whose docstrings define every operation; inputs are 1-D
         d["bytes_reserved"] = s.bytes_reserved;
         return d;
       });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "ponder's compiled core. Semantics: ponder.reference (the pure-Python twins).";
+  m.attr("__version__") = PONDER_VERSION;
+  bind_tree(m);
+  bind_kv(m);
+  bind_kernels(m);
 }
