@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace ponder {
@@ -105,28 +106,81 @@ inline void check_1d(const NumView& v, const char* name) {
                                 std::to_string(v.ndim) + " dimensions");
 }
 
-// Integer array -> int64 values in [lo, hi]. Empty arrays of any dtype are accepted.
-inline std::vector<int64_t> to_ints(const NumView& v, const char* name, int64_t lo, int64_t hi) {
+namespace detail {
+
+// Copies n integers of type In (strided) into out, checking each lies in [lo, hi]. Returns the
+// index of the first value out of range, or -1. The contiguous case is a plain loop the
+// compiler vectorizes; this is the hot path of every batched call.
+template <typename In, typename Out>
+int64_t convert_ints(const char* data, int64_t stride, int64_t n, Out* out, int64_t lo, int64_t hi) {
+  auto ok = [lo, hi](In x) {
+    if constexpr (std::is_unsigned<In>::value) {
+      return (lo <= 0 || static_cast<uint64_t>(x) >= static_cast<uint64_t>(lo)) &&
+             (hi >= 0 && static_cast<uint64_t>(x) <= static_cast<uint64_t>(hi));
+    } else {
+      return static_cast<int64_t>(x) >= lo && static_cast<int64_t>(x) <= hi;
+    }
+  };
+  if (stride == static_cast<int64_t>(sizeof(In))) {
+    const In* p = reinterpret_cast<const In*>(data);
+    bool all = true;
+    for (int64_t i = 0; i < n; ++i) {
+      all &= ok(p[i]);
+      out[i] = static_cast<Out>(p[i]);
+    }
+    if (all) return -1;
+    for (int64_t i = 0; i < n; ++i)
+      if (!ok(p[i])) return i;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const In x = *reinterpret_cast<const In*>(data + i * stride);
+    if (!ok(x)) return i;
+    out[i] = static_cast<Out>(x);
+  }
+  return -1;
+}
+
+}  // namespace detail
+
+// Integer array -> values of type Out (int32_t or int64_t), each in [lo, hi] (a range that
+// fits Out). Empty arrays of any dtype are accepted.
+template <typename Out>
+std::vector<Out> to_ints_as(const NumView& v, const char* name, int64_t lo, int64_t hi) {
   check_1d(v, name);
-  std::vector<int64_t> out;
+  std::vector<Out> out;
   if (v.size == 0) return out;
   if (!is_integer(v.dtype))
     throw std::invalid_argument(std::string(name) + " must be an integer array, got dtype " +
                                 dtype_name(v.dtype));
   out.resize(static_cast<size_t>(v.size));
-  for (int64_t i = 0; i < v.size; ++i) {
-    int64_t x = v.i64(i);
-    bool too_big = v.dtype == DType::U64 &&
-                   *reinterpret_cast<const uint64_t*>(v.data + i * v.stride) >
-                       static_cast<uint64_t>(INT64_MAX);
-    if (x < lo || x > hi || too_big)
-      throw std::invalid_argument(std::string(name) + "[" + std::to_string(i) + "] = " +
-                                  (too_big ? std::string("(> int64 max)") : std::to_string(x)) +
-                                  " is out of range [" + std::to_string(lo) + ", " +
-                                  std::to_string(hi) + "]");
-    out[static_cast<size_t>(i)] = x;
+  int64_t bad = -1;
+  switch (v.dtype) {
+    case DType::I8: bad = detail::convert_ints<int8_t>(v.data, v.stride, v.size, out.data(), lo, hi); break;
+    case DType::I16: bad = detail::convert_ints<int16_t>(v.data, v.stride, v.size, out.data(), lo, hi); break;
+    case DType::I32: bad = detail::convert_ints<int32_t>(v.data, v.stride, v.size, out.data(), lo, hi); break;
+    case DType::I64: bad = detail::convert_ints<int64_t>(v.data, v.stride, v.size, out.data(), lo, hi); break;
+    case DType::U8: bad = detail::convert_ints<uint8_t>(v.data, v.stride, v.size, out.data(), lo, hi); break;
+    case DType::U16: bad = detail::convert_ints<uint16_t>(v.data, v.stride, v.size, out.data(), lo, hi); break;
+    case DType::U32: bad = detail::convert_ints<uint32_t>(v.data, v.stride, v.size, out.data(), lo, hi); break;
+    case DType::U64: bad = detail::convert_ints<uint64_t>(v.data, v.stride, v.size, out.data(), lo, hi); break;
+    default: break;
+  }
+  if (bad >= 0) {
+    std::string value;
+    if (v.dtype == DType::U64) {
+      value = std::to_string(*reinterpret_cast<const uint64_t*>(v.data + bad * v.stride));
+    } else {
+      value = std::to_string(v.i64(bad));
+    }
+    throw std::invalid_argument(std::string(name) + "[" + std::to_string(bad) + "] = " + value +
+                                " is out of range [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
   }
   return out;
+}
+
+// Integer array -> int64 values in [lo, hi].
+inline std::vector<int64_t> to_ints(const NumView& v, const char* name, int64_t lo, int64_t hi) {
+  return to_ints_as<int64_t>(v, name, lo, hi);
 }
 
 // Real array -> finite float64 values.

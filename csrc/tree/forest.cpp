@@ -32,14 +32,14 @@ struct Ranked {
 };
 
 struct RaggedInput {
-  std::vector<int64_t> tokens;
+  std::vector<int32_t> tokens;
   std::vector<int64_t> offsets;
 };
 
 RaggedInput parse_ragged(const NumView& flat, const NumView& offsets, size_t n, const char* flat_name,
                          const char* offsets_name) {
   RaggedInput r;
-  r.tokens = to_ints(flat, flat_name, 0, kInt32Max);
+  r.tokens = to_ints_as<int32_t>(flat, flat_name, 0, kInt32Max);
   r.offsets = to_ints(offsets, offsets_name, 0, kInt64Max);
   const std::string on(offsets_name);
   if (r.offsets.size() != n + 1)
@@ -62,14 +62,52 @@ void check_length(size_t n, size_t got, const char* name) {
                                 std::to_string(got));
 }
 
-template <typename T>
-void check_unique(const std::vector<T>& ids, const char* name) {
-  std::vector<T> sorted(ids);
-  std::sort(sorted.begin(), sorted.end());
-  if (std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end()) return;
-  std::unordered_set<T> seen;  // slow path: find the first repeat to name it
-  for (size_t i = 0; i < ids.size(); ++i)
-    if (!seen.insert(ids[i]).second) throw std::invalid_argument(at(name, i, ids[i]) + " appears more than once");
+// Membership of the ids of one call: a bitmap over [min, max] when that range is dense enough
+// (the usual case: a batch of recent nodes), a hash set otherwise.
+class IdSet {
+ public:
+  // Returns the index of the first repeated id, or -1.
+  int64_t build(const std::vector<int32_t>& ids) {
+    if (ids.empty()) return -1;
+    auto mm = std::minmax_element(ids.begin(), ids.end());
+    lo_ = *mm.first;
+    const int64_t range = static_cast<int64_t>(*mm.second) - lo_ + 1;
+    dense_ = range <= 64 * static_cast<int64_t>(ids.size()) + 4096;
+    if (dense_) bits_.assign(static_cast<size_t>((range + 63) / 64), 0);
+    for (size_t i = 0; i < ids.size(); ++i)
+      if (!insert(ids[i])) return static_cast<int64_t>(i);
+    return -1;
+  }
+  bool contains(int32_t id) const {
+    if (!dense_) return set_.count(id) != 0;
+    const int64_t k = static_cast<int64_t>(id) - lo_;
+    return k >= 0 && k < static_cast<int64_t>(bits_.size()) * 64 &&
+           (bits_[static_cast<size_t>(k >> 6)] >> (k & 63) & 1u);
+  }
+
+ private:
+  bool insert(int32_t id) {
+    if (!dense_) return set_.insert(id).second;
+    const int64_t k = static_cast<int64_t>(id) - lo_;
+    uint64_t& word = bits_[static_cast<size_t>(k >> 6)];
+    const uint64_t bit = uint64_t{1} << (k & 63);
+    if (word & bit) return false;
+    word |= bit;
+    return true;
+  }
+  int64_t lo_ = 0;
+  bool dense_ = true;
+  std::vector<uint64_t> bits_;
+  std::unordered_set<int32_t> set_;
+};
+
+void check_unique(const std::vector<int32_t>& ids, const char* name, IdSet* out = nullptr) {
+  IdSet local;
+  IdSet& set = out ? *out : local;
+  const int64_t dup = set.build(ids);
+  if (dup >= 0)
+    throw std::invalid_argument(at(name, static_cast<size_t>(dup), ids[static_cast<size_t>(dup)]) +
+                                " appears more than once");
 }
 
 // Ids bucketed by group (groups numbered in order of first appearance), input order kept
@@ -80,16 +118,20 @@ struct Groups {
   size_t size() const { return offsets.size() - 1; }
 };
 
+// key_of(id) must return a key in [0, num_keys): a dense array maps keys to groups.
 template <typename KeyOf>
-Groups group_ids(const std::vector<int32_t>& ids, KeyOf key_of) {
-  std::unordered_map<uint64_t, int32_t> group_of;
+Groups group_ids(const std::vector<int32_t>& ids, size_t num_keys, KeyOf key_of) {
+  std::vector<int32_t> group_of(num_keys, -1);
   std::vector<int32_t> g(ids.size());
   std::vector<int64_t> counts;
   for (size_t i = 0; i < ids.size(); ++i) {
-    auto it = group_of.emplace(key_of(ids[i]), static_cast<int32_t>(counts.size()));
-    if (it.second) counts.push_back(0);
-    g[i] = it.first->second;
-    ++counts[static_cast<size_t>(g[i])];
+    int32_t& slot = group_of[key_of(ids[i])];
+    if (slot < 0) {
+      slot = static_cast<int32_t>(counts.size());
+      counts.push_back(0);
+    }
+    g[i] = slot;
+    ++counts[static_cast<size_t>(slot)];
   }
   Groups out;
   out.offsets.assign(counts.size() + 1, 0);
@@ -99,6 +141,37 @@ Groups group_ids(const std::vector<int32_t>& ids, KeyOf key_of) {
   for (size_t i = 0; i < ids.size(); ++i) out.members[static_cast<size_t>(cursor[static_cast<size_t>(g[i])]++)] = ids[i];
   return out;
 }
+
+// Open-addressing set of (hash -> node ids) for dedupe; sized for the few kept candidates of
+// one group and reused across groups.
+class StepSet {
+ public:
+  void reset(size_t expected) {
+    size_t cap = 16;
+    while (cap < 2 * expected + 2) cap <<= 1;
+    hashes_.assign(cap, 0);
+    ids_.assign(cap, -1);
+  }
+  // Calls same(other_id) for each stored id with this hash; inserts when none matches.
+  // Returns false when a duplicate was found.
+  template <typename Same>
+  bool insert(uint64_t hash, int32_t id, Same same) {
+    if (hash == 0) hash = 1;  // 0 marks an empty slot
+    const size_t mask = hashes_.size() - 1;
+    for (size_t k = hash & mask;; k = (k + 1) & mask) {
+      if (hashes_[k] == 0) {
+        hashes_[k] = hash;
+        ids_[k] = id;
+        return true;
+      }
+      if (hashes_[k] == hash && same(ids_[k])) return false;
+    }
+  }
+
+ private:
+  std::vector<uint64_t> hashes_;
+  std::vector<int32_t> ids_;
+};
 
 }  // namespace
 
@@ -132,17 +205,15 @@ void Forest::Page::reset() {
 // ----------------------------------------------------------------------------- lookups
 
 std::vector<int32_t> Forest::live_ids(const NumView& ids, const char* name) const {
-  std::vector<int64_t> raw = to_ints(ids, name, kInt32Min, kInt32Max);
-  std::vector<int32_t> out(raw.size());
-  for (size_t i = 0; i < raw.size(); ++i) {
-    const int64_t v = raw[i];
+  std::vector<int32_t> out = to_ints_as<int32_t>(ids, name, kInt32Min, kInt32Max);
+  for (size_t i = 0; i < out.size(); ++i) {
+    const int32_t v = out[i];
     bool ok = v >= 0 && v < next_id_;
     if (ok) {
       const Page* p = pages_[static_cast<size_t>(v >> kPageShift)].get();
       ok = p != nullptr && p->status[static_cast<size_t>(v & (kPageSize - 1))] != kReleased;
     }
     if (!ok) throw std::out_of_range(at(name, i, v) + " is not a live node id");
-    out[i] = static_cast<int32_t>(v);
   }
   return out;
 }
@@ -235,11 +306,11 @@ int32_t Forest::allocate(int32_t parent, int32_t problem_slot, int32_t subtree, 
   return id;
 }
 
-void Forest::append_tokens(int32_t id, const int64_t* tokens, int64_t n) {
+void Forest::append_tokens(int32_t id, const int32_t* tokens, int64_t n) {
   Ref r = ref(id);
   r.page->token_offset[r.slot] = static_cast<int64_t>(r.page->tokens.size());
   r.page->num_tokens[r.slot] = static_cast<int32_t>(n);
-  r.page->tokens.insert(r.page->tokens.end(), tokens, tokens + n);  // values checked to fit int32
+  r.page->tokens.insert(r.page->tokens.end(), tokens, tokens + n);
 }
 
 // ----------------------------------------------------------------------------- building trees
@@ -303,9 +374,10 @@ void Forest::set_steps(const NumView& node_ids, const NumView& tokens_flat, cons
   const std::vector<uint8_t> done = to_bools(finished, "finished");
   check_length(n, scores.size(), "step_scores");
   check_length(n, done.size(), "finished");
-  check_unique(ids, "node_ids");
+  IdSet in_call;
+  check_unique(ids, "node_ids", &in_call);
 
-  std::unordered_map<int32_t, size_t> position;  // only needed when a parent is in this call
+  std::unordered_map<int32_t, size_t> position;  // node id -> index, built only if a parent is in the call
   for (size_t i = 0; i < n; ++i) {
     Ref r = ref(ids[i]);
     const int32_t parent = r.page->parent[r.slot];
@@ -314,15 +386,16 @@ void Forest::set_steps(const NumView& node_ids, const NumView& tokens_flat, cons
     if (r.page->status[r.slot] == kPruned) throw std::invalid_argument(at("node_ids", i, ids[i]) + " is pruned");
     if (r.page->scored_children[r.slot] > 0)
       throw std::invalid_argument(at("node_ids", i, ids[i]) + " has children with steps; its step is fixed");
+    if (position.empty() && in_call.contains(parent))
+      for (size_t j = 0; j < n; ++j) position.emplace(ids[j], j);
+    auto it = position.find(parent);
+    if (it != position.end() && it->second > i)  // would read the parent's old step
+      throw std::invalid_argument(at("node_ids", i, ids[i]) + ": its parent " + std::to_string(parent) +
+                                  " comes later in node_ids; list parents before their children");
     Ref pr = ref(parent);
-    if (pr.page->parent[pr.slot] != -1 && !pr.page->has_step[pr.slot]) {
-      if (position.empty())
-        for (size_t j = 0; j < n; ++j) position.emplace(ids[j], j);
-      auto it = position.find(parent);
-      if (it == position.end() || it->second > i)
-        throw std::invalid_argument(at("node_ids", i, ids[i]) + ": its parent " + std::to_string(parent) +
-                                    " has no step; set the parent first (earlier in node_ids or in an earlier call)");
-    }
+    if (pr.page->parent[pr.slot] != -1 && !pr.page->has_step[pr.slot] && it == position.end())
+      throw std::invalid_argument(at("node_ids", i, ids[i]) + ": its parent " + std::to_string(parent) +
+                                  " has no step; set the parent first (earlier in node_ids or in an earlier call)");
   }
 
   for (size_t i = 0; i < n; ++i) {
@@ -478,12 +551,13 @@ std::vector<int32_t> Forest::select_beam(const NumView& candidate_ids, int64_t k
   const std::vector<int32_t> ids = scored_ids(candidate_ids, "candidate_ids", /*allow_pruned=*/false);
   check_unique(ids, "candidate_ids");
 
-  const Groups groups = group_ids(ids, [this](int32_t id) {
+  const Groups groups = group_ids(ids, problems_.size(), [this](int32_t id) {
     Ref r = ref(id);
-    return static_cast<uint64_t>(r.page->problem_slot[r.slot]);
+    return static_cast<size_t>(r.page->problem_slot[r.slot]);
   });
   std::vector<int32_t> kept;
   std::vector<Ranked> members;
+  StepSet seen;
   for (size_t g = 0; g < groups.size(); ++g) {
     members.clear();
     for (int64_t k = groups.offsets[g]; k < groups.offsets[g + 1]; ++k) {
@@ -496,29 +570,29 @@ std::vector<int32_t> Forest::select_beam(const NumView& candidate_ids, int64_t k
       for (size_t k = 0; k < keep; ++k) kept.push_back(members[k].id);
       continue;
     }
-    std::sort(members.begin(), members.end());
-    // Identical step tokens under the same parent count once: the best copy stays.
-    std::unordered_map<uint64_t, std::vector<int32_t>> seen;  // hash -> kept ids with that hash
+    // Identical step tokens under the same parent count once: the best copy stays. Sort only
+    // as far as the scan needs: a prefix of 2 * keep first, everything if duplicates eat it.
+    size_t sorted = std::min(members.size(), 2 * keep);
+    std::partial_sort(members.begin(), members.begin() + static_cast<std::ptrdiff_t>(sorted), members.end());
+    seen.reset(keep);
     size_t taken = 0;
     for (size_t k = 0; k < members.size() && taken < keep; ++k) {
+      if (k == sorted) {
+        std::sort(members.begin() + static_cast<std::ptrdiff_t>(sorted), members.end());
+        sorted = members.size();
+      }
       Ref r = ref(members[k].id);
       const int32_t* tok = r.page->tokens.data() + r.page->token_offset[r.slot];
-      const int32_t len = r.page->num_tokens[r.slot];
-      uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(static_cast<uint32_t>(r.page->parent[r.slot]));
+      const int32_t len = r.page->num_tokens[r.slot], parent = r.page->parent[r.slot];
+      uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(static_cast<uint32_t>(parent));
       for (int32_t t = 0; t < len; ++t) h = (h ^ static_cast<uint32_t>(tok[t])) * 1099511628211ull;
       h ^= static_cast<uint64_t>(len) << 32;
-      auto& bucket = seen[h];
-      bool duplicate = false;
-      for (int32_t other : bucket) {
+      const bool fresh = seen.insert(h, members[k].id, [&](int32_t other) {
         Ref o = ref(other);
-        if (o.page->parent[o.slot] == r.page->parent[r.slot] && o.page->num_tokens[o.slot] == len &&
-            std::equal(tok, tok + len, o.page->tokens.data() + o.page->token_offset[o.slot])) {
-          duplicate = true;
-          break;
-        }
-      }
-      if (duplicate) continue;
-      bucket.push_back(members[k].id);
+        return o.page->parent[o.slot] == parent && o.page->num_tokens[o.slot] == len &&
+               std::equal(tok, tok + len, o.page->tokens.data() + o.page->token_offset[o.slot]);
+      });
+      if (!fresh) continue;
       kept.push_back(members[k].id);
       ++taken;
     }
@@ -531,6 +605,7 @@ std::vector<int32_t> Forest::select_dvts(const NumView& candidate_ids, const std
   const std::vector<int32_t> ids = scored_ids(candidate_ids, "candidate_ids", /*allow_pruned=*/false);
   check_unique(ids, "candidate_ids");
   std::unordered_map<uint64_t, size_t> group_of;
+  group_of.reserve(ids.size());
   std::vector<Ranked> best;
   for (int32_t id : ids) {
     Ref r = ref(id);
@@ -560,9 +635,9 @@ VoteResult Forest::vote(const NumView& node_ids, const std::string& how, const s
         throw std::invalid_argument(at("node_ids", i, ids[i]) + " has an answer but no scored step");
     }
 
-  const Groups groups = group_ids(ids, [this](int32_t id) {
+  const Groups groups = group_ids(ids, problems_.size(), [this](int32_t id) {
     Ref r = ref(id);
-    return static_cast<uint64_t>(r.page->problem_slot[r.slot]);
+    return static_cast<size_t>(r.page->problem_slot[r.slot]);
   });
   VoteResult out;
   std::vector<std::pair<int64_t, double>> totals;  // (answer, total) in first-seen order

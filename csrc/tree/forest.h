@@ -119,7 +119,7 @@ class Forest {
   int32_t find_problem(int64_t problem_id) const;  // slot or throws invalid_argument
   void check_id_space(int64_t more) const;
   int32_t allocate(int32_t parent, int32_t problem_slot, int32_t subtree, int32_t depth);
-  void append_tokens(int32_t id, const int64_t* tokens, int64_t n);
+  void append_tokens(int32_t id, const int32_t* tokens, int64_t n);
   Ragged gather_tokens(const std::vector<int32_t>& ids, bool whole_path) const;
 
   std::vector<std::unique_ptr<Page>> pages_;

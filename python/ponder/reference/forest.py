@@ -264,7 +264,8 @@ class Forest:
         node_ids: int [n], unique, not roots, not pruned; tokens_flat: int [total];
         offsets: int [n + 1]; step_scores: float [n], finite; finished: bool [n].
         A node's step can be set again until one of its children has a step. Its parent must
-        be a root, already have a step, or come earlier in ``node_ids``.
+        be a root, already have a step, or come earlier in ``node_ids`` (a parent listed after
+        its child is rejected).
         """
         ids, nodes = self._nodes_of(node_ids, "node_ids")
         n = len(ids)
@@ -282,13 +283,18 @@ class Forest:
             if node.scored_children > 0:
                 raise ValueError(f"node_ids[{i}] = {ids[i]} has children with steps; its step is fixed")
             parent = self._nodes[node.parent]
-            if parent.parent != -1 and not parent.has_step:
-                j = position.get(node.parent)
-                if j is None or j > i:
-                    raise ValueError(
-                        f"node_ids[{i}] = {ids[i]}: its parent {node.parent} has no step; "
-                        "set the parent first (earlier in node_ids or in an earlier call)"
-                    )
+            j = position.get(node.parent)
+            if j is not None and j > i:
+                # Applying in order would compute this node's aggregates from the parent's old step.
+                raise ValueError(
+                    f"node_ids[{i}] = {ids[i]}: its parent {node.parent} comes later in node_ids; "
+                    "list parents before their children"
+                )
+            if parent.parent != -1 and not parent.has_step and j is None:
+                raise ValueError(
+                    f"node_ids[{i}] = {ids[i]}: its parent {node.parent} has no step; "
+                    "set the parent first (earlier in node_ids or in an earlier call)"
+                )
         for node, step, score, is_done in zip(nodes, steps, scores, done):
             parent = self._nodes[node.parent]
             if not node.has_step:
