@@ -44,6 +44,7 @@ SCORES = st.one_of(st.sampled_from([0.25, 0.5, 0.75, 1.0, 0.0]), st.floats(-1, 1
 ANSWERS = st.integers(0, 2)
 PROBLEMS = st.integers(0, 4)
 ERRORS = (ValueError, IndexError, OverflowError)
+MUTATING = {"add_roots", "expand", "set_steps", "set_answers", "prune", "release_problem"}
 
 
 # ----------------------------------------------------------------------------- input forms
@@ -123,6 +124,7 @@ class ForestTwins(RuleBasedStateMachine):
         self.core = ponder._core.Forest()
         self.calls = 0
         self.raised = 0
+        self._snapshot = self._view = None
         # start from a small valid forest, so that even runs of a single rule have nodes to use
         n = data.draw(st.integers(1, 3), label="seed roots")
         flat, offsets = csr(data.draw(st.lists(PROMPT, min_size=n, max_size=n), label="seed prompts"))
@@ -133,8 +135,21 @@ class ForestTwins(RuleBasedStateMachine):
             self.grow(data)
 
     # ---- driving both
+    # The reference's snapshot and view are cached between successful mutating calls: a
+    # failing call must leave the snapshot as it was, and queries change nothing.
+    def ref_snapshot(self):
+        if self._snapshot is None:
+            self._snapshot = snapshot(self.ref)
+        return self._snapshot
+
+    def view(self):
+        if self._view is None:
+            self._view = view(self.ref)
+        return self._view
+
     def both(self, method, *args, **kwargs):
-        before = snapshot(self.ref)
+        mutating = method in MUTATING
+        before = self.ref_snapshot() if mutating else None
         outcomes = []
         for forest in (self.ref, self.core):
             try:
@@ -149,8 +164,12 @@ class ForestTwins(RuleBasedStateMachine):
         event(f"{method}: {'ok' if ref_kind == 'ok' else ref_out.__name__}")
         if ref_kind == "raised":
             self.raised += 1
-            assert_same(snapshot(self.ref), before, f"reference changed by failing {method}")
+            if mutating:
+                assert_same(snapshot(self.ref), before, f"reference changed by failing {method}")
+                assert_same(snapshot(self.core), before, f"core changed by failing {method}")
             return None
+        if mutating:
+            self._snapshot = self._view = None
         assert_same(core_out, ref_out, label)
         return ref_out
 
@@ -200,7 +219,7 @@ class ForestTwins(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def expand(self, data):
-        v = view(self.ref)
+        v = self.view()
         use_any = data.draw(st.integers(0, 7), label="any parent?") == 0
         parents = self.pick(data, v.ids if use_any else v.expandable, unique=False)
         parents = self.maybe_corrupt_ids(data, parents, v)
@@ -209,7 +228,7 @@ class ForestTwins(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def set_steps(self, data):
-        v = view(self.ref)
+        v = self.view()
         use_any = data.draw(st.integers(0, 9), label="any node?") == 0
         ids = self.pick(data, v.ids if use_any else v.steppable, max_size=4)
         ids = data.draw(st.permutations(ids), label="order") if ids else []
@@ -233,7 +252,7 @@ class ForestTwins(RuleBasedStateMachine):
     @rule(data=st.data())
     def grow(self, data):
         """Valid growth: expand an expandable node and give its new children steps."""
-        v = view(self.ref)
+        v = self.view()
         if not v.expandable:
             return self.add_roots(data)
         parent = data.draw(st.sampled_from(v.expandable), label="parent")
@@ -246,10 +265,12 @@ class ForestTwins(RuleBasedStateMachine):
         scores = data.draw(st.lists(SCORES, min_size=n, max_size=n), label="scores")
         finished = data.draw(st.lists(st.sampled_from([False, False, True]), min_size=n, max_size=n), label="finished")
         self.both("set_steps", kids, flat, offsets, scores, finished)
+        if data.draw(st.booleans(), label="answer them?"):
+            self.both("set_answers", kids, data.draw(st.lists(ANSWERS, min_size=n, max_size=n), label="answers"))
 
     @rule(data=st.data())
     def set_answers(self, data):
-        v = view(self.ref)
+        v = self.view()
         ids = self.maybe_corrupt_ids(data, self.pick(data, v.ids, max_size=4, unique=False), v)
         answers = data.draw(st.lists(ANSWERS, min_size=len(ids), max_size=len(ids)), label="answers")
         if ids and data.draw(st.integers(0, 15), label="NO_ANSWER?") == 0:
@@ -258,13 +279,13 @@ class ForestTwins(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def prune(self, data):
-        v = view(self.ref)
+        v = self.view()
         ids = self.maybe_corrupt_ids(data, self.pick(data, v.ids, max_size=2, unique=False), v)
         self.both("prune", int_input(data, ids))
 
     @rule(data=st.data())
     def release_problem(self, data):
-        v = view(self.ref)
+        v = self.view()
         if len(v.problems) > 2 or (v.problems and data.draw(st.integers(0, 3), label="known?") == 0):
             problem = data.draw(st.sampled_from(v.problems), label="problem")
         else:
@@ -274,21 +295,21 @@ class ForestTwins(RuleBasedStateMachine):
     # ---- reading
     def aggregate(self, data):
         how = data.draw(st.sampled_from(AGGREGATIONS + ("median",)), label="how")
-        v = view(self.ref)
+        v = self.view()
         use_any = data.draw(st.integers(0, 9), label="any node?") == 0
         ids = self.maybe_corrupt_ids(data, self.pick(data, v.ids if use_any else v.scored, max_size=5, unique=False), v)
         self.both("aggregate", int_input(data, ids), how)
 
     def read_nodes(self, data):
         method = data.draw(st.sampled_from(["path_tokens", "step_tokens", "nodes"]), label="method")
-        v = view(self.ref)
+        v = self.view()
         ids = self.maybe_corrupt_ids(data, self.pick(data, v.ids, max_size=5, unique=False), v)
         self.both(method, int_input(data, ids))
 
     def select_beam(self, data):
         how = data.draw(st.sampled_from(AGGREGATIONS), label="how")
         dedupe = data.draw(st.booleans(), label="dedupe")
-        v = view(self.ref)
+        v = self.view()
         use_any = data.draw(st.integers(0, 9), label="any node?") == 0
         pool = v.scored if use_any else v.selectable
         ids = pool if data.draw(st.booleans(), label="all candidates?") else self.pick(data, pool, max_size=8)
@@ -303,7 +324,7 @@ class ForestTwins(RuleBasedStateMachine):
 
     def select_dvts(self, data):
         how = data.draw(st.sampled_from(AGGREGATIONS), label="how")
-        v = view(self.ref)
+        v = self.view()
         use_any = data.draw(st.integers(0, 9), label="any node?") == 0
         ids = self.pick(data, v.scored if use_any else v.selectable, max_size=8)
         ids = self.maybe_corrupt_ids(data, data.draw(st.permutations(ids)) if ids else [], v)
@@ -312,11 +333,11 @@ class ForestTwins(RuleBasedStateMachine):
     def vote(self, data):
         how = data.draw(st.sampled_from(VOTES), label="how")
         agg = data.draw(st.sampled_from(AGGREGATIONS), label="agg")
-        v = view(self.ref)
+        v = self.view()
         pool = v.ids
         if how != "majority" and data.draw(st.integers(0, 9), label="any voter?") != 0:
             pool = [i for i in v.ids if v.info[i]["has_step"] or v.info[i]["answer"] == NO_ANSWER]
-        ids = self.pick(data, pool, max_size=8)
+        ids = pool if data.draw(st.booleans(), label="all voters?") else self.pick(data, pool, max_size=8)
         ids = self.maybe_corrupt_ids(data, data.draw(st.permutations(ids)) if ids else [], v)
         if data.draw(st.integers(0, 19), label="bad how/agg?") == 0:
             how, agg = data.draw(st.sampled_from([("mode", agg), (how, "median")]))
@@ -344,7 +365,7 @@ class ForestTwins(RuleBasedStateMachine):
     # ---- after every step
     @invariant()
     def twins_identical(self):
-        assert_same(snapshot(self.core), snapshot(self.ref), "core forest vs reference forest")
+        assert_same(snapshot(self.core), self.ref_snapshot(), "core forest vs reference forest")
         assert self.core.num_nodes == self.ref.num_nodes == len(self.core) == len(self.ref)
 
 

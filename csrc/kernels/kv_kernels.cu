@@ -65,6 +65,15 @@ void require_aligned(const TensorView& v, const char* name) {
     throw std::invalid_argument(std::string(name) + "'s data pointer is not aligned to its element size");
 }
 
+struct NamedView {
+  const TensorView* v;
+  const char* name;
+};
+
+void require_aligned(std::initializer_list<NamedView> list) {
+  for (const NamedView& n : list) require_aligned(*n.v, n.name);
+}
+
 void require_int(int64_t x, const char* what) {
   if (x > INT_MAX) throw std::invalid_argument(std::string(what) + " = " + std::to_string(x) + " is too large for the CUDA kernels (> 2^31 - 1)");
 }
@@ -124,6 +133,10 @@ struct Idx2 {
     return is64 ? static_cast<const int64_t*>(p)[off] : static_cast<int64_t>(static_cast<const int32_t*>(p)[off]);
   }
 };
+
+__device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
 
 Idx1 idx1(const TensorView& v) { return Idx1{v.data, v.strides[0], v.dtype == ScalarType::Int64}; }
 Idx2 idx2(const TensorView& v) { return Idx2{v.data, v.strides[0], v.strides[1], v.dtype == ScalarType::Int64}; }
@@ -197,7 +210,7 @@ __global__ void gather_kv_kernel(const U* __restrict__ kc, const U* __restrict__
                                  int64_t limit, int row) {
   for (int64_t r = blockIdx.x; r < B * L; r += gridDim.x) {
     const int64_t b = r / L, t = r - b * L;
-    const int64_t len = min(max(lens(b), int64_t(0)), limit);
+    const int64_t len = clamp64(lens(b), 0, limit);
     const int64_t blk = t < len ? bt(b, t / bs) : -1;
     U* dk = ok + r * row;
     U* dv = ov + r * row;
@@ -220,6 +233,7 @@ __global__ void gather_kv_kernel(const U* __restrict__ kc, const U* __restrict__
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeUnroll = 2;  // tokens per group per iteration
 constexpr int kDecodeMaxHeadDim = 512;
+constexpr int kMaxPerLane = kDecodeMaxHeadDim / 32;  // head_dim elements held by one lane
 
 struct DecodeArgs {
   const void* q;
@@ -261,7 +275,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_kernel(DecodeArgs a) {
   for (int64_t bh = blockIdx.x; bh < static_cast<int64_t>(a.B) * a.Hq; bh += gridDim.x) {
     const int b = static_cast<int>(bh / a.Hq), h = static_cast<int>(bh % a.Hq);
     const int kvh = h / G;
-    const int len = static_cast<int>(min(max(a.lens(b), int64_t(0)), static_cast<int64_t>(a.max_blocks) * a.bs));
+    const int len = static_cast<int>(clamp64(a.lens(b), 0, static_cast<int64_t>(a.max_blocks) * a.bs));
 
     // This lane's slice of head_dim: chunks c = j * lpt + sub (j < NV), elements c*VEC .. c*VEC+VEC-1.
     float qr[NV][VEC], acc[NV][VEC];
@@ -373,15 +387,15 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_kernel(DecodeArgs a) {
 // ============================================================================ launchers
 template <int UNIT>
 void launch_write(const TensorView& kc, const TensorView& vc, const TensorView& kn, const TensorView& vn,
-                  const TensorView& slots, int64_t nslots, size_t es, bool vec, cudaStream_t st) {
+                  const TensorView& slots, int64_t nslots, size_t es, bool rows, cudaStream_t st) {
   using U = typename UnitOf<UNIT>::type;
   const int64_t T = kn.shape[0];
   const int H = static_cast<int>(kn.shape[1]);
   const int64_t per = UNIT / static_cast<int64_t>(es);  // elements per unit
   const int du = static_cast<int>(kn.shape[2] / per);
-  // In the vectorised case the last stride is one element, i.e. 1/per of a unit: units are
-  // consecutive, stride 1. Otherwise the unit is the element and strides carry over.
-  const int64_t ks2 = vec ? 1 : eff_stride(kn, 2), vs2 = vec ? 1 : eff_stride(vn, 2);
+  // Contiguous rows: consecutive units, stride 1. Otherwise the unit is the element (per == 1)
+  // and the element strides carry over.
+  const int64_t ks2 = rows ? 1 : eff_stride(kn, 2), vs2 = rows ? 1 : eff_stride(vn, 2);
   write_kv_kernel<U><<<grid_for(T, 1 << 16), threads_for(static_cast<int64_t>(H) * du), 0, st>>>(
       static_cast<U*>(kc.data), static_cast<U*>(vc.data), static_cast<const U*>(kn.data),
       static_cast<const U*>(vn.data), idx1(slots), T, nslots, H, du, eff_stride(kn, 0) / per,
@@ -440,18 +454,13 @@ void launch_decode_vec(DecodeArgs a, int64_t pairs, cudaStream_t st) {
     a.lpt = 32;
     while (nv * 32 < chunks) nv <<= 1;
   }
-  switch (nv) {
-    case 1: return launch_decode_nv<T, VEC, 1>(a, pairs, st);
-    case 2: return launch_decode_nv<T, VEC, 2>(a, pairs, st);
-    case 4: return launch_decode_nv<T, VEC, 4>(a, pairs, st);
-    default:
-      if constexpr (VEC == 1) {
-        if (nv == 8) return launch_decode_nv<T, 1, 8>(a, pairs, st);
-        if (nv == 16) return launch_decode_nv<T, 1, 16>(a, pairs, st);
-      }
-      throw std::invalid_argument("paged_decode_attention (CUDA): head_dim " + std::to_string(a.D) +
-                                  " is not supported (at most " + std::to_string(kDecodeMaxHeadDim) + ")");
-  }
+  if (nv == 1) return launch_decode_nv<T, VEC, 1>(a, pairs, st);
+  if constexpr (VEC * 2 <= kMaxPerLane) if (nv == 2) return launch_decode_nv<T, VEC, 2>(a, pairs, st);
+  if constexpr (VEC * 4 <= kMaxPerLane) if (nv == 4) return launch_decode_nv<T, VEC, 4>(a, pairs, st);
+  if constexpr (VEC * 8 <= kMaxPerLane) if (nv == 8) return launch_decode_nv<T, VEC, 8>(a, pairs, st);
+  if constexpr (VEC * 16 <= kMaxPerLane) if (nv == 16) return launch_decode_nv<T, VEC, 16>(a, pairs, st);
+  throw std::invalid_argument("paged_decode_attention (CUDA): head_dim " + std::to_string(a.D) +
+                              " is not supported (at most " + std::to_string(kDecodeMaxHeadDim) + ")");
 }
 
 template <typename T>
@@ -470,29 +479,29 @@ void write_kv_cuda(const TensorView& k_cache, const TensorView& v_cache, const T
                    const TensorView& v_new, const TensorView& slot_mapping, intptr_t stream) {
   validate_write_kv(k_cache, v_cache, k_new, v_new, slot_mapping);
   require_cuda(k_cache, "k_cache");
-  for (const auto& [v, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&k_new, "k_new"},
-                                {&v_new, "v_new"}, {&slot_mapping, "slot_mapping"}})
-    require_aligned(*v, name);
+  require_aligned({{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&k_new, "k_new"}, {&v_new, "v_new"},
+                   {&slot_mapping, "slot_mapping"}});
   const int64_t T = k_new.shape[0], H = k_new.shape[1], D = k_new.shape[2];
   if (T == 0 || H * D == 0) return;
   require_int(H * D, "num_kv_heads * head_dim");
   const size_t es = element_size(k_cache.dtype);
   const int64_t e = static_cast<int64_t>(es);
+  // Rows of head_dim contiguous in k_new and v_new: copy them in the widest unit that every
+  // pointer and stride allows. Otherwise element by element with the given strides.
+  const bool rows = D == 1 || (eff_stride(k_new, 2) == 1 && eff_stride(v_new, 2) == 1);
   int unit = static_cast<int>(es);
-  const bool last_unit_stride = eff_stride(k_new, 2) == 1 && eff_stride(v_new, 2) == 1;
-  if (last_unit_stride || D == 1)
+  if (rows)
     unit = pick_unit(es, {D * e, eff_stride(k_new, 0) * e, eff_stride(k_new, 1) * e, eff_stride(v_new, 0) * e,
                           eff_stride(v_new, 1) * e, addr(k_cache.data), addr(v_cache.data), addr(k_new.data),
                           addr(v_new.data)});
-  const bool vec = unit != static_cast<int>(es) || last_unit_stride;
   DeviceGuard guard(k_cache.device_id);
   const cudaStream_t st = as_stream(stream);
   const int64_t nslots = k_cache.shape[0] * k_cache.shape[1];
   switch (unit) {
-    case 16: launch_write<16>(k_cache, v_cache, k_new, v_new, slot_mapping, nslots, es, vec, st); break;
-    case 8: launch_write<8>(k_cache, v_cache, k_new, v_new, slot_mapping, nslots, es, vec, st); break;
-    case 4: launch_write<4>(k_cache, v_cache, k_new, v_new, slot_mapping, nslots, es, vec, st); break;
-    default: launch_write<2>(k_cache, v_cache, k_new, v_new, slot_mapping, nslots, es, vec, st); break;
+    case 16: launch_write<16>(k_cache, v_cache, k_new, v_new, slot_mapping, nslots, es, rows, st); break;
+    case 8: launch_write<8>(k_cache, v_cache, k_new, v_new, slot_mapping, nslots, es, rows, st); break;
+    case 4: launch_write<4>(k_cache, v_cache, k_new, v_new, slot_mapping, nslots, es, rows, st); break;
+    default: launch_write<2>(k_cache, v_cache, k_new, v_new, slot_mapping, nslots, es, rows, st); break;
   }
   check_launch("write_kv kernel launch");
 }
@@ -529,9 +538,8 @@ void gather_kv_cuda(const TensorView& k_cache, const TensorView& v_cache, const 
                     intptr_t stream) {
   validate_gather_kv(k_cache, v_cache, block_tables, lengths, out_k, out_v);
   require_cuda(k_cache, "k_cache");
-  for (const auto& [v, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&block_tables, "block_tables"},
-                                {&lengths, "lengths"}, {&out_k, "out_k"}, {&out_v, "out_v"}})
-    require_aligned(*v, name);
+  require_aligned({{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&block_tables, "block_tables"},
+                   {&lengths, "lengths"}, {&out_k, "out_k"}, {&out_v, "out_v"}});
   const int64_t B = out_k.shape[0], L = out_k.shape[1];
   const size_t es = element_size(k_cache.dtype);
   const int64_t row_bytes = k_cache.shape[2] * k_cache.shape[3] * static_cast<int64_t>(es);
@@ -555,9 +563,8 @@ void paged_decode_attention_cuda(const TensorView& out, const TensorView& q, con
                                  const TensorView& lengths, float scale, intptr_t stream) {
   validate_paged_decode_attention(out, q, k_cache, v_cache, block_tables, lengths, scale);
   require_cuda(q, "q");
-  for (const auto& [v, name] : {std::pair{&out, "out"}, {&q, "q"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"},
-                                {&block_tables, "block_tables"}, {&lengths, "lengths"}})
-    require_aligned(*v, name);
+  require_aligned({{&out, "out"}, {&q, "q"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"},
+                   {&block_tables, "block_tables"}, {&lengths, "lengths"}});
   const int64_t B = q.shape[0], Hq = q.shape[1], D = q.shape[2];
   if (B * Hq == 0 || D == 0) return;
   if (D > kDecodeMaxHeadDim)
@@ -567,7 +574,8 @@ void paged_decode_attention_cuda(const TensorView& out, const TensorView& q, con
   require_int(Hq, "num_q_heads");
   require_int(k_cache.shape[1], "block_size");
   require_int(block_tables.shape[1], "max_blocks");
-  require_int(block_tables.shape[1] * k_cache.shape[1], "max_blocks * block_size");
+  // + headroom: token indices run up to one tile (< 1024) past a sequence's length.
+  require_int(block_tables.shape[1] * k_cache.shape[1] + 1024, "max_blocks * block_size");
   DecodeArgs a{};
   a.q = q.data;
   a.qs0 = eff_stride(q, 0);

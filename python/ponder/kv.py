@@ -1,0 +1,404 @@
+"""A prefix-shared paged KV cache that unmodified Hugging Face models run on.
+
+In tree search every candidate step shares the prompt and all earlier steps with its siblings.
+``PagedKVCache`` keeps one pool of fixed-size KV blocks per layer; the C++ ``KVCacheManager``
+(``ponder._core``) hands out blocks, shares full blocks between forked sequences, copies a shared
+partial block on write, and remembers full blocks in a radix prefix index so that a prefix seen
+before (the same prompt, the same path) is computed once.
+
+How a Hugging Face model runs on it, through transformers' own extension points only:
+
+* the cache is passed as ``cache=`` and transformers calls ``cache.update(k, v, layer_idx,
+  kwargs=...)`` in every attention layer: ``update`` scatters the new tokens' K/V into their
+  slots of the pool (``ponder.kernels.write_kv``);
+* the attention function ``"ponder_paged"`` is registered in ``transformers.AttentionInterface``
+  (and its mask function in ``AttentionMaskInterface``); load the model with
+  ``attn_implementation="ponder_paged"`` or call :func:`use_paged_attention`. With a
+  :class:`PagedBatch` in the call it attends over the pool (a paged decode kernel when every
+  sequence adds one token; gather + SDPA for multi-token chunks); without one it is plain SDPA,
+  so the model still works everywhere else.
+
+Typical use::
+
+    kv = PagedKVCache.for_model(model, token_budget=65536)
+    seq, cached = kv.new_sequence(prompt_ids)
+    logits = kv.forward(model, [seq], [prompt_ids[cached:]])     # prefill once
+    beams = kv.fork(seq, 16)                                      # share it 16 ways
+    logits = kv.forward(model, beams, next_tokens)                # [16, vocab]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import _core, kernels
+
+KVCacheFull = _core.KVCacheFull
+ATTN_IMPLEMENTATION = "ponder_paged"
+DEFAULT_TOKEN_BUDGET = 32768
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "KVCacheFull",
+    "KVSpec",
+    "PagedBatch",
+    "PagedKVCache",
+    "kv_spec_of",
+    "use_paged_attention",
+]
+
+
+# ----------------------------------------------------------------------------- model shape
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """What one token costs in the KV pool of a model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def kv_spec_of(config: Any) -> KVSpec:
+    """Read the KV shape of a decoder-only transformers config; reject layouts the pool cannot hold.
+
+    Raises ValueError for encoder-decoder models, sliding-window / hybrid / linear-attention
+    layers and latent-attention (MLA) models, which keep other state than full K/V per layer.
+    """
+    name = getattr(config, "model_type", type(config).__name__)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{name}: encoder-decoder models are not supported by PagedKVCache (decoder-only only)")
+    if getattr(config, "kv_lora_rank", None):
+        raise ValueError(f"{name}: latent attention (MLA) is not supported by PagedKVCache")
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        raise ValueError(
+            f"{name}: layers of types {sorted(set(layer_types) - {'full_attention'})} are not supported; "
+            "PagedKVCache holds full-attention layers only"
+        )
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise ValueError(f"{name}: sliding-window attention is not supported by PagedKVCache")
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not (layers and heads and hidden):
+        raise ValueError(f"{name}: config lacks num_hidden_layers / num_attention_heads / hidden_size")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return KVSpec(int(layers), int(kv_heads), int(head_dim))
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 1 << 62
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+# ----------------------------------------------------------------------------- one forward pass
+
+
+@dataclass
+class PagedBatch:
+    """Everything one forward pass over several sequences needs. Shapes: B sequences, T the
+    longest number of new tokens (rows are right-padded), L the longest sequence after the pass.
+
+    input_ids, position_ids: int64 [B, T] (true positions: RoPE and learned position tables
+    depend on them); attention_mask: bool [B, 1, T, L] (True = attend; causal within each
+    sequence, padding excluded); slot_mapping: int64 [B * T] (-1 for padding);
+    block_tables: int32 [B, max_blocks]; kv_lens: int64 [B]; q_lens: int64 [B].
+    """
+
+    cache: "PagedKVCache"
+    seq_ids: np.ndarray
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    kv_lens: torch.Tensor
+    q_lens: torch.Tensor
+    decode: bool  # every sequence adds exactly one token: attend straight from the pool
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model(**batch.model_kwargs())``."""
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "attention_mask": self.attention_mask,
+            "cache": self.cache,
+            "use_cache": True,
+            "ponder_batch": self,
+        }
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+class PagedKVCache:
+    """Per-layer K/V pools of ``num_blocks`` blocks of ``block_size`` tokens, laid out
+    ``[num_blocks, block_size, num_kv_heads, head_dim]``, plus the block manager.
+
+    Build it with :meth:`for_model` (sized from a token budget or a fraction of free memory).
+    """
+
+    is_compileable = False  # read by transformers' mask code
+
+    def __init__(
+        self,
+        spec: KVSpec,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
+        self.spec = spec
+        self.block_size = int(block_size)
+        self.num_blocks = int(num_blocks)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
+        self.manager = _core.KVCacheManager(self.num_blocks, self.block_size)
+
+    @classmethod
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        *,
+        block_size: int = 16,
+        token_budget: int | None = None,
+        memory_fraction: float | None = None,
+        num_blocks: int | None = None,
+    ) -> "PagedKVCache":
+        """A cache shaped for ``model`` (its dtype and device).
+
+        Size: ``num_blocks`` if given, else ``token_budget`` tokens, else ``memory_fraction`` of the
+        free memory of the model's device, else ``DEFAULT_TOKEN_BUDGET`` tokens. Raises ValueError
+        naming the sizes when the pool does not fit in free memory.
+        """
+        spec = kv_spec_of(model.config)
+        param = next(model.parameters())
+        dtype, device = param.dtype, param.device
+        per_block = spec.bytes_per_token(dtype) * block_size
+        free = _free_bytes(device)
+        if sum(x is not None for x in (num_blocks, token_budget, memory_fraction)) > 1:
+            raise ValueError("give at most one of num_blocks, token_budget, memory_fraction")
+        if memory_fraction is not None:
+            if not 0.0 < memory_fraction <= 1.0:
+                raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+            num_blocks = int(free * memory_fraction) // per_block
+            if num_blocks < 1:
+                raise ValueError(
+                    f"the KV cache does not fit: one block of {block_size} tokens needs {per_block} bytes but "
+                    f"{memory_fraction} of the free memory on {device} is {int(free * memory_fraction)} bytes"
+                )
+        elif num_blocks is None:
+            budget = DEFAULT_TOKEN_BUDGET if token_budget is None else int(token_budget)
+            if budget < 1:
+                raise ValueError(f"token_budget must be >= 1, got {budget}")
+            num_blocks = math.ceil(budget / block_size)
+        if num_blocks * per_block > free:
+            raise ValueError(
+                f"the KV cache does not fit: {num_blocks} blocks x {block_size} tokens need "
+                f"{_gib(num_blocks * per_block)} but {_gib(free)} is free on {device}; "
+                "lower token_budget / num_blocks or use memory_fraction"
+            )
+        return cls(spec, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=device)
+
+    # ---- sequences (ids are int32, never reused)
+    def new_sequence(self, tokens: Sequence[int]) -> tuple[int, int]:
+        """Start a sequence for ``tokens``; returns (seq_id, cached): the first ``cached`` tokens
+        are already in the pool (a cached prefix), the caller computes the rest with
+        :meth:`forward` (at least the last token, whose logits it needs)."""
+        seq, cached = self.manager.new_sequence(np.asarray(tokens, dtype=np.int64))
+        return int(seq), int(cached)
+
+    def fork(self, seq_id: int, k: int) -> np.ndarray:
+        """``k`` new sequences (int32 [k]) sharing every block of ``seq_id``."""
+        return self.manager.fork(seq_id, k)
+
+    def free(self, seq_ids: Sequence[int]) -> None:
+        """Drop sequences; their full blocks stay cached for reuse until evicted."""
+        self.manager.free(np.asarray(seq_ids, dtype=np.int64))
+
+    def seq_lens(self, seq_ids: Sequence[int]) -> np.ndarray:
+        return self.manager.seq_len(np.asarray(seq_ids, dtype=np.int64))
+
+    def stats(self) -> dict[str, int]:
+        """The manager's counters (tokens requested / from cache / appended, blocks, copies,
+        evictions)."""
+        return dict(self.manager.stats())
+
+    # ---- batches
+    def prepare(self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]]) -> PagedBatch:
+        """Reserve slots for ``tokens[i]`` at the end of sequence ``seq_ids[i]`` (every sequence
+        adds at least one token), apply copy-on-write copies, and build the batch tensors."""
+        seq_ids = np.asarray(seq_ids, dtype=np.int64)
+        if len(tokens) != len(seq_ids):
+            raise ValueError(f"tokens has {len(tokens)} rows but seq_ids has {len(seq_ids)}")
+        q_lens = np.array([len(t) for t in tokens], dtype=np.int64)
+        if len(q_lens) == 0 or q_lens.min() < 1:
+            raise ValueError("every sequence in a batch must add at least one token")
+        flat = np.fromiter((int(t) for row in tokens for t in row), dtype=np.int64, count=int(q_lens.sum()))
+        prev = self.manager.seq_len(seq_ids).astype(np.int64)
+        slots, src, dst = self.manager.append(seq_ids, q_lens, flat)
+        if len(src):
+            kernels.copy_blocks(self.k, self.v, torch.from_numpy(src), torch.from_numpy(dst))
+        table, kv_lens = self.manager.block_table(seq_ids)
+
+        B, T = len(seq_ids), int(q_lens.max())
+        L = int(kv_lens.max())
+        valid = np.arange(T)[None, :] < q_lens[:, None]  # [B, T]
+        input_ids = np.zeros((B, T), dtype=np.int64)
+        input_ids[valid] = flat
+        positions = np.where(valid, prev[:, None] + np.arange(T)[None, :], 0)
+        slot_mapping = np.full((B, T), -1, dtype=np.int64)
+        slot_mapping[valid] = slots
+        # Query t of row b sits at position prev[b] + t and sees keys 0..prev[b] + t; a padding
+        # query sees key 0 only, so its softmax stays finite (its output is never read).
+        keys = np.arange(L)[None, None, :]
+        mask = keys <= (prev[:, None] + np.arange(T)[None, :])[:, :, None]
+        mask &= keys < kv_lens[:, None, None]
+        mask |= (~valid[:, :, None]) & (keys == 0)
+
+        dev = self.device
+        return PagedBatch(
+            cache=self,
+            seq_ids=seq_ids,
+            input_ids=torch.from_numpy(input_ids).to(dev),
+            position_ids=torch.from_numpy(positions).to(dev),
+            attention_mask=torch.from_numpy(mask[:, None]).to(dev),
+            slot_mapping=torch.from_numpy(slot_mapping.reshape(-1)).to(dev),
+            block_tables=torch.from_numpy(np.ascontiguousarray(table)).to(dev),
+            kv_lens=torch.from_numpy(kv_lens.astype(np.int64)).to(dev),
+            q_lens=torch.from_numpy(q_lens).to(dev),
+            decode=T == 1,
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        model: torch.nn.Module,
+        seq_ids: Sequence[int],
+        tokens: Sequence[Sequence[int]],
+        logits: str = "last",
+    ) -> torch.Tensor:
+        """Run ``model`` on the new ``tokens`` of each sequence (appending them to the cache).
+
+        Returns float logits: ``"last"`` -> [B, vocab] at each sequence's last new token;
+        ``"all"`` -> [B, T, vocab] (rows right-padded to the longest T).
+        """
+        if logits not in ("last", "all"):
+            raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
+        use_paged_attention(model)
+        batch = self.prepare(seq_ids, tokens)
+        kwargs = batch.model_kwargs()
+        if logits == "last":
+            last = batch.q_lens - 1
+            keep, where = torch.unique(last, return_inverse=True)
+            out = model(**kwargs, logits_to_keep=keep).logits  # [B, len(keep), V]
+            return out[torch.arange(len(last), device=out.device), where]
+        return model(**kwargs).logits
+
+    # ---- transformers Cache API (duck-typed: transformers' own paged cache is not a Cache either)
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs=None, **_):
+        """Called by every attention layer with this step's K/V [B, Hkv, T, D]: write them into
+        their slots. Returns them unchanged (the ponder_paged attention reads the pool)."""
+        batch = (kwargs or {}).get("ponder_batch") or _.get("ponder_batch")
+        if batch is None or batch.cache is not self:
+            raise ValueError(
+                "PagedKVCache.update got no PagedBatch: run the model with "
+                "model(**cache.prepare(seq_ids, tokens).model_kwargs()) or cache.forward(model, ...)"
+            )
+        B, H, T, D = key_states.shape
+        kernels.write_kv(
+            self.k[layer_idx],
+            self.v[layer_idx],
+            key_states.transpose(1, 2).reshape(B * T, H, D),
+            value_states.transpose(1, 2).reshape(B * T, H, D),
+            batch.slot_mapping,
+        )
+        return key_states, value_states
+
+    # transformers asks a cache for its length and mask sizes only when a call lacks
+    # position_ids or a ready 4-D mask, i.e. when it was not built by prepare().
+    def _needs_batch(self, *_args, **_kwargs):
+        raise ValueError(
+            "PagedKVCache holds many sequences of different lengths: run the model with "
+            "model(**cache.prepare(seq_ids, tokens).model_kwargs()) (a PagedBatch), or cache.forward(model, ...)"
+        )
+
+    get_seq_length = get_query_offset = get_mask_sizes = _needs_batch
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The ``ponder_paged`` attention function: query [B, Hq, T, D] -> ([B, T, Hq, D], None).
+
+    With a PagedBatch in kwargs it attends over the layer's pool; otherwise it is transformers'
+    SDPA attention, so a model switched to ponder_paged keeps working without the cache.
+    """
+    batch: PagedBatch | None = kwargs.pop("ponder_batch", None)
+    if batch is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    cache, layer = batch.cache, module.layer_idx
+    scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    if batch.decode:
+        out = kernels.paged_decode_attention(
+            query[:, :, 0, :], cache.k[layer], cache.v[layer], batch.block_tables, batch.kv_lens, scale
+        )
+        return out.unsqueeze(1), None
+    L = batch.attention_mask.shape[-1]
+    k, v = kernels.gather_kv(cache.k[layer], cache.v[layer], batch.block_tables, batch.kv_lens, max_len=L)
+    out = F.scaled_dot_product_attention(
+        query,
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=batch.attention_mask,
+        scale=scale,
+        enable_gqa=query.shape[1] != k.shape[2],
+    )
+    return out.transpose(1, 2), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def use_paged_attention(model: torch.nn.Module) -> None:
+    """Switch ``model`` to the ``ponder_paged`` attention (no-op if it already uses it)."""
+    if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+_register()
