@@ -186,7 +186,7 @@ def bench_decode(args) -> dict:
     prompt, steps, keeps = draw_tokens(args, rng)
     unique = args.prompt_len + args.beams * args.steps * args.step_len
     log(f"decode: {args.beams} beams, prompt {args.prompt_len}, {args.steps} steps x {args.step_len} tokens")
-    decode_paged(model, args, prompt, steps[:1], keeps)  # warm-up (allocator, kernels)
+    decode_paged(model, argparse.Namespace(**{**vars(args), "steps": 1}), prompt, steps[:1], keeps)  # warm-up
     paged_s, paged_tokens, paged_logits = decode_paged(model, args, prompt, steps, keeps)
     log(f"paged: {paged_s:.2f} s, {paged_tokens:,} tokens computed")
     re_s, re_tokens, re_logits = decode_recompute(model, args, prompt, steps, keeps)
