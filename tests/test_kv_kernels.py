@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (a test dependency: pip install ".[test]")
 
 import ponder  # noqa: E402
 from ponder import _core  # noqa: E402
@@ -416,6 +416,29 @@ def test_gather_kv_unchecked_bad_values_are_safe(device):
     assert torch.equal(out_k[0, :2], kc[0]) and not out_k[0, 2:].any()  # block 99: absent -> zeros
     assert not out_k[1, :2].any() and torch.equal(out_k[1, 2], kc[1, 0]) and not out_k[1, 3].any()
     assert torch.equal(out_k[2].reshape(-1, 1, 4), torch.cat([kc[2], kc[1]]))  # clamped to 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_data_movement(device):
+    """Sizes above the CPU kernels' threshold for going multi-threaded (1 MiB)."""
+    gen = torch.Generator().manual_seed(13)
+    nb, bs, h, d = 256, 16, 4, 64
+    kc, vc = rand((nb, bs, h, d), torch.float32, gen, device), rand((nb, bs, h, d), torch.float32, gen, device)
+    k_new, v_new = rand((1500, h, d), torch.float32, gen, device), rand((1500, h, d), torch.float32, gen, device)
+    slots = torch.randperm(nb * bs, generator=gen)[:1500].to(device)
+    ref_k, ref_v = ref_write_kv(kc, vc, k_new, v_new, slots)
+    K.write_kv(kc, vc, k_new, v_new, slots)
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+    perm = torch.randperm(nb, generator=gen).to(device)
+    ks, vs = [kc, kc.clone()], [vc, vc.clone()]
+    ref_ks, ref_vs = ref_copy_blocks(ks, vs, perm[:64], perm[64:128])
+    K.copy_blocks(ks, vs, perm[:64], perm[64:128])
+    assert all(torch.equal(a, b) for a, b in zip(ks + vs, ref_ks + ref_vs))
+    lengths = [700, 1024, 1, 333]
+    bt = make_tables(lengths, bs, nb, gen).to(device)
+    lens = torch.tensor(lengths, device=device)
+    out_k, out_v = K.gather_kv(kc, vc, bt, lens)
+    assert torch.equal(out_k, ref_gather(kc, bt, lens, 1024)) and torch.equal(out_v, ref_gather(vc, bt, lens, 1024))
 
 
 # ============================================================================ paged_decode_attention
