@@ -370,8 +370,8 @@ class ForestTwins(RuleBasedStateMachine):
 
 
 ForestTwins.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=30,
+    max_examples=120,
+    stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )

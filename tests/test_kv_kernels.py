@@ -419,26 +419,29 @@ def test_gather_kv_unchecked_bad_values_are_safe(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_large_data_movement(device):
-    """Sizes above the CPU kernels' threshold for going multi-threaded (1 MiB)."""
+def test_large_calls_take_the_multithreaded_path(device):
+    """Sizes above the CPU kernels' threshold for going multi-threaded (8 MiB per call)."""
     gen = torch.Generator().manual_seed(13)
-    nb, bs, h, d = 256, 16, 4, 64
+    nb, bs, h, d = 512, 16, 4, 64  # 1 KiB per token row, 16 KiB per block
     kc, vc = rand((nb, bs, h, d), torch.float32, gen, device), rand((nb, bs, h, d), torch.float32, gen, device)
-    k_new, v_new = rand((1500, h, d), torch.float32, gen, device), rand((1500, h, d), torch.float32, gen, device)
-    slots = torch.randperm(nb * bs, generator=gen)[:1500].to(device)
+    k_new, v_new = rand((5000, h, d), torch.float32, gen, device), rand((5000, h, d), torch.float32, gen, device)
+    slots = torch.randperm(nb * bs, generator=gen)[:5000].to(device)
     ref_k, ref_v = ref_write_kv(kc, vc, k_new, v_new, slots)
     K.write_kv(kc, vc, k_new, v_new, slots)
     assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
     perm = torch.randperm(nb, generator=gen).to(device)
     ks, vs = [kc, kc.clone()], [vc, vc.clone()]
-    ref_ks, ref_vs = ref_copy_blocks(ks, vs, perm[:64], perm[64:128])
-    K.copy_blocks(ks, vs, perm[:64], perm[64:128])
+    ref_ks, ref_vs = ref_copy_blocks(ks, vs, perm[:160], perm[160:320])
+    K.copy_blocks(ks, vs, perm[:160], perm[160:320])
     assert all(torch.equal(a, b) for a, b in zip(ks + vs, ref_ks + ref_vs))
-    lengths = [700, 1024, 1, 333]
+    lengths = [3000, 2048, 1, 1500]
     bt = make_tables(lengths, bs, nb, gen).to(device)
     lens = torch.tensor(lengths, device=device)
     out_k, out_v = K.gather_kv(kc, vc, bt, lens)
-    assert torch.equal(out_k, ref_gather(kc, bt, lens, 1024)) and torch.equal(out_v, ref_gather(vc, bt, lens, 1024))
+    assert torch.equal(out_k, ref_gather(kc, bt, lens, 3000)) and torch.equal(out_v, ref_gather(vc, bt, lens, 3000))
+    q = rand((4, 8, d), torch.float32, gen, device)
+    out = K.paged_decode_attention(q, kc, vc, bt, lens, 0.125)
+    torch.testing.assert_close(out, ref_decode(q, kc, vc, bt, lens, 0.125), atol=1e-5, rtol=1e-5)
 
 
 # ============================================================================ paged_decode_attention

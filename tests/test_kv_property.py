@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -34,6 +35,7 @@ from conftest import assert_same
 
 TOKENS = st.integers(0, 2)  # a tiny alphabet, so that prompts and blocks repeat
 ERRORS = (ValueError, IndexError, OverflowError, ref.KVCacheFull, core.KVCacheFull)
+RAISED = object()  # what ``both`` returns for a call that raised (in both implementations)
 
 
 def kind(exc: BaseException) -> str:
@@ -58,10 +60,10 @@ def int_input(data, values):
     return np.array(values, dtype=form)
 
 
-def call_both(pair, method, *args):
+def call_both(pair, method, *args, record=True):
     """Calls method on both objects; both must succeed with equal results or raise the same kind.
 
-    Returns ("ok", result) or ("raised", kind)."""
+    Returns ("ok", result) or ("raised", kind). record: note a hypothesis event (inside @given)."""
     outcomes = []
     for obj in pair:
         try:
@@ -70,7 +72,8 @@ def call_both(pair, method, *args):
             outcomes.append(("raised", kind(exc)))
     (rk, rv), (ck, cv) = outcomes
     assert rk == ck and (rk == "ok" or rv == cv), f"{method}{args!r}: reference {outcomes[0]} vs core {outcomes[1]}"
-    event(f"{method}: {'ok' if rk == 'ok' else rv}")
+    if record:
+        event(f"{method}: {'ok' if rk == 'ok' else rv}")
     if rk == "ok":
         assert_same(cv, rv, f"{method}{args!r}")
     return rk, rv
@@ -82,13 +85,18 @@ def call_both(pair, method, *args):
 class ManagerTwins(RuleBasedStateMachine):
     @initialize(data=st.data())
     def start(self, data):
-        self.bs = data.draw(st.sampled_from([1, 2, 3, 4]), label="block_size")
-        self.nb = data.draw(st.integers(3, 20), label="num_blocks")
+        self.bs = data.draw(st.sampled_from([2, 3, 4, 1]), label="block_size")
+        self.nb = data.draw(st.integers(4, 24), label="num_blocks")
         self.pair = (ref.KVCacheManager(self.nb, self.bs), core.KVCacheManager(self.nb, self.bs))
         self.memory = np.full(self.nb * self.bs, -1, dtype=np.int64)  # token id per slot
         self.tokens: dict[int, list[int]] = {}  # live sequence -> its tokens
         self.next_id = 0
         self.prefixes = [data.draw(st.lists(TOKENS, max_size=3 * self.bs + 2), label="prefix") for _ in range(3)]
+        # start from a few sequences (one forked), so that short runs reach shared blocks too
+        for _ in range(data.draw(st.integers(1, 3), label="seed sequences")):
+            self.new_sequence(data)
+        if self.tokens:
+            self.fork(data)
 
     # ---- helpers
     def live(self) -> list[int]:
@@ -106,7 +114,7 @@ class ManagerTwins(RuleBasedStateMachine):
             assert_same(self.snapshot(), before, f"reference changed by failing {method}")
             for obj in self.pair:
                 assert_same(obj.stats(), before[0], f"stats changed by failing {method}")
-            return None
+            return RAISED
         return value
 
     def holders(self) -> Counter:
@@ -144,7 +152,7 @@ class ManagerTwins(RuleBasedStateMachine):
             else:
                 flat = flat + [0]
         out = self.both("append", int_input(data, ids), int_input(data, counts), int_input(data, flat))
-        if out is None:
+        if out is RAISED:
             return
         assert not corrupt, "a corrupted append succeeded"
         slots, src, dst = out
@@ -167,11 +175,11 @@ class ManagerTwins(RuleBasedStateMachine):
     @rule(data=st.data())
     def new_sequence(self, data):
         base = data.draw(st.sampled_from(self.prefixes), label="base")
-        cut = data.draw(st.integers(0, len(base)), label="cut")
+        cut = data.draw(st.just(len(base)) | st.integers(0, len(base)), label="cut")
         prompt = base[:cut] + data.draw(st.lists(TOKENS, max_size=2 * self.bs + 1), label="suffix")
         bad = data.draw(st.integers(0, 15), label="bad prompt?") == 0
         out = self.both("new_sequence", int_input(data, prompt + [-1] if bad else prompt))
-        if out is None:
+        if out is RAISED:
             assert bad
             return
         seq, cached = out
@@ -188,8 +196,8 @@ class ManagerTwins(RuleBasedStateMachine):
         live = self.live()
         if not live or data.draw(st.integers(0, 15), label="bad fork?") == 0:
             seq = data.draw(st.sampled_from([-1, self.next_id, *(live[:1])]), label="seq")
-            k = data.draw(st.sampled_from([-1, 1]), label="k") if seq in live else 1
-            self.both("fork", seq, k)
+            k = -1 if seq in live else 1
+            assert self.both("fork", seq, k) is RAISED
             return
         seq = data.draw(st.sampled_from(live), label="seq")
         k = data.draw(st.integers(0, 3), label="k")
@@ -199,6 +207,10 @@ class ManagerTwins(RuleBasedStateMachine):
         self.next_id += k
         for kid in kids.tolist():
             self.tokens[kid] = list(self.tokens[seq])
+        if data.draw(st.booleans(), label="write after fork?"):  # exercise copy-on-write
+            ids = data.draw(st.permutations([seq, *kids.tolist()]), label="order")
+            chunks = [data.draw(st.lists(TOKENS, min_size=1, max_size=3), label="chunk") for _ in ids]
+            self.do_append(data, ids, chunks)
 
     @rule(data=st.data())
     def append(self, data):
@@ -206,7 +218,7 @@ class ManagerTwins(RuleBasedStateMachine):
         chunks = [data.draw(st.lists(TOKENS, max_size=5), label="chunk") for _ in ids]
         bad_ids, corrupted = self.corrupt(data, ids)
         if corrupted:
-            self.both("append", bad_ids, [1] * len(bad_ids), [0] * len(bad_ids))
+            assert self.both("append", bad_ids, [1] * len(bad_ids), [0] * len(bad_ids)) is RAISED
             return
         corrupt = data.draw(st.integers(0, 15), label="bad tokens?") == 0
         self.do_append(data, ids, chunks, corrupt=corrupt)
@@ -215,18 +227,18 @@ class ManagerTwins(RuleBasedStateMachine):
     def free(self, data):
         ids = self.pick(data)
         bad_ids, corrupted = self.corrupt(data, ids)
-        if self.both("free", int_input(data, bad_ids)) is None and not corrupted:
-            return  # (free returns None on success too)
-        if not corrupted:
-            for i in ids:
-                del self.tokens[i]
+        if self.both("free", int_input(data, bad_ids)) is RAISED:
+            return
+        assert not corrupted, "free accepted a bad id"
+        for i in ids:
+            del self.tokens[i]
 
     @rule(data=st.data())
     def evict(self, data):
         n = data.draw(st.sampled_from([0, 1, 2, 5, -1]), label="n")
         before = self.pair[0].stats()["blocks_evictable"]
         out = self.both("evict", n)
-        if out is not None:
+        if out is not RAISED:
             assert len(out) == min(n, before)
 
     @rule(data=st.data())
@@ -279,11 +291,14 @@ class ManagerTwins(RuleBasedStateMachine):
     def teardown(self):
         if not hasattr(self, "pair"):
             return
+        stats = self.pair[0].stats()
+        for key in ("tokens_from_cache", "cow_copies", "evictions"):
+            event(f"{key} > 0" if stats[key] else f"{key} == 0")
         self.drain()
 
 
 ManagerTwins.TestCase.settings = settings(
-    max_examples=120,
+    max_examples=100,
     stateful_step_count=35,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -319,7 +334,7 @@ class IndexTwins(RuleBasedStateMachine):
         if kind_ == "raised":
             after = (r.num_nodes, r.num_evictable, self.present(), r.lock_counts(self.present()))
             assert_same(after, before, f"index changed by failing {method}")
-            return None
+            return RAISED
         return value
 
     @rule(data=st.data())
@@ -335,14 +350,14 @@ class IndexTwins(RuleBasedStateMachine):
         if data.draw(st.integers(0, 15), label="bad length?") == 0:
             ids = ids + [0]
         out = self.both("insert", int_input(data, toks), int_input(data, ids))
-        if out is not None:
+        if out is not RAISED:
             self.evicted -= set(self.present())
 
     @rule(data=st.data())
     def match(self, data):
         toks = self.tokens(data)
         out = self.both("match", int_input(data, toks))
-        if out is None:
+        if out is RAISED:
             return
         matched, blocks = out
         assert matched == len(blocks) * self.bs
@@ -360,7 +375,7 @@ class IndexTwins(RuleBasedStateMachine):
     def evict(self, n):
         before = self.pair[0].num_evictable
         out = self.both("evict", n)
-        if out is not None:
+        if out is not RAISED:
             assert len(out) == min(n, before)
             self.evicted |= set(out.tolist())
 
@@ -386,7 +401,7 @@ class IndexTwins(RuleBasedStateMachine):
 
 
 IndexTwins.TestCase.settings = settings(
-    max_examples=100,
+    max_examples=80,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -399,15 +414,15 @@ TestIndexTwins = IndexTwins.TestCase
 POOL_OPS = st.lists(
     st.one_of(
         st.tuples(st.just("allocate"), st.integers(-1, 4)),
-        st.tuples(st.just("incref"), st.lists(st.integers(-1, 6), max_size=4)),
-        st.tuples(st.just("decref"), st.lists(st.integers(-1, 6), max_size=4)),
+        st.tuples(st.just("incref"), st.lists(st.integers(0, 2) | st.integers(-1, 6), max_size=4)),
+        st.tuples(st.just("decref"), st.lists(st.integers(0, 2) | st.integers(-1, 6), max_size=4)),
         st.tuples(st.just("refcounts"), st.lists(st.integers(0, 5), max_size=4)),
     ),
     max_size=40,
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(num_blocks=st.integers(1, 6), ops=POOL_OPS)
 def test_block_pool_twins(num_blocks, ops):
     pair = (ref.BlockPool(num_blocks, 4), core.BlockPool(num_blocks, 4))
@@ -426,3 +441,90 @@ def test_block_pool_twins(num_blocks, ops):
         p.decref(np.repeat(np.arange(num_blocks), counts))
         assert p.num_free == num_blocks
     assert_same(pair[1].allocate(num_blocks), pair[0].allocate(num_blocks))
+
+
+# ============================================================================= a search-like workload
+
+
+def _read_back(mgr, memory, tokens, bs):
+    live = sorted(tokens)
+    table, lengths = mgr.block_table(live)
+    for row, seq in enumerate(live):
+        n = int(lengths[row])
+        cols = np.arange(n)
+        got = memory[table[row, cols // bs].astype(np.int64) * bs + cols % bs].tolist()
+        assert got == tokens[seq], f"sequence {seq}"
+    return table
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_search_workload_twins(seed):
+    """Seeded tree-search traffic (prompts sharing prefixes, beams forking, steps of random length,
+    pruning, a pool small enough to evict and to fill up) into both implementations: identical
+    outputs and errors, tokens read back through the block tables, no leaks at the end."""
+    rng = np.random.default_rng(seed)
+    bs = int(rng.choice([2, 3, 4]))
+    nb = int(rng.integers(12, 40))
+    pair = (ref.KVCacheManager(nb, bs), core.KVCacheManager(nb, bs))
+    memory = np.full(nb * bs, -1, dtype=np.int64)
+    tokens: dict[int, list[int]] = {}
+    bases = [rng.integers(0, 3, size=int(rng.integers(0, 4 * bs))).tolist() for _ in range(3)]
+    full = 0
+    for step in range(600):
+        op = rng.choice(["new", "fork", "append", "append", "free"], p=[0.15, 0.2, 0.35, 0.15, 0.15])
+        live = sorted(tokens)
+        if op == "new" or not live:
+            base = bases[int(rng.integers(0, 3))]
+            prompt = base[: int(rng.integers(0, len(base) + 1))] + rng.integers(0, 3, size=int(rng.integers(1, 4))).tolist()
+            kind_, out = call_both(pair, "new_sequence", prompt, record=False)
+            seq, cached = out
+            tokens[seq] = prompt[:cached]
+            ids, chunks = [seq], [prompt[cached:]]
+        elif op == "fork":
+            parent = int(rng.choice(live))
+            kind_, kids = call_both(pair, "fork", parent, int(rng.integers(1, 4)), record=False)
+            for kid in kids.tolist():
+                tokens[kid] = list(tokens[parent])
+            ids = [parent, *kids.tolist()]
+            chunks = [rng.integers(0, 3, size=int(rng.integers(1, 2 * bs))).tolist() for _ in ids]
+        elif op == "append":
+            ids = rng.choice(live, size=int(rng.integers(1, min(4, len(live)) + 1)), replace=False).tolist()
+            chunks = [rng.integers(0, 3, size=int(rng.integers(0, 2 * bs + 1))).tolist() for _ in ids]
+        else:
+            ids = rng.choice(live, size=int(rng.integers(1, min(3, len(live)) + 1)), replace=False).tolist()
+            call_both(pair, "free", ids, record=False)
+            for i in ids:
+                del tokens[i]
+            ids, chunks = [], []
+        if ids:
+            flat = [t for c in chunks for t in c]
+            kind_, out = call_both(pair, "append", ids, [len(c) for c in chunks], flat, record=False)
+            if kind_ == "raised":
+                assert out == "KVCacheFull"
+                full += 1
+                # make room: drop the oldest half of the sequences
+                drop = sorted(tokens)[: max(1, len(tokens) // 2)]
+                call_both(pair, "free", drop, record=False)
+                for i in drop:
+                    del tokens[i]
+            else:
+                slots, src, dst = out
+                for s, d in zip(src.tolist(), dst.tolist()):
+                    memory[d * bs : (d + 1) * bs] = memory[s * bs : (s + 1) * bs]
+                memory[slots] = flat
+                for i, c in zip(ids, chunks):
+                    tokens[i] = tokens[i] + c
+        table = _read_back(pair[0], memory, tokens, bs)
+        assert_same(pair[1].block_table(sorted(tokens)), pair[0].block_table(sorted(tokens)))
+        stats = pair[0].stats()
+        assert_same(pair[1].stats(), stats)
+        refs = pair[0].refcounts(np.arange(nb))
+        held = Counter(b for b in table.ravel().tolist() if b >= 0)
+        assert all(int(refs[b]) - held[b] in (0, 1) for b in range(nb))
+    stats = pair[0].stats()
+    assert stats["cow_copies"] > 0 and stats["tokens_from_cache"] > 0 and stats["evictions"] > 0 and full > 0
+    call_both(pair, "free", sorted(tokens), record=False)
+    call_both(pair, "evict", 10**9, record=False)
+    for mgr in pair:
+        s = mgr.stats()
+        assert (s["blocks_free"], s["blocks_cached"]) == (nb, 0)

@@ -432,8 +432,12 @@ void require_cpu(const TensorView& v, const char* name) {
     fail(std::string(name) + " is on " + device_str(v) + ": the CPU kernels need CPU tensors");
 }
 
-// Work below this many bytes runs on one thread (thread start-up costs more than it saves).
-constexpr int64_t kParallelBytes = 1 << 16;
+// Work below these many bytes runs on one thread. Besides thread start-up, an OpenMP pool
+// keeps spinning after a parallel region, and inside a model forward the next op is torch's
+// own (separate) OpenMP pool: on a 2-core machine the two pools fighting made a decode step
+// of a tiny model 17x slower. So a kernel goes parallel only when its own work dwarfs that.
+constexpr int64_t kParallelBytes = 1 << 23;      // decode attention (K/V bytes read)
+constexpr int64_t kParallelCopyBytes = 1 << 23;  // write / copy / gather
 
 inline int num_threads() {
 #ifdef _OPENMP
@@ -578,7 +582,7 @@ void write_kv(const TensorView& k_cache, const TensorView& v_cache, const Tensor
   if (T == 0 || row_bytes == 0) return;
   char* kc = static_cast<char*>(k_cache.data);
   char* vc = static_cast<char*>(v_cache.data);
-  const bool parallel = T * row_bytes * 2 >= kParallelBytes && T > 1;
+  const bool parallel = T * row_bytes * 2 >= kParallelCopyBytes && T > 1;
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t t = 0; t < T; ++t) {
     const int64_t s = idx1(slot_mapping, t);
@@ -598,7 +602,7 @@ void copy_blocks(const std::vector<TensorView>& k_caches, const std::vector<Tens
   const int64_t block_bytes =
       k_caches[0].shape[1] * k_caches[0].shape[2] * k_caches[0].shape[3] * static_cast<int64_t>(element_size(k_caches[0].dtype));
   if (m == 0 || block_bytes == 0) return;
-  const bool parallel = layers * m * block_bytes * 2 >= kParallelBytes && layers * m > 1;
+  const bool parallel = layers * m * block_bytes * 2 >= kParallelCopyBytes && layers * m > 1;
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t task = 0; task < layers * m; ++task) {
     const int64_t l = task / m, i = task % m;
@@ -624,7 +628,7 @@ void gather_kv(const TensorView& k_cache, const TensorView& v_cache, const Tenso
   char* ok = static_cast<char*>(out_k.data);
   char* ov = static_cast<char*>(out_v.data);
   const int64_t limit = std::min(L, max_blocks * bs);
-  const bool parallel = B * L * row_bytes * 2 >= kParallelBytes && B * L > 1;
+  const bool parallel = B * L * row_bytes * 2 >= kParallelCopyBytes && B * L > 1;
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t r = 0; r < B * L; ++r) {
     const int64_t b = r / L, t = r % L;
