@@ -1,0 +1,105 @@
+"""What the search needs from a policy and a process reward model.
+
+Paths are named by the ids of the search forest's nodes (``ponder.Forest``): a root is a
+problem's prompt, every other node one reasoning step. Because both models see the tree's
+structure (which node extends which), an implementation can keep one KV-cache sequence per
+live node and compute every shared prefix once (``ponder.HFPolicy`` / ``ponder.HFPRM`` do, on
+``ponder.kv.PagedKVCache``); a scripted or remote implementation is free to ignore it.
+
+The data path, stage by stage::
+
+    problems --Policy.start--> prompt tokens --Forest.add_roots--> roots
+    roots/leaves --Forest.expand--> children --Policy.sample_steps--> steps
+    steps --PRM.score_steps--> step scores --Forest.set_steps--> aggregates
+    --Forest.select_beam / select_dvts--> kept leaves ... --> completions --vote--> answer
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the policy samples one step.
+
+    A step ends after ``step_delimiter`` (default a blank line), at an end-of-sequence token,
+    or after ``max_step_tokens`` tokens (then it is *truncated*). ``seed`` makes a run
+    reproducible: the same seed, inputs and call order give the same steps.
+    """
+
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    max_step_tokens: int = 256
+    step_delimiter: str = "\n\n"
+    seed: int | None = None
+
+
+@dataclass
+class Step:
+    """One generated reasoning step.
+
+    tokens: the policy's token ids of the step (delimiter included when it was produced);
+    text: its decoded text; eos: the policy ended the solution (end-of-sequence token);
+    truncated: stopped by ``max_step_tokens`` without a delimiter or EOS.
+    """
+
+    tokens: list[int]
+    text: str
+    eos: bool = False
+    truncated: bool = False
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """The model that writes solutions, one step per call for a batch of paths."""
+
+    def start(self, root_ids: Sequence[int], problems: Sequence[str]) -> list[list[int]]:
+        """Register one root per problem; return each root's prompt token ids (the problem
+        rendered with the policy's chat template and system prompt)."""
+        ...
+
+    def sample_steps(
+        self, parent_ids: Sequence[int], child_ids: Sequence[int], params: SamplingParams
+    ) -> list[Step]:
+        """For each i, sample one step continuing the path of node ``parent_ids[i]``; the
+        path extended by that step is node ``child_ids[i]`` from now on. Parents may repeat
+        (several samples of the same path); all paths advance in one batch."""
+        ...
+
+    def rollout(self, node_ids: Sequence[int], num_steps: int, params: SamplingParams) -> list[list[Step]]:
+        """Lookahead: up to ``num_steps`` further steps continuing each node (greedy when
+        ``params.temperature == 0``), stopping early at EOS. The steps are not kept: the
+        nodes' own paths are unchanged afterwards."""
+        ...
+
+    def release(self, node_ids: Sequence[int]) -> None:
+        """The search no longer extends these nodes: free what is kept for them."""
+        ...
+
+
+@runtime_checkable
+class PRM(Protocol):
+    """A process reward model: a score for each step of a partial solution."""
+
+    def start(self, root_ids: Sequence[int], problems: Sequence[str]) -> None:
+        """Register one root (an empty solution) per problem."""
+        ...
+
+    def score_steps(
+        self,
+        parent_ids: Sequence[int],
+        child_ids: Sequence[int],
+        steps: Sequence[str],
+        lookahead: Sequence[Sequence[str]] | None = None,
+    ) -> list[float]:
+        """For each i, the score of the last step of path ``child_ids[i]`` = path of
+        ``parent_ids[i]`` + ``steps[i]`` (with ``lookahead[i]`` given: the score after those
+        extra steps, which are not kept). Scores are finite floats, usually probabilities."""
+        ...
+
+    def release(self, node_ids: Sequence[int]) -> None:
+        """Free what is kept for these nodes."""
+        ...
