@@ -131,7 +131,7 @@ class ForestTwins(RuleBasedStateMachine):
         problems = data.draw(st.lists(PROBLEMS, min_size=n, max_size=n), label="seed problems")
         subtrees = data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n), label="seed subtrees")
         self.both("add_roots", problems, subtrees, flat, offsets)
-        for _ in range(data.draw(st.integers(0, 3), label="seed growth")):
+        for _ in range(data.draw(st.integers(1, 4), label="seed growth")):
             self.grow(data)
 
     # ---- driving both
@@ -265,7 +265,7 @@ class ForestTwins(RuleBasedStateMachine):
         scores = data.draw(st.lists(SCORES, min_size=n, max_size=n), label="scores")
         finished = data.draw(st.lists(st.sampled_from([False, False, True]), min_size=n, max_size=n), label="finished")
         self.both("set_steps", kids, flat, offsets, scores, finished)
-        if data.draw(st.booleans(), label="answer them?"):
+        if data.draw(st.integers(0, 3), label="answer them?") != 0:
             self.both("set_answers", kids, data.draw(st.lists(ANSWERS, min_size=n, max_size=n), label="answers"))
 
     @rule(data=st.data())
@@ -351,10 +351,18 @@ class ForestTwins(RuleBasedStateMachine):
         assert spec_stats(self.core) == spec_stats(self.ref)
 
     @rule(data=st.data())
-    def query(self, data):
-        queries = [self.aggregate, self.read_nodes, self.select_beam, self.select_dvts, self.vote, self.whole_forest_queries]
-        for _ in range(data.draw(st.integers(1, 3), label="queries")):
-            data.draw(st.sampled_from(queries), label="query")(data)
+    def read(self, data):
+        for _ in range(data.draw(st.integers(1, 2), label="reads")):
+            data.draw(st.sampled_from([self.aggregate, self.read_nodes, self.whole_forest_queries]), label="read")(data)
+
+    @rule(data=st.data())
+    def select(self, data):
+        data.draw(st.sampled_from([self.select_beam, self.select_dvts]), label="selection")(data)
+
+    @rule(data=st.data())
+    def votes(self, data):
+        for _ in range(data.draw(st.integers(1, 3), label="votes")):
+            self.vote(data)
 
     def teardown(self):
         n = self.ref.num_nodes

@@ -97,7 +97,6 @@ std::vector<int32_t> KVCacheManager::fork(int64_t seq_id, int64_t k) {
   const Seq copy = parent;
   std::vector<int32_t> out(static_cast<size_t>(k));
   if (k == 0) return out;
-  seqs_.reserve(seqs_.size() + static_cast<size_t>(k));
   for (auto& id : out) {
     id = static_cast<int32_t>(next_seq_++);
     seqs_.emplace(id, copy);

@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "(it needs a C++17 compiler and CMake >= 3.18)."
     ) from exc
 
-from ._core import ACTIVE, FINISHED, NO_ANSWER, PRUNED, Forest, build_info
+from ._core import ACTIVE, FINISHED, NO_ANSWER, PRUNED, Forest, KVCacheFull, build_info
 
 
 def cuda_available() -> bool:
@@ -31,6 +31,7 @@ __all__ = [
     "NO_ANSWER",
     "PRUNED",
     "Forest",
+    "KVCacheFull",
     "__version__",
     "build_info",
     "cuda_available",
