@@ -489,6 +489,9 @@ def test_manager_bad_inputs_change_nothing(kv):
     raises_unchanged(ValueError, snap, mgr.append, [a, b], [1, 1], [5, -5], match="token_ids")
     raises_unchanged(ValueError, snap, mgr.append, [a, b], [1.0, 1.0], [5, 5], match="n_tokens")
     raises_unchanged(kv.KVCacheFull, snap, mgr.append, [a, b], [4, 4], [5] * 8)
+    # an array argument that is not numeric at all is rejected before any id is checked
+    raises_unchanged(ValueError, snap, mgr.append, [c], ["x"], [5], match="n_tokens")
+    raises_unchanged(ValueError, snap, mgr.append, [c], [1], [2**70], match="token_ids")
     # free / block_table / seq_len / evict / refcounts
     raises_unchanged(ValueError, snap, mgr.free, [a, b, a], match=r"seq_ids\[2\]")
     raises_unchanged(IndexError, snap, mgr.free, [a, c], match=r"seq_ids\[1\]")

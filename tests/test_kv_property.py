@@ -125,7 +125,9 @@ class ManagerTwins(RuleBasedStateMachine):
         live = self.live()
         if not live:
             return []
-        return data.draw(st.lists(st.sampled_from(live), min_size=min_size, max_size=max_size, unique=True), label="ids")
+        return data.draw(
+            st.lists(st.sampled_from(live), min_size=min_size, max_size=max_size, unique=True), label="ids"
+        )
 
     def corrupt(self, data, ids):
         """Now and then slip a bad id (dead, never given, duplicate, negative) into ids."""
@@ -257,7 +259,8 @@ class ManagerTwins(RuleBasedStateMachine):
         self.both("evict", 10**9)
         for mgr in self.pair:
             s = mgr.stats()
-            assert (s["blocks_free"], s["blocks_cached"], s["blocks_in_use"], s["blocks_evictable"]) == (self.nb, 0, 0, 0)
+            drained = (s["blocks_free"], s["blocks_cached"], s["blocks_in_use"], s["blocks_evictable"])
+            assert drained == (self.nb, 0, 0, 0)
             assert not mgr.refcounts(np.arange(self.nb)).any()
 
     # ---- invariants
@@ -298,7 +301,7 @@ class ManagerTwins(RuleBasedStateMachine):
 
 
 ManagerTwins.TestCase.settings = settings(
-    max_examples=100,
+    max_examples=80,
     stateful_step_count=35,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -343,8 +346,11 @@ class IndexTwins(RuleBasedStateMachine):
         nb = len(toks) // self.bs
         fresh = [b for b in range(12) if b not in self.present()]
         if fresh and data.draw(st.integers(0, 3), label="fresh ids?"):
-            ids = data.draw(st.lists(st.sampled_from(fresh), min_size=nb, max_size=nb, unique=True), label="ids") \
-                if len(fresh) >= nb else data.draw(st.lists(IDS, min_size=nb, max_size=nb), label="ids")
+            ids = (
+                data.draw(st.lists(st.sampled_from(fresh), min_size=nb, max_size=nb, unique=True), label="ids")
+                if len(fresh) >= nb
+                else data.draw(st.lists(IDS, min_size=nb, max_size=nb), label="ids")
+            )
         else:
             ids = data.draw(st.lists(IDS, min_size=nb, max_size=nb), label="ids")
         if data.draw(st.integers(0, 15), label="bad length?") == 0:
@@ -390,8 +396,6 @@ class IndexTwins(RuleBasedStateMachine):
     @invariant()
     def twins_agree(self):
         r, c = self.pair
-        if not hasattr(self, "pair"):
-            return
         assert (r.num_nodes, r.num_evictable) == (c.num_nodes, c.num_evictable)
         present = self.present()
         assert present == [b for b in range(12) if c.contains(b)]
@@ -401,7 +405,7 @@ class IndexTwins(RuleBasedStateMachine):
 
 
 IndexTwins.TestCase.settings = settings(
-    max_examples=80,
+    max_examples=60,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -475,7 +479,9 @@ def test_search_workload_twins(seed):
         live = sorted(tokens)
         if op == "new" or not live:
             base = bases[int(rng.integers(0, 3))]
-            prompt = base[: int(rng.integers(0, len(base) + 1))] + rng.integers(0, 3, size=int(rng.integers(1, 4))).tolist()
+            prompt = (
+                base[: int(rng.integers(0, len(base) + 1))] + rng.integers(0, 3, size=int(rng.integers(1, 4))).tolist()
+            )
             kind_, out = call_both(pair, "new_sequence", prompt, record=False)
             seq, cached = out
             tokens[seq] = prompt[:cached]

@@ -50,6 +50,7 @@ std::vector<int32_t> KVCacheManager::live_ids(const NumView& seq_ids, const char
 int32_t KVCacheManager::allocate_block() {
   if (pool_.num_free() == 0) {
     const int32_t victim = index_.evict_one();
+    if (victim < 0) throw std::logic_error("KVCacheManager: no block to evict after the capacity check");
     pool_.dec(victim);  // its only reference was the index's
     ++counters_.evictions;
   }

@@ -12,6 +12,9 @@
 //   * a sequence of length L holds ceil(L / block_size) distinct blocks.
 // The manager stores the token ids of every block (int32 [num_blocks, block_size]) so full
 // blocks can be inserted into the index without per-sequence token lists.
+// LRU: the index clock ticks once per successful new_sequence / append call; new_sequence
+// stamps the nodes it reuses, append stamps the nodes it inserts. A partial last block is
+// copied on write only by an append that writes at least one token to that sequence.
 //
 // Semantics are defined by python/ponder/reference/kv.py (KVCacheManager); errors:
 //   std::invalid_argument -> ValueError, std::out_of_range -> IndexError,

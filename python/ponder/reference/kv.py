@@ -22,7 +22,11 @@ Model
   count of a block = the sequences holding it + 1 if it is in the index; the lock count of an
   index node = the sequences holding it. A sequence holds index nodes exactly at table
   positions ``0 .. indexed - 1`` (a path from the root), so an index node with reference
-  count 1 has an unused subtree: it is *evictable*.
+  count 1 has an unused subtree: it is *evictable*. The index clock ticks once per
+  successful ``new_sequence`` and ``append`` call: new_sequence stamps the nodes it reuses,
+  and the nodes an append inserts carry that call's stamp (eviction ties go to the lower
+  block id). Evictions happen only inside ``append`` (when the free list is empty) and
+  ``evict``.
 
 Rules every implementation follows
 ----------------------------------
@@ -57,6 +61,16 @@ class KVCacheFull(RuntimeError):
 def _scalar(value, name: str, lo: int, hi: int) -> int:
     """A Python/numpy integer checked like a one-element array."""
     return int_array([value], name, lo, hi)[0]
+
+
+def _check_numeric(values, name: str) -> None:
+    """Rejects input that is not a numeric array at all (strings, objects, ints beyond 64 bits).
+
+    The compiled core's bindings read every array argument before checking any of them, so a
+    call checks this for all its array arguments first."""
+    a = np.asarray(values)
+    if a.size and a.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be a numeric array, got dtype {a.dtype}")
 
 
 def _count(values: list[int]) -> dict[int, tuple[int, int]]:
@@ -122,9 +136,7 @@ class BlockPool:
         """
         count = _scalar(n, "n", 0, INT32_MAX)
         if count > len(self._free):
-            raise KVCacheFull(
-                f"cannot allocate {count} blocks: only {len(self._free)} of {len(self._refs)} are free"
-            )
+            raise KVCacheFull(f"cannot allocate {count} blocks: only {len(self._free)} of {len(self._refs)} are free")
         return np.array([self._pop() for _ in range(count)], dtype=np.int32)
 
     def incref(self, block_ids) -> None:
@@ -374,8 +386,9 @@ class KVCacheManager:
         self._tokens = np.zeros((self._pool.num_blocks, self._bs), dtype=np.int32)
         self._seqs: dict[int, _Sequence] = {}
         self._next_seq = 0
-        self._counters = dict.fromkeys(("tokens_requested", "tokens_from_cache", "tokens_appended",
-                                        "cow_copies", "evictions"), 0)
+        self._counters = dict.fromkeys(
+            ("tokens_requested", "tokens_from_cache", "tokens_appended", "cow_copies", "evictions"), 0
+        )
 
     @property
     def num_blocks(self) -> int:
@@ -479,6 +492,8 @@ class KVCacheManager:
         is empty, the LRU evictable index leaf is evicted. Raises KVCacheFull, changing nothing,
         when the call needs more blocks than are free plus evictable.
         """
+        for values, name in ((seq_ids, "seq_ids"), (n_tokens, "n_tokens"), (token_ids, "token_ids")):
+            _check_numeric(values, name)
         ids = self._live_ids(seq_ids, "seq_ids", unique=True)
         ns = int_array(n_tokens, "n_tokens", 0, INT32_MAX)
         if len(ns) != len(ids):
