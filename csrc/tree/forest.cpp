@@ -31,15 +31,31 @@ struct Ranked {
   bool operator<(const Ranked& o) const { return rank > o.rank || (rank == o.rank && id < o.id); }
 };
 
+// Validated CSR input. `data` points into the caller's array when it already is contiguous
+// int32 (the common case: no copy of what is the bulk of every set_steps call), else into
+// `converted`.
 struct RaggedInput {
-  std::vector<int32_t> tokens;
+  std::vector<int32_t> converted;
+  const int32_t* data = nullptr;
+  int64_t size = 0;
   std::vector<int64_t> offsets;
 };
 
 RaggedInput parse_ragged(const NumView& flat, const NumView& offsets, size_t n, const char* flat_name,
                          const char* offsets_name) {
   RaggedInput r;
-  r.tokens = to_ints_as<int32_t>(flat, flat_name, 0, kInt32Max);
+  if (flat.ndim == 1 && flat.dtype == DType::I32 && flat.stride == 4 && flat.size > 0) {
+    const int32_t* p = reinterpret_cast<const int32_t*>(flat.data);
+    int32_t lowest = 0;
+    for (int64_t i = 0; i < flat.size; ++i) lowest = std::min(lowest, p[i]);
+    if (lowest < 0) r.converted = to_ints_as<int32_t>(flat, flat_name, 0, kInt32Max);  // throws, naming the index
+    r.data = p;
+    r.size = flat.size;
+  } else {
+    r.converted = to_ints_as<int32_t>(flat, flat_name, 0, kInt32Max);
+    r.data = r.converted.data();
+    r.size = static_cast<int64_t>(r.converted.size());
+  }
   r.offsets = to_ints(offsets, offsets_name, 0, kInt64Max);
   const std::string on(offsets_name);
   if (r.offsets.size() != n + 1)
@@ -50,9 +66,9 @@ RaggedInput parse_ragged(const NumView& flat, const NumView& offsets, size_t n, 
   for (size_t i = 0; i < n; ++i)
     if (r.offsets[i + 1] < r.offsets[i])
       throw std::invalid_argument(on + " must be non-decreasing (index " + std::to_string(i + 1) + ")");
-  if (r.offsets[n] != static_cast<int64_t>(r.tokens.size()))
+  if (r.offsets[n] != r.size)
     throw std::invalid_argument(on + "[-1] = " + std::to_string(r.offsets[n]) + " must equal len(" +
-                                flat_name + ") = " + std::to_string(r.tokens.size()));
+                                flat_name + ") = " + std::to_string(r.size));
   return r;
 }
 
@@ -140,6 +156,14 @@ Groups group_ids(const std::vector<int32_t>& ids, size_t num_keys, KeyOf key_of)
   std::vector<int64_t> cursor(out.offsets.begin(), out.offsets.end() - 1);
   for (size_t i = 0; i < ids.size(); ++i) out.members[static_cast<size_t>(cursor[static_cast<size_t>(g[i])]++)] = ids[i];
   return out;
+}
+
+// Puts the best k members, best first, at the front (the rest in any order). nth_element +
+// sort beats partial_sort's heap when k is a sizeable fraction of the group (keep = N/M).
+void sort_prefix(std::vector<Ranked>& members, size_t k) {
+  if (k < members.size())
+    std::nth_element(members.begin(), members.begin() + static_cast<std::ptrdiff_t>(k), members.end());
+  std::sort(members.begin(), members.begin() + static_cast<std::ptrdiff_t>(std::min(k, members.size())));
 }
 
 // Open-addressing set of (hash -> node ids) for dedupe; sized for the few kept candidates of
@@ -329,7 +353,7 @@ std::vector<int32_t> Forest::add_roots(const NumView& problem_ids, const NumView
   for (size_t i = 0; i < n; ++i) {
     const int32_t slot = problem_slot_of(problems[i], /*create=*/true);
     ids[i] = allocate(-1, slot, static_cast<int32_t>(subtrees[i]), 0);
-    append_tokens(ids[i], prompts.tokens.data() + prompts.offsets[i], prompts.offsets[i + 1] - prompts.offsets[i]);
+    append_tokens(ids[i], prompts.data + prompts.offsets[i], prompts.offsets[i + 1] - prompts.offsets[i]);
   }
   return ids;
 }
@@ -402,7 +426,7 @@ void Forest::set_steps(const NumView& node_ids, const NumView& tokens_flat, cons
     Ref r = ref(ids[i]);
     Ref pr = ref(r.page->parent[r.slot]);
     if (!r.page->has_step[r.slot]) ++pr.page->scored_children[pr.slot];
-    append_tokens(ids[i], steps.tokens.data() + steps.offsets[i], steps.offsets[i + 1] - steps.offsets[i]);
+    append_tokens(ids[i], steps.data + steps.offsets[i], steps.offsets[i + 1] - steps.offsets[i]);
     const double s = scores[i];
     r.page->has_step[r.slot] = 1;
     r.page->score[r.slot] = s;
@@ -566,14 +590,14 @@ std::vector<int32_t> Forest::select_beam(const NumView& candidate_ids, int64_t k
     }
     const size_t keep = std::min(members.size(), static_cast<size_t>(keep_per_problem));
     if (!dedupe) {
-      std::partial_sort(members.begin(), members.begin() + static_cast<std::ptrdiff_t>(keep), members.end());
+      sort_prefix(members, keep);
       for (size_t k = 0; k < keep; ++k) kept.push_back(members[k].id);
       continue;
     }
     // Identical step tokens under the same parent count once: the best copy stays. Sort only
     // as far as the scan needs: a prefix of 2 * keep first, everything if duplicates eat it.
     size_t sorted = std::min(members.size(), 2 * keep);
-    std::partial_sort(members.begin(), members.begin() + static_cast<std::ptrdiff_t>(sorted), members.end());
+    sort_prefix(members, sorted);
     seen.reset(keep);
     size_t taken = 0;
     for (size_t k = 0; k < members.size() && taken < keep; ++k) {
@@ -584,9 +608,15 @@ std::vector<int32_t> Forest::select_beam(const NumView& candidate_ids, int64_t k
       Ref r = ref(members[k].id);
       const int32_t* tok = r.page->tokens.data() + r.page->token_offset[r.slot];
       const int32_t len = r.page->num_tokens[r.slot], parent = r.page->parent[r.slot];
-      uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(static_cast<uint32_t>(parent));
-      for (int32_t t = 0; t < len; ++t) h = (h ^ static_cast<uint32_t>(tok[t])) * 1099511628211ull;
-      h ^= static_cast<uint64_t>(len) << 32;
+      // Duplicates can only be siblings, so hash (parent, length, first and last token) and
+      // let the exact comparison settle the rest: hashing every token was the hot loop.
+      uint64_t h = static_cast<uint64_t>(static_cast<uint32_t>(parent)) * 0x9E3779B97F4A7C15ull;
+      h ^= static_cast<uint64_t>(len) * 0xC2B2AE3D27D4EB4Full;
+      if (len > 0) {
+        h ^= static_cast<uint64_t>(static_cast<uint32_t>(tok[0])) * 0x165667B19E3779F9ull;
+        h ^= static_cast<uint64_t>(static_cast<uint32_t>(tok[len - 1])) * 0x27D4EB2F165667C5ull;
+      }
+      h ^= h >> 29;
       const bool fresh = seen.insert(h, members[k].id, [&](int32_t other) {
         Ref o = ref(other);
         return o.page->parent[o.slot] == parent && o.page->num_tokens[o.slot] == len &&
