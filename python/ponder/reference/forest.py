@@ -16,7 +16,8 @@ per node). A node is ``ACTIVE`` (may be expanded), ``FINISHED`` (a completion) o
 
 Rules every implementation follows
 ----------------------------------
-* Node ids that were never given out, or whose problem was released, raise ``IndexError``.
+* Node ids that were never given out, or whose problem was released, raise ``IndexError``;
+  values that are not int32 at all raise ``ValueError`` like any other malformed input.
 * Any other bad argument (wrong dtype or shape, negative token id, NaN score, unknown
   ``how``, a duplicate id where ids must be unique, an operation a node's state forbids)
   raises ``ValueError``. The message names the argument.
