@@ -1,0 +1,88 @@
+"""Search methods that turn test-time compute into accuracy.
+
+    results = ponder.search.search(problems, policy, prm, SearchConfig(method="dvts", n=16))
+
+``search`` runs one method for a whole batch of problems over one ``ponder.Forest``: every
+iteration is one batched ``Policy.sample_steps`` and one batched ``PRM.score_steps`` across all
+problems and paths. One module per method: ``majority``, ``best_of_n`` (vanilla and weighted),
+``beam_search``, ``dvts``; ``common.Run`` holds the stages they share. The methods follow
+huggingface/search-and-learn (``ponder.reference.search`` is a readable per-problem
+re-implementation written its way, the tests' oracle), except where ponder deliberately
+differs:
+
+* A step cut off by ``max_step_tokens`` is truncated, not finished: the path continues from
+  it, and it never counts as an answer unless it holds a boxed answer (search-and-learn:
+  vLLM reports a length stop like EOS, so the step is a finished solution). Compat: finished.
+* A boxed answer ends a path in every method (search-and-learn: DVTS only; beam search goes on
+  until EOS).
+* The final vote aggregates with the search's ``agg`` (search-and-learn: always ``last``).
+  Compat: ``last``.
+* DVTS returns each subtree's final path, N/M per problem (search-and-learn: the M candidates
+  of each subtree's last expansion, unfinished ones included, all voting). Compat: the M.
+* Completions without a boxed answer abstain from every vote, best-of-N included
+  (search-and-learn: their empty answer can win).
+* Beam search runs all problems of a batch together (search-and-learn: one at a time, since
+  its top-k is taken across the batch). Lookahead scores count in beam search too
+  (search-and-learn generates them but scores beam search paths without them). Generated
+  and scored tokens are counted for every method (``Budget``).
+* "Generate to EOS" in the last iteration is done step by step (the Protocol samples steps),
+  every step scored, up to ``max_steps`` steps (search-and-learn: one call of up to 2048
+  tokens without the step delimiter).
+* Ties: search-and-learn's ``np.argsort`` leaves equal scores in an undefined order; here ties
+  go to the earlier beam (lower node id), and M copies of a kept beam are adjacent instead of
+  interleaved (``(beams * M)[:N]``): the same beams, numbered in the order the forest numbers
+  children. Padding copies of completions are voted once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import beam_search, best_of_n, dvts, majority
+from .common import Run
+from .config import Budget, Completion, SearchConfig, SearchResult
+
+# method name -> the function that runs it on a ``Run`` (the modules keep their own names)
+METHODS = {
+    "majority": majority.majority,
+    "best_of_n": best_of_n.best_of_n,
+    "weighted_best_of_n": best_of_n.weighted_best_of_n,
+    "beam_search": beam_search.beam_search,
+    "dvts": dvts.dvts,
+}
+
+
+def problem_text(problem: Any) -> str:
+    """The question of a problem: a str, an object with ``.problem``, or a mapping with "problem"."""
+    if isinstance(problem, str):
+        return problem
+    text = getattr(problem, "problem", None)
+    if text is None and isinstance(problem, Mapping):
+        text = problem.get("problem")
+    if not isinstance(text, str):
+        raise TypeError(f"a problem must be a str or have a str .problem; got {type(problem).__name__}")
+    return text
+
+
+def search(problems: Sequence[Any], policy, prm, config: SearchConfig | None = None) -> list[SearchResult]:
+    """Run ``config.method`` on every problem of the batch at once.
+
+    problems: questions (str) or problem-like objects with ``.problem``; their index is the
+    result's ``problem_id``. policy: a ``ponder.Policy``. prm: a ``ponder.PRM`` (None allowed
+    for majority voting, which never scores). Returns one ``SearchResult`` per problem, in order.
+    """
+    config = SearchConfig() if config is None else config
+    config.validate()
+    if isinstance(problems, str):
+        raise TypeError("problems must be a sequence of problems, not one str")
+    texts = [problem_text(x) for x in problems]
+    if not texts:
+        return []
+    if config.method != "majority" and prm is None:
+        raise ValueError(f"method {config.method!r} needs a PRM; only 'majority' runs without one")
+    run = Run(texts, policy, prm if config.method != "majority" else None, config)
+    return METHODS[config.method](run)
+
+
+__all__ = ["METHODS", "Budget", "Completion", "Run", "SearchConfig", "SearchResult", "search"]

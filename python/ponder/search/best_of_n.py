@@ -1,0 +1,24 @@
+"""Best-of-N: N full solutions per problem, every step scored by the PRM.
+
+* vanilla (``best_of_n``): the answer of the solution with the highest aggregated score
+  (``agg``); ties go to the lower node id (the earlier sample).
+* weighted (``weighted_best_of_n``): solutions grouped by normalized answer, each group's
+  aggregated scores summed, the largest sum wins (ties: the answer seen first).
+
+In both, solutions without a boxed answer abstain (search-and-learn lets an unanswered best
+solution win and so answer nothing). The final vote aggregates with ``agg`` (compat: ``last``).
+"""
+
+from __future__ import annotations
+
+from .common import Run
+from .config import SearchResult
+from .majority import sample_solutions
+
+
+def best_of_n(run: Run) -> list[SearchResult]:
+    return run.results(sample_solutions(run), "best", run.config.vote_agg)
+
+
+def weighted_best_of_n(run: Run) -> list[SearchResult]:
+    return run.results(sample_solutions(run), "weighted", run.config.vote_agg)

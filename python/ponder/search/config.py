@@ -1,0 +1,208 @@
+"""What a search is asked to do (``SearchConfig``) and what it gives back (``SearchResult``).
+
+A ``SearchResult`` per problem holds the completions the method produced (``Completion``),
+the answer its final vote chose, the problem's whole search tree as arrays, and the compute
+it spent (``Budget``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..protocols import SamplingParams
+
+METHODS = ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts")
+AGGREGATIONS = ("last", "min", "prod", "mean")
+VOTES = ("majority", "weighted", "best")
+
+# The vote each non-tree method implies (beam search and DVTS take ``SearchConfig.vote``).
+IMPLIED_VOTE = {"majority": "majority", "best_of_n": "best", "weighted_best_of_n": "weighted"}
+
+
+@dataclass
+class SearchConfig:
+    """How to turn test-time compute into an answer.
+
+    method: ``majority`` | ``best_of_n`` | ``weighted_best_of_n`` | ``beam_search`` | ``dvts``.
+    n: completions per problem (the budget N). beam_width: M; beam search keeps N/M beams and
+    expands each into M; DVTS runs N/M subtrees of M candidates each (N % M must be 0).
+    num_iterations: search iterations of beam search / DVTS; the last one generates every
+    remaining path to its end (EOS, a boxed answer, or ``max_steps`` steps).
+    max_steps: the most steps a path may have, in every method (majority / best-of-N sample
+    at most this many steps per solution). Must be >= num_iterations for beam search / DVTS.
+    lookahead: extra greedy steps rolled out after each sampled step (beam search, DVTS); the
+    PRM scores the step *after* them, the search keeps only the step. 0 in the last iteration.
+    agg: how step scores make a path score: ``last`` | ``min`` | ``prod`` | ``mean``.
+    vote: final vote of beam search / DVTS over their completions: ``weighted`` (default),
+    ``majority`` or ``best``. The other methods imply theirs (majority: ``majority``,
+    best_of_n: ``best``, weighted_best_of_n: ``weighted``) and reject a different value.
+    filter_duplicates: beam search drops candidates whose step repeats a sibling's step.
+    sort_completed: beam search returns its completions best first (else in the order they
+    finished, and stops a problem once N have finished).
+    sampling: how the policy samples a step. seed: given to the policy as
+    ``SamplingParams.seed`` unless ``sampling.seed`` is set.
+    compat_search_and_learn: reproduce huggingface/search-and-learn's behaviour where ponder
+    deliberately differs, for numbers comparable to published ones: a step cut off by
+    ``max_step_tokens`` (or a path by ``max_steps``) counts as finished; the final vote
+    always aggregates with ``last``; DVTS returns the M candidates of each subtree's last
+    expansion (unfinished ones included) instead of the subtree's final path.
+    """
+
+    method: str = "beam_search"
+    n: int = 4
+    beam_width: int = 4
+    num_iterations: int = 40
+    lookahead: int = 0
+    agg: str = "last"
+    vote: str | None = None
+    filter_duplicates: bool = True
+    sort_completed: bool = True
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    compat_search_and_learn: bool = False
+    max_steps: int = 64
+
+    def validate(self) -> SearchConfig:
+        """Raise ValueError naming the first bad field; return self when all are good."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.agg not in AGGREGATIONS:
+            raise ValueError(f"agg must be one of {', '.join(AGGREGATIONS)}; got {self.agg!r}")
+        for name in ("n", "beam_width", "num_iterations", "max_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        if not isinstance(self.lookahead, (int, np.integer)) or isinstance(self.lookahead, bool) or self.lookahead < 0:
+            raise ValueError(f"lookahead must be an integer >= 0; got {self.lookahead!r}")
+        if self.vote is not None and self.vote not in VOTES:
+            raise ValueError(f"vote must be None or one of {', '.join(VOTES)}; got {self.vote!r}")
+        if self.method in IMPLIED_VOTE:
+            implied = IMPLIED_VOTE[self.method]
+            if self.vote is not None and self.vote != implied:
+                raise ValueError(
+                    f"method {self.method!r} always votes {implied!r}; got vote={self.vote!r} "
+                    "(vote applies to beam_search and dvts)"
+                )
+        else:
+            if self.n % self.beam_width != 0:
+                raise ValueError(
+                    f"{self.method} needs n divisible by beam_width; got n={self.n}, "
+                    f"beam_width={self.beam_width}"
+                )
+            if self.max_steps < self.num_iterations:
+                raise ValueError(
+                    f"max_steps ({self.max_steps}) must be >= num_iterations ({self.num_iterations}) "
+                    f"for {self.method}: every iteration adds a step to a path"
+                )
+        if not isinstance(self.sampling, SamplingParams):
+            raise ValueError(f"sampling must be a ponder.SamplingParams; got {type(self.sampling).__name__}")  # noqa: TRY004 (every bad field: ValueError)
+        if self.sampling.max_step_tokens < 1:
+            raise ValueError(f"sampling.max_step_tokens must be >= 1; got {self.sampling.max_step_tokens}")
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer; got {self.seed!r}")  # noqa: TRY004
+        return self
+
+    @property
+    def final_vote(self) -> str:
+        """The vote that picks the answer: the method's own, or ``vote`` (default weighted)."""
+        return IMPLIED_VOTE.get(self.method) or self.vote or "weighted"
+
+    @property
+    def vote_agg(self) -> str:
+        """The aggregation of the final vote: ``agg``, or ``last`` in compat mode."""
+        return "last" if self.compat_search_and_learn else self.agg
+
+
+@dataclass
+class Completion:
+    """One path a method returned for a problem.
+
+    node_id: its last node in the search forest. text: the solution (the steps joined, no
+    prompt). steps: the step texts, root first. step_scores: the PRM score stored for each
+    step (with lookahead: the score after the lookahead steps); empty when no PRM scored it
+    (majority voting). score: ``step_scores`` aggregated with the search's ``agg`` (float64,
+    NaN without scores). answer: the content of the last complete ``\\boxed{}`` of a
+    finished path, else None. finished: it ended with EOS, a boxed answer or an empty step
+    (compat mode: also when cut off). truncated: its last step was cut off by
+    ``max_step_tokens`` (it may still hold a boxed answer, then it is finished), or the path
+    reached ``max_steps`` without ending.
+    """
+
+    node_id: int
+    text: str
+    steps: list[str]
+    step_scores: list[float]
+    score: float
+    answer: str | None
+    finished: bool
+    truncated: bool
+
+
+@dataclass
+class Budget:
+    """Compute one problem's search spent.
+
+    policy_tokens_generated: step tokens the policy sampled, lookahead rollouts included.
+    policy_tokens_prefilled: prompt tokens, counted once per problem (every path of a problem
+    continues the same prompt, which a prefix-sharing policy computes once; paths then
+    continue from their cached steps).
+    prm_tokens_scored: tokens of the steps (and lookahead steps) the PRM was asked to score,
+    counted in policy tokens (the PRM's own rendering of the question is not included).
+    flops_estimate: 2 x parameters x tokens, for the policy (prefilled + generated) and the
+    PRM (scored), with parameters from each model's optional ``num_parameters`` (an int or a
+    method); a model without it adds 0.
+    wall_s: wall-clock seconds of the whole batched search (shared by its problems).
+    """
+
+    policy_tokens_generated: int = 0
+    policy_tokens_prefilled: int = 0
+    prm_tokens_scored: int = 0
+    flops_estimate: float = 0.0
+    wall_s: float = 0.0
+
+
+@dataclass
+class SearchResult:
+    """The outcome of one problem.
+
+    problem_id: the problem's index in the batch passed to ``search``. answer: the winning
+    answer of the final vote (as written in the box of ``answer_node``), None when no
+    completion has one. answer_node: the node that represents the winner (-1 when none).
+    completions: the method's completions (beam search: N, best first when sorted, padded by
+    repetition; DVTS: one final path per subtree, N/M, or N in compat mode; majority and
+    best-of-N: N in sampling order). tree: the problem's whole search tree from
+    ``Forest.nodes``: ``node_id`` int32 [k] plus parent int32, problem int64, subtree int32,
+    depth int32, num_tokens int32, has_step bool, score float32, status int8, answer int64.
+    budget: see ``Budget``.
+    """
+
+    problem_id: int
+    problem: str
+    answer: str | None
+    answer_node: int
+    completions: list[Completion]
+    tree: dict[str, np.ndarray]
+    budget: Budget
+
+
+def path_score(step_scores, how: str) -> float:
+    """Aggregate step scores like the forest does (float64, step by step, so that the
+    results agree bit for bit with ``Forest``'s running aggregates). NaN when empty."""
+    if not step_scores:
+        return math.nan
+    if how == "last":
+        return float(step_scores[-1])
+    if how == "min":
+        return float(min(step_scores))
+    if how == "prod":
+        value = 1.0
+        for s in step_scores:
+            value *= s
+        return value
+    total = 0.0
+    for s in step_scores:
+        total += s
+    return total / len(step_scores)
