@@ -18,6 +18,21 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
     ) from exc
 
 from ._core import ACTIVE, FINISHED, NO_ANSWER, PRUNED, Forest, KVCacheFull, build_info
+from .protocols import PRM, Policy, SamplingParams, Step
+from .search import Budget, Completion, SearchConfig, SearchResult, search
+
+# The Hugging Face implementations import torch/transformers: load them on first use so that
+# `import ponder` stays light (the control plane needs neither).
+_LAZY = {"HFPolicy": ("policy", "HFPolicy"), "HFPRM": ("prm", "HFPRM")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'ponder' has no attribute {name!r}")
 
 
 def cuda_available() -> bool:
@@ -27,12 +42,23 @@ def cuda_available() -> bool:
 
 __all__ = [
     "ACTIVE",
+    "Budget",
+    "Completion",
     "FINISHED",
+    "HFPRM",
+    "HFPolicy",
     "NO_ANSWER",
+    "PRM",
     "PRUNED",
     "Forest",
+    "Policy",
+    "SamplingParams",
+    "SearchConfig",
+    "SearchResult",
+    "Step",
     "KVCacheFull",
     "__version__",
     "build_info",
     "cuda_available",
+    "search",
 ]
