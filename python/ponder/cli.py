@@ -1,6 +1,7 @@
 """The ``ponder`` command line.
 
-    ponder run            the main job (for now: the control-plane benchmark, see below)
+    ponder run            evaluate search methods on a dataset (accuracy vs test-time compute);
+                          without --policy: the control-plane benchmark
     ponder bench core     C++ core vs the pure-Python reference on beam-search/DVTS workloads
     ponder info           what the extension was built with and whether CUDA kernels can run
 """
@@ -28,26 +29,262 @@ def _bench_core(args: argparse.Namespace) -> int:
     return control_plane.main(args.rest)
 
 
-def _run(args: argparse.Namespace) -> int:
-    # The search engine (methods over Hugging Face policies and PRMs) is not part of this
-    # release yet; until it is, the main job measures the search control plane it will run on.
+RUN_DESCRIPTION = """\
+Evaluate search methods on a math dataset and write how accuracy scales with test-time compute.
+
+    ponder run --policy Qwen/Qwen2.5-1.5B-Instruct --prm RLHFlow/Llama3.1-8B-PRM-Deepseek-Data \\
+        --dataset math500.jsonl --methods greedy,majority,best_of_n,dvts --n 1,4,16 --out runs/m500
+
+Every (problem, method, n) becomes one row of OUT/results.jsonl, appended as each batch
+finishes; --resume completes a killed run without repeating finished rows. At the end
+OUT/summary.csv, OUT/summary.md and OUT/scaling.png (accuracy vs n, accuracy vs tokens) are
+written and the summary table printed.
+
+Methods: greedy (one completion at temperature 0, run once as n=1), majority,
+best_of_n, weighted_best_of_n, beam_search, dvts. greedy and majority need no --prm.
+
+Without --policy, `ponder run` keeps its earlier behaviour: the built-in models are not part
+of this release, so it runs the control-plane benchmark (`ponder bench core`, --quick unless
+other benchmark options are given).
+"""
+
+
+class _RunParser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line on stderr (exit code 2)."""
+
+    def error(self, message: str):
+        print(f"ponder run: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _csv_ints(value: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    """The parser of `ponder run` (the evaluation; see ``RUN_DESCRIPTION``)."""
+    from .search.config import AGGREGATIONS, VOTES
+
+    p = _RunParser(prog="ponder run", description=RUN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    models = p.add_argument_group("models")
+    models.add_argument("--policy", metavar="PATH", help="policy: local directory or Hugging Face hub id (owner/name)")
+    models.add_argument("--prm", metavar="PATH", help="process reward model: local directory or hub id (not needed for greedy/majority only)")
+    models.add_argument("--prm-format", default="auto", help="PRM input format: auto, math-shepherd, rlhflow, qwen-prm (default auto)")
+    models.add_argument("--device", default="cpu", help="torch device of both models (default cpu)")
+    models.add_argument("--dtype", default=None, help="model dtype, e.g. float32, bfloat16 (default: float32 on CPU, bf16 else)")
+
+    data = p.add_argument_group("dataset")
+    data.add_argument("--dataset", metavar="SRC", help="a .jsonl/.json/.parquet file, a save_to_disk directory, a hub dataset id or builtin:<name>")
+    data.add_argument("--split", default="test", help="split of a hub dataset / DatasetDict (default test)")
+    data.add_argument("--dataset-config", default=None, help="configuration name of a hub dataset")
+    data.add_argument("--problem-field", default="problem", help="field with the question (default problem)")
+    data.add_argument("--answer-field", default="answer", help="field with the reference answer (default answer)")
+    data.add_argument("--answer-from-solution", action="store_true", help="the answer field is a full solution: grade against its last \\boxed{}")
+    data.add_argument("--level-field", default="level", help="field with the difficulty level, optional (default level)")
+    data.add_argument("--id-field", default="unique_id", help="field with a unique id, optional (default unique_id; else the row number)")
+    data.add_argument("--limit", type=int, metavar="K", help="evaluate only the first K problems")
+
+    search = p.add_argument_group("search")
+    search.add_argument("--methods", type=_csv, required=True, metavar="M1,M2",
+                        help="comma-separated methods: greedy, majority, best_of_n, weighted_best_of_n, beam_search, dvts")
+    search.add_argument("--n", type=_csv_ints, required=True, metavar="N1,N2", help="comma-separated budgets N, e.g. 1,4,16,64")
+    search.add_argument("--beam-width", type=int, default=4, metavar="M", help="beam width M of beam_search/dvts; every n must be a multiple of it (default 4)")
+    search.add_argument("--num-iterations", type=int, default=40, help="search iterations of beam_search/dvts (default 40)")
+    search.add_argument("--max-steps", type=int, default=64, help="most steps per solution, >= --num-iterations (default 64)")
+    search.add_argument("--lookahead", type=int, default=0, help="greedy lookahead steps before scoring (beam_search/dvts; default 0)")
+    search.add_argument("--agg", choices=AGGREGATIONS, default="last", help="step-score aggregation (default last)")
+    search.add_argument("--vote", choices=VOTES, default=None, help="final vote of beam_search/dvts (default weighted)")
+    search.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8; greedy uses 0)")
+    search.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p (default 1.0)")
+    search.add_argument("--max-step-tokens", type=int, default=256, help="most tokens per step (default 256)")
+    search.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    search.add_argument("--compat-search-and-learn", action="store_true", help="reproduce search-and-learn where ponder deliberately differs")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", default=None, help="output directory (default runs/<timestamp>)")
+    out.add_argument("--resume", action="store_true", help="complete the run in --out, skipping finished rows")
+    out.add_argument("--batch-size", type=int, default=16, help="problems per search call (default 16)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _plausible_model_ref(ref: str) -> bool:
+    import os
+    import re
+
+    if os.path.exists(os.path.expanduser(ref)):
+        return True
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", ref) is not None
+
+
+def _build_policy(path: str, device: str, dtype: str | None):
+    from .policy import HFPolicy
+
+    return HFPolicy(path, device=device, dtype=dtype)
+
+
+def _build_prm(path: str, fmt: str, device: str, dtype: str | None):
+    from .prm import HFPRM
+
+    return HFPRM(path, format=fmt, device=device, dtype=dtype)
+
+
+def _fail(message: str) -> int:
+    print(f"ponder run: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def _eval_only_options() -> set[str]:
+    from .bench import control_plane
+
+    ours = {s for a in build_run_parser()._actions for s in a.option_strings}
+    theirs = {s for a in control_plane.build_parser()._actions for s in a.option_strings}
+    return ours - theirs
+
+
+def _run_benchmark(rest: list[str]) -> int:
+    # No policy: the built-in models are not in this release; the main job measures the
+    # search control plane instead (today's behaviour of `ponder run`).
     from .bench import control_plane
 
     print(
-        "ponder run: the search engine is not in this release yet; running the control-plane "
-        "benchmark (C++ core vs pure-Python reference) instead.",
+        "ponder run: no --policy given (the built-in models are not part of this release); running the "
+        "control-plane benchmark (C++ core vs pure-Python reference) instead. See `ponder run --help`.",
         file=sys.stderr,
     )
-    return control_plane.main(args.rest if args.rest else ["--quick"])
+    return control_plane.main(rest if rest else ["--quick"])
+
+
+def _run(rest: list[str]) -> int:
+    """`ponder run`: the evaluation with --policy, else the control-plane benchmark."""
+    wants_eval = any(a in ("-h", "--help") or a == "--policy" or a.startswith("--policy=") for a in rest)
+    if not wants_eval:
+        given = sorted({a.split("=")[0] for a in rest if a.split("=")[0] in _eval_only_options()})
+        if given:
+            return _fail(f"{', '.join(given)} given without --policy: an evaluation needs --policy PATH (see `ponder run --help`)")
+        return _run_benchmark(rest)
+    try:
+        args = build_run_parser().parse_args(rest)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import os
+    import time
+    from pathlib import Path
+
+    from . import evaluate
+    from .protocols import SamplingParams
+    from .search import SearchConfig
+
+    # --- validate everything before any work
+    methods = list(dict.fromkeys(args.methods))
+    if not methods:
+        return _fail("--methods is empty")
+    unknown = [m for m in methods if m not in evaluate.METHODS]
+    if unknown:
+        return _fail(f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(evaluate.METHODS)}")
+    ns = sorted(set(args.n))
+    if not ns or any(n < 1 for n in ns):
+        return _fail(f"--n must list integers >= 1; got {args.n}")
+    if args.beam_width < 1:
+        return _fail(f"--beam-width must be >= 1; got {args.beam_width}")
+    tree = [m for m in methods if m in evaluate.TREE_METHODS]
+    if tree:
+        bad = [n for n in ns if n < args.beam_width or n % args.beam_width]
+        if bad:
+            return _fail(
+                f"{tree[0]} needs every n to be a multiple of --beam-width {args.beam_width} (n >= beam width); "
+                f"n={bad[0]} is not: change --n or --beam-width"
+            )
+    for name, value in (("--batch-size", args.batch_size), ("--max-step-tokens", args.max_step_tokens)):
+        if value < 1:
+            return _fail(f"{name} must be >= 1; got {value}")
+    if args.limit is not None and args.limit < 1:
+        return _fail(f"--limit must be >= 1; got {args.limit}")
+    needs_prm = [m for m in methods if m not in evaluate.PRM_FREE_METHODS]
+    if needs_prm and not args.prm:
+        return _fail(f"method {needs_prm[0]} needs --prm PATH (only greedy and majority run without a PRM)")
+    for flag, ref in (("--policy", args.policy), ("--prm", args.prm if needs_prm else None)):
+        if ref is not None and not _plausible_model_ref(ref):
+            return _fail(f"{flag} {ref!r}: no such local path, and not a Hugging Face hub id (owner/name)")
+    if not args.dataset:
+        return _fail("--dataset SRC is required (a .jsonl/.json/.parquet file, a saved dataset directory or a hub id)")
+    base = SearchConfig(
+        method="majority", n=1, beam_width=args.beam_width, num_iterations=args.num_iterations,
+        lookahead=args.lookahead, agg=args.agg, vote=args.vote, seed=args.seed, max_steps=args.max_steps,
+        compat_search_and_learn=args.compat_search_and_learn,
+        sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, max_step_tokens=args.max_step_tokens),
+    )
+    try:
+        for method, n in evaluate.plan(methods, ns):
+            evaluate.method_config(base, method, n)
+    except ValueError as exc:
+        return _fail(exc)
+    if args.resume and not args.out:
+        return _fail("--resume needs --out DIR (the directory of the run to complete)")
+    out_dir = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        evaluate.check_out_dir(out_dir, args.resume)
+    except FileExistsError as exc:
+        return _fail(exc)
+    try:
+        from .data import load_problems
+
+        problems = load_problems(
+            args.dataset, split=args.split, problem_field=args.problem_field, answer_field=args.answer_field,
+            level_field=args.level_field, id_field=args.id_field, limit=args.limit,
+            answer_from_solution=args.answer_from_solution, config=args.dataset_config,
+        )
+    except (ValueError, OSError, ConnectionError) as exc:
+        return _fail(f"--dataset {args.dataset}: {exc}")
+    if not problems:
+        return _fail(f"--dataset {args.dataset}: no problems")
+
+    # --- the work
+    try:
+        policy = _build_policy(args.policy, args.device, args.dtype)
+        prm = _build_prm(args.prm, args.prm_format, args.device, args.dtype) if needs_prm else None
+    except (OSError, ValueError) as exc:
+        print(f"ponder run: error: could not load the models: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    print(f"ponder run: {len(problems)} problems, methods {','.join(methods)}, n {','.join(map(str, ns))} -> {out_dir}",
+          file=sys.stderr)
+    try:
+        rows = evaluate.run_evaluation(
+            problems, policy, prm, methods=methods, ns=ns, base_config=base, out_dir=out_dir,
+            resume=args.resume, batch_size=args.batch_size, progress=not args.no_progress,
+        )
+    except (ValueError, FileExistsError) as exc:
+        return _fail(exc)
+    summary = evaluate.write_summary(rows, out_dir)
+    print(evaluate.markdown_table(summary), end="")
+    files = [out_dir / evaluate.RESULTS_FILE, out_dir / "summary.csv", out_dir / "summary.md"]
+    try:
+        files.append(evaluate.plot_scaling(summary, out_dir))
+    except ImportError:
+        print("ponder run: matplotlib is not installed; no scaling.png (pip install matplotlib)", file=sys.stderr)
+    print("\nwrote " + ", ".join(os.fspath(f) for f in files))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="the main job (for now: the control-plane benchmark, --quick by default)")
-    run.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to `ponder bench core`")
-    run.set_defaults(func=_run)
+    run = sub.add_parser("run", help="evaluate search methods on a dataset (see `ponder run --help`); "
+                         "without --policy: the control-plane benchmark, --quick by default", add_help=False)
+    run.add_argument("rest", nargs=argparse.REMAINDER, help="see `ponder run --help`")
+    run.set_defaults(func=lambda a: _run(a.rest))
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="which", required=True)
@@ -64,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `run` and `bench core` hand every later option to the benchmark's own parser.
     if argv[:1] == ["run"]:
-        return _run(argparse.Namespace(rest=argv[1:]))
+        return _run(argv[1:])
     if argv[:2] == ["bench", "core"]:
         return _bench_core(argparse.Namespace(rest=argv[2:]))
     args = build_parser().parse_args(argv)

@@ -1,0 +1,395 @@
+"""ponder.evaluate and `ponder run`: result rows, resume after a kill, summary, plot, CLI validation.
+
+The models are the scripted ones of test_search.py (steps and scores are deterministic hashes
+of the path text; one token per character), so every run here takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from ponder import cli, evaluate
+from ponder.data import Problem
+from ponder.protocols import SamplingParams
+from ponder.search import SearchConfig
+from test_search import ScriptedPolicy, ScriptedPRM, TablePolicy, TablePRM
+
+
+class Fresh:
+    """A scripted model that, like HFPolicy / HFPRM, can serve one search after another: the
+    scripted models of test_search.py serve one forest each (node ids restart at 0 in every
+    ``search`` call), so each ``start`` begins a new one. ``sample_calls`` / ``tokens_*`` add up."""
+
+    def __init__(self, make):
+        self.make, self.inner, self.sample_calls = make, None, []
+
+    def start(self, root_ids, problems):
+        self.inner = self.make()
+        self.inner.sample_calls = self.sample_calls
+        return self.inner.start(root_ids, problems)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def scripted_policy():
+    return Fresh(ScriptedPolicy)
+
+
+def scripted_prm():
+    return Fresh(ScriptedPRM)
+
+
+REQUIRED = {"problem_id", "method", "n", "answer", "gold", "correct", "level", "policy_tokens", "prm_tokens", "wall_s"}
+
+PROBLEMS = [
+    Problem(id=f"p{i}", problem=f"question {i}", answer=str(i % 4), level=1 + i % 2) for i in range(5)
+]
+METHODS = ["greedy", "majority", "best_of_n", "beam_search", "dvts"]
+NS = [2, 4]
+
+
+def _base(**kw) -> SearchConfig:
+    base = {"beam_width": 2, "num_iterations": 3, "max_steps": 6, "sampling": SamplingParams(max_step_tokens=40)}
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def _evaluate(out_dir, resume=False, policy=None, prm=None, **kw):
+    return evaluate.run_evaluation(
+        kw.pop("problems", PROBLEMS), policy or scripted_policy(), prm or scripted_prm(),
+        methods=kw.pop("methods", METHODS), ns=kw.pop("ns", NS), base_config=kw.pop("base_config", _base()),
+        out_dir=out_dir, resume=resume, batch_size=kw.pop("batch_size", 2), progress=False, **kw,
+    )
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _keys(rows) -> list[tuple]:
+    return [evaluate.row_key(r) for r in rows]
+
+
+def _expected_keys() -> set[tuple]:
+    return {(p.id, m, n) for m, n in evaluate.plan(METHODS, NS) for p in PROBLEMS}
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def test_rows_written_per_problem_method_n(tmp_path):
+    rows = _evaluate(tmp_path)
+    # greedy runs once (n=1); every other method at every n
+    assert evaluate.plan(METHODS, NS)[0] == ("greedy", 1)
+    assert len(evaluate.plan(METHODS, NS)) == 1 + 4 * 2
+    assert set(_keys(rows)) == _expected_keys() and len(rows) == len(_expected_keys())
+    on_disk = [json.loads(line) for line in _lines(tmp_path / "results.jsonl")]
+    assert on_disk == rows
+    for row in rows:
+        assert REQUIRED <= set(row)
+        assert isinstance(row["correct"], bool)
+        assert row["policy_tokens"] == row["policy_tokens_generated"] + row["policy_tokens_prefilled"] > 0
+        assert row["wall_s"] >= 0
+        if row["method"] in ("greedy", "majority"):
+            assert row["prm_tokens"] == 0
+        else:
+            assert row["prm_tokens"] > 0
+    gold = {p.id: p for p in PROBLEMS}
+    for row in rows:
+        assert row["gold"] == gold[row["problem_id"]].answer
+        assert row["level"] == gold[row["problem_id"]].level
+        assert row["correct"] == (row["answer"] is not None and float(row["answer"]) == float(row["gold"]))
+    assert any(r["correct"] for r in rows) and not all(r["correct"] for r in rows)
+    assert json.loads((tmp_path / "config.json").read_text())["search"]["beam_width"] == 2
+
+
+def test_greedy_is_temperature_zero_majority_of_one():
+    config = evaluate.method_config(_base(), "greedy", 16)
+    assert (config.method, config.n, config.sampling.temperature) == ("majority", 1, 0.0)
+    assert evaluate.method_config(_base(vote="best"), "best_of_n", 4).vote is None
+    assert evaluate.method_config(_base(vote="best"), "dvts", 4).vote == "best"
+    with pytest.raises(ValueError, match="divisible"):
+        evaluate.method_config(_base(beam_width=4), "beam_search", 2)
+    with pytest.raises(ValueError, match="unknown method"):
+        evaluate.plan(["nope"], [1])
+
+
+def test_prm_free_methods_run_without_prm(tmp_path):
+    rows = evaluate.run_evaluation(PROBLEMS, scripted_policy(), None, methods=["greedy", "majority"], ns=[4],
+                                   base_config=_base(), out_dir=tmp_path, resume=False, progress=False)
+    assert len(rows) == 2 * len(PROBLEMS)
+    with pytest.raises(ValueError, match="need a PRM"):
+        evaluate.run_evaluation(PROBLEMS, scripted_policy(), None, methods=["dvts"], ns=[4],
+                                base_config=_base(), out_dir=tmp_path / "x", resume=False, progress=False)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_refuses_existing_results_without_resume(tmp_path):
+    _evaluate(tmp_path)
+    before = (tmp_path / "results.jsonl").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        _evaluate(tmp_path)
+    assert (tmp_path / "results.jsonl").read_bytes() == before
+
+
+def test_resume_after_kill_completes_without_duplicates(tmp_path):
+    full = _evaluate(tmp_path)
+    path = tmp_path / "results.jsonl"
+    lines = _lines(path)
+    keep = 13
+    # a kill in the middle of writing row 14: half a JSON line, no newline
+    path.write_text("\n".join(lines[:keep]) + "\n" + lines[keep][: len(lines[keep]) // 2])
+
+    policy = scripted_policy()
+    resumed = _evaluate(tmp_path, resume=True, policy=policy)
+    on_disk = [json.loads(line) for line in _lines(path)]  # every line parses: the half line is gone
+    assert len(on_disk) == len(full)
+    assert sorted(_keys(on_disk)) == sorted(_keys(full))
+    assert on_disk[:keep] == [json.loads(line) for line in lines[:keep]]  # finished rows untouched
+    assert set(_keys(resumed)) == _expected_keys() and len(resumed) == len(full)
+    # the scripted models are deterministic per problem: the recomputed rows agree
+    strip = lambda rows: sorted((evaluate.row_key(r), r["answer"], r["correct"]) for r in rows)
+    assert strip(resumed) == strip(full)
+    assert policy.sample_calls  # the missing rows were searched
+
+    # resuming a finished run searches nothing and writes nothing
+    before = path.read_bytes()
+    idle = scripted_policy()
+    again = _evaluate(tmp_path, resume=True, policy=idle)
+    assert idle.sample_calls == [] and path.read_bytes() == before
+    assert sorted(_keys(again)) == sorted(_keys(full))
+
+
+def test_resume_drops_duplicates_and_adds_new_n(tmp_path):
+    _evaluate(tmp_path, methods=["majority"], ns=[2])
+    path = tmp_path / "results.jsonl"
+    lines = _lines(path)
+    path.write_text("\n".join(lines + lines[:2]))  # duplicated rows, no final newline
+    rows = _evaluate(tmp_path, resume=True, methods=["majority"], ns=[2, 4])
+    on_disk = _keys(json.loads(line) for line in _lines(path))
+    assert len(on_disk) == len(set(on_disk)) == 2 * len(PROBLEMS)
+    assert len(rows) == 2 * len(PROBLEMS)
+
+
+def test_resume_rejects_a_different_search_config(tmp_path):
+    _evaluate(tmp_path, methods=["majority"], ns=[2])
+    with pytest.raises(ValueError, match="different search config"):
+        _evaluate(tmp_path, resume=True, methods=["majority"], ns=[2], base_config=_base(seed=7))
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path):
+    path = tmp_path / "results.jsonl"
+    row = json.dumps({"problem_id": "a", "method": "majority", "n": 1})
+    path.write_text(f"{row}\nnot json\n{row}\n")
+    with pytest.raises(ValueError, match="line 2"):
+        evaluate.read_results(path)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _row(pid, method, n, correct, policy_tokens, prm_tokens, level, wall_s=1.0):
+    return {"problem_id": pid, "method": method, "n": n, "correct": correct, "policy_tokens": policy_tokens,
+                "prm_tokens": prm_tokens, "level": level, "wall_s": wall_s}
+
+
+def test_summary_by_hand():
+    rows = [
+        _row("a", "majority", 4, True, 100, 0, 1),
+        _row("b", "majority", 4, False, 200, 0, 2),
+        _row("c", "majority", 4, True, 300, 0, 2, wall_s=4.0),
+        _row("a", "dvts", 4, True, 50, 40, 1),
+        _row("b", "dvts", 4, True, 70, 60, 2),
+        _row("a", "greedy", 1, False, 10, 0, 1),
+        _row("a", "majority", 1, False, 20, 0, 1),
+    ]
+    summary = evaluate.summarize(rows)
+    assert [(s["method"], s["n"]) for s in summary] == [("greedy", 1), ("majority", 1), ("majority", 4), ("dvts", 4)]
+    maj = summary[2]
+    assert maj["count"] == 3 and maj["correct"] == 2
+    assert maj["accuracy"] == pytest.approx(2 / 3)
+    assert maj["mean_policy_tokens"] == pytest.approx(200.0)
+    assert maj["mean_prm_tokens"] == 0
+    assert maj["mean_wall_s"] == pytest.approx(2.0)
+    assert maj["levels"] == {1: (1.0, 1), 2: (0.5, 2)}
+    assert maj["acc_level_1"] == 1.0 and maj["acc_level_2"] == 0.5
+    dvts = summary[3]
+    assert (dvts["accuracy"], dvts["mean_policy_tokens"], dvts["mean_prm_tokens"], dvts["mean_tokens"]) == (1.0, 60.0, 50.0, 110.0)
+    greedy = summary[0]
+    assert greedy["levels"] == {1: (0.0, 1)} and greedy["acc_level_2"] is None
+    # without levels: no level entries
+    assert "levels" not in evaluate.summarize([_row("a", "majority", 1, True, 1, 0, None)])[0]
+
+
+def test_end_to_end_numbers_by_hand(tmp_path):
+    """Greedy over a table policy: the answer, correctness and token counts are known exactly."""
+    problems = [Problem("x", "P1", "3", 1), Problem("y", "P22", "5", 2)]
+    table = {"P1": [[("\\boxed{3}", True, False)]], "P22": [[("so \\boxed{4}", True, False)]]}
+    rows = evaluate.run_evaluation(problems, TablePolicy(table), TablePRM({}), methods=["greedy"], ns=[1],
+                                   base_config=_base(), out_dir=tmp_path, resume=False, progress=False)
+    assert [(r["problem_id"], r["answer"], r["correct"]) for r in rows] == [("x", "3", True), ("y", "4", False)]
+    assert [r["policy_tokens_prefilled"] for r in rows] == [2, 3]  # len("P1"), len("P22")
+    assert [r["policy_tokens_generated"] for r in rows] == [9, 12]
+    (s,) = evaluate.summarize(rows)
+    assert (s["accuracy"], s["mean_policy_tokens"], s["levels"]) == (0.5, (11 + 15) / 2, {1: (1.0, 1), 2: (0.0, 1)})
+
+
+def test_summary_files_and_plot(tmp_path):
+    rows = _evaluate(tmp_path)
+    summary = evaluate.write_summary(rows, tmp_path)
+    png = evaluate.plot_scaling(summary, tmp_path)
+    for name in ("summary.csv", "summary.md", "scaling.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert png == tmp_path / "scaling.png"
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(summary) == 9
+    assert {"method", "n", "accuracy", "mean_policy_tokens", "mean_prm_tokens", "acc_level_1", "acc_level_2"} <= set(table[0])
+    md = (tmp_path / "summary.md").read_text().splitlines()
+    assert md[0].startswith("| method | n |") and "L1 acc" in md[0] and len(md) == 2 + 9
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _dataset(tmp_path, rows=None, name="data.jsonl") -> str:
+    rows = rows if rows is not None else [
+        {"problem": p.problem, "answer": p.answer, "level": f"Level {p.level}", "unique_id": p.id} for p in PROBLEMS
+    ]
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def models(monkeypatch):
+    """Scripted models in place of HFPolicy / HFPRM; records the paths asked for."""
+    asked = []
+
+    def policy(path, device, dtype):
+        asked.append(("policy", path, device))
+        return scripted_policy()
+
+    def prm(path, fmt, device, dtype):
+        asked.append(("prm", path, fmt))
+        return scripted_prm()
+
+    monkeypatch.setattr(cli, "_build_policy", policy)
+    monkeypatch.setattr(cli, "_build_prm", prm)
+    return asked
+
+
+def _main(argv) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:  # argparse
+        return int(exc.code)
+
+
+def _error_of(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("ponder run: error: ")
+    return err[0]
+
+
+def _args(tmp_path, *extra, dataset=None):
+    return ["run", "--policy", "org/policy", "--prm", "org/prm", "--dataset", dataset or _dataset(tmp_path),
+            "--out", str(tmp_path / "out"), "--no-progress", "--num-iterations", "3", "--max-steps", "6",
+            "--max-step-tokens", "40", *extra]
+
+
+def test_cli_runs_an_evaluation(tmp_path, models, capsys):
+    argv = _args(tmp_path, "--methods", "greedy,majority,dvts", "--n", "2,4", "--beam-width", "2", "--limit", "3")
+    assert _main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| method | n |" in out and "| dvts | 4 |" in out and "scaling.png" in out
+    rows = [json.loads(line) for line in _lines(tmp_path / "out" / "results.jsonl")]
+    assert len(rows) == 3 * (1 + 2 + 2)
+    assert {r["level"] for r in rows} == {1, 2}
+    assert ("policy", "org/policy", "cpu") in models and ("prm", "org/prm", "auto") in models
+    # again without --resume: refused before any work; with --resume: nothing to do, no duplicates
+    models.clear()
+    assert _main(argv) == 2
+    assert "--resume" in _error_of(capsys) and models == []
+    assert _main(argv + ["--resume"]) == 0
+    assert len(_lines(tmp_path / "out" / "results.jsonl")) == len(rows)
+
+
+def test_cli_prm_free_methods_need_no_prm(tmp_path, models, capsys):
+    argv = ["run", "--policy", "org/policy", "--dataset", _dataset(tmp_path), "--methods", "greedy,majority",
+            "--n", "2", "--out", str(tmp_path / "o"), "--no-progress", "--max-step-tokens", "40"]
+    assert _main(argv) == 0
+    assert [kind for kind, *_ in models] == ["policy"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "majority,magic", "--n", "4"], "unknown method 'magic'"),
+        (["--methods", "beam_search", "--n", "4,6", "--beam-width", "4"], "multiple of --beam-width 4"),
+        (["--methods", "dvts", "--n", "2", "--beam-width", "4"], "n=2"),
+        (["--methods", "majority", "--n", "0"], "--n must list integers >= 1"),
+        (["--methods", "majority", "--n", "four"], "comma-separated integers"),
+        (["--methods", "best_of_n"], "--n"),
+    ],
+)
+def test_cli_rejects_bad_search_options(tmp_path, models, capsys, extra, message):
+    assert _main(_args(tmp_path, *extra)) == 2
+    assert message in _error_of(capsys)
+    assert models == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--policy", "--prm"])
+@pytest.mark.parametrize("ref", ["no-such-model", "./missing/model", "/no/such/dir/model"])
+def test_cli_rejects_missing_model_path(tmp_path, models, capsys, flag, ref):
+    argv = _args(tmp_path, "--methods", "dvts", "--n", "4")
+    argv[argv.index(flag) + 1] = ref
+    assert _main(argv) == 2
+    line = _error_of(capsys)
+    assert flag in line and ref in line and "no such local path" in line
+    assert models == []
+
+
+def test_cli_local_model_dir_is_accepted(tmp_path, models, capsys):
+    (tmp_path / "model").mkdir()
+    argv = _args(tmp_path, "--methods", "majority", "--n", "2")
+    argv[argv.index("--policy") + 1] = str(tmp_path / "model")
+    assert _main(argv) == 0
+
+
+def test_cli_rejects_dataset_without_answer_field(tmp_path, models, capsys):
+    data = _dataset(tmp_path, [{"problem": "1+1?", "solution": "\\boxed{2}"}], name="bad.jsonl")
+    assert _main(_args(tmp_path, "--methods", "majority", "--n", "2", dataset=data)) == 2
+    line = _error_of(capsys)
+    assert "'answer'" in line and "--answer-field" in line and models == []
+    # the right field name makes it work
+    assert _main(_args(tmp_path, "--methods", "majority", "--n", "2", "--answer-field", "solution",
+                       "--answer-from-solution", dataset=data)) == 0
+
+
+def test_cli_rejects_prm_method_without_prm_and_missing_dataset(tmp_path, models, capsys):
+    assert _main(["run", "--policy", "org/p", "--dataset", _dataset(tmp_path), "--methods", "beam_search", "--n", "4"]) == 2
+    assert "needs --prm" in _error_of(capsys)
+    assert _main(["run", "--policy", "org/p", "--dataset", str(tmp_path / "none.jsonl"), "--methods", "majority",
+                  "--n", "4", "--out", str(tmp_path / "o")]) == 2
+    assert "none.jsonl" in _error_of(capsys)
+    assert _main(["run", "--dataset", _dataset(tmp_path), "--n", "4"]) == 2
+    assert "without --policy" in _error_of(capsys)
+
+
+def test_cli_help_documents_the_options(capsys):
+    assert _main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--policy", "--prm", "--dataset", "--split", "--problem-field", "--answer-field", "--level-field",
+                   "--id-field", "--methods", "--n", "--beam-width", "--num-iterations", "--lookahead", "--agg",
+                   "--temperature", "--top-p", "--max-step-tokens", "--seed", "--limit", "--out", "--resume",
+                   "--device", "--batch-size", "control-plane benchmark"):
+        assert option in out, option
