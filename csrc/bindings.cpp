@@ -201,6 +201,20 @@ A new pool hands out blocks 0, 1, 2, ...; a freed block is the next one handed o
       .def_property_readonly("block_size", &kvc::BlockPool::block_size)
       .def_property_readonly("num_free", &kvc::BlockPool::num_free);
 
+  // PrefixIndex.match and .insert run once per request of a prefix cache, where Args (array
+  // conversion, a dtype attribute lookup: ~0.4 us a view) would cost more than the index work:
+  // a 1-D native int32 ndarray is viewed directly; anything else goes through Args as usual.
+  static constexpr auto int32_view = [](py::handle obj, Args& a, const char* name) -> NumView {
+    const auto& api = py::detail::npy_api::get();
+    if (api.PyArray_Check_(obj.ptr())) {
+      const auto* arr = py::detail::array_proxy(obj.ptr());
+      const auto* d = py::detail::array_descriptor_proxy(arr->descr);
+      const char swapped = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? '>' : '<';
+      if (arr->nd == 1 && d->type_num == py::detail::npy_api::NPY_INT32_ && d->byteorder != swapped)
+        return NumView(arr->data, arr->dimensions[0], arr->strides[0], DType::I32, 1);
+    }
+    return a.view(obj, name);
+  };
   py::class_<kvc::PrefixIndex>(m, "PrefixIndex", R"doc(
 A radix tree of full KV blocks (block_size tokens each) named by block id, with lock counts and
 LRU eviction of unlocked leaves (C++). Same API and results as ponder.reference.PrefixIndex.)doc")
@@ -213,8 +227,11 @@ LRU eviction of unlocked leaves (C++). Same API and results as ponder.reference.
           "match",
           [](kvc::PrefixIndex& x, py::handle tokens) {
             Args a;
-            kvc::PrefixIndex::Match r = x.match(a.view(tokens, "tokens"));
-            return py::make_tuple(r.tokens, to_numpy(std::move(r.blocks)));
+            kvc::PrefixIndex::Match r = x.match(int32_view(tokens, a, "tokens"));
+            // A copy into a fresh array: cheaper than to_numpy's capsule for these short results.
+            py::array_t<int32_t> blocks(static_cast<py::ssize_t>(r.blocks.size()));
+            if (!r.blocks.empty()) std::memcpy(blocks.mutable_data(), r.blocks.data(), sizeof(int32_t) * r.blocks.size());
+            return py::make_tuple(r.tokens, std::move(blocks));
           },
           py::arg("tokens"),
           "tokens int [n] -> (matched_tokens: int, block_ids int32 [k]), matched_tokens = k * block_size; "
@@ -223,8 +240,8 @@ LRU eviction of unlocked leaves (C++). Same API and results as ponder.reference.
           "insert",
           [](kvc::PrefixIndex& x, py::handle tokens, py::handle ids) {
             Args a;
-            const NumView t = a.view(tokens, "tokens");
-            return x.insert(t, a.view(ids, "block_ids"));
+            const NumView t = int32_view(tokens, a, "tokens");
+            return x.insert(t, int32_view(ids, a, "block_ids"));
           },
           py::arg("tokens"), py::arg("block_ids"),
           "tokens int [n], block_ids int [n // block_size] -> number of new nodes. Existing nodes are kept "

@@ -24,6 +24,36 @@ inline uint64_t mix64(uint64_t x) {  // splitmix64 finalizer
   return x;
 }
 
+// The 128-bit product of a and b, folded to 64 bits (the wyhash mixing step).
+inline uint64_t mum(uint64_t a, uint64_t b) {
+  __extension__ using u128 = unsigned __int128;
+  const u128 p = static_cast<u128>(a) * b;
+  return static_cast<uint64_t>(p) ^ static_cast<uint64_t>(p >> 64);
+}
+
+inline uint64_t load64(const int32_t* p) {
+  uint64_t w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+
+// The values of an int array, each checked to lie in [lo, hi], as int32: read in place when the
+// array already is a contiguous int32 array with every value in range (the common case: no
+// copy, no allocation), else converted into buf by to_ints_as, which raises the errors.
+const int32_t* int32s(const NumView& v, const char* name, int64_t lo, int64_t hi, std::vector<int32_t>& buf) {
+  if (v.ndim == 1 && v.dtype == DType::I32 && v.stride == static_cast<int64_t>(sizeof(int32_t)) && v.size > 0) {
+    const int32_t* p = reinterpret_cast<const int32_t*>(v.data);
+    int32_t mn = p[0], mx = p[0];
+    for (int64_t i = 1; i < v.size; ++i) {  // branch-free: vectorizes
+      mn = std::min(mn, p[i]);
+      mx = std::max(mx, p[i]);
+    }
+    if (mn >= lo && mx <= hi) return p;
+  }
+  buf = to_ints_as<int32_t>(v, name, lo, hi);
+  return buf.data();
+}
+
 }  // namespace
 
 PrefixIndex::PrefixIndex(int64_t block_size, int64_t dense_block_ids) {
@@ -37,23 +67,63 @@ PrefixIndex::PrefixIndex(int64_t block_size, int64_t dense_block_ids) {
 
 // ---------------------------------------------------------------------------- internals
 
+// Hashes 4 tokens per 128-bit multiply; the multiplies are independent (summed, each keyed by
+// its position), so a block of 16 tokens costs a few cycles instead of a 16-step serial chain.
 uint64_t PrefixIndex::hash(int32_t parent_slot, const int32_t* tokens) const {
-  uint64_t h = mix64(static_cast<uint64_t>(static_cast<int64_t>(parent_slot) + 2));
-  for (int32_t i = 0; i < bs_; ++i)
-    h = (h ^ static_cast<uint32_t>(tokens[i])) * 0x100000001b3ULL + 0x9e3779b97f4a7c15ULL;
-  return mix64(h);
+  constexpr uint64_t kA = 0xa0761d6478bd642fULL, kB = 0xe7037ed1a0b428dbULL, kStep = 0x8ebc6af09c88c6e3ULL;
+  uint64_t acc = 0, ka = kA, kb = kB;
+  int32_t i = 0;
+  for (; i + 4 <= bs_; i += 4, ka += kStep, kb += kStep)
+    acc += mum(load64(tokens + i) ^ ka, load64(tokens + i + 2) ^ kb);
+  if (i < bs_) {  // the last 1-3 tokens, zero-padded (every block of this index has bs_ tokens)
+    int32_t rest[4] = {0, 0, 0, 0};
+    std::memcpy(rest, tokens + i, sizeof(int32_t) * static_cast<size_t>(bs_ - i));
+    acc += mum(load64(rest) ^ ka, load64(rest + 2) ^ kb);
+  }
+  return mix64(acc ^ mum(static_cast<uint64_t>(static_cast<int64_t>(parent_slot) + 2) ^ kA, kB));
 }
 
 int32_t PrefixIndex::find_child(int32_t parent_slot, const int32_t* tokens) const {
+  if (table_.empty()) return -1;
   const uint64_t h = hash(parent_slot, tokens);
-  auto range = children_.equal_range(h);
-  for (auto it = range.first; it != range.second; ++it) {
-    const Node& n = nodes_[static_cast<size_t>(it->second)];
-    if (n.parent == parent_slot &&
-        std::memcmp(&tokens_[static_cast<size_t>(it->second) * bs_], tokens, sizeof(int32_t) * bs_) == 0)
-      return it->second;
+  const size_t mask = table_.size() - 1;
+  for (size_t i = static_cast<size_t>(h) & mask;; i = (i + 1) & mask) {
+    const Bucket& e = table_[i];
+    if (e.slot < 0) return -1;
+    if (e.hash == h && nodes_[static_cast<size_t>(e.slot)].parent == parent_slot &&
+        std::memcmp(&tokens_[static_cast<size_t>(e.slot) * bs_], tokens, sizeof(int32_t) * bs_) == 0)
+      return e.slot;
   }
-  return -1;
+}
+
+void PrefixIndex::table_insert(uint64_t h, int32_t slot) {
+  // Keep the load at most 1/2 (short probes); the table only grows.
+  if (static_cast<size_t>(num_nodes_ + 1) * 2 > table_.size()) {
+    std::vector<Bucket> old(std::max<size_t>(16, table_.size() * 2));
+    old.swap(table_);
+    for (const Bucket& e : old)
+      if (e.slot >= 0) table_insert(e.hash, e.slot);
+  }
+  const size_t mask = table_.size() - 1;
+  size_t i = static_cast<size_t>(h) & mask;
+  while (table_[i].slot >= 0) i = (i + 1) & mask;
+  table_[i] = Bucket{h, slot};
+}
+
+void PrefixIndex::table_erase(uint64_t h, int32_t slot) {
+  const size_t mask = table_.size() - 1;
+  size_t i = static_cast<size_t>(h) & mask;
+  while (table_[i].slot != slot) i = (i + 1) & mask;
+  // Backward-shift deletion: move later entries of the probe run into the hole unless their
+  // home bucket lies cyclically in (hole, their position], where the hole would hide them.
+  for (size_t j = (i + 1) & mask; table_[j].slot >= 0; j = (j + 1) & mask) {
+    const size_t home = static_cast<size_t>(table_[j].hash) & mask;
+    const bool stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
+    if (stays) continue;
+    table_[i] = table_[j];
+    i = j;
+  }
+  table_[i] = Bucket{};
 }
 
 int32_t PrefixIndex::slot_of(int32_t block) const {
@@ -79,12 +149,29 @@ void PrefixIndex::unmap_block(int32_t block) {
     sparse_slot_.erase(block);
 }
 
+// The LRU set changes on most calls (the touched leaf moves to the back; a new leaf replaces
+// its parent); a spare node handle lets these moves reuse one set node instead of freeing and
+// allocating one each time.
+void PrefixIndex::leaf_add(int64_t last_used, int32_t block) {
+  if (spare_leaf_.empty()) {
+    leaves_.insert({last_used, block});
+    return;
+  }
+  spare_leaf_.value() = {last_used, block};
+  spare_leaf_ = std::move(leaves_.insert(std::move(spare_leaf_)).node);  // empty once inserted
+}
+
+void PrefixIndex::leaf_remove(int64_t last_used, int32_t block) {
+  auto nh = leaves_.extract({last_used, block});
+  if (spare_leaf_.empty()) spare_leaf_ = std::move(nh);
+}
+
 void PrefixIndex::touch_slot(int32_t slot) {
   Node& n = nodes_[static_cast<size_t>(slot)];
   if (n.last_used == clock_) return;
   if (evictable_leaf(n)) {
-    leaves_.erase({n.last_used, n.block});
-    leaves_.insert({clock_, n.block});
+    leaf_remove(n.last_used, n.block);
+    leaf_add(clock_, n.block);
   }
   n.last_used = clock_;
 }
@@ -106,44 +193,40 @@ int32_t PrefixIndex::new_node(int32_t parent_slot, const int32_t* tokens, int32_
   n.last_used = clock_;
   n.hash = hash(parent_slot, tokens);
   std::memcpy(&tokens_[static_cast<size_t>(slot) * bs_], tokens, sizeof(int32_t) * bs_);
-  children_.emplace(n.hash, slot);
+  table_insert(n.hash, slot);
   map_block(block, slot);
-  leaves_.insert({n.last_used, block});
   if (parent_slot >= 0) {
     Node& p = nodes_[static_cast<size_t>(parent_slot)];
-    if (evictable_leaf(p)) leaves_.erase({p.last_used, p.block});
+    if (evictable_leaf(p)) leaf_remove(p.last_used, p.block);
     ++p.children;
   }
+  leaf_add(clock_, block);
   ++num_nodes_;
   return slot;
 }
 
 void PrefixIndex::remove_leaf(int32_t slot) {
   Node& n = nodes_[static_cast<size_t>(slot)];
-  leaves_.erase({n.last_used, n.block});
-  auto range = children_.equal_range(n.hash);
-  for (auto it = range.first; it != range.second; ++it)
-    if (it->second == slot) {
-      children_.erase(it);
-      break;
-    }
+  leaf_remove(n.last_used, n.block);
+  table_erase(n.hash, slot);
   unmap_block(n.block);
   if (n.parent >= 0) {
     Node& p = nodes_[static_cast<size_t>(n.parent)];
     --p.children;
-    if (evictable_leaf(p)) leaves_.insert({p.last_used, p.block});
+    if (evictable_leaf(p)) leaf_add(p.last_used, p.block);
   }
   n = Node();
   spare_slots_.push_back(slot);
   --num_nodes_;
+  ++removals_;  // the slot may be reused: walk_ can no longer be trusted
 }
 
 void PrefixIndex::set_lock(int32_t slot, int32_t lock) {
   Node& n = nodes_[static_cast<size_t>(slot)];
   const bool was_pinned = pinned(n);
   if (n.children == 0) {
-    if (n.lock == 0 && lock > 0) leaves_.erase({n.last_used, n.block});
-    if (n.lock > 0 && lock == 0) leaves_.insert({n.last_used, n.block});
+    if (n.lock == 0 && lock > 0) leaf_remove(n.last_used, n.block);
+    if (n.lock > 0 && lock == 0) leaf_add(n.last_used, n.block);
   }
   num_locked_ += (lock > 0) - (n.lock > 0);
   n.lock = lock;
@@ -161,8 +244,23 @@ void PrefixIndex::set_lock(int32_t slot, int32_t lock) {
   }
 }
 
-std::vector<int32_t> PrefixIndex::parse_tokens(const NumView& tokens) const {
-  return to_ints_as<int32_t>(tokens, "tokens", 0, kInt32Max);
+void PrefixIndex::walk(const int32_t* tokens, int64_t max_blocks) {
+  // The nodes along walk_ that hold the same tokens are the start of this walk too (a node is
+  // the only child of its parent with its tokens), so only their tokens are compared.
+  size_t k = 0;
+  if (walk_removals_ == removals_) {
+    const size_t n = std::min(walk_.size(), static_cast<size_t>(std::max<int64_t>(max_blocks, 0)));
+    while (k < n && std::memcmp(&tokens_[static_cast<size_t>(walk_[k]) * bs_], tokens + k * bs_,
+                                sizeof(int32_t) * bs_) == 0)
+      ++k;
+  }
+  walk_.resize(k);
+  walk_removals_ = removals_;
+  for (int32_t cur = k ? walk_.back() : -1; static_cast<int64_t>(walk_.size()) < max_blocks;) {
+    cur = find_child(cur, tokens + walk_.size() * bs_);
+    if (cur < 0) break;
+    walk_.push_back(cur);
+  }
 }
 
 // Parses block ids that must all be in the index (std::invalid_argument otherwise).
@@ -227,36 +325,45 @@ const int32_t* PrefixIndex::tokens_of(int32_t block) const {
 // ---------------------------------------------------------------------------- the Python API
 
 PrefixIndex::Match PrefixIndex::match(const NumView& tokens) {
-  const std::vector<int32_t> t = parse_tokens(tokens);
+  const int32_t* t = int32s(tokens, "tokens", 0, kInt32Max, token_buf_);
   tick();
+  walk(t, tokens.size / bs_);
   Match m;
-  m.blocks = find_path(t.data(), static_cast<int64_t>(t.size()) / bs_);
-  touch(m.blocks);
+  m.blocks.resize(walk_.size());
+  for (size_t i = 0; i < walk_.size(); ++i) {
+    touch_slot(walk_[i]);
+    m.blocks[i] = nodes_[static_cast<size_t>(walk_[i])].block;
+  }
   m.tokens = static_cast<int64_t>(m.blocks.size()) * bs_;
   return m;
 }
 
 int64_t PrefixIndex::insert(const NumView& tokens, const NumView& block_ids) {
-  const std::vector<int32_t> t = parse_tokens(tokens);
-  const std::vector<int32_t> ids = to_ints_as<int32_t>(block_ids, "block_ids", 0, kInt32Max);
-  const size_t nb = t.size() / static_cast<size_t>(bs_);
-  if (ids.size() != nb)
+  const int32_t* t = int32s(tokens, "tokens", 0, kInt32Max, token_buf_);
+  const int32_t* ids = int32s(block_ids, "block_ids", 0, kInt32Max, id_buf_);
+  const size_t nb = static_cast<size_t>(tokens.size / bs_);
+  if (static_cast<size_t>(block_ids.size) != nb)
     throw std::invalid_argument("block_ids must have length len(tokens) // block_size = " + std::to_string(nb) +
-                                ", got " + std::to_string(ids.size()));
-  const std::vector<int32_t> path = find_path(t.data(), static_cast<int64_t>(nb));
-  const size_t first_new = path.size();
-  std::vector<int32_t> fresh(ids.begin() + static_cast<std::ptrdiff_t>(first_new), ids.end());
+                                ", got " + std::to_string(block_ids.size));
+  walk(t, static_cast<int64_t>(nb));
+  const size_t first_new = walk_.size();
   for (size_t i = first_new; i < nb; ++i)
     if (slot_of(ids[i]) >= 0)
       throw std::invalid_argument(detail::at("block_ids", i, ids[i]) + " is already in the prefix index");
-  for (const detail::Count& c : detail::count_repeats(fresh))
-    if (c.count > 1)
-      throw std::invalid_argument(detail::at("block_ids", first_new + c.first, c.value) +
-                                  " appears more than once among the new blocks");
+  if (nb - first_new > 1) {  // usually 0 or 1 new blocks: nothing can repeat
+    const std::vector<int32_t> fresh(ids + first_new, ids + nb);
+    for (const detail::Count& c : detail::count_repeats(fresh))
+      if (c.count > 1)
+        throw std::invalid_argument(detail::at("block_ids", first_new + c.first, c.value) +
+                                    " appears more than once among the new blocks");
+  }
   tick();
-  touch(path);
-  int32_t parent = path.empty() ? -1 : slot_of(path.back());
-  for (size_t i = first_new; i < nb; ++i) parent = new_node(parent, t.data() + i * bs_, ids[i]);
+  for (int32_t s : walk_) touch_slot(s);
+  int32_t parent = first_new ? walk_.back() : -1;
+  for (size_t i = first_new; i < nb; ++i) {
+    parent = new_node(parent, t + i * bs_, ids[i]);
+    walk_.push_back(parent);  // walk_ stays the path of these tokens for the next walk
+  }
   return static_cast<int64_t>(nb - first_new);
 }
 
@@ -328,7 +435,14 @@ void PrefixIndex::check_invariants() const {
   }
   if (count != num_nodes_) fail("num_nodes");
   if (locked != num_locked_) fail("num_locked");
-  if (static_cast<int64_t>(children_.size()) != count) fail("children map size");
+  int64_t buckets = 0;
+  for (const Bucket& e : table_) buckets += e.slot >= 0;
+  if (buckets != count) fail("children table size");
+  if (walk_removals_ == removals_)
+    for (size_t i = 0; i < walk_.size(); ++i)
+      if (!live[static_cast<size_t>(walk_[i])] ||
+          nodes_[static_cast<size_t>(walk_[i])].parent != (i ? walk_[i - 1] : -1))
+        fail("cached walk is not a root path");
   if (!dense_ && static_cast<int64_t>(sparse_slot_.size()) != count) fail("block map size");
   // Pinned (subtree holds a lock) bottom-up: process nodes deepest first.
   std::vector<int32_t> depth(nodes_.size(), 0), order;

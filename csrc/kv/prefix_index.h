@@ -9,6 +9,13 @@
 // block id), repeatedly, so a removed leaf can expose its parent; the evictable leaves are kept
 // in an ordered set, so evicting costs O(log n), never a scan.
 //
+// Speed (the per-request path is match + insert of ~30-40 blocks): the children of all nodes
+// live in one open-addressing hash table keyed by hash(parent slot, tokens); the hash reads
+// the tokens as 64-bit words with independent multiplies; int32 token arrays are read in place
+// (never copied); and the last walked root path is kept (walk_) so that the next walk (insert
+// after match, or the next request sharing the prefix) only compares tokens along it instead of
+// hashing and probing again.
+//
 // Lock counts are per node (KVCacheManager locks every node a sequence holds, i.e. whole root
 // paths). A node is "evictable" when its whole subtree has lock count 0; the count of such
 // nodes is kept incrementally: each node counts its children whose subtree holds a lock.
@@ -85,7 +92,14 @@ class PrefixIndex {
     int32_t lock = 0;
     int32_t locked_children = 0;  // children whose subtree holds a lock
     int64_t last_used = 0;
-    uint64_t hash = 0;            // hash of (parent, tokens): the key in children_
+    uint64_t hash = 0;            // hash of (parent, tokens): the key in table_
+  };
+  // One bucket of the children table (open addressing, linear probing, no tombstones:
+  // erase shifts the following entries back). The full hash is kept so that a probe rejects
+  // other keys without touching their node.
+  struct Bucket {
+    uint64_t hash = 0;
+    int32_t slot = -1;  // -1: empty
   };
   using LeafKey = std::pair<int64_t, int32_t>;  // (last_used, block)
 
@@ -93,14 +107,19 @@ class PrefixIndex {
   static bool evictable_leaf(const Node& n) { return n.children == 0 && n.lock == 0; }
   uint64_t hash(int32_t parent_slot, const int32_t* tokens) const;
   int32_t find_child(int32_t parent_slot, const int32_t* tokens) const;  // slot or -1
+  void table_insert(uint64_t h, int32_t slot);
+  void table_erase(uint64_t h, int32_t slot);
   int32_t slot_of(int32_t block) const;                                  // slot or -1
   void map_block(int32_t block, int32_t slot);
   void unmap_block(int32_t block);
+  void leaf_add(int64_t last_used, int32_t block);
+  void leaf_remove(int64_t last_used, int32_t block);
   void touch_slot(int32_t slot);
   int32_t new_node(int32_t parent_slot, const int32_t* tokens, int32_t block);
   void remove_leaf(int32_t slot);
   void set_lock(int32_t slot, int32_t lock);
-  std::vector<int32_t> parse_tokens(const NumView& tokens) const;
+  // Sets walk_ to the slots of the nodes matching the first max_blocks full blocks of tokens.
+  void walk(const int32_t* tokens, int64_t max_blocks);
   std::vector<int32_t> indexed_ids(const NumView& block_ids, std::vector<int32_t>* slots) const;
 
   int32_t bs_;
@@ -110,8 +129,16 @@ class PrefixIndex {
   std::vector<int32_t> spare_slots_;
   std::vector<int32_t> dense_slot_;                  // block -> slot (dense mode)
   std::unordered_map<int32_t, int32_t> sparse_slot_;  // block -> slot (otherwise)
-  std::unordered_multimap<uint64_t, int32_t> children_;  // hash(parent, tokens) -> slot
+  std::vector<Bucket> table_;                        // hash(parent, tokens) -> slot; size 2^k
   std::set<LeafKey> leaves_;                         // evictable leaves, LRU first
+  std::set<LeafKey>::node_type spare_leaf_;          // a freed set node, reused by leaf_add
+  // The last walked path: slots of a chain from the root (walk_[i + 1] is a child of
+  // walk_[i]). Adding nodes keeps such a chain valid; removing one may break it, so it is
+  // trusted only while walk_removals_ == removals_.
+  std::vector<int32_t> walk_;
+  uint64_t removals_ = 0;
+  uint64_t walk_removals_ = 0;
+  std::vector<int32_t> token_buf_, id_buf_;  // converted inputs that are not int32 arrays
   int64_t clock_ = 0;
   int64_t num_nodes_ = 0;
   int64_t num_pinned_ = 0;  // nodes whose subtree holds a lock
