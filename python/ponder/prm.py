@@ -1,0 +1,720 @@
+"""``HFPRM``: a Hugging Face process reward model scored incrementally on a paged KV cache.
+
+The three popular PRM input formats (``/work/shared/design.md``) are all causal: the score of
+step k depends only on the tokens up to step k's tag. So the PRM keeps one
+:class:`ponder.kv.PagedKVCache` sequence per node holding *the PRM's input* for that node's path,
+and scoring a child runs only the new step's tokens on a fork of the parent's sequence (the
+reference implementation, search-and-learn, rescores the whole prefix every step: O(depth^2)).
+
+Formats (``format=``):
+
+* ``"math-shepherd"`` (peiyi9979/math-shepherd-mistral-7b-prm): ``question + " " + step_1 + " ки"
+  + step_2 + " ки" ...``; a step's trailing whitespace (its delimiter) goes after its tag, as in
+  search-and-learn (``"\\n\\n"`` -> ``" ки\\n\\n"``). Score: softmax over the logits of the good
+  / bad tokens ``"+"`` / ``"-"`` at the tag position, P(good). The tokenizer's own special
+  tokens (BOS) are added, as ``tokenizer.encode`` does in the model card.
+* ``"rlhflow"`` (RLHFlow/Llama3.1-8B-PRM-*): a chat rendered with the tokenizer's chat template:
+  user turn ``question + " " + step_1``, assistant ``"+"``, user ``step_2``, assistant ``"+"``, ...
+  (a step's trailing whitespace, i.e. its delimiter, is dropped, as search-and-learn splits on
+  it; the Llama-3 template trims each turn anyway). Score:
+  softmax over {"+", "-"} at the position predicting the assistant's "+", P("+").
+* ``"qwen-prm"`` (Qwen/Qwen2.5-Math-PRM-7B): chat template with an optional system message
+  (default: Qwen's "Please reason step by step, ..."), the question as user message and
+  ``step_1<extra_0>step_2<extra_0>...`` as the assistant message (steps stripped of surrounding
+  whitespace, like the list of steps of the model card). The model has a 2-logit head
+  per token; score: softmax(head logits)[1] at each ``<extra_0>``. Supported checkpoints: a
+  ``*ForTokenClassification`` model with ``num_labels=2`` (e.g. ``Qwen2ForTokenClassification``,
+  head ``score``), or the released ``Qwen2ForProcessRewardModel`` layout (decoder weights under
+  ``model.``, head ``score.0`` / ``score.2`` = Linear-ReLU-Linear) loaded *without* remote code:
+  the decoder through ``AutoModel`` (native class of ``model_type``), the head read from the
+  safetensors files; or with ``trust_remote_code=True`` the checkpoint's own class (it must
+  expose ``.model`` and ``.score``).
+
+How a path is turned into tokens incrementally (and checked):
+
+* ``render(question, steps)`` is the full reference text of a path. A node's *text* is that
+  rendering cut right after its last step's marker (" ки", "+", "<extra_0>"): whatever the
+  template appends after it (end-of-turn tokens, trailing whitespace) belongs to the next step.
+  A root's text is the rendering cut before the first step (trailing whitespace left to the
+  step, because BPE tokenizers attach a space to the following word).
+* A child's new text is its text minus its parent's text (the template must be *prefix-stable*:
+  rendering k+1 steps starts with the rendering of k steps). Its tokens are encoded in the
+  context of the parent's last segment (``encode(segment + new)`` minus ``encode(segment)``).
+* Verification (``verify_tokens``: ``"first"`` child of every call (default), ``"all"``, or
+  ``"none"``): the child's tokens must equal the tokenization of its whole text. On a failure
+  (or a template that is not prefix-stable) the PRM warns once and re-encodes every path in
+  full from then on; a path whose tokens still extend its parent's forks it, others start a
+  new sequence that reuses the cached full blocks of any equal prefix. Scores stay exact.
+
+Scores come from the model's logits only at the scored positions (``logits_to_keep``), never
+from a vocabulary-sized row per new token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from .kv import ATTN_IMPLEMENTATION, PagedKVCache, use_paged_attention
+from .policy import _PREFILL_BATCH_TOKENS, _hub_kwargs, load_tokenizer, resolve_dtype
+
+__all__ = [
+    "FORMATS",
+    "HFPRM",
+    "MATH_SHEPHERD_TAG",
+    "QWEN_PRM_SYSTEM",
+    "QWEN_STEP_SEP",
+    "TokenScoreModel",
+    "detect_format",
+]
+
+FORMATS = ("math-shepherd", "rlhflow", "qwen-prm")
+MATH_SHEPHERD_TAG = " ки"
+QWEN_STEP_SEP = "<extra_0>"
+QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+# Stands for step text when locating where the first step starts in a rendering.
+_SENTINEL = "PONDERSTEPSENTINEL"
+
+
+# ----------------------------------------------------------------------------- token probes
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _tag_token(tokenizer, tag: str) -> int | None:
+    """The id of ``tag`` when, written after some text, it is one token of its own."""
+    ids = _ids(tokenizer, "x" + tag)
+    if len(ids) < 2:
+        return None
+    last = tokenizer.decode(ids[-1:], clean_up_tokenization_spaces=False)
+    head = tokenizer.decode(ids[:-1], clean_up_tokenization_spaces=False)
+    return ids[-1] if last.strip() == tag.strip() and head.strip() == "x" else None
+
+
+def _single_token(tokenizer, text: str) -> int | None:
+    """The id of ``text`` when it encodes to exactly one token."""
+    ids = _ids(tokenizer, text)
+    return ids[0] if len(ids) == 1 else None
+
+
+def _leading_special(tokenizer) -> list[int]:
+    """The tokens ``encode(add_special_tokens=True)`` puts *before* the text (BOS); trailing
+    ones (an EOS some tokenizers append) would break the concatenation of segments."""
+    with_sp = list(tokenizer.encode("x y", add_special_tokens=True))
+    plain = _ids(tokenizer, "x y")
+    for k in range(len(with_sp) - len(plain) + 1):
+        if with_sp[k : k + len(plain)] == plain:
+            return with_sp[:k]
+    return []
+
+
+def detect_format(tokenizer, config: Any = None, name: str = "") -> str:
+    """Pick the PRM format from the tokenizer and the model config.
+
+    * a 2-logit token head (architecture ``*ForTokenClassification`` / ``*ProcessRewardModel``)
+      and a single-token ``<extra_0>`` -> ``"qwen-prm"``;
+    * " ки" is a token of its own and there is no chat template -> ``"math-shepherd"``;
+    * a chat template and single-token "+" / "-" and no " ки" token -> ``"rlhflow"``;
+    * both (large multilingual vocabularies may hold " ки"): decided by the model name
+      (``math-shepherd`` / ``rlhflow`` in it), else ValueError. ValueError when nothing fits.
+    """
+    archs = list(getattr(config, "architectures", None) or [])
+    head = any(a.endswith(("ForTokenClassification", "ProcessRewardModel")) for a in archs)
+    sep = _single_token(tokenizer, QWEN_STEP_SEP) is not None
+    tag = _tag_token(tokenizer, MATH_SHEPHERD_TAG) is not None
+    plus_minus = _single_token(tokenizer, "+") is not None and _single_token(tokenizer, "-") is not None
+    chat = bool(getattr(tokenizer, "chat_template", None)) and plus_minus
+    if head:
+        if sep:
+            return "qwen-prm"
+        raise ValueError(
+            f"cannot tell the PRM format of {name or 'this model'}: it has a token-classification head "
+            f"({archs}) but {QWEN_STEP_SEP!r} is not a single token of its tokenizer (qwen-prm needs it); "
+            f"pass format= one of {FORMATS}"
+        )
+    if tag and not chat:
+        return "math-shepherd"
+    if chat and not tag:
+        return "rlhflow"
+    lowered = name.lower()
+    if tag and chat:
+        if "shepherd" in lowered:
+            return "math-shepherd"
+        if "rlhflow" in lowered:
+            return "rlhflow"
+        raise ValueError(
+            f"cannot tell the PRM format of {name or 'this model'}: its tokenizer has both the math-shepherd "
+            f"step tag {MATH_SHEPHERD_TAG!r} and a chat template with '+'/'-' tokens (rlhflow); "
+            f"pass format='math-shepherd' or format='rlhflow'"
+        )
+    raise ValueError(
+        f"cannot tell the PRM format of {name or 'this model'}: no math-shepherd step tag {MATH_SHEPHERD_TAG!r} "
+        f"token, no chat template with single-token '+'/'-' (rlhflow), no 2-label token head with "
+        f"{QWEN_STEP_SEP!r} (qwen-prm); pass format= one of {FORMATS}"
+    )
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+class _Format:
+    """How a path is written for one PRM family and how its score is read.
+
+    marker: the text ending every scored step; offset: the scored position relative to the
+    marker's token (0: at it, -1: the position predicting it); columns: the vocabulary ids whose
+    logits are compared (None: the model's own 2-logit head); good: index of the "correct" class.
+    """
+
+    name = ""
+    marker = ""
+    offset = 0
+    add_special_tokens = False
+    columns: list[int] | None = None
+    good = 0
+
+    def __init__(self, tokenizer, system_prompt: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+
+    def render(self, question: str, steps: Sequence[str]) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def marker_id(self) -> int:
+        raise NotImplementedError  # pragma: no cover
+
+    def probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: float32 [B, 2] (the two compared classes) -> P(correct) float32 [B]."""
+        return logits.float().softmax(dim=-1)[:, self.good]
+
+
+def _need(value: int | None, what: str, fmt: str) -> int:
+    if value is None:
+        raise ValueError(f"format {fmt!r}: {what} is not a single token of this tokenizer")
+    return value
+
+
+class _MathShepherd(_Format):
+    name, marker, offset, add_special_tokens, good = "math-shepherd", MATH_SHEPHERD_TAG, 0, True, 0
+
+    def __init__(self, tokenizer, system_prompt=None):
+        super().__init__(tokenizer, system_prompt)
+        self.tag_id = _need(_tag_token(tokenizer, MATH_SHEPHERD_TAG), f"the step tag {MATH_SHEPHERD_TAG!r}", self.name)
+        # As the model card: the last token of encode("+") / encode("-") (SentencePiece: "▁+").
+        self.columns = [_ids(tokenizer, "+")[-1], _ids(tokenizer, "-")[-1]]
+
+    def render(self, question, steps):
+        parts = [question, " "]
+        for s in steps:
+            body = s.rstrip()
+            parts += [body, MATH_SHEPHERD_TAG, s[len(body) :]]
+        return "".join(parts)
+
+    def marker_id(self):
+        return self.tag_id
+
+
+class _RLHFlow(_Format):
+    name, marker, offset, add_special_tokens, good = "rlhflow", "+", -1, False, 0
+
+    def __init__(self, tokenizer, system_prompt=None):
+        super().__init__(tokenizer, system_prompt)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("format 'rlhflow' needs a tokenizer with a chat template")
+        plus = _need(_single_token(tokenizer, "+"), "'+'", self.name)
+        minus = _need(_single_token(tokenizer, "-"), "'-'", self.name)
+        self.columns = [plus, minus]
+
+    def render(self, question, steps):
+        conv = []
+        for k, s in enumerate(steps):
+            # Trailing whitespace is the delimiter search-and-learn splits off; leading whitespace
+            # stays (the step is appended to the question verbatim, as there).
+            conv.append({"role": "user", "content": f"{question} {s.rstrip()}" if k == 0 else s.rstrip()})
+            conv.append({"role": "assistant", "content": "+"})
+        return self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=False)
+
+    def marker_id(self):
+        return self.columns[0]
+
+
+class _QwenPRM(_Format):
+    name, marker, offset, add_special_tokens, good = "qwen-prm", QWEN_STEP_SEP, 0, True, 1
+
+    def __init__(self, tokenizer, system_prompt=None):
+        super().__init__(tokenizer, QWEN_PRM_SYSTEM if system_prompt is None else system_prompt)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("format 'qwen-prm' needs a tokenizer with a chat template")
+        self.sep_id = _need(_single_token(tokenizer, QWEN_STEP_SEP), repr(QWEN_STEP_SEP), self.name)
+
+    def render(self, question, steps):
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": question})
+        messages.append({"role": "assistant", "content": "".join(s.strip() + QWEN_STEP_SEP for s in steps)})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+    def marker_id(self):
+        return self.sep_id
+
+
+_FORMAT_CLASSES = {"math-shepherd": _MathShepherd, "rlhflow": _RLHFlow, "qwen-prm": _QwenPRM}
+
+
+# ----------------------------------------------------------------------------- reward-head models
+
+
+class TokenScoreModel(torch.nn.Module):
+    """A decoder (``base``, returns ``last_hidden_state`` [B, T, H]) plus a per-token head
+    (``head``: [.., H] -> [.., C]) called like a causal LM: ``model(..., logits_to_keep=idx)``
+    returns ``.logits`` [B, len(idx), C] -- the head runs only at the kept positions."""
+
+    def __init__(self, base: torch.nn.Module, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.head = head
+        self.config = base.config
+
+    def set_attn_implementation(self, implementation: str) -> None:
+        self.base.set_attn_implementation(implementation)
+
+    def forward(self, *, logits_to_keep: int | torch.Tensor = 0, **kwargs):
+        hidden = self.base(**kwargs).last_hidden_state
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return SimpleNamespace(logits=self.head(hidden))
+
+
+def _checkpoint_tensors(path: str, prefix: str, hub: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Tensors whose names start with ``prefix`` from a (possibly sharded) safetensors checkpoint."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def fetch(filename: str) -> str | None:
+        try:
+            return cached_file(path, filename, local_files_only=hub["local_files_only"])
+        except OSError:
+            return None
+
+    index = fetch("model.safetensors.index.json")
+    if index is not None:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted({v for k, v in weight_map.items() if k.startswith(prefix)})
+    else:
+        files = ["model.safetensors"]
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        local = fetch(name)
+        if local is None:
+            continue
+        with safe_open(local, framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    out[key[len(prefix) :]] = f.get_tensor(key)
+    return out
+
+
+def _head_from_checkpoint(path: str, hub: dict[str, Any]) -> torch.nn.Module:
+    """The ``score`` head of a Qwen2ForProcessRewardModel-style checkpoint: ``score.weight`` (one
+    Linear) or ``score.<i>.weight`` Linear layers with ReLU between them (``score.0`` / ``score.2``)."""
+    tensors = _checkpoint_tensors(path, "score.", hub)
+    if not tensors:
+        raise ValueError(
+            f"{path}: no 'score.*' head weights in the checkpoint; qwen-prm needs a 2-logit token head "
+            "(a *ForTokenClassification model with num_labels=2, a Qwen2ForProcessRewardModel checkpoint, "
+            "or trust_remote_code=True)"
+        )
+    if "weight" in tensors:
+        layers = [("", tensors)]
+    else:
+        idx = sorted({int(k.split(".")[0]) for k in tensors})
+        layers = [(str(i), {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == str(i)}) for i in idx]
+    modules: list[torch.nn.Module] = []
+    for j, (_, params) in enumerate(layers):
+        w = params["weight"]
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias="bias" in params)
+        lin.load_state_dict(params)
+        modules.append(lin)
+        if j + 1 < len(layers):
+            modules.append(torch.nn.ReLU())
+    return modules[0] if len(modules) == 1 else torch.nn.Sequential(*modules)
+
+
+def _load_token_head_model(path: str, config, dtype, device, hub: dict[str, Any]) -> TokenScoreModel:
+    from transformers import AutoModel, AutoModelForTokenClassification
+
+    archs = list(getattr(config, "architectures", None) or [])
+    common = dict(dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **hub)
+    if any(a.endswith("ForTokenClassification") for a in archs):
+        model = AutoModelForTokenClassification.from_pretrained(path, **common)
+        base = getattr(model, model.base_model_prefix)
+        head = model.score if hasattr(model, "score") else model.classifier
+    elif hub.get("trust_remote_code"):
+        model = AutoModel.from_pretrained(path, **common)
+        base, head = model.model, model.score
+    else:
+        # The decoder is the native class of config.model_type (checkpoint keys "model.*" are
+        # mapped onto it by transformers); the head weights are read from the files directly.
+        base = AutoModel.from_pretrained(path, **common)
+        head = _head_from_checkpoint(path, hub).to(dtype)
+    wrapped = TokenScoreModel(base, head).to(device).eval()
+    out = getattr(head[-1] if isinstance(head, torch.nn.Sequential) else head, "out_features", None)
+    if out != 2:
+        raise ValueError(f"{path}: qwen-prm needs a head with 2 logits per token, this one has {out}")
+    return wrapped
+
+
+# ----------------------------------------------------------------------------- the PRM
+
+
+@dataclass
+class _Path:
+    """What the PRM keeps for one node: its path and the PRM input it has been turned into.
+
+    text: the rendered input up to and including the last step's marker (a root: the question
+    part); segment: the text this node added to its parent's (context for encoding the next
+    segment); tokens: token ids of ``text``; seq: its KV sequence (None for an empty root).
+    """
+
+    question: str
+    steps: tuple[str, ...]
+    text: str
+    segment: str
+    tokens: list[int]
+    seq: int | None
+    segment_ids: list[int] | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Plan:
+    """How to build one new path: ``tokens`` in full; fork ``base`` (holding the first
+    ``base_len`` tokens) and append the rest, or (base None) start a new sequence."""
+
+    path: _Path
+    base: int | None
+    base_len: int
+    pos: int  # absolute index of the scored position in tokens
+
+
+class HFPRM:
+    """A Hugging Face PRM implementing :class:`ponder.protocols.PRM`, scoring incrementally.
+
+    Args:
+        model_id_or_path: local directory or hub id (``HF_HUB_OFFLINE=1``: local cache only).
+        format: ``"auto"`` (see :func:`detect_format`), ``"math-shepherd"``, ``"rlhflow"`` or
+            ``"qwen-prm"`` (see the module docstring for what each one writes and reads).
+        device, dtype: as :class:`ponder.policy.HFPolicy` (dtype None: float32 on CPU, bf16 else).
+        kv_budget, block_size: the PRM's own KV pool (tokens; default
+            :data:`ponder.kv.DEFAULT_TOKEN_BUDGET`) and its block size.
+        system_prompt: the qwen-prm system message (None: Qwen's default; "" for none).
+        verify_tokens: ``"first"``, ``"all"`` or ``"none"``: which new paths of each call are
+            checked against a full re-tokenization of their text.
+        trust_remote_code: load a checkpoint's own model class (qwen-prm only).
+    """
+
+    def __init__(
+        self,
+        model_id_or_path: str | os.PathLike,
+        *,
+        format: str = "auto",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        kv_budget: int | None = None,
+        block_size: int = 16,
+        system_prompt: str | None = None,
+        verify_tokens: str = "first",
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if format not in ("auto",) + FORMATS:
+            raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
+        if verify_tokens not in ("first", "all", "none"):
+            raise ValueError(f"verify_tokens must be 'first', 'all' or 'none', got {verify_tokens!r}")
+        path = os.fspath(model_id_or_path)
+        hub = _hub_kwargs(path, trust_remote_code)
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = load_tokenizer(path, trust_remote_code)
+        config = AutoConfig.from_pretrained(path, **hub)
+        if format == "auto":
+            format = detect_format(self.tokenizer, config, path)
+        self.format = format
+        self._fmt: _Format = _FORMAT_CLASSES[format](self.tokenizer, system_prompt)
+        if format == "qwen-prm":
+            self.model = _load_token_head_model(path, config, self.dtype, self.device, hub)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION, **hub
+            ).to(self.device).eval()
+        self.kv = PagedKVCache.for_model(self.model, block_size=block_size, token_budget=kv_budget)
+        self.verify_tokens = verify_tokens
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        self._lead = _leading_special(self.tokenizer) if self._fmt.add_special_tokens else []
+        self._marker_id = self._fmt.marker_id()
+        self._columns = None if self._fmt.columns is None else torch.tensor(self._fmt.columns, device=self.device)
+        self._nodes: dict[int, _Path] = {}
+        self._full_mode = False  # set for good after a prefix-stability failure
+        self._warned: set[str] = set()
+        self._steps_scored = 0
+        self._reencodes = 0
+
+    # ---------------------------------------------------------------- text and tokens
+    def render(self, question: str, steps: Sequence[str]) -> str:
+        """The full reference input text of a path (what the published usage feeds the model)."""
+        return self._fmt.render(question, list(steps))
+
+    def encode_full(self, text: str) -> list[int]:
+        """The reference tokenization of a whole input text (leading special tokens included
+        where the format's reference adds them)."""
+        return self._lead + _ids(self.tokenizer, text)
+
+    def _root_text(self, question: str) -> str:
+        full = self._fmt.render(question, [_SENTINEL])
+        k = full.find(_SENTINEL)
+        if k < 0:
+            raise ValueError(f"format {self.format!r}: the rendering does not contain the step text verbatim")
+        return full[:k].rstrip()
+
+    def _node_text(self, question: str, steps: Sequence[str]) -> str:
+        full = self._fmt.render(question, list(steps))
+        k = full.rfind(self._fmt.marker)
+        if k < 0:
+            raise ValueError(f"format {self.format!r}: the rendering of a path lacks the marker {self._fmt.marker!r}")
+        return full[: k + len(self._fmt.marker)]
+
+    def _fallback(self, reason: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(
+                f"HFPRM ({self.format}): {reason}; re-encoding every path in full from now on "
+                "(scores stay exact; the cache still reuses every unchanged prefix)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._full_mode = True
+
+    def _encode_after(self, parent: _Path, new_text: str) -> list[int] | None:
+        """Tokens of ``new_text`` as they follow the parent's last segment; None when the
+        segment's own tokens are not a prefix of the joint encoding (the boundary merges)."""
+        if parent.segment_ids is None:
+            parent.segment_ids = _ids(self.tokenizer, parent.segment)
+        ids = _ids(self.tokenizer, parent.segment + new_text)
+        n = len(parent.segment_ids)
+        return ids[n:] if ids[:n] == parent.segment_ids else None
+
+    def _plan(self, parent: _Path, new_steps: Sequence[str], verify: bool) -> _Plan:
+        steps = parent.steps + tuple(new_steps)
+        text = self._node_text(parent.question, steps)
+        delta_ids = full = None
+        if not self._full_mode:
+            if not text.startswith(parent.text):
+                self._fallback("the chat template is not prefix-stable (rendering k+1 steps does not extend k)")
+            else:
+                delta_ids = self._encode_after(parent, text[len(parent.text) :])
+                if delta_ids is None:
+                    self._fallback("a segment boundary is not a token boundary of this tokenizer")
+            if delta_ids is not None and verify:
+                full = self.encode_full(text)
+                if full != parent.tokens + delta_ids:
+                    self._fallback("the incremental tokenization differs from the full one")
+                    delta_ids = None
+        n = len(parent.tokens)
+        if delta_ids is not None:
+            tokens = parent.tokens + delta_ids
+            segment = text[len(parent.text) :]
+        else:
+            self._reencodes += 1
+            tokens = full if full is not None else self.encode_full(text)
+            segment = text  # unused from now on: full mode never encodes in context again
+        if not tokens or tokens[-1] != self._marker_id:
+            raise ValueError(
+                f"format {self.format!r}: the marker {self._fmt.marker!r} did not end up as token "
+                f"{self._marker_id} at the end of the step (it merged with neighbouring text?)"
+            )
+        pos = len(tokens) - 1 + self._fmt.offset
+        base = parent.seq if (parent.seq is not None and pos >= n and tokens[:n] == parent.tokens) else None
+        path = _Path(parent.question, steps, text, segment, tokens, None)
+        return _Plan(path, base, n if base is not None else 0, pos)
+
+    # ---------------------------------------------------------------- model
+    @torch.inference_mode()
+    def _scores_at(self, seqs: list[int], new_tokens: list[list[int]], positions: list[int]) -> torch.Tensor:
+        """Append ``new_tokens[i]`` to ``seqs[i]``; P(correct) read at index ``positions[i]`` of
+        each row's new tokens. Returns float32 [B] (CPU). Rows go in batches of bounded size."""
+        out = []
+        i = 0
+        while i < len(seqs):
+            j, total = i, 0
+            while j < len(seqs) and (j == i or total + len(new_tokens[j]) <= _PREFILL_BATCH_TOKENS):
+                total += len(new_tokens[j])
+                j += 1
+            use_paged_attention(self.model)
+            batch = self.kv.prepare(seqs[i:j], new_tokens[i:j])
+            pos = torch.tensor(positions[i:j], dtype=torch.long)
+            keep, where = torch.unique(pos, return_inverse=True)
+            # Only the scored positions get logits (a vocabulary-sized row per new token would
+            # dominate memory for large vocabularies).
+            logits = self.model(**batch.model_kwargs(), logits_to_keep=keep.to(self.device)).logits
+            rows = logits[torch.arange(j - i, device=self.device), where.to(self.device)]  # [b, V or 2]
+            if self._columns is not None:
+                rows = rows[:, self._columns]
+            out.append(self._fmt.probability(rows).cpu())
+            i = j
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _realize(self, plans: list[_Plan]) -> tuple[list[int], torch.Tensor]:
+        """Create one sequence per plan (fork of its base, or a new sequence over the cached
+        prefix) and run its new tokens; returns (sequences, scores float32 [B])."""
+        seqs: list[int] = []
+        rows: list[list[int]] = []
+        positions: list[int] = []
+        try:
+            for plan in plans:
+                toks = plan.path.tokens
+                if plan.base is not None:
+                    (seq,) = self.kv.fork(plan.base, 1)
+                    start = plan.base_len
+                else:
+                    # At most pos tokens come from the cache: the scored position is computed.
+                    seq, start = self.kv.new_sequence(toks[: plan.pos + 1])
+                seqs.append(int(seq))
+                rows.append(toks[start:])
+                positions.append(plan.pos - start)
+            scores = self._scores_at(seqs, rows, positions)
+        except BaseException:
+            self.kv.free(seqs)
+            raise
+        return seqs, scores
+
+    # ---------------------------------------------------------------- PRM protocol
+    def start(self, root_ids: Sequence[int], problems: Sequence[str]) -> None:
+        """Prefill each distinct question part once (identical ones fork the first)."""
+        root_ids = [int(r) for r in root_ids]
+        if len(root_ids) != len(problems):
+            raise ValueError(f"root_ids has {len(root_ids)} entries but problems has {len(problems)}")
+        self._check_new(root_ids)
+        paths = []
+        for q in problems:
+            text = self._root_text(q)
+            paths.append(_Path(q, (), text, text, self.encode_full(text), None))
+        first: dict[tuple[int, ...], int] = {}
+        for i, p in enumerate(paths):
+            if p.tokens:
+                first.setdefault(tuple(p.tokens), i)
+        owners = sorted(first.values())
+        created: list[int] = []
+        try:
+            rows = []
+            for i in owners:
+                seq, cached = self.kv.new_sequence(paths[i].tokens)
+                created.append(seq)
+                paths[i].seq = seq
+                rows.append(paths[i].tokens[cached:])
+            if owners:
+                self._scores_at([paths[i].seq for i in owners], rows, [len(r) - 1 for r in rows])
+            for i, p in enumerate(paths):
+                if p.tokens and first[tuple(p.tokens)] != i:
+                    (seq,) = self.kv.fork(paths[first[tuple(p.tokens)]].seq, 1)
+                    created.append(int(seq))
+                    p.seq = int(seq)
+        except BaseException:
+            self.kv.free(created)
+            raise
+        for r, p in zip(root_ids, paths):
+            self._nodes[r] = p
+
+    def score_steps(
+        self,
+        parent_ids: Sequence[int],
+        child_ids: Sequence[int],
+        steps: Sequence[str],
+        lookahead: Sequence[Sequence[str]] | None = None,
+    ) -> list[float]:
+        """Score ``steps[i]`` as the next step of ``parent_ids[i]``'s path and keep the extended
+        path as node ``child_ids[i]``; with ``lookahead[i]`` non-empty the score is that of the
+        last lookahead step, computed on a temporary fork of the child (freed at once)."""
+        if isinstance(steps, str):
+            raise TypeError("steps must be a sequence of strings, not a string")
+        parent_ids = [int(p) for p in parent_ids]
+        child_ids = [int(c) for c in child_ids]
+        if not (len(parent_ids) == len(child_ids) == len(steps)):
+            raise ValueError(
+                f"parent_ids, child_ids and steps need equal lengths, got {len(parent_ids)}, {len(child_ids)}, {len(steps)}"
+            )
+        if lookahead is not None and len(lookahead) != len(steps):
+            raise ValueError(f"lookahead has {len(lookahead)} entries but steps has {len(steps)}")
+        if not child_ids:
+            return []
+        missing = sorted({p for p in parent_ids if p not in self._nodes})
+        if missing:
+            raise KeyError(f"nodes {missing[:8]} are not held by this PRM (never started/scored, or released)")
+        self._check_new(child_ids)
+
+        plans = [
+            self._plan(self._nodes[p], [s], self.verify_tokens == "all" or (self.verify_tokens == "first" and i == 0))
+            for i, (p, s) in enumerate(zip(parent_ids, steps))
+        ]
+        seqs, scores = self._realize(plans)
+        for c, plan, seq in zip(child_ids, plans, seqs):
+            plan.path.seq = seq
+            self._nodes[c] = plan.path
+        result = scores.tolist()
+        self._steps_scored += len(child_ids)
+
+        ahead = [i for i in range(len(child_ids)) if lookahead is not None and len(lookahead[i]) > 0]
+        if ahead:
+            temp = [
+                self._plan(plans[i].path, list(lookahead[i]), self.verify_tokens == "all" or (self.verify_tokens == "first" and k == 0))
+                for k, i in enumerate(ahead)
+            ]
+            tseqs, tscores = self._realize(temp)
+            self.kv.free(tseqs)
+            for i, s in zip(ahead, tscores.tolist()):
+                result[i] = s
+            self._steps_scored += sum(len(lookahead[i]) for i in ahead)
+        return [float(s) for s in result]
+
+    def release(self, node_ids: Sequence[int]) -> None:
+        """Free the nodes' sequences; ids not held are ignored."""
+        seqs = []
+        for n in node_ids:
+            p = self._nodes.pop(int(n), None)
+            if p is not None and p.seq is not None:
+                seqs.append(p.seq)
+        if seqs:
+            self.kv.free(seqs)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: tokens_scored (tokens run through the PRM = the KV cache's tokens_appended),
+        steps_scored (lookahead steps included), full_reencodes (paths tokenized in full after a
+        prefix-stability failure), live_nodes, num_parameters, and the cache's counters as ``kv_*``."""
+        kv = self.kv.stats()
+        out = {
+            "tokens_scored": int(kv["tokens_appended"]),
+            "steps_scored": self._steps_scored,
+            "full_reencodes": self._reencodes,
+            "live_nodes": len(self._nodes),
+            "num_parameters": int(self.num_parameters),
+        }
+        out.update({f"kv_{k}": int(v) for k, v in kv.items()})
+        return out
+
+    def _check_new(self, ids: Sequence[int]) -> None:
+        dup = [i for i, c in Counter(ids).items() if c > 1]
+        if dup:
+            raise ValueError(f"node ids repeat: {sorted(dup)[:8]}")
+        taken = sorted(i for i in ids if i in self._nodes)
+        if taken:
+            raise ValueError(f"nodes {taken[:8]} are already held by this PRM")
