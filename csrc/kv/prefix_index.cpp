@@ -41,7 +41,8 @@ inline uint64_t load64(const int32_t* p) {
 // array already is a contiguous int32 array with every value in range (the common case: no
 // copy, no allocation), else converted into buf by to_ints_as, which raises the errors.
 const int32_t* int32s(const NumView& v, const char* name, int64_t lo, int64_t hi, std::vector<int32_t>& buf) {
-  if (v.ndim == 1 && v.dtype == DType::I32 && v.stride == static_cast<int64_t>(sizeof(int32_t)) && v.size > 0) {
+  if (v.ndim == 1 && v.dtype == DType::I32 && v.stride == static_cast<int64_t>(sizeof(int32_t)) && v.size > 0 &&
+      reinterpret_cast<uintptr_t>(v.data) % alignof(int32_t) == 0) {
     const int32_t* p = reinterpret_cast<const int32_t*>(v.data);
     int32_t mn = p[0], mx = p[0];
     for (int64_t i = 1; i < v.size; ++i) {  // branch-free: vectorizes
