@@ -1,0 +1,339 @@
+"""The recompute baseline: a policy and a PRM that work the way search-and-learn does.
+
+huggingface/search-and-learn keeps no state between search iterations: every generation call
+sends each beam's whole text (prompt + all steps so far) to the engine, which encodes it from
+scratch and then decodes the next step; every PRM call renders each beam's whole path and runs
+it through the PRM from the first token. Work per iteration therefore grows with the depth of
+the path, and a search costs O(depth^2) tokens where ponder's paged, tree-shaped caches cost
+each token of the tree once.
+
+``RecomputePolicy`` and ``RecomputePRM`` implement :class:`ponder.protocols.Policy` /
+:class:`ponder.protocols.PRM` that way, *wrapping an existing* :class:`ponder.HFPolicy` /
+:class:`ponder.HFPRM`: the same model, tokenizer, prompt formatting, PRM input formatting,
+stopping rules and sampling function (``sample_next``), and the same seeding rule. The one
+difference is caching:
+
+* ``RecomputePolicy.sample_steps``: each row (one per child) re-encodes its parent's full path
+  with a fresh ``transformers.DynamicCache`` (rows left-padded into one batch), then decodes
+  the step token by token in that cache; rows leave the batch when they stop.
+  ``rollout`` does the same for every lookahead step (search-and-learn calls the engine once per
+  lookahead step with the whole text).
+* ``RecomputePRM.score_steps``: each path (and each path + lookahead) is rendered in full with
+  the PRM's format, tokenized with the reference tokenization and scored from scratch, no cache.
+
+With greedy decoding (temperature 0) both sides produce the same steps and the same scores (up
+to float rounding of a different attention code path: unpadded paged vs. padded SDPA); with a
+seed they draw from the generator in the same order (all rows of a call decode as one batch,
+finished rows leave it, as in ``HFPolicy``).
+
+Counters (``stats()``): the policy's ``tokens_prefilled`` = every token run through the model
+(full paths re-encoded + decoded tokens fed back), ``tokens_generated`` = sampled tokens; the
+PRM's ``tokens_scored`` = the formatted tokens of every full path run. Pad tokens are not
+counted (they are an artefact of batching, not work the method asks for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..policy import HFPolicy, _check_params, sample_next
+from ..prm import HFPRM
+from ..protocols import SamplingParams, Step
+
+__all__ = ["RecomputePRM", "RecomputePolicy"]
+
+# Delimiter detection decodes only the tail of a step (as HFPolicy: delimiter + partial UTF-8).
+_DELIM_WINDOW_EXTRA = 8
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (input_ids int64 [B, L], attention_mask int64 [B, L]), padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class RecomputePolicy:
+    """:class:`ponder.protocols.Policy` that recomputes every path from scratch on every call.
+
+    Args:
+        policy: the :class:`ponder.HFPolicy` whose model, tokenizer and prompt formatting are
+            used (its own KV cache is not touched; the model runs without it, through SDPA).
+    """
+
+    def __init__(self, policy: HFPolicy) -> None:
+        self.inner = policy
+        self.model = policy.model
+        self.tokenizer = policy.tokenizer
+        self.device = policy.device
+        self.eos_ids = set(policy.eos_ids)
+        self.num_parameters = policy.num_parameters
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else next(iter(sorted(self.eos_ids)), 0))
+        self._paths: dict[int, list[int]] = {}  # node id -> prompt + step tokens
+        self._generator: torch.Generator | None = None
+        self._seed: int | None = None
+        self._tokens_prefilled = 0
+        self._tokens_generated = 0
+        self._forward_passes = 0
+
+    # ---------------------------------------------------------------- Policy protocol
+    def start(self, root_ids: Sequence[int], problems: Sequence[str]) -> list[list[int]]:
+        """Tokenize each prompt (HFPolicy's formatting); nothing is computed until a step is asked."""
+        if len(root_ids) != len(problems):
+            raise ValueError(f"root_ids has {len(root_ids)} entries but problems has {len(problems)}")
+        prompts = [self.inner.prompt_tokens(p) for p in problems]
+        for r, toks in zip(root_ids, prompts):
+            if not toks:
+                raise ValueError("a problem renders to an empty prompt; the policy needs at least one token")
+            self._paths[int(r)] = list(toks)
+        return [list(t) for t in prompts]
+
+    def sample_steps(self, parent_ids: Sequence[int], child_ids: Sequence[int], params: SamplingParams) -> list[Step]:
+        """One step per child: re-encode the parent's whole path, then decode the step."""
+        _check_params(params)
+        if len(parent_ids) != len(child_ids):
+            raise ValueError(f"parent_ids has {len(parent_ids)} entries but child_ids has {len(child_ids)}")
+        if not child_ids:
+            return []
+        paths = [self._path(p) for p in parent_ids]
+        steps = self._generate_step(paths, params)
+        for c, path, step in zip(child_ids, paths, steps):
+            self._paths[int(c)] = path + step.tokens
+        return steps
+
+    def rollout(self, node_ids: Sequence[int], num_steps: int, params: SamplingParams) -> list[list[Step]]:
+        """Lookahead the search-and-learn way: one full re-encode + decode per lookahead step."""
+        _check_params(params)
+        out: list[list[Step]] = [[] for _ in node_ids]
+        if num_steps <= 0 or not node_ids:
+            return out
+        texts = [self._path(n) for n in node_ids]
+        rows = list(range(len(node_ids)))
+        for _ in range(num_steps):
+            steps = self._generate_step([texts[i] for i in rows], params)
+            for i, step in zip(rows, steps):
+                out[i].append(step)
+                texts[i] = texts[i] + step.tokens
+            rows = [i for i, step in zip(rows, steps) if not step.eos]
+            if not rows:
+                break
+        return out
+
+    def release(self, node_ids: Sequence[int]) -> None:
+        for n in node_ids:
+            self._paths.pop(int(n), None)
+
+    def stats(self) -> dict[str, int]:
+        """tokens_prefilled: tokens run through the model (full re-encodes + decoded tokens fed);
+        tokens_generated: sampled tokens; forward_passes; live_nodes; num_parameters."""
+        return {
+            "tokens_prefilled": self._tokens_prefilled,
+            "tokens_generated": self._tokens_generated,
+            "forward_passes": self._forward_passes,
+            "live_nodes": len(self._paths),
+            "num_parameters": int(self.num_parameters),
+        }
+
+    # ---------------------------------------------------------------- internals
+    def _path(self, node: int) -> list[int]:
+        try:
+            return self._paths[int(node)]
+        except KeyError:
+            raise KeyError(f"node {node} is not held by this policy (never started/sampled, or released)") from None
+
+    def _rng(self, params: SamplingParams) -> torch.Generator | None:
+        """HFPolicy's seeding rule on a generator of our own: re-seeded when ``params.seed``
+        differs from the seed it last had, so a stream runs on across calls."""
+        if params.temperature <= 0:
+            return None
+        if self._generator is None or (params.seed is not None and params.seed != self._seed):
+            self._generator = torch.Generator(device=self.device)
+            if params.seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(int(params.seed))
+            self._seed = params.seed
+        return self._generator
+
+    @torch.inference_mode()
+    def _generate_step(self, paths: list[list[int]], params: SamplingParams) -> list[Step]:
+        """Encode every path from scratch in a fresh DynamicCache (one left-padded batch), then
+        sample one step per row token by token; a row stops at the delimiter, EOS or the limit
+        (HFPolicy's rules) and leaves the batch."""
+        from transformers import DynamicCache
+
+        gen = self._rng(params)
+        delim = params.step_delimiter
+        window = len(delim) + _DELIM_WINDOW_EXTRA
+        B = len(paths)
+        cache = DynamicCache()
+        ids, mask = _left_pad(paths, self.pad_id, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        self._forward_passes += 1
+        self._tokens_prefilled += sum(len(p) for p in paths)
+        logits = out.logits[:, -1]
+        next_pos = torch.tensor([len(p) for p in paths], dtype=torch.long, device=self.device)
+
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        eos, truncated = [False] * B, [False] * B
+        active = list(range(B))  # row i of the live batch is path active[i]
+        while active:
+            nxt = sample_next(logits, params, gen).tolist()
+            self._tokens_generated += len(active)
+            for i, t in zip(active, nxt):
+                tokens[i].append(int(t))
+            tails = self.tokenizer.batch_decode(
+                [tokens[i][-window:] for i in active], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+            keep = []  # positions in the live batch of the rows that go on
+            for j, (i, tail) in enumerate(zip(active, tails)):
+                if tokens[i][-1] in self.eos_ids:
+                    eos[i] = True
+                elif delim in tail:
+                    pass
+                elif len(tokens[i]) >= params.max_step_tokens:
+                    truncated[i] = True
+                else:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                sel = torch.tensor(keep, dtype=torch.long, device=self.device)
+                cache.batch_select_indices(sel)
+                mask, next_pos = mask[sel], next_pos[sel]
+            active = [active[j] for j in keep]
+            feed = torch.tensor([[tokens[i][-1]] for i in active], dtype=torch.long, device=self.device)
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
+            out = self.model(input_ids=feed, attention_mask=mask, position_ids=next_pos[:, None], cache=cache, use_cache=True)
+            self._forward_passes += 1
+            self._tokens_prefilled += len(active)
+            logits = out.logits[:, -1]
+            next_pos = next_pos + 1
+        texts = self.tokenizer.batch_decode(
+            [[t for t in toks if t not in self.eos_ids] for toks in tokens],
+            skip_special_tokens=False,
+            clean_up_tokenization_spaces=False,
+        )
+        return [Step(tokens[i], texts[i], eos[i], truncated[i]) for i in range(B)]
+
+
+class RecomputePRM:
+    """:class:`ponder.protocols.PRM` that renders and scores every full path from scratch.
+
+    Args:
+        prm: the :class:`ponder.HFPRM` whose model, tokenizer and input format are used (its
+            KV cache is not touched; the model runs without it, through SDPA).
+
+    Besides the counters, it records the PRM tokens each *node* adds to its parent's formatted
+    input (``unique_tokens`` in ``stats()``: distinct question parts once, then per scored path
+    its new tokens): what a cache that computes every formatted token once must compute.
+    """
+
+    def __init__(self, prm: HFPRM) -> None:
+        self.inner = prm
+        self.model = prm.model
+        self.tokenizer = prm.tokenizer
+        self.device = prm.device
+        self.num_parameters = prm.num_parameters
+        self._nodes: dict[int, tuple[str, tuple[str, ...], int]] = {}  # id -> (question, steps, formatted length)
+        self._questions_seen: set[str] = set()
+        self._tokens_scored = 0
+        self._steps_scored = 0
+        self._forward_passes = 0
+        self._unique = 0
+
+    # ---------------------------------------------------------------- PRM protocol
+    def start(self, root_ids: Sequence[int], problems: Sequence[str]) -> None:
+        """Remember each root's question; nothing is scored (the question is re-sent with every path)."""
+        if len(root_ids) != len(problems):
+            raise ValueError(f"root_ids has {len(root_ids)} entries but problems has {len(problems)}")
+        for r, q in zip(root_ids, problems):
+            n = len(self.inner.encode_full(self.inner._root_text(q)))
+            self._nodes[int(r)] = (q, (), n)
+            if q not in self._questions_seen:
+                self._questions_seen.add(q)
+                self._unique += n
+
+    def score_steps(
+        self,
+        parent_ids: Sequence[int],
+        child_ids: Sequence[int],
+        steps: Sequence[str],
+        lookahead: Sequence[Sequence[str]] | None = None,
+    ) -> list[float]:
+        if isinstance(steps, str):
+            raise TypeError("steps must be a sequence of strings, not a string")
+        if not (len(parent_ids) == len(child_ids) == len(steps)):
+            raise ValueError("parent_ids, child_ids and steps need equal lengths")
+        if not child_ids:
+            return []
+        jobs: list[tuple[str, tuple[str, ...]]] = []  # the full path whose last step is scored
+        for i, (p, s) in enumerate(zip(parent_ids, steps)):
+            question, path, _ = self._node(p)
+            extra = tuple(lookahead[i]) if lookahead is not None else ()
+            jobs.append((question, path + (s,) + extra))
+        tokens = [self.inner.encode_full(self.inner._node_text(q, path)) for q, path in jobs]
+        scores = self._score_full(tokens)
+        for i, (c, p, s) in enumerate(zip(child_ids, parent_ids, steps)):
+            question, path, parent_len = self._node(p)
+            child_path = path + (s,)
+            extra = len(lookahead[i]) if lookahead is not None else 0
+            child_len = len(tokens[i]) if not extra else len(self.inner.encode_full(self.inner._node_text(question, child_path)))
+            self._unique += (child_len - parent_len) + (len(tokens[i]) - child_len)
+            self._nodes[int(c)] = (question, child_path, child_len)
+            self._steps_scored += 1 + extra
+        return [float(x) for x in scores]
+
+    def release(self, node_ids: Sequence[int]) -> None:
+        for n in node_ids:
+            self._nodes.pop(int(n), None)
+
+    def stats(self) -> dict[str, int]:
+        """tokens_scored: formatted tokens run through the PRM (every full path, every call);
+        unique_tokens: the formatted tokens of the tree counted once; steps_scored;
+        forward_passes; live_nodes; num_parameters."""
+        return {
+            "tokens_scored": self._tokens_scored,
+            "unique_tokens": self._unique,
+            "steps_scored": self._steps_scored,
+            "forward_passes": self._forward_passes,
+            "live_nodes": len(self._nodes),
+            "num_parameters": int(self.num_parameters),
+        }
+
+    # ---------------------------------------------------------------- internals
+    def _node(self, node: int) -> tuple[str, tuple[str, ...], int]:
+        try:
+            return self._nodes[int(node)]
+        except KeyError:
+            raise KeyError(f"node {node} is not held by this PRM (never started/scored, or released)") from None
+
+    @torch.inference_mode()
+    def _score_full(self, rows: list[list[int]]) -> list[float]:
+        """Run every full formatted path from scratch (one left-padded batch, no cache) and read
+        P(correct) at its last step's scored position (HFPRM's format: marker + offset)."""
+        fmt = self.inner._fmt
+        marker = self.inner._marker_id
+        for r in rows:
+            if not r or r[-1] != marker:
+                raise ValueError(f"format {self.inner.format!r}: a path does not end with the marker token {marker}")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids, mask = _left_pad(rows, int(pad), self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # The scored position of row i: its last token (the marker) + the format's offset; with
+        # left padding every row ends at column L - 1.
+        keep = ids.shape[1] - 1 + fmt.offset
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=torch.tensor([keep], device=self.device)).logits[:, 0]
+        if self.inner._columns is not None:
+            logits = logits[:, self.inner._columns]
+        self._forward_passes += 1
+        self._tokens_scored += sum(len(r) for r in rows)
+        return fmt.probability(logits).cpu().tolist()
