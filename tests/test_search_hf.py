@@ -181,6 +181,18 @@ def test_a_different_seed_gives_different_paths(models, runs):
     assert [c.text for r in first for c in r.completions] != [c.text for r in other for c in r.completions]
 
 
+def test_one_policy_reproduces_a_seed_across_searches(models):
+    """Evaluations reuse one policy for every method, batch and resumed run: a search with a
+    given seed must not depend on what ran on the policy before it."""
+    policy = HFPolicy(models["llama"], kv_budget=4096, block_size=4)
+    prm = HFPRM(models["prm"], kv_budget=4096, block_size=4)
+    cfg = config("beam_search")
+    first = search(QUESTIONS, policy, prm, cfg)
+    search(QUESTIONS, policy, prm, config("dvts", seed=9))  # something else in between
+    again = search(QUESTIONS, policy, prm, cfg)
+    assert [[c.text for c in r.completions] for r in again] == [[c.text for c in r.completions] for r in first]
+
+
 # ----------------------------------------------------------------------------- 2. budget
 
 

@@ -240,6 +240,11 @@ class HFPolicy:
         if len(root_ids) != len(problems):
             raise ValueError(f"root_ids has {len(root_ids)} entries but problems has {len(problems)}")
         self._check_new(root_ids)
+        if not self._nodes:
+            # A new search: restart the random stream so the same seed reproduces a search
+            # whatever ran on this policy before (evaluations reuse one policy across methods,
+            # batches and resumed runs).
+            self._generator = None
         prompts = [self.prompt_tokens(p) for p in problems]
         for p, toks in zip(problems, prompts):
             if not toks:
