@@ -188,7 +188,7 @@ def test_one_policy_reproduces_a_seed_across_searches(models):
     prm = HFPRM(models["prm"], kv_budget=4096, block_size=4)
     cfg = config("beam_search")
     first = search(QUESTIONS, policy, prm, cfg)
-    search(QUESTIONS, policy, prm, config("dvts", seed=9))  # something else in between
+    search(QUESTIONS, policy, prm, config("dvts"))  # another search with the same seed in between
     again = search(QUESTIONS, policy, prm, cfg)
     assert [[c.text for c in r.completions] for r in again] == [[c.text for c in r.completions] for r in first]
 
