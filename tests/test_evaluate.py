@@ -112,8 +112,12 @@ def test_greedy_is_temperature_zero_majority_of_one():
     assert (config.method, config.n, config.sampling.temperature) == ("majority", 1, 0.0)
     assert evaluate.method_config(_base(vote="best"), "best_of_n", 4).vote is None
     assert evaluate.method_config(_base(vote="best"), "dvts", 4).vote == "best"
+    # Below the beam width the tree is n wide; above it n must be a multiple of the width.
+    assert evaluate.method_config(_base(beam_width=4), "beam_search", 2).beam_width == 2
+    assert evaluate.method_config(_base(beam_width=4), "dvts", 1).beam_width == 1
+    assert evaluate.method_config(_base(beam_width=4), "dvts", 8).beam_width == 4
     with pytest.raises(ValueError, match="divisible"):
-        evaluate.method_config(_base(beam_width=4), "beam_search", 2)
+        evaluate.method_config(_base(beam_width=4), "beam_search", 6)
     with pytest.raises(ValueError, match="unknown method"):
         evaluate.plan(["nope"], [1])
 
@@ -334,8 +338,8 @@ def test_cli_prm_free_methods_need_no_prm(tmp_path, models, capsys):
     "extra, message",
     [
         (["--methods", "majority,magic", "--n", "4"], "unknown method 'magic'"),
-        (["--methods", "beam_search", "--n", "4,6", "--beam-width", "4"], "multiple of --beam-width 4"),
-        (["--methods", "dvts", "--n", "2", "--beam-width", "4"], "n=2"),
+        (["--methods", "beam_search", "--n", "4,6", "--beam-width", "4"], "multiple of it"),
+        (["--methods", "dvts", "--n", "2,6", "--beam-width", "4"], "n=6"),
         (["--methods", "majority", "--n", "0"], "--n must list integers >= 1"),
         (["--methods", "majority", "--n", "four"], "comma-separated integers"),
         (["--methods", "best_of_n"], "--n"),

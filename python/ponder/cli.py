@@ -95,7 +95,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     search.add_argument("--methods", type=_csv, required=True, metavar="M1,M2",
                         help="comma-separated methods: greedy, majority, best_of_n, weighted_best_of_n, beam_search, dvts")
     search.add_argument("--n", type=_csv_ints, required=True, metavar="N1,N2", help="comma-separated budgets N, e.g. 1,4,16,64")
-    search.add_argument("--beam-width", type=int, default=4, metavar="M", help="beam width M of beam_search/dvts; every n must be a multiple of it (default 4)")
+    search.add_argument("--beam-width", type=int, default=4, metavar="M", help="beam width M of beam_search/dvts (default 4); every n above M must be a multiple of it, an n below M runs one tree n wide")
     search.add_argument("--num-iterations", type=int, default=40, help="search iterations of beam_search/dvts (default 40)")
     search.add_argument("--max-steps", type=int, default=64, help="most steps per solution, >= --num-iterations (default 64)")
     search.add_argument("--lookahead", type=int, default=0, help="greedy lookahead steps before scoring (beam_search/dvts; default 0)")
@@ -200,11 +200,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         return _fail(f"--beam-width must be >= 1; got {args.beam_width}")
     tree = [m for m in methods if m in evaluate.TREE_METHODS]
     if tree:
-        bad = [n for n in ns if n < args.beam_width or n % args.beam_width]
+        bad = [n for n in ns if n > args.beam_width and n % args.beam_width]
         if bad:
             return _fail(
-                f"{tree[0]} needs every n to be a multiple of --beam-width {args.beam_width} (n >= beam width); "
-                f"n={bad[0]} is not: change --n or --beam-width"
+                f"{tree[0]} needs every n above --beam-width {args.beam_width} to be a multiple of it "
+                f"(below it the tree is n wide); n={bad[0]} is not: change --n or --beam-width"
             )
     for name, value in (("--batch-size", args.batch_size), ("--max-step-tokens", args.max_step_tokens)):
         if value < 1:

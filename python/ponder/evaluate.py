@@ -62,7 +62,10 @@ def method_config(base_config: SearchConfig, method: str, n: int) -> SearchConfi
         config = dataclasses.replace(base_config, method="majority", n=1, vote=None, sampling=sampling)
     else:
         vote = None if method in IMPLIED_VOTE else base_config.vote
-        config = dataclasses.replace(base_config, method=method, n=n, vote=vote)
+        # A budget below the beam width is one tree n wide (n=1: a single greedy-on-PRM path),
+        # so a sweep like --n 1,4,16 runs every method at every n.
+        width = min(base_config.beam_width, n) if method in TREE_METHODS else base_config.beam_width
+        config = dataclasses.replace(base_config, method=method, n=n, vote=vote, beam_width=width)
     return config.validate()
 
 
