@@ -152,6 +152,33 @@ class _Node:
     logits: torch.Tensor | None = None
 
 
+class SeededStream:
+    """The random stream steps are sampled from. It is (re)seeded from ``params.seed`` when the
+    seed changes and after :meth:`restart` (a new search), and otherwise runs on across calls,
+    so the same seed and the same calls give the same steps. ``params.seed=None`` seeds from
+    the OS. Greedy sampling (temperature 0) needs no generator."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._generator: torch.Generator | None = None
+        self._seed: int | None = None
+
+    def restart(self) -> None:
+        self._generator = None
+
+    def generator(self, params: SamplingParams) -> torch.Generator | None:
+        if params.temperature <= 0:
+            return None
+        if self._generator is None or (params.seed is not None and params.seed != self._seed):
+            self._generator = torch.Generator(device=self.device)
+            if params.seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(int(params.seed))
+            self._seed = params.seed
+        return self._generator
+
+
 class HFPolicy:
     """A Hugging Face causal LM implementing :class:`ponder.protocols.Policy`.
 
@@ -211,8 +238,7 @@ class HFPolicy:
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self._nodes: dict[int, _Node] = {}
-        self._generator: torch.Generator | None = None
-        self._seed: int | None = None
+        self._stream = SeededStream(self.device)
         self._tokens_generated = 0
         self._forward_passes = 0
 
@@ -244,7 +270,7 @@ class HFPolicy:
             # A new search: restart the random stream so the same seed reproduces a search
             # whatever ran on this policy before (evaluations reuse one policy across methods,
             # batches and resumed runs).
-            self._generator = None
+            self._stream.restart()
         prompts = [self.prompt_tokens(p) for p in problems]
         for p, toks in zip(problems, prompts):
             if not toks:
@@ -418,18 +444,7 @@ class HFPolicy:
             self._nodes[n].pending, self._nodes[n].logits = None, row
 
     def _rng(self, params: SamplingParams) -> torch.Generator | None:
-        """The sampling generator: re-seeded whenever ``params.seed`` differs from the seed it was
-        last seeded with, so one stream runs across calls (same seed + same calls = same steps)."""
-        if params.temperature <= 0:
-            return None
-        if self._generator is None or (params.seed is not None and params.seed != self._seed):
-            self._generator = torch.Generator(device=self.device)
-            if params.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(int(params.seed))
-            self._seed = params.seed
-        return self._generator
+        return self._stream.generator(params)
 
     def _decode(self, seqs: list[int], logits: torch.Tensor, params: SamplingParams) -> list[Step]:
         """Sample one step per row. seqs: the rows' sequences (their whole path is in the cache);

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..policy import HFPolicy, _check_params, sample_next
+from ..policy import HFPolicy, SeededStream, _check_params, sample_next
 from ..prm import HFPRM
 from ..protocols import SamplingParams, Step
 
@@ -77,8 +77,7 @@ class RecomputePolicy:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(sorted(self.eos_ids)), 0))
         self._paths: dict[int, list[int]] = {}  # node id -> prompt + step tokens
-        self._generator: torch.Generator | None = None
-        self._seed: int | None = None
+        self._stream = SeededStream(self.device)
         self._tokens_prefilled = 0
         self._tokens_generated = 0
         self._forward_passes = 0
@@ -88,6 +87,8 @@ class RecomputePolicy:
         """Tokenize each prompt (HFPolicy's formatting); nothing is computed until a step is asked."""
         if len(root_ids) != len(problems):
             raise ValueError(f"root_ids has {len(root_ids)} entries but problems has {len(problems)}")
+        if not self._paths:
+            self._stream.restart()  # a new search, as in HFPolicy.start
         prompts = [self.inner.prompt_tokens(p) for p in problems]
         for r, toks in zip(root_ids, prompts):
             if not toks:
@@ -149,18 +150,7 @@ class RecomputePolicy:
             raise KeyError(f"node {node} is not held by this policy (never started/sampled, or released)") from None
 
     def _rng(self, params: SamplingParams) -> torch.Generator | None:
-        """HFPolicy's seeding rule on a generator of our own: re-seeded when ``params.seed``
-        differs from the seed it last had, so a stream runs on across calls."""
-        if params.temperature <= 0:
-            return None
-        if self._generator is None or (params.seed is not None and params.seed != self._seed):
-            self._generator = torch.Generator(device=self.device)
-            if params.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(int(params.seed))
-            self._seed = params.seed
-        return self._generator
+        return self._stream.generator(params)  # HFPolicy's seeding rule, on a stream of our own
 
     @torch.inference_mode()
     def _generate_step(self, paths: list[list[int]], params: SamplingParams) -> list[Step]:
