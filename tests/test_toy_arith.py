@@ -9,7 +9,6 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from ponder.data import Problem, builtin_names, load_problems
 from ponder.grading import extract_answer
 from ponder.toy import arith
@@ -66,7 +65,19 @@ def test_parser_values(text, value):
 
 
 @pytest.mark.parametrize(
-    "text", ["", "1 +", "(1 + 2", "1 + 2)", "2 ** 3", "1 / 2", "-(1 + 2)", "__import__('os')", "1 2", "1.5"]
+    "text",
+    [
+        "",
+        "1 +",
+        "(1 + 2",
+        "1 + 2)",
+        "2 ** 3",
+        "1 / 2",
+        "-(1 + 2)",
+        "__import__('os')",
+        "1 2",
+        "1.5",
+    ],
 )
 def test_parser_rejects(text):
     with pytest.raises(ValueError):
@@ -75,7 +86,11 @@ def test_parser_rejects(text):
 
 def test_parse_question_forms():
     tree = parse_expression("(17 - 4) * 3 + 8 * (2 + 5)")
-    for text in ("Compute (17 - 4) * 3 + 8 * (2 + 5).", "(17 - 4) * 3 + 8 * (2 + 5)", "What is (17-4)*3+8*(2+5)?"):
+    for text in (
+        "Compute (17 - 4) * 3 + 8 * (2 + 5).",
+        "(17 - 4) * 3 + 8 * (2 + 5)",
+        "What is (17-4)*3+8*(2+5)?",
+    ):
         assert parse_question(text) == tree
 
 
@@ -94,15 +109,38 @@ def test_worked_example():
     ]
     assert label_steps(p.question, p.solution_steps) == [True] * 6
     # any order of single rewrites is correct; restating, answering early or late is handled
-    assert label_steps(p.question, ["(17 - 4) * 3 + 8 * 7", "= 13*3 + ((8*7)).", "13 * 3 + 56", "39 + 56", "95", "The answer is \\boxed{95}."]) == [True] * 6
-    assert label_steps(p.question, ["(17 - 4) * 3 + 8 * 7", "13 * 3 + 56"]) == [True, False]
+    assert (
+        label_steps(
+            p.question,
+            [
+                "(17 - 4) * 3 + 8 * 7",
+                "= 13*3 + ((8*7)).",
+                "13 * 3 + 56",
+                "39 + 56",
+                "95",
+                "The answer is \\boxed{95}.",
+            ],
+        )
+        == [True] * 6
+    )
+    assert label_steps(p.question, ["(17 - 4) * 3 + 8 * 7", "13 * 3 + 56"]) == [
+        True,
+        False,
+    ]
     assert label_steps("2 + 3", ["The answer is \\boxed{5}."]) == [True]
     assert label_steps("2 + 3 * 4", ["The answer is \\boxed{14}."]) == [False]
     assert label_steps("2 + 3", ["5", "5"]) == [True, False]
-    assert label_steps("2 + 3", ["5", "The answer is \\boxed{5}.", "5"]) == [True, True, False]
+    assert label_steps("2 + 3", ["5", "The answer is \\boxed{5}.", "5"]) == [
+        True,
+        True,
+        False,
+    ]
     assert label_steps("2 + 3", ["5", "The answer is \\boxed{6}."]) == [True, False]
     # wrong precedence, then a step that is right relative to the wrong one: still wrong
-    assert label_steps("2 + 3 * 4", ["5 * 4", "20", "The answer is \\boxed{20}."]) == [False] * 3
+    assert (
+        label_steps("2 + 3 * 4", ["5 * 4", "20", "The answer is \\boxed{20}."])
+        == [False] * 3
+    )
     assert label_steps("2 + 3 * 4", ["2 + 12", "14 + 0", "14"]) == [True, False, False]
     assert label_steps("2 + 3 * 4", []) == []
 
@@ -149,7 +187,8 @@ def test_levels_get_harder():
         stats.append(
             (
                 sum(map(count_operations, trees)) / len(ps),
-                sum(max(map(int, re.findall(r"\d+", p.expression))) for p in ps) / len(ps),
+                sum(max(map(int, re.findall(r"\d+", p.expression))) for p in ps)
+                / len(ps),
                 sum(p.expression.count("(") for p in ps) / len(ps),
             )
         )
@@ -179,13 +218,21 @@ def _wrong_precedence(prev: str) -> str | None:
             if i > 0 and tokens[i - 1] in ("*", "-"):
                 continue
             value = int(a) + int(b) if op == "+" else int(a) - int(b)
-            return " ".join(tokens[:i] + [f"({value})" if value < 0 else str(value)] + tokens[i + 3 :])
+            return " ".join(
+                tokens[:i]
+                + [f"({value})" if value < 0 else str(value)]
+                + tokens[i + 3 :]
+            )
     return None
 
 
 def _check_corrupted(p: ArithProblem, k: int, steps: list[str]) -> None:
     labels = label_steps(p.question, steps)
-    assert labels == [True] * k + [False] * (len(steps) - k), (p.question, steps, labels)
+    assert labels == [True] * k + [False] * (len(steps) - k), (
+        p.question,
+        steps,
+        labels,
+    )
 
 
 @SETTINGS
@@ -204,12 +251,18 @@ def test_skipped_operation_is_wrong_from_there_on(seed, level, data):
     p, _ = _with_candidates(seed, level, lambda p: len(p.solution_steps) >= 3)
     n = len(p.solution_steps) - 1  # expression steps, >= 2
     k = data.draw(st.integers(0, n - 2))
-    skipped = p.solution_steps[:k] + p.solution_steps[k + 1 :]  # two operations in step k
+    skipped = (
+        p.solution_steps[:k] + p.solution_steps[k + 1 :]
+    )  # two operations in step k
     _check_corrupted(p, k, skipped)
-    merged = list(p.solution_steps)  # two operations at once, then a (now) repeated step
+    merged = list(
+        p.solution_steps
+    )  # two operations at once, then a (now) repeated step
     merged[k] = merged[k + 1]
     _check_corrupted(p, k, merged)
-    early = p.solution_steps[:k] + [p.solution_steps[-1]]  # answering with operations left
+    early = p.solution_steps[:k] + [
+        p.solution_steps[-1]
+    ]  # answering with operations left
     _check_corrupted(p, k, early)
 
 
@@ -222,7 +275,9 @@ def _with_candidates(seed: int, level: int, find) -> tuple[ArithProblem, list]:
         candidates = find(p)
         if candidates:
             return p, candidates
-    raise AssertionError(f"no problem with candidates at level {level} from seed {seed}")
+    raise AssertionError(
+        f"no problem with candidates at level {level} from seed {seed}"
+    )
 
 
 def _double_rewrites(p: ArithProblem) -> list[tuple[int, str]]:
@@ -232,7 +287,9 @@ def _double_rewrites(p: ArithProblem) -> list[tuple[int, str]]:
         tree = parse_expression(text)
         redexes = arith._redexes(tree)
         if len(redexes) >= 2:  # disjoint subtrees: reducing one keeps the other's path
-            both = arith._reduce_at(arith._reduce_at(tree, redexes[0][1]), redexes[1][1])
+            both = arith._reduce_at(
+                arith._reduce_at(tree, redexes[0][1]), redexes[1][1]
+            )
             found.append((k, render(both)))
     return found
 
@@ -247,7 +304,9 @@ def test_two_operations_at_once_is_wrong(seed, level, data):
 
 
 def _precedence_errors(p: ArithProblem) -> list[tuple[int, str]]:
-    return [(k, w) for k, e in enumerate(expressions(p)[:-1]) if (w := _wrong_precedence(e))]
+    return [
+        (k, w) for k, e in enumerate(expressions(p)[:-1]) if (w := _wrong_precedence(e))
+    ]
 
 
 @SETTINGS
@@ -279,8 +338,12 @@ def test_shipped_eval_set_matches_generator(tmp_path):
     with open(EVAL_PATH, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == 500
-    assert all(set(row) == {"id", "problem", "answer", "level", "solution"} for row in rows)
-    assert [sum(row["level"] == level for row in rows) for level in arith.LEVELS] == [100] * 5
+    assert all(
+        set(row) == {"id", "problem", "answer", "level", "solution"} for row in rows
+    )
+    assert [sum(row["level"] == level for row in rows) for level in arith.LEVELS] == [
+        100
+    ] * 5
     assert len({row["id"] for row in rows}) == 500
     assert len({row["problem"] for row in rows}) == 500
     for row in rows:
@@ -297,7 +360,9 @@ def test_train_stream_is_reproducible_and_held_out():
     assert {p.level for p in first} == set(arith.LEVELS)
     held_out = {p.expression for p in arith.eval_problems()}
     assert not held_out & {p.expression for p in first}
-    assert [p.expression for p in first] != [next(train_stream(4)).expression for _ in range(400)]
+    assert [p.expression for p in first] != [
+        next(train_stream(4)).expression for _ in range(400)
+    ]
     only_1 = train_stream(5, levels=(1,))
     assert {next(only_1).level for _ in range(50)} == {1}
 

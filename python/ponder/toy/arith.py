@@ -132,7 +132,11 @@ def evaluate(tree: Tree) -> int:
 
 def count_operations(tree: Tree) -> int:
     """The number of operations in a tree."""
-    return 0 if isinstance(tree, int) else 1 + count_operations(tree[1]) + count_operations(tree[2])
+    return (
+        0
+        if isinstance(tree, int)
+        else 1 + count_operations(tree[1]) + count_operations(tree[2])
+    )
 
 
 def _needs_parens(parent_op: str, child: Tree, right: bool) -> bool:
@@ -221,7 +225,9 @@ def _tokenize(text: str) -> list[str]:
     while pos < len(text):
         match = _TOKEN_RE.match(text, pos)
         if match is None:
-            raise ValueError(f"unexpected character {text[pos:].lstrip()[:1]!r} in {text!r}")
+            raise ValueError(
+                f"unexpected character {text[pos:].lstrip()[:1]!r} in {text!r}"
+            )
         token = match.group(1) or match.group(2)
         if match.group(1) and len(token) > _MAX_DIGITS:
             raise ValueError(f"number too long in {text!r}")
@@ -288,7 +294,8 @@ _QUESTION_RE = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 _ANSWER_RE = re.compile(
-    r"^\s*the\s+answer\s+is\s*:?\s*\\boxed\{\s*(-?\d{1,18})\s*\}\s*\.?\s*$", re.IGNORECASE
+    r"^\s*the\s+answer\s+is\s*:?\s*\\boxed\{\s*(-?\d{1,18})\s*\}\s*\.?\s*$",
+    re.IGNORECASE,
 )
 
 
@@ -308,8 +315,8 @@ def _parse_step(step: str) -> tuple[Tree, bool] | None:
     if match:
         return int(match.group(1)), True
     text = step.strip()
-    text = text[1:] if text.startswith("=") else text
-    text = text[:-1] if text.endswith(".") else text
+    text = text.removeprefix("=")
+    text = text.removesuffix(".")
     try:
         return parse_expression(text), False
     except ValueError:
@@ -372,9 +379,15 @@ def _shape(rng: random.Random, ops: int, height: int) -> Tree:
     return ("?", _shape(rng, left, height - 1), _shape(rng, ops - 1 - left, height - 1))
 
 
-def _fill(rng: random.Random, shape: Tree, spec: _LevelSpec, parent: str | None) -> Tree:
+def _fill(
+    rng: random.Random, shape: Tree, spec: _LevelSpec, parent: str | None
+) -> Tree:
     if isinstance(shape, int):
-        return rng.randint(2, spec.factor) if parent == "*" else rng.randint(1, spec.operand)
+        return (
+            rng.randint(2, spec.factor)
+            if parent == "*"
+            else rng.randint(1, spec.operand)
+        )
     op = rng.choice("+-*")
     return (op, _fill(rng, shape[1], spec, op), _fill(rng, shape[2], spec, op))
 
@@ -390,7 +403,9 @@ def _random_tree(rng: random.Random, level: int) -> Tree:
     ops = rng.randint(*spec.ops)
     while True:
         tree = _fill(rng, _shape(rng, ops, spec.height), spec, None)
-        if _bounded(tree) and all(abs(evaluate(t)) < MAX_ABS for t in _reference_trees(tree)):
+        if _bounded(tree) and all(
+            abs(evaluate(t)) < MAX_ABS for t in _reference_trees(tree)
+        ):
             return tree
 
 
@@ -409,7 +424,9 @@ def _problem_from_tree(tree: Tree, level: int, id: str) -> ArithProblem:
     )
 
 
-def generate_problem(rng: random.Random, level: int, id: str | None = None) -> ArithProblem:
+def generate_problem(
+    rng: random.Random, level: int, id: str | None = None
+) -> ArithProblem:
     """A random problem of difficulty ``level`` (1-5) drawn with ``rng`` (a
     ``random.Random``; the same state gives the same problem). ``id`` defaults to
     ``"arith-L<level>-<expression>"`` with the spaces removed."""
@@ -485,8 +502,10 @@ def write_eval_set(path: str | os.PathLike = EVAL_PATH) -> str:
     object per line, ``\\n`` line ends, UTF-8) and return the path."""
     path = os.fspath(path)
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for problem in _eval_problems():
-            f.write(json.dumps(_row(problem), ensure_ascii=False) + "\n")
+        f.writelines(
+            json.dumps(_row(problem), ensure_ascii=False) + "\n"
+            for problem in _eval_problems()
+        )
     return path
 
 
