@@ -52,6 +52,8 @@ from a vocabulary-sized row per new token.
 
 from __future__ import annotations
 
+import abc
+
 import json
 import os
 import warnings
@@ -167,7 +169,7 @@ def detect_format(tokenizer, config: Any = None, name: str = "") -> str:
 # ----------------------------------------------------------------------------- formats
 
 
-class _Format:
+class _Format(abc.ABC):
     """How a path is written for one PRM family and how its score is read.
 
     marker: the text ending every scored step; offset: the scored position relative to the
@@ -186,11 +188,13 @@ class _Format:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
 
-    def render(self, question: str, steps: Sequence[str]) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def render(self, question: str, steps: Sequence[str]) -> str:
+        """The full text the PRM reads for a question and its steps."""
 
+    @abc.abstractmethod
     def marker_id(self) -> int:
-        raise NotImplementedError  # pragma: no cover
+        """The token id of the marker that ends every scored step."""
 
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: float32 [B, 2] (the two compared classes) -> P(correct) float32 [B]."""
