@@ -75,7 +75,7 @@ def _keys(rows) -> list[tuple]:
 
 
 def _expected_keys() -> set[tuple]:
-    return {(p.id, m, n) for m, n in evaluate.plan(METHODS, NS) for p in PROBLEMS}
+    return {(p.id, "", m, n) for m, n in evaluate.plan(METHODS, NS) for p in PROBLEMS}
 
 
 # ----------------------------------------------------------------------------- rows
@@ -88,7 +88,8 @@ def test_rows_written_per_problem_method_n(tmp_path):
     assert len(evaluate.plan(METHODS, NS)) == 1 + 4 * 2
     assert set(_keys(rows)) == _expected_keys() and len(rows) == len(_expected_keys())
     on_disk = [json.loads(line) for line in _lines(tmp_path / "results.jsonl")]
-    assert on_disk == rows
+    # on disk in the order batches finished (shared-sample methods interleave), returned in plan order
+    assert sorted(on_disk, key=evaluate.row_key) == sorted(rows, key=evaluate.row_key)
     for row in rows:
         assert REQUIRED <= set(row)
         assert isinstance(row["correct"], bool)
@@ -105,6 +106,42 @@ def test_rows_written_per_problem_method_n(tmp_path):
         assert row["correct"] == (row["answer"] is not None and float(row["answer"]) == float(row["gold"]))
     assert any(r["correct"] for r in rows) and not all(r["correct"] for r in rows)
     assert json.loads((tmp_path / "config.json").read_text())["search"]["beam_width"] == 2
+
+
+def test_sampling_methods_share_samples_with_the_same_answers_as_separate_runs(tmp_path):
+    """majority / best_of_n / weighted_best_of_n at one n vote over one set of samples; each
+    answer and policy budget equals that method's own search."""
+    methods = ["majority", "best_of_n", "weighted_best_of_n"]
+    shared = _evaluate(tmp_path / "shared", methods=methods)
+    assert all(r["shared_samples"] for r in shared)
+    keep = ("answer", "correct", "policy_tokens", "policy_tokens_generated", "num_completions")
+    for m in methods:
+        alone = _evaluate(tmp_path / m, methods=[m])
+        assert not any(r["shared_samples"] for r in alone)
+        mine = {evaluate.row_key(r): r for r in shared if r["method"] == m}
+        assert len(mine) == len(alone) == len(PROBLEMS) * len(NS)
+        for r in alone:
+            got = mine[evaluate.row_key(r)]
+            assert {k: got[k] for k in keep} == {k: r[k] for k in keep}
+            assert got["prm_tokens"] == r["prm_tokens"]  # majority: 0 in both
+    # the three share one sampling pass: policy sample calls as for one method
+    policy = scripted_policy()
+    _evaluate(tmp_path / "count", methods=methods, ns=[4], policy=policy)
+    one = scripted_policy()
+    _evaluate(tmp_path / "count1", methods=["majority"], ns=[4], policy=one)
+    assert len(policy.sample_calls) == len(one.sample_calls)
+
+
+def test_rows_of_two_policies_are_kept_apart(tmp_path):
+    a = _evaluate(tmp_path, methods=["greedy", "majority"], ns=[2], policy_label="small")
+    b = _evaluate(tmp_path, resume=True, methods=["greedy"], ns=[2], policy_label="large")
+    assert len(a) == 2 * len(PROBLEMS) and len(b) == len(PROBLEMS)
+    summary = evaluate.summarize(a + b)
+    assert [(e["policy"], e["method"], e["n"]) for e in summary] == [
+        ("small", "greedy", 1), ("small", "majority", 2), ("large", "greedy", 1)]
+    table = evaluate.markdown_table(summary)
+    assert table.startswith("| policy | method |") and "| large | greedy | 1 |" in table
+    assert evaluate.plot_scaling(summary, tmp_path).is_file()
 
 
 def test_greedy_is_temperature_zero_majority_of_one():
@@ -342,7 +379,8 @@ def test_cli_prm_free_methods_need_no_prm(tmp_path, models, capsys):
         (["--methods", "dvts", "--n", "2,6", "--beam-width", "4"], "n=6"),
         (["--methods", "majority", "--n", "0"], "--n must list integers >= 1"),
         (["--methods", "majority", "--n", "four"], "comma-separated integers"),
-        (["--methods", "best_of_n"], "--n"),
+        (["--methods", "majority", "--n", "4", "--full", "--limit", "3"], "--full"),
+        (["--methods", "majority", "--n", "4", "--per-level", "0"], "--per-level must be >= 1"),
     ],
 )
 def test_cli_rejects_bad_search_options(tmp_path, models, capsys, extra, message):
@@ -380,13 +418,38 @@ def test_cli_rejects_dataset_without_answer_field(tmp_path, models, capsys):
 
 
 def test_cli_rejects_prm_method_without_prm_and_missing_dataset(tmp_path, models, capsys):
-    assert _main(["run", "--policy", "org/p", "--dataset", _dataset(tmp_path), "--methods", "beam_search", "--n", "4"]) == 2
+    assert _main(["run", "--policy", "org/p", "--prm", "", "--dataset", _dataset(tmp_path), "--methods", "beam_search",
+                  "--n", "4"]) == 2
     assert "needs --prm" in _error_of(capsys)
     assert _main(["run", "--policy", "org/p", "--dataset", str(tmp_path / "none.jsonl"), "--methods", "majority",
                   "--n", "4", "--out", str(tmp_path / "o")]) == 2
     assert "none.jsonl" in _error_of(capsys)
-    assert _main(["run", "--dataset", _dataset(tmp_path), "--n", "4"]) == 2
-    assert "without --policy" in _error_of(capsys)
+    assert _main(["run", "--policy", "org/p", "--prm", "builtin:nope", "--out", str(tmp_path / "o2")]) == 2
+    line = _error_of(capsys)
+    assert "builtin:nope" in line and "builtin:prm" in line
+
+
+def test_cli_defaults_are_the_builtin_models_and_task(tmp_path, models, capsys):
+    """Every option has a default: the shipped models on a per-level slice of builtin:arith,
+    every method at n=1,4,16, and the larger shipped policy's greedy accuracy next to them."""
+    from ponder.toy.models import builtin_model_path
+
+    out = tmp_path / "o"
+    assert _main(["run", "--out", str(out), "--no-progress", "--num-iterations", "3", "--max-steps", "6",
+                  "--max-step-tokens", "40"]) == 0
+    assert ("policy", str(builtin_model_path("policy-small")), "cpu") in models
+    assert ("prm", str(builtin_model_path("prm")), "auto") in models
+    assert ("policy", str(builtin_model_path("policy-large")), "cpu") in models
+    rows = [json.loads(line) for line in _lines(out / "results.jsonl")]
+    per_level = cli.DEFAULT_PER_LEVEL
+    small = [r for r in rows if r["policy"] == "builtin:policy-small"]
+    large = [r for r in rows if r["policy"] == "builtin:policy-large"]
+    assert len(small) == 5 * per_level * (1 + 5 * 3)  # greedy once, five methods at three n
+    assert {(r["method"], r["n"]) for r in large} == {("greedy", 1)} and len(large) == 5 * per_level
+    assert sorted({r["level"] for r in rows}) == [1, 2, 3, 4, 5]
+    text = capsys.readouterr().out
+    assert "| policy | method |" in text and "builtin:policy-large | greedy | 1 |" in text
+    assert "On your own models" in text and str(out / "scaling.png") in text
 
 
 def test_cli_help_documents_the_options(capsys):

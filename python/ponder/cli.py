@@ -1,7 +1,8 @@
 """The ``ponder`` command line.
 
     ponder run            evaluate search methods on a dataset (accuracy vs test-time compute);
-                          without --policy: the control-plane benchmark
+                          with no arguments: the built-in models on builtin:arith, on CPU
+    ponder toy train      retrain the built-in models from a seed
     ponder bench core     C++ core vs the pure-Python reference on beam-search/DVTS workloads
     ponder info           what the extension was built with and whether CUDA kernels can run
 """
@@ -29,8 +30,28 @@ def _bench_core(args: argparse.Namespace) -> int:
     return control_plane.main(args.rest)
 
 
-RUN_DESCRIPTION = """\
+DEFAULT_POLICY = "builtin:policy-small"
+DEFAULT_REFERENCE = "builtin:policy-large"
+DEFAULT_PRM = "builtin:prm"
+DEFAULT_DATASET = "builtin:arith"
+DEFAULT_METHODS = "greedy,majority,best_of_n,weighted_best_of_n,beam_search,dvts"
+DEFAULT_NS = "1,4,16"
+DEFAULT_PER_LEVEL = 6  # the default slice of builtin:arith: the first 6 problems of each level
+
+def _toy_train(args: argparse.Namespace) -> int:
+    from .toy import train
+
+    return train.main(args.rest)
+
+
+RUN_DESCRIPTION = f"""\
 Evaluate search methods on a math dataset and write how accuracy scales with test-time compute.
+
+With no arguments it runs the built-in default on CPU with no download: the shipped small
+policy ({DEFAULT_POLICY}) searched with the shipped PRM ({DEFAULT_PRM}) on a slice of the
+built-in arithmetic benchmark ({DEFAULT_DATASET}, the first {DEFAULT_PER_LEVEL} problems of each
+level; --full for all 500), every method at n = {DEFAULT_NS}, next to the greedy accuracy of the
+larger shipped policy ({DEFAULT_REFERENCE}). Every option can be given alone; on your models:
 
     ponder run --policy Qwen/Qwen2.5-1.5B-Instruct --prm RLHFlow/Llama3.1-8B-PRM-Deepseek-Data \\
         --dataset math500.jsonl --methods greedy,majority,best_of_n,dvts --n 1,4,16 --out runs/m500
@@ -41,11 +62,9 @@ OUT/summary.csv, OUT/summary.md and OUT/scaling.png (accuracy vs n, accuracy vs 
 written and the summary table printed.
 
 Methods: greedy (one completion at temperature 0, run once as n=1), majority,
-best_of_n, weighted_best_of_n, beam_search, dvts. greedy and majority need no --prm.
-
-Without --policy, `ponder run` keeps its earlier behaviour: the built-in models are not part
-of this release, so it runs the control-plane benchmark (`ponder bench core`, --quick unless
-other benchmark options are given).
+best_of_n, weighted_best_of_n, beam_search, dvts. greedy and majority need no PRM.
+--reference-policy adds a second policy's greedy accuracy to the table (rows labelled with
+that policy). The control-plane benchmark is `ponder bench core`.
 """
 
 
@@ -74,14 +93,20 @@ def build_run_parser() -> argparse.ArgumentParser:
 
     p = _RunParser(prog="ponder run", description=RUN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     models = p.add_argument_group("models")
-    models.add_argument("--policy", metavar="PATH", help="policy: local directory or Hugging Face hub id (owner/name)")
-    models.add_argument("--prm", metavar="PATH", help="process reward model: local directory or hub id (not needed for greedy/majority only)")
+    models.add_argument("--policy", metavar="PATH", default=DEFAULT_POLICY,
+                        help=f"policy: local directory, Hugging Face hub id (owner/name) or builtin:<name> (default {DEFAULT_POLICY})")
+    models.add_argument("--prm", metavar="PATH", default=DEFAULT_PRM,
+                        help=f"process reward model: local directory, hub id or builtin:prm (default {DEFAULT_PRM}; unused by greedy/majority)")
+    models.add_argument("--reference-policy", metavar="PATH", default=None,
+                        help=f"also run greedy with this policy (a bigger model to compare with); 'none' for none "
+                             f"(default {DEFAULT_REFERENCE} when --policy is the default, else none)")
     models.add_argument("--prm-format", default="auto", help="PRM input format: auto, math-shepherd, rlhflow, qwen-prm (default auto)")
     models.add_argument("--device", default="cpu", help="torch device of both models (default cpu)")
     models.add_argument("--dtype", default=None, help="model dtype, e.g. float32, bfloat16 (default: float32 on CPU, bf16 else)")
 
     data = p.add_argument_group("dataset")
-    data.add_argument("--dataset", metavar="SRC", help="a .jsonl/.json/.parquet file, a save_to_disk directory, a hub dataset id or builtin:<name>")
+    data.add_argument("--dataset", metavar="SRC", default=DEFAULT_DATASET,
+                      help=f"a .jsonl/.json/.parquet file, a save_to_disk directory, a hub dataset id or builtin:<name> (default {DEFAULT_DATASET})")
     data.add_argument("--split", default="test", help="split of a hub dataset / DatasetDict (default test)")
     data.add_argument("--dataset-config", default=None, help="configuration name of a hub dataset")
     data.add_argument("--problem-field", default="problem", help="field with the question (default problem)")
@@ -90,11 +115,15 @@ def build_run_parser() -> argparse.ArgumentParser:
     data.add_argument("--level-field", default="level", help="field with the difficulty level, optional (default level)")
     data.add_argument("--id-field", default="unique_id", help="field with a unique id, optional (default unique_id; else the row number)")
     data.add_argument("--limit", type=int, metavar="K", help="evaluate only the first K problems")
+    data.add_argument("--per-level", type=int, metavar="K",
+                      help=f"evaluate only the first K problems of each level (default for {DEFAULT_DATASET}: {DEFAULT_PER_LEVEL})")
+    data.add_argument("--full", action="store_true", help=f"the whole dataset (no default slice of {DEFAULT_DATASET})")
 
     search = p.add_argument_group("search")
-    search.add_argument("--methods", type=_csv, required=True, metavar="M1,M2",
-                        help="comma-separated methods: greedy, majority, best_of_n, weighted_best_of_n, beam_search, dvts")
-    search.add_argument("--n", type=_csv_ints, required=True, metavar="N1,N2", help="comma-separated budgets N, e.g. 1,4,16,64")
+    search.add_argument("--methods", type=_csv, default=_csv(DEFAULT_METHODS), metavar="M1,M2",
+                        help=f"comma-separated methods: greedy, majority, best_of_n, weighted_best_of_n, beam_search, dvts (default all)")
+    search.add_argument("--n", type=_csv_ints, default=_csv_ints(DEFAULT_NS), metavar="N1,N2",
+                        help=f"comma-separated budgets N, e.g. 1,4,16,64 (default {DEFAULT_NS})")
     search.add_argument("--beam-width", type=int, default=4, metavar="M", help="beam width M of beam_search/dvts (default 4); every n above M must be a multiple of it, an n below M runs one tree n wide")
     search.add_argument("--num-iterations", type=int, default=40, help="search iterations of beam_search/dvts (default 40)")
     search.add_argument("--max-steps", type=int, default=64, help="most steps per solution, >= --num-iterations (default 64)")
@@ -141,40 +170,56 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _eval_only_options() -> set[str]:
-    from .bench import control_plane
-
-    ours = {s for a in build_run_parser()._actions for s in a.option_strings}
-    theirs = {s for a in control_plane.build_parser()._actions for s in a.option_strings}
-    return ours - theirs
-
-
-def _run_benchmark(rest: list[str]) -> int:
-    # No policy: the built-in models are not in this release; the main job measures the
-    # search control plane instead (today's behaviour of `ponder run`).
-    from .bench import control_plane
-
-    print(
-        "ponder run: no --policy given (the built-in models are not part of this release); running the "
-        "control-plane benchmark (C++ core vs pure-Python reference) instead. See `ponder run --help`.",
-        file=sys.stderr,
-    )
-    return control_plane.main(rest if rest else ["--quick"])
-
-
 def _run(rest: list[str]) -> int:
-    """`ponder run`: the evaluation with --policy, else the control-plane benchmark."""
-    wants_eval = any(a in ("-h", "--help") or a == "--policy" or a.startswith("--policy=") for a in rest)
-    if not wants_eval:
-        given = sorted({a.split("=")[0] for a in rest if a.split("=")[0] in _eval_only_options()})
-        if given:
-            return _fail(f"{', '.join(given)} given without --policy: an evaluation needs --policy PATH (see `ponder run --help`)")
-        return _run_benchmark(rest)
+    """`ponder run`: parse, then evaluate (every option has a default: the built-in run)."""
     try:
         args = build_run_parser().parse_args(rest)
     except SystemExit as exc:
         return int(exc.code or 0)
     return _evaluate(args)
+
+
+def _resolve_models(args: argparse.Namespace, needs_prm: bool) -> str | None:
+    """Turn builtin:<name> model references into the shipped folders and check the others
+    look like paths or hub ids; returns an error message or None."""
+    from .toy.models import resolve_model
+
+    if args.reference_policy is None:
+        args.reference_policy = DEFAULT_REFERENCE if args.policy == DEFAULT_POLICY else "none"
+    if args.reference_policy.strip().lower() == "none":
+        args.reference_policy = None
+    args.labels = {}
+    for flag, attr, used in (("--policy", "policy", True), ("--prm", "prm", needs_prm),
+                             ("--reference-policy", "reference_policy", True)):
+        ref = getattr(args, attr)
+        if ref is None or not used:
+            continue
+        try:
+            path = resolve_model(ref)
+        except (ValueError, FileNotFoundError) as exc:
+            return f"{flag} {ref}: {exc}"
+        if not _plausible_model_ref(path):
+            return f"{flag} {ref!r}: no such local path, and not a Hugging Face hub id (owner/name)"
+        args.labels[attr] = ref
+        setattr(args, attr, path)
+    return None
+
+
+def _slice(problems: list, args: argparse.Namespace) -> list:
+    """The default slice of the built-in benchmark (first DEFAULT_PER_LEVEL of each level) or
+    --per-level K; --full and --limit keep the dataset as loaded."""
+    per_level = args.per_level
+    if per_level is None and not args.full and args.limit is None and args.dataset == DEFAULT_DATASET:
+        per_level = DEFAULT_PER_LEVEL
+    if per_level is None:
+        return problems
+    kept: list = []
+    seen: dict = {}
+    for p in problems:
+        if seen.get(p.level, 0) < per_level:
+            seen[p.level] = seen.get(p.level, 0) + 1
+            kept.append(p)
+    return kept
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -209,16 +254,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     for name, value in (("--batch-size", args.batch_size), ("--max-step-tokens", args.max_step_tokens)):
         if value < 1:
             return _fail(f"{name} must be >= 1; got {value}")
-    if args.limit is not None and args.limit < 1:
-        return _fail(f"--limit must be >= 1; got {args.limit}")
+    for name, value in (("--limit", args.limit), ("--per-level", args.per_level)):
+        if value is not None and value < 1:
+            return _fail(f"{name} must be >= 1; got {value}")
+    if args.full and (args.limit is not None or args.per_level is not None):
+        return _fail("--full evaluates the whole dataset; drop --limit / --per-level (or --full)")
     needs_prm = [m for m in methods if m not in evaluate.PRM_FREE_METHODS]
     if needs_prm and not args.prm:
         return _fail(f"method {needs_prm[0]} needs --prm PATH (only greedy and majority run without a PRM)")
-    for flag, ref in (("--policy", args.policy), ("--prm", args.prm if needs_prm else None)):
-        if ref is not None and not _plausible_model_ref(ref):
-            return _fail(f"{flag} {ref!r}: no such local path, and not a Hugging Face hub id (owner/name)")
+    error = _resolve_models(args, bool(needs_prm))
+    if error:
+        return _fail(error)
     if not args.dataset:
-        return _fail("--dataset SRC is required (a .jsonl/.json/.parquet file, a saved dataset directory or a hub id)")
+        return _fail("--dataset SRC must not be empty (a .jsonl/.json/.parquet file, a saved dataset directory, a hub id or builtin:<name>)")
     base = SearchConfig(
         method="majority", n=1, beam_width=args.beam_width, num_iterations=args.num_iterations,
         lookahead=args.lookahead, agg=args.agg, vote=args.vote, seed=args.seed, max_steps=args.max_steps,
@@ -247,6 +295,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
     except (ValueError, OSError, ConnectionError) as exc:
         return _fail(f"--dataset {args.dataset}: {exc}")
+    problems = _slice(problems, args)
     if not problems:
         return _fail(f"--dataset {args.dataset}: no problems")
 
@@ -259,11 +308,24 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 1
     print(f"ponder run: {len(problems)} problems, methods {','.join(methods)}, n {','.join(map(str, ns))} -> {out_dir}",
           file=sys.stderr)
+    common = dict(base_config=base, out_dir=out_dir, batch_size=args.batch_size, progress=not args.no_progress)
     try:
         rows = evaluate.run_evaluation(
-            problems, policy, prm, methods=methods, ns=ns, base_config=base, out_dir=out_dir,
-            resume=args.resume, batch_size=args.batch_size, progress=not args.no_progress,
+            problems, policy, prm, methods=methods, ns=ns, resume=args.resume,
+            policy_label=args.labels["policy"], **common,
         )
+        if args.reference_policy is not None:
+            del policy, prm
+            try:
+                reference = _build_policy(args.reference_policy, args.device, args.dtype)
+            except (OSError, ValueError) as exc:
+                print(f"ponder run: error: could not load --reference-policy: {' '.join(str(exc).split())}", file=sys.stderr)
+                return 1
+            # the same directory: its rows are told apart by their policy label
+            rows += evaluate.run_evaluation(
+                problems, reference, None, methods=[evaluate.GREEDY], ns=[1], resume=True,
+                policy_label=args.labels["reference_policy"], **common,
+            )
     except (ValueError, FileExistsError) as exc:
         return _fail(exc)
     summary = evaluate.write_summary(rows, out_dir)
@@ -274,6 +336,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     except ImportError:
         print("ponder run: matplotlib is not installed; no scaling.png (pip install matplotlib)", file=sys.stderr)
     print("\nwrote " + ", ".join(os.fspath(f) for f in files))
+    print(
+        "\nOn your own models: ponder run --policy <hub id or dir> --prm <PRM hub id or dir> "
+        "--dataset <file.jsonl or hub id> (see `ponder run --help`)"
+    )
     return 0
 
 
@@ -282,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="evaluate search methods on a dataset (see `ponder run --help`); "
-                         "without --policy: the control-plane benchmark, --quick by default", add_help=False)
+                         "with no arguments: the built-in models on builtin:arith", add_help=False)
     run.add_argument("rest", nargs=argparse.REMAINDER, help="see `ponder run --help`")
     run.set_defaults(func=lambda a: _run(a.rest))
 
@@ -291,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     core = bench_sub.add_parser("core", help="control plane: C++ core vs pure-Python reference", add_help=False)
     core.add_argument("rest", nargs=argparse.REMAINDER, help="see `ponder bench core --help`")
     core.set_defaults(func=_bench_core)
+
+    toy = sub.add_parser("toy", help="the built-in task and models")
+    toy_sub = toy.add_subparsers(dest="which", required=True)
+    train = toy_sub.add_parser("train", help="retrain the built-in models from a seed (see `ponder toy train --help`)", add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(func=_toy_train)
 
     info = sub.add_parser("info", help="build and CUDA information as JSON")
     info.set_defaults(func=_info)
@@ -304,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv[1:])
     if argv[:2] == ["bench", "core"]:
         return _bench_core(argparse.Namespace(rest=argv[2:]))
+    if argv[:2] == ["toy", "train"]:
+        return _toy_train(argparse.Namespace(rest=argv[2:]))
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from .data import Problem
 from .grading import is_equivalent
-from .search import SearchConfig, search
+from .search import SAMPLING_METHODS, SearchConfig, search, search_sampled
 from .search.config import IMPLIED_VOTE
 from .search.config import METHODS as SEARCH_METHODS
 
@@ -141,9 +141,10 @@ def read_results(path: Path, *, repair: bool = True) -> list[dict]:
     return rows
 
 
-def row_key(row: dict) -> tuple[str, str, int]:
-    """The identity of a result row: (problem_id, method, n)."""
-    return (str(row["problem_id"]), str(row["method"]), int(row["n"]))
+def row_key(row: dict) -> tuple[str, str, str, int]:
+    """The identity of a result row: (problem_id, policy label, method, n); rows written
+    without a policy label have label ``""``."""
+    return (str(row["problem_id"]), str(row.get("policy", "")), str(row["method"]), int(row["n"]))
 
 
 def _append(path: Path, rows: Iterable[dict]) -> None:
@@ -215,6 +216,7 @@ def run_evaluation(
     resume: bool,
     batch_size: int = 16,
     progress: bool = True,
+    policy_label: str = "",
 ) -> list[dict]:
     """Run every method at every n over ``problems``; return the rows of this evaluation.
 
@@ -224,14 +226,23 @@ def run_evaluation(
     appended to ``out_dir/results.jsonl`` and fsynced. A row holds problem_id, method, n,
     answer, gold, correct (``is_equivalent``), level, policy_tokens (generated + prefilled),
     policy_tokens_generated, policy_tokens_prefilled, prm_tokens, flops, wall_s (the batch's
-    wall time divided by its problems), num_completions, beam_width (beam search / DVTS) and
-    seed.
+    wall time divided by its problems), num_completions, beam_width (beam search / DVTS), seed
+    and shared_samples.
+
+    Majority, best-of-N and weighted best-of-N at the same n (with a PRM) are answered from
+    one set of samples (``ponder.search.search_sampled``): the same answers and policy tokens
+    as three separate searches, a third of the sampling; their rows say ``shared_samples``
+    and carry the shared search's wall time.
 
     ``resume``: read the existing results first (a truncated last line is dropped and the
     file rewritten), skip finished (problem_id, method, n) keys; the search config must match
     the one recorded in ``out_dir/config.json`` (method and n aside). Without ``resume`` an
     existing non-empty results file raises FileExistsError. All configs are validated before
     any search (ValueError). ``prm`` may be None when only greedy / majority run.
+
+    ``policy_label`` names the policy in every row (field ``policy``, part of the row key), so
+    several policies can be evaluated into one directory (e.g. a larger model's greedy
+    accuracy next to the searches of a small one); ``summarize`` keeps them apart.
 
     Returns the rows (read back and new) for these problems, methods and ns, in plan order.
     """
@@ -254,17 +265,29 @@ def run_evaluation(
     existing = read_results(results_path) if resume else []
     done = {row_key(r): r for r in existing}
 
-    for method, n in pairs:
+    for group in _groups(pairs, prm is not None):
+        method, n = group[0]
         config = configs[(method, n)]
-        pending = [p for p in problems if (str(p.id), method, n) not in done]
-        bar = _progress(len(problems), len(problems) - len(pending), f"{method} n={n}", progress)
+        pending = [p for p in problems if any((str(p.id), policy_label, m, k) not in done for m, k in group)]
+        names = "+".join(m for m, _ in group)
+        desc = f"{names} n={n}" + (f" [{policy_label}]" if policy_label else "")
+        bar = _progress(len(problems), len(problems) - len(pending), desc, progress)
         try:
             for start in range(0, len(pending), batch_size):
                 batch = pending[start : start + batch_size]
                 t0 = time.perf_counter()
-                results = search([p.problem for p in batch], policy, prm, config)
+                if len(group) > 1:
+                    by_method = search_sampled([p.problem for p in batch], policy, prm, config, [m for m, _ in group])
+                else:
+                    by_method = {method: search([p.problem for p in batch], policy, prm, config)}
                 share = (time.perf_counter() - t0) / len(batch)
-                rows = [_row(p, r, method, n, config, share) for p, r in zip(batch, results)]
+                rows = []
+                for m, k in group:
+                    rows += [
+                        _row(p, r, m, k, configs[(m, k)], share, policy_label, shared=len(group) > 1)
+                        for p, r in zip(batch, by_method[m])
+                        if (str(p.id), policy_label, m, k) not in done
+                    ]
                 _append(results_path, rows)
                 for row in rows:
                     done[row_key(row)] = row
@@ -272,13 +295,33 @@ def run_evaluation(
         finally:
             bar.close()
 
-    return [done[(pid, m, n)] for m, n in pairs for pid in ids]
+    return [done[(pid, policy_label, m, n)] for m, n in pairs for pid in ids]
 
 
-def _row(problem: Problem, result, method: str, n: int, config: SearchConfig, wall_s: float) -> dict:
+def _groups(pairs: list[tuple[str, int]], have_prm: bool) -> list[list[tuple[str, int]]]:
+    """The searches an evaluation runs: majority, best-of-N and weighted best-of-N at the same
+    n vote over the same samples (they depend on the seed, not on the PRM), so with a PRM they
+    share one ``search_sampled`` call; every other (method, n) is a search of its own."""
+    groups: list[list[tuple[str, int]]] = []
+    shared: dict[int, list[tuple[str, int]]] = {}
+    for method, n in pairs:
+        if have_prm and method in SAMPLING_METHODS:
+            if n not in shared:
+                shared[n] = []
+                groups.append(shared[n])
+            shared[n].append((method, n))
+        else:
+            groups.append([(method, n)])
+    return groups
+
+
+def _row(
+    problem: Problem, result, method: str, n: int, config: SearchConfig, wall_s: float, policy: str, shared: bool = False
+) -> dict:
     b = result.budget
     return {
         "problem_id": str(problem.id),
+        "policy": policy,
         "method": method,
         "n": n,
         "answer": result.answer,
@@ -294,6 +337,7 @@ def _row(problem: Problem, result, method: str, n: int, config: SearchConfig, wa
         "num_completions": len(result.completions),
         "beam_width": config.beam_width if method in TREE_METHODS else None,
         "seed": config.seed,
+        "shared_samples": shared,
     }
 
 
@@ -305,24 +349,29 @@ def _method_order(method: str) -> tuple:
 
 
 def summarize(rows: Iterable[dict]) -> list[dict]:
-    """One summary row per (method, n), ordered by method (greedy first) then n.
+    """One summary row per (policy, method, n), ordered by policy (in order of first
+    appearance), method (greedy first), then n.
 
-    Each holds method, n, count, correct, accuracy, mean_policy_tokens, mean_prm_tokens,
+    Each holds policy (the rows' label, "" when unlabelled), method, n, count, correct, accuracy, mean_policy_tokens, mean_prm_tokens,
     mean_tokens (policy + PRM), mean_wall_s and, when any row has a level, ``levels``:
     ``{level: (accuracy, count)}`` plus one flat ``acc_level_<L>`` entry per level seen in the
     whole evaluation (None where this (method, n) has no problem of that level).
     """
     rows = list(rows)
-    groups: dict[tuple[str, int], list[dict]] = {}
+    groups: dict[tuple[str, str, int], list[dict]] = {}
+    policies: dict[str, int] = {}
     for row in rows:
-        groups.setdefault((row["method"], int(row["n"])), []).append(row)
+        policy = str(row.get("policy", ""))
+        policies.setdefault(policy, len(policies))
+        groups.setdefault((policy, row["method"], int(row["n"])), []).append(row)
     all_levels = sorted({r.get("level") for r in rows if r.get("level") is not None}, key=lambda v: (str(type(v)), v))
     summary = []
-    for (method, n) in sorted(groups, key=lambda k: (_method_order(k[0]), k[1])):
-        group = groups[(method, n)]
+    for (policy, method, n) in sorted(groups, key=lambda k: (policies[k[0]], _method_order(k[1]), k[2])):
+        group = groups[(policy, method, n)]
         count = len(group)
         correct = sum(bool(r["correct"]) for r in group)
         entry: dict[str, Any] = {
+            "policy": policy,
             "method": method,
             "n": n,
             "count": count,
@@ -356,13 +405,21 @@ _COLUMNS = [
 ]
 
 
+def _policies(summary: Sequence[dict]) -> list[str]:
+    return list(dict.fromkeys(str(e.get("policy", "")) for e in summary))
+
+
 def markdown_table(summary: Sequence[dict]) -> str:
-    """The summary as a Markdown table (per-level accuracy columns when levels exist)."""
+    """The summary as a Markdown table (per-level accuracy columns when levels exist, a policy
+    column when the rows come from more than one policy)."""
     level_keys = [k for k in (summary[0] if summary else {}) if k.startswith("acc_level_")]
-    header = [title for _, title, _ in _COLUMNS] + [f"L{k[len('acc_level_'):]} acc" for k in level_keys]
+    columns = list(_COLUMNS)
+    if len(_policies(summary)) > 1:
+        columns.insert(0, ("policy", "policy", str))
+    header = [title for _, title, _ in columns] + [f"L{k[len('acc_level_'):]} acc" for k in level_keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for entry in summary:
-        cells = [fmt(entry[key]) for key, _, fmt in _COLUMNS]
+        cells = [fmt(entry.get(key, "")) for key, _, fmt in columns]
         for k in level_keys:
             value = entry.get(k)
             cells.append("-" if value is None else f"{value:.3f} ({entry['levels'][_level_of(entry, k)][1]})")
@@ -394,7 +451,9 @@ def write_summary(rows: Iterable[dict], out_dir: Path) -> list[dict]:
 
 def plot_scaling(summary: Sequence[dict], out_dir: Path) -> Path:
     """Write ``out_dir/scaling.png``: accuracy vs n (log2 x axis) and accuracy vs mean policy
-    tokens per problem (log x axis), one line per method. Returns the path."""
+    tokens per problem (log x axis), one line per method of the first policy; the greedy
+    accuracy of every other policy (a larger model, say) is a dashed horizontal line.
+    Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,16 +461,24 @@ def plot_scaling(summary: Sequence[dict], out_dir: Path) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    policies = _policies(summary)
+    main = policies[0] if policies else ""
     by_method: dict[str, list[dict]] = {}
     for entry in summary:
-        by_method.setdefault(entry["method"], []).append(entry)
+        if str(entry.get("policy", "")) == main:
+            by_method.setdefault(entry["method"], []).append(entry)
     fig, (ax_n, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for other in policies[1:]:
+        for entry in summary:
+            if str(entry.get("policy", "")) == other and entry["method"] == GREEDY:
+                for ax in (ax_n, ax_t):
+                    ax.axhline(entry["accuracy"], linestyle="--", color="gray", label=f"{other} greedy")
     for method in sorted(by_method, key=_method_order):
         pts = sorted(by_method[method], key=lambda e: e["n"])
         ns = [e["n"] for e in pts]
         acc = [e["accuracy"] for e in pts]
         tokens = [max(e["mean_policy_tokens"], 1e-9) for e in pts]
-        style = {"marker": "o", "label": method}
+        style = {"marker": "o", "label": f"{method} ({main})" if main and method == GREEDY else method}
         if method == GREEDY:
             style.update(linestyle="none", marker="*", markersize=11, color="black")
         line = ax_n.plot(ns, acc, **style)[0]
@@ -426,7 +493,7 @@ def plot_scaling(summary: Sequence[dict], out_dir: Path) -> Path:
     for ax in (ax_n, ax_t):
         ax.grid(True, which="both", alpha=0.3)
         ax.set_ylim(-0.02, 1.02)
-    if by_method:
+    if by_method or len(policies) > 1:
         ax_n.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "scaling.png"

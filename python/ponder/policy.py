@@ -37,7 +37,7 @@ import torch
 from .kv import ATTN_IMPLEMENTATION, PagedKVCache
 from .protocols import SamplingParams, Step
 
-__all__ = ["HFPolicy", "load_tokenizer", "resolve_dtype"]
+__all__ = ["HFPolicy", "load_tokenizer", "resolve_dtype", "sample_step_batch"]
 
 # How many tokens a prefill batch may hold: bounds the gathered K/V and the [B, 1, T, L] mask.
 _PREFILL_BATCH_TOKENS = 16384
@@ -133,6 +133,60 @@ def _check_params(params: SamplingParams) -> None:
         raise ValueError(f"top_k must be >= 0, got {params.top_k}")
     if not params.step_delimiter:
         raise ValueError("step_delimiter must be a non-empty string")
+
+
+def sample_step_batch(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    tokenizer,
+    eos_ids: set[int],
+    advance,
+) -> list[Step]:
+    """Sample one step for each of B rows, token by token, with the stopping rules every
+    ponder policy shares: a row stops at an EOS id (``eos``), once its decoded tail holds
+    ``params.step_delimiter`` (the delimiter stays in the step), or at ``max_step_tokens``
+    (``truncated``); a stopped row leaves the batch at once.
+
+    logits: float [B, V], the next-token logits of each row. advance(rows, positions, last):
+    run the models one token further for the rows still going (``rows``: their indices in
+    0..B-1, ``positions``: their positions in the previous live batch, ``last``: each one's
+    newly sampled token) and return their next-token logits [len(rows), V]. Step texts are
+    decoded without the EOS ids.
+    """
+    delim = params.step_delimiter
+    window = len(delim) + _DELIM_WINDOW_EXTRA
+    B = logits.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    eos = [False] * B
+    truncated = [False] * B
+    active = list(range(B))
+    while active:
+        nxt = sample_next(logits, params, generator).tolist()
+        for i, t in zip(active, nxt):
+            tokens[i].append(int(t))
+        tails = tokenizer.batch_decode(
+            [tokens[i][-window:] for i in active], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        keep: list[int] = []  # positions in the live batch of the rows that go on
+        for j, (i, tail) in enumerate(zip(active, tails)):
+            if tokens[i][-1] in eos_ids:
+                eos[i] = True
+            elif delim in tail:
+                pass  # the step ends with its delimiter
+            elif len(tokens[i]) >= params.max_step_tokens:
+                truncated[i] = True
+            else:
+                keep.append(j)
+        active = [active[j] for j in keep]
+        if active:
+            logits = advance(active, keep, [tokens[i][-1] for i in active])
+    texts = tokenizer.batch_decode(
+        [[t for t in toks if t not in eos_ids] for toks in tokens],
+        skip_special_tokens=False,
+        clean_up_tokenization_spaces=False,
+    )
+    return [Step(tokens[i], texts[i], eos[i], truncated[i]) for i in range(B)]
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -450,38 +504,10 @@ class HFPolicy:
         """Sample one step per row. seqs: the rows' sequences (their whole path is in the cache);
         logits: [B, V] next-token logits of each row. Every sampled token but each row's last is
         appended to its sequence; finished rows leave the batch at once."""
-        gen = self._rng(params)
-        delim = params.step_delimiter
-        window = len(delim) + _DELIM_WINDOW_EXTRA
-        B = len(seqs)
-        tokens: list[list[int]] = [[] for _ in range(B)]
-        eos = [False] * B
-        truncated = [False] * B
-        active = list(range(B))
-        while active:
-            nxt = sample_next(logits, params, gen).tolist()
-            self._tokens_generated += len(active)
-            for i, t in zip(active, nxt):
-                tokens[i].append(int(t))
-            tails = self.tokenizer.batch_decode(
-                [tokens[i][-window:] for i in active], skip_special_tokens=False, clean_up_tokenization_spaces=False
-            )
-            keep: list[int] = []
-            for i, tail in zip(active, tails):
-                if tokens[i][-1] in self.eos_ids:
-                    eos[i] = True
-                elif delim in tail:
-                    pass  # the step ends with its delimiter
-                elif len(tokens[i]) >= params.max_step_tokens:
-                    truncated[i] = True
-                else:
-                    keep.append(i)
-            active = keep
-            if active:
-                logits = self._forward([seqs[i] for i in active], [[tokens[i][-1]] for i in active])
-        texts = self.tokenizer.batch_decode(
-            [[t for t in toks if t not in self.eos_ids] for toks in tokens],
-            skip_special_tokens=False,
-            clean_up_tokenization_spaces=False,
-        )
-        return [Step(tokens[i], texts[i], eos[i], truncated[i]) for i in range(B)]
+
+        def advance(rows: list[int], _positions: list[int], last: list[int]) -> torch.Tensor:
+            return self._forward([seqs[i] for i in rows], [[t] for t in last])
+
+        steps = sample_step_batch(logits, params, self._rng(params), self.tokenizer, self.eos_ids, advance)
+        self._tokens_generated += sum(len(s.tokens) for s in steps)
+        return steps

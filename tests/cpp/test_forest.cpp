@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/num_view.h"
+#include "test_util.h"
 #include "tree/forest.h"
 
 // Print vectors (and vectors of vectors) in failure messages instead of "{?}".
@@ -181,27 +182,10 @@ Snapshot snapshot(const Forest& f) {
   return s;
 }
 
-// Runs `call`, checks it throws exactly `Exc` and that the forest is unchanged; returns what().
-template <typename Exc, typename F>
-std::string throws_unchanged(const Forest& f, F&& call, const char* expr, int line) {
-  INFO("line " << line << ": " << expr);
-  const Snapshot before = snapshot(f);
-  std::string msg;
-  bool right_kind = false;
-  try {
-    call();
-  } catch (const Exc& e) {
-    right_kind = true;
-    msg = e.what();
-  } catch (const std::exception& e) {
-    msg = std::string("(other exception) ") + e.what();
-  }
-  CHECK_MESSAGE(right_kind, "wrong or no exception: " << msg);
-  CHECK_MESSAGE(snapshot(f) == before, "the failed call changed the forest");
-  return msg;
-}
-#define THROWS_UNCHANGED(forest, Exc, ...) \
-  throws_unchanged<Exc>((forest), [&] { __VA_ARGS__; }, #__VA_ARGS__, __LINE__)
+// Runs the call, checks it throws exactly `Exc` and that the forest is unchanged; returns what().
+#define THROWS_UNCHANGED(forest, Exc, ...)                                                        \
+  ponder_test::throws_unchanged<Exc>([&] { return snapshot(forest); }, [&] { __VA_ARGS__; }, #__VA_ARGS__, \
+                                     __LINE__)
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 

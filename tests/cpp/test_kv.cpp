@@ -19,6 +19,7 @@
 #include "kv/block_pool.h"
 #include "kv/kv_manager.h"
 #include "kv/prefix_index.h"
+#include "test_util.h"
 
 using ponder::NumView;
 using namespace ponder::kv;
@@ -50,26 +51,9 @@ I64 range64(int64_t n) {
   return v;
 }
 
-// Runs `call`, checks it throws exactly `Exc` (not a subclass of another expected kind) and
-// that `snap()` is unchanged.
-template <typename Exc, typename Snap, typename F>
-void throws_unchanged(Snap&& snap, F&& call, const char* expr, int line) {
-  INFO("line " << line << ": " << expr);
-  const auto before = snap();
-  bool right_kind = false;
-  std::string msg;
-  try {
-    call();
-  } catch (const Exc& e) {
-    right_kind = true;
-    msg = e.what();
-  } catch (const std::exception& e) {
-    msg = std::string("(other exception) ") + e.what();
-  }
-  CHECK_MESSAGE(right_kind, "wrong or no exception: " << msg);
-  CHECK_MESSAGE((snap() == before), "the failed call changed the state");
-}
-#define THROWS_UNCHANGED(snap, Exc, ...) throws_unchanged<Exc>((snap), [&] { __VA_ARGS__; }, #__VA_ARGS__, __LINE__)
+// Runs the call, checks it throws exactly `Exc` and that `snap()` is unchanged.
+#define THROWS_UNCHANGED(snap, Exc, ...) \
+  ponder_test::throws_unchanged<Exc>((snap), [&] { __VA_ARGS__; }, #__VA_ARGS__, __LINE__)
 
 struct PoolSnap {
   int64_t free;

@@ -10,7 +10,7 @@ each token of the tree once.
 ``RecomputePolicy`` and ``RecomputePRM`` implement :class:`ponder.protocols.Policy` /
 :class:`ponder.protocols.PRM` that way, *wrapping an existing* :class:`ponder.HFPolicy` /
 :class:`ponder.HFPRM`: the same model, tokenizer, prompt formatting, PRM input formatting,
-stopping rules and sampling function (``sample_next``), and the same seeding rule. The one
+stopping rules and sampling loop (``ponder.policy.sample_step_batch``), and the same seeding rule. The one
 difference is caching:
 
 * ``RecomputePolicy.sample_steps``: each row (one per child) re-encodes its parent's full path
@@ -38,15 +38,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..policy import HFPolicy, SeededStream, _check_params, sample_next
+from ..policy import HFPolicy, SeededStream, _check_params, sample_step_batch
 from ..prm import HFPRM
 from ..protocols import SamplingParams, Step
 
 __all__ = ["RecomputePRM", "RecomputePolicy"]
-
-# Delimiter detection decodes only the tail of a step (as HFPolicy: delimiter + partial UTF-8).
-_DELIM_WINDOW_EXTRA = 8
-
 
 def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows -> (input_ids int64 [B, L], attention_mask int64 [B, L]), padded on the left."""
@@ -160,8 +156,6 @@ class RecomputePolicy:
         from transformers import DynamicCache
 
         gen = self._rng(params)
-        delim = params.step_delimiter
-        window = len(delim) + _DELIM_WINDOW_EXTRA
         B = len(paths)
         cache = DynamicCache()
         ids, mask = _left_pad(paths, self.pad_id, self.device)
@@ -172,47 +166,25 @@ class RecomputePolicy:
         logits = out.logits[:, -1]
         next_pos = torch.tensor([len(p) for p in paths], dtype=torch.long, device=self.device)
 
-        tokens: list[list[int]] = [[] for _ in range(B)]
-        eos, truncated = [False] * B, [False] * B
-        active = list(range(B))  # row i of the live batch is path active[i]
-        while active:
-            nxt = sample_next(logits, params, gen).tolist()
-            self._tokens_generated += len(active)
-            for i, t in zip(active, nxt):
-                tokens[i].append(int(t))
-            tails = self.tokenizer.batch_decode(
-                [tokens[i][-window:] for i in active], skip_special_tokens=False, clean_up_tokenization_spaces=False
-            )
-            keep = []  # positions in the live batch of the rows that go on
-            for j, (i, tail) in enumerate(zip(active, tails)):
-                if tokens[i][-1] in self.eos_ids:
-                    eos[i] = True
-                elif delim in tail:
-                    pass
-                elif len(tokens[i]) >= params.max_step_tokens:
-                    truncated[i] = True
-                else:
-                    keep.append(j)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                sel = torch.tensor(keep, dtype=torch.long, device=self.device)
+        state = {"mask": mask, "next_pos": next_pos}
+
+        def advance(rows: list[int], positions: list[int], last: list[int]) -> torch.Tensor:
+            mask, next_pos = state["mask"], state["next_pos"]
+            if len(positions) < mask.shape[0]:
+                sel = torch.tensor(positions, dtype=torch.long, device=self.device)
                 cache.batch_select_indices(sel)
                 mask, next_pos = mask[sel], next_pos[sel]
-            active = [active[j] for j in keep]
-            feed = torch.tensor([[tokens[i][-1]] for i in active], dtype=torch.long, device=self.device)
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
+            feed = torch.tensor([[t] for t in last], dtype=torch.long, device=self.device)
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
             out = self.model(input_ids=feed, attention_mask=mask, position_ids=next_pos[:, None], cache=cache, use_cache=True)
             self._forward_passes += 1
-            self._tokens_prefilled += len(active)
-            logits = out.logits[:, -1]
-            next_pos = next_pos + 1
-        texts = self.tokenizer.batch_decode(
-            [[t for t in toks if t not in self.eos_ids] for toks in tokens],
-            skip_special_tokens=False,
-            clean_up_tokenization_spaces=False,
-        )
-        return [Step(tokens[i], texts[i], eos[i], truncated[i]) for i in range(B)]
+            self._tokens_prefilled += len(rows)
+            state["mask"], state["next_pos"] = mask, next_pos + 1
+            return out.logits[:, -1]
+
+        steps = sample_step_batch(logits, params, gen, self.tokenizer, self.eos_ids, advance)
+        self._tokens_generated += sum(len(s.tokens) for s in steps)
+        return steps
 
 
 class RecomputePRM:

@@ -36,6 +36,7 @@ differs:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,4 +86,56 @@ def search(problems: Sequence[Any], policy, prm, config: SearchConfig | None = N
     return METHODS[config.method](run)
 
 
-__all__ = ["METHODS", "Budget", "Completion", "Run", "SearchConfig", "SearchResult", "search"]
+#: the methods that only differ in how they vote over the same N sampled solutions
+SAMPLING_METHODS = ("majority", "best_of_n", "weighted_best_of_n")
+
+
+def search_sampled(
+    problems: Sequence[Any], policy, prm, config: SearchConfig, methods: Sequence[str]
+) -> dict[str, list[SearchResult]]:
+    """Sample ``config.n`` solutions per problem once and answer with every method of
+    ``methods`` (a subset of ``SAMPLING_METHODS``): one result list per method.
+
+    The samples depend only on the policy, the problems and the seed, never on the PRM, so
+    each method's answers and policy budget are those ``search`` gives with ``config`` and
+    ``method=`` that method; majority's budget leaves out the PRM (it needs none), and every
+    method's completions carry the PRM scores. ``config.method`` is ignored; ``prm`` may be
+    None only when ``methods`` is just majority. The votes are the methods' own: majority
+    (``agg``), best and weighted (``vote_agg``).
+    """
+    methods = list(dict.fromkeys(methods))
+    bad = [m for m in methods if m not in SAMPLING_METHODS]
+    if bad or not methods:
+        raise ValueError(f"search_sampled takes methods among {SAMPLING_METHODS}; got {methods!r}")
+    configs = {m: dataclasses.replace(config, method=m, vote=None).validate() for m in methods}
+    if isinstance(problems, str):
+        raise TypeError("problems must be a sequence of problems, not one str")
+    texts = [problem_text(x) for x in problems]
+    if not texts:
+        return {m: [] for m in methods}
+    needs_prm = [m for m in methods if m != "majority"]
+    if needs_prm and prm is None:
+        raise ValueError(f"method {needs_prm[0]!r} needs a PRM; only 'majority' runs without one")
+    first = configs[needs_prm[0] if needs_prm else "majority"]
+    run = Run(texts, policy, prm if needs_prm else None, first)
+    from .majority import sample_solutions
+
+    votes = {
+        "majority": ("majority", configs.get("majority", first).agg),
+        "best_of_n": ("best", configs.get("best_of_n", first).vote_agg),
+        "weighted_best_of_n": ("weighted", configs.get("weighted_best_of_n", first).vote_agg),
+    }
+    return run.results_by_vote(sample_solutions(run), {m: votes[m] for m in methods}, prm_free=("majority",))
+
+
+__all__ = [
+    "METHODS",
+    "SAMPLING_METHODS",
+    "Budget",
+    "Completion",
+    "Run",
+    "SearchConfig",
+    "SearchResult",
+    "search",
+    "search_sampled",
+]

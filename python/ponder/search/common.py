@@ -307,40 +307,59 @@ class Run:
         returns them (repeats allowed: padding). The vote counts each node once, in that
         order (ties go to the answer seen first). how: majority | weighted | best.
         """
+        return self.results_by_vote(completions, {how: (how, agg)})[how]
+
+    def results_by_vote(
+        self, completions: list[list[int]], votes: dict[str, tuple[str, str]], prm_free: tuple[str, ...] = ()
+    ) -> dict[str, list[SearchResult]]:
+        """``results`` for several votes over the same completions: ``votes`` maps a name to
+        (how, agg); one result list per name, then everything is freed. Names in ``prm_free``
+        (a vote that needs no PRM, e.g. majority over PRM-scored samples) report a budget
+        without the PRM's tokens and FLOPs."""
         p = self.num_problems
         voters = [list(dict.fromkeys(int(x) for x in nodes)) for nodes in completions]
         flat = np.array([x for nodes in voters for x in nodes], dtype=np.int32)
-        winner = [-1] * p
-        if flat.size:
-            votes = self.forest.vote(flat, how, agg)
-            for problem, node in zip(votes["problem_ids"].tolist(), votes["node_ids"].tolist()):
-                winner[problem] = int(node)
+        winners: dict[str, list[int]] = {}
+        for name, (how, agg) in votes.items():
+            winner = [-1] * p
+            if flat.size:
+                result = self.forest.vote(flat, how, agg)
+                for problem, node in zip(result["problem_ids"].tolist(), result["node_ids"].tolist()):
+                    winner[problem] = int(node)
+            winners[name] = winner
         wall = time.perf_counter() - self._t0
         n_policy, n_prm = _num_parameters(self.policy), _num_parameters(self.prm) if self.prm is not None else 0
-        out = []
+        trees, done = [], []
         for i in range(p):
             ids = self.forest.problem_nodes(i)
-            tree = {"node_id": ids, **self.forest.nodes(ids)}
-            gen, pre, scored = int(self.generated[i]), int(self.prefilled[i]), int(self.prm_scored[i])
-            budget = Budget(
-                policy_tokens_generated=gen,
-                policy_tokens_prefilled=pre,
-                prm_tokens_scored=scored,
-                flops_estimate=2.0 * n_policy * (gen + pre) + 2.0 * n_prm * scored,
-                wall_s=wall,
-            )
-            node = winner[i]
-            out.append(
-                SearchResult(
-                    problem_id=i,
-                    problem=self.problems[i],
-                    answer=self.answer[node] if node >= 0 else None,
-                    answer_node=node,
-                    completions=[self.completion(x) for x in completions[i]],
-                    tree=tree,
-                    budget=budget,
+            trees.append({"node_id": ids, **self.forest.nodes(ids)})
+            done.append([self.completion(x) for x in completions[i]])
+        out: dict[str, list[SearchResult]] = {}
+        for name, winner in winners.items():
+            scored_by_prm = name not in prm_free
+            out[name] = []
+            for i in range(p):
+                gen, pre = int(self.generated[i]), int(self.prefilled[i])
+                scored = int(self.prm_scored[i]) if scored_by_prm else 0
+                budget = Budget(
+                    policy_tokens_generated=gen,
+                    policy_tokens_prefilled=pre,
+                    prm_tokens_scored=scored,
+                    flops_estimate=2.0 * n_policy * (gen + pre) + 2.0 * n_prm * scored,
+                    wall_s=wall,
                 )
-            )
+                node = winner[i]
+                out[name].append(
+                    SearchResult(
+                        problem_id=i,
+                        problem=self.problems[i],
+                        answer=self.answer[node] if node >= 0 else None,
+                        answer_node=node,
+                        completions=done[i],
+                        tree=trees[i],
+                        budget=budget,
+                    )
+                )
         self.release(range(len(self.parent)))
         for i in range(p):
             self.forest.release_problem(i)

@@ -1,8 +1,8 @@
 """The built-in multi-step arithmetic task ``builtin:arith``.
 
-Problems are integer expressions over ``+ - *`` ("Compute (17 - 4) * 3 + 8 * (2 + 5).") at
+Problems are integer expressions over ``+ - *`` ("Compute (7 - 4) * 3 + 8 * (2 + 5).") at
 difficulty levels 1-5: the number of operations, the nesting depth and the operand sizes grow
-with the level, and every intermediate value (so also the answer) satisfies ``|v| < 10^4``.
+with the level, and every intermediate value (so also the answer) satisfies ``|v| < 1000`` (tighter bounds at lower levels).
 
 The reference solution rewrites the expression one operation per step; steps are separated by
 a blank line (``"\\n\\n"``) and the last one is ``"The answer is \\boxed{N}."``::
@@ -72,7 +72,7 @@ __all__ = [
 
 Tree = Union[int, tuple]  # int: a number; (op, left, right): an operation
 
-MAX_ABS = 10_000  # every value in a generated problem has |v| < MAX_ABS
+MAX_ABS = 1_000  # every value in a generated problem has |v| < MAX_ABS (levels bound it tighter)
 LEVELS = (1, 2, 3, 4, 5)
 EVAL_SEED = 20_240_501
 TRAIN_SEED = 7_919
@@ -89,14 +89,19 @@ class _LevelSpec:
     height: int  # maximum tree height (so nesting depth)
     operand: int  # operands of + and - are in 1..operand
     factor: int  # operands of * that are numbers are in 2..factor
+    max_abs: int  # every value of the problem (and of its reference steps) has |v| < max_abs
 
 
+# Small numbers on purpose: the shipped ~1M-parameter policy has to learn the arithmetic facts
+# from a CPU-sized training budget, and its errors should be ones that sampling several times
+# and verifying can fix. Difficulty grows with the level through the number of operations,
+# the nesting and the size of the numbers.
 _SPECS = {
-    1: _LevelSpec(ops=(1, 2), height=2, operand=20, factor=9),
-    2: _LevelSpec(ops=(2, 3), height=2, operand=50, factor=12),
-    3: _LevelSpec(ops=(3, 5), height=3, operand=100, factor=15),
-    4: _LevelSpec(ops=(5, 7), height=4, operand=300, factor=20),
-    5: _LevelSpec(ops=(7, 9), height=5, operand=999, factor=30),
+    1: _LevelSpec(ops=(1, 2), height=2, operand=9, factor=5, max_abs=100),
+    2: _LevelSpec(ops=(2, 3), height=2, operand=12, factor=6, max_abs=100),
+    3: _LevelSpec(ops=(3, 4), height=3, operand=15, factor=7, max_abs=200),
+    4: _LevelSpec(ops=(4, 6), height=3, operand=20, factor=8, max_abs=500),
+    5: _LevelSpec(ops=(6, 8), height=4, operand=30, factor=9, max_abs=MAX_ABS),
 }
 
 
@@ -392,10 +397,10 @@ def _fill(
     return (op, _fill(rng, shape[1], spec, op), _fill(rng, shape[2], spec, op))
 
 
-def _bounded(tree: Tree) -> bool:
+def _bounded(tree: Tree, limit: int) -> bool:
     if isinstance(tree, int):
-        return abs(tree) < MAX_ABS
-    return _bounded(tree[1]) and _bounded(tree[2]) and abs(evaluate(tree)) < MAX_ABS
+        return abs(tree) < limit
+    return _bounded(tree[1], limit) and _bounded(tree[2], limit) and abs(evaluate(tree)) < limit
 
 
 def _random_tree(rng: random.Random, level: int) -> Tree:
@@ -403,8 +408,8 @@ def _random_tree(rng: random.Random, level: int) -> Tree:
     ops = rng.randint(*spec.ops)
     while True:
         tree = _fill(rng, _shape(rng, ops, spec.height), spec, None)
-        if _bounded(tree) and all(
-            abs(evaluate(t)) < MAX_ABS for t in _reference_trees(tree)
+        if _bounded(tree, spec.max_abs) and all(
+            abs(evaluate(t)) < spec.max_abs for t in _reference_trees(tree)
         ):
             return tree
 

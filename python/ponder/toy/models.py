@@ -1,0 +1,148 @@
+"""The built-in models of ``builtin:arith``: their tokenizer, their configs and where they live.
+
+Three real Hugging Face checkpoints ship in ``ponder/toy/models/`` (written by
+``ponder toy train``, see ``ponder.toy.train``):
+
+* ``builtin:policy-small`` -- a ~1M-parameter Llama, the policy whose test-time compute ponder
+  scales;
+* ``builtin:policy-large`` -- a ~5x larger Llama trained the same way, the "bigger model" whose
+  greedy accuracy search is compared with;
+* ``builtin:prm`` -- a Math-Shepherd-format PRM (a Llama causal LM; the step tag " ки" is one
+  token and the score is P("+") against "-" at each tag), initialised from the large policy and
+  fine-tuned on the small policy's own sampled solutions labelled exactly by
+  :func:`ponder.toy.arith.label_steps`.
+
+The tokenizer is a :class:`transformers.PreTrainedTokenizerFast` over a fixed vocabulary: every
+printable ASCII character is a token, and a few frequent strings of the task (``" + "``,
+``"\\n\\n"``, ``"The answer is \\boxed{"`` ...) are single tokens so solutions are short.
+Digits are always single tokens (numbers are read and written digit by digit). The policies'
+tokenizer has a chat template (``<s><|user|>question<|end|><|assistant|>``) and ends a solution
+with ``<|end|>``; the PRM's has none (Math-Shepherd PRMs read plain text).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "MODELS_DIR",
+    "STEP_TAG",
+    "build_tokenizer",
+    "builtin_model_path",
+    "model_config",
+    "resolve_model",
+]
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+#: builtin model name -> (directory under MODELS_DIR, what it is)
+BUILTIN_MODELS = {
+    "policy-small": "the small policy (~1M-parameter Llama)",
+    "policy-large": "the larger policy (~5x the small one)",
+    "prm": "the Math-Shepherd-format PRM (initialised from policy-large, trained on policy-small's samples)",
+}
+STEP_TAG = " ки"  # the Math-Shepherd step tag (ponder.prm.MATH_SHEPHERD_TAG)
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Multi-character tokens of the task; longest first so the splitting regex prefers them.
+WORD_TOKENS = ["The answer is \\boxed{", "Compute ", STEP_TAG, " + ", " - ", " * ", "}.", "\n\n", "(-"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+#: the three architectures (LlamaConfig keyword arguments besides the vocabulary)
+ARCHITECTURES = {
+    "policy-small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+    "policy-large": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=5, num_attention_heads=4),
+}
+ARCHITECTURES["prm"] = ARCHITECTURES["policy-large"]  # fine-tuned from the large policy
+MAX_POSITIONS = 1024
+
+
+def _vocabulary() -> list[str]:
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "к", "и"]
+    return SPECIAL_TOKENS + WORD_TOKENS + chars
+
+
+def build_tokenizer(chat: bool = True):
+    """The task's tokenizer as a ``PreTrainedTokenizerFast``.
+
+    chat=True: the policies' tokenizer (chat template, eos ``<|end|>``); chat=False: the PRM's
+    (no template; ``encode`` adds ``<s>`` as Math-Shepherd's Llama tokenizer adds BOS). Both map
+    the same strings to the same ids. Unknown characters become ``<unk>``.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    alternatives = [re.escape(t) for t in SPECIAL_TOKENS + WORD_TOKENS]
+    pattern = "|".join(alternatives) + r"|[\s\S]"
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    if not chat:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|end|>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+        clean_up_tokenization_spaces=False,
+        model_max_length=MAX_POSITIONS,
+    )
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def model_config(name: str, tokenizer):
+    """The ``LlamaConfig`` of builtin model ``name`` for ``tokenizer``."""
+    from transformers import LlamaConfig
+
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown builtin model {name!r}; choose from {', '.join(ARCHITECTURES)}")
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_POSITIONS,
+        rope_theta=10_000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **ARCHITECTURES[name],
+    )
+
+
+def builtin_model_path(name: str, models_dir: str | os.PathLike | None = None) -> Path:
+    """The directory of builtin model ``name`` (``policy-small``, ``policy-large``, ``prm``).
+
+    Raises ValueError for an unknown name and FileNotFoundError (saying how to make it) when
+    the directory has no weights.
+    """
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown builtin model {name!r}; choose from " + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))
+    path = Path(models_dir) if models_dir is not None else MODELS_DIR
+    path = path / name
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"builtin:{name} has no weights at {path}; this install lacks the shipped models. "
+            f"Recreate them with `ponder toy train` (or reinstall ponder)"
+        )
+    return path
+
+
+def resolve_model(spec: str | os.PathLike) -> str:
+    """A ``--policy`` / ``--prm`` value as ``from_pretrained`` takes it: ``builtin:<name>``
+    becomes the shipped directory; anything else (hub id, local path) is returned unchanged."""
+    text = os.fspath(spec)
+    if text.startswith("builtin:"):
+        return str(builtin_model_path(text[len("builtin:") :]))
+    return text

@@ -1,0 +1,239 @@
+"""The built-in models (ponder.toy.models / ponder.toy.train): the tokenizer, the shipped
+checkpoints (offline loading, sizes, well-formed steps, the README's greedy accuracy), the
+main job on them, and the training script end to end on a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from ponder import SamplingParams, SearchConfig, search
+from ponder.cli import main as cli_main
+from ponder.policy import HFPolicy
+from ponder.prm import HFPRM, detect_format
+from ponder.toy import arith
+from ponder.toy.models import (
+    BUILTIN_MODELS,
+    MODELS_DIR,
+    STEP_TAG,
+    build_tokenizer,
+    builtin_model_path,
+    resolve_model,
+)
+from ponder.toy.train import TrainConfig, policy_example, prm_example, train_all
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """The shipped models must load with no network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def small():
+    return HFPolicy(builtin_model_path("policy-small"))
+
+
+@pytest.fixture(scope="module")
+def prm():
+    return HFPRM(builtin_model_path("prm"))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trips_task_text_and_keeps_digits_single():
+    tok = build_tokenizer(chat=True)
+    p = arith.generate_problem(__import__("random").Random(3), 4)
+    text = arith.solution_text(p)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    for digit in "0123456789":
+        assert tok.encode(digit, add_special_tokens=False) == [tok.convert_tokens_to_ids(digit)]
+    # word tokens shorten solutions: fewer tokens than characters
+    assert len(ids) < len(text)
+    # the step delimiter is one token, so a step ends exactly at it
+    assert tok.encode("\n\n", add_special_tokens=False) == [tok.convert_tokens_to_ids("\n\n")]
+
+
+def test_chat_template_and_prm_format():
+    chat, plain = build_tokenizer(chat=True), build_tokenizer(chat=False)
+    prompt = chat.apply_chat_template([{"role": "user", "content": "Compute 1 + 2."}], tokenize=False,
+                                      add_generation_prompt=True)
+    assert prompt == "<s><|user|>Compute 1 + 2.<|end|><|assistant|>"
+    assert chat.eos_token == "<|end|>" and plain.chat_template is None
+    assert plain.encode("1")[0] == plain.bos_token_id  # Math-Shepherd's tokenizer adds BOS
+    assert plain.convert_tokens_to_ids(STEP_TAG) != plain.unk_token_id
+    assert detect_format(plain) == "math-shepherd"
+    # the same strings map to the same ids in both
+    assert chat.encode("12 * (3 - 4)", add_special_tokens=False) == plain.encode("12 * (3 - 4)", add_special_tokens=False)
+    assert chat.encode("é", add_special_tokens=False) == [chat.unk_token_id]
+
+
+def test_training_examples_match_what_search_feeds():
+    tok, plain = build_tokenizer(chat=True), build_tokenizer(chat=False)
+    p = arith.generate_problem(__import__("random").Random(1), 3)
+    ids, plen = policy_example(tok, p)
+    assert tok.decode(ids[:plen]) == tok.apply_chat_template(
+        [{"role": "user", "content": p.question}], tokenize=False, add_generation_prompt=True)
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids[plen:-1]) == arith.solution_text(p)
+    steps = [s + "\n\n" for s in p.solution_steps[:-1]] + [p.solution_steps[-1]]
+    labels = [True] * (len(steps) - 1) + [False]
+    ids, target = prm_example(plain, p.question, steps, labels)
+    tag = plain.convert_tokens_to_ids(STEP_TAG)
+    assert [t for t, i in zip(target, ids) if i == tag] == [0] * (len(steps) - 1) + [1]
+    assert all(t == -100 for t, i in zip(target, ids) if i != tag)
+
+
+# ----------------------------------------------------------------------------- shipped models
+
+
+def test_shipped_models_sizes_and_files():
+    total = 0
+    params = {}
+    for name in BUILTIN_MODELS:
+        path = builtin_model_path(name)
+        assert resolve_model(f"builtin:{name}") == str(path)
+        files = {f.name for f in path.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "DONE.json"} <= files
+        total += sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        params[name] = json.loads((path / "DONE.json").read_text())["parameters"]
+    assert total <= 30 * 2**20, f"shipped weights are {total / 2**20:.1f} MiB"
+    assert 0.7e6 <= params["policy-small"] <= 1.5e6
+    assert 5 <= params["policy-large"] / params["policy-small"] <= 8
+    assert params["prm"] > params["policy-small"]
+    card = json.loads((MODELS_DIR / "prm" / "DONE.json").read_text())
+    assert card["format"] == "math-shepherd" and card["initialised_from"] == "builtin:policy-large"
+    assert card["data"]["bad_steps"] > 0 and card["data"]["steps"] > card["data"]["bad_steps"]
+
+
+def test_unknown_or_missing_builtin_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="builtin:policy-small"):
+        builtin_model_path("policy-huge")
+    with pytest.raises(FileNotFoundError, match="ponder toy train"):
+        builtin_model_path("prm", models_dir=tmp_path)
+    assert resolve_model("org/model") == "org/model"
+
+
+def test_shipped_policy_writes_well_formed_steps(small):
+    """Greedy solutions of the shipped small policy are made of steps the task understands:
+    each is an expression or the answer line, and the solution ends with a boxed answer."""
+    problems = arith.load_arith("test")[::50]  # 10 problems, two per level
+    results = search([p.problem for p in problems], small, None,
+                     SearchConfig(method="majority", n=1, sampling=SamplingParams(temperature=0.0), max_steps=16))
+    for p, r in zip(problems, results):
+        (c,) = r.completions
+        assert c.finished and c.answer is not None, (p.problem, c.text)
+        for step in c.steps[:-1]:
+            assert step.endswith("\n\n")
+            arith.parse_expression(step.strip())  # raises if the step is not an expression
+        assert re.fullmatch(r"The answer is \\boxed\{-?\d+\}\.", c.steps[-1].strip()), c.steps[-1]
+
+
+def test_shipped_prm_prefers_correct_steps(prm):
+    """On reference solutions vs the same solutions with one wrong digit, the shipped PRM's
+    score of the first step tells them apart most of the time (it is a real, imperfect PRM)."""
+    problems = [p for p in arith.load_arith("test") if p.level in (1, 2, 3)][::6]
+    good, bad = [], []
+    for p in problems:
+        first = p.meta["solution"].split("\n\n")[0]
+        digits = [i for i, ch in enumerate(first) if ch.isdigit()]
+        i = digits[-1]
+        wrong = first[:i] + str((int(first[i]) + 1) % 10) + first[i + 1 :]
+        assert arith.label_steps(p.problem, [wrong]) == [False]
+        good.append((p.problem, first + "\n\n"))
+        bad.append((p.problem, wrong + "\n\n"))
+    scores = {}
+    for kind, pairs in (("good", good), ("bad", bad)):
+        ids = list(range(len(pairs)))
+        prm.start(ids, [q for q, _ in pairs])
+        child = [i + len(pairs) for i in ids]
+        scores[kind] = prm.score_steps(ids, child, [s for _, s in pairs])
+        prm.release(ids + child)
+    wins = sum(g > b for g, b in zip(scores["good"], scores["bad"]))
+    assert wins >= 0.7 * len(problems), (wins, len(problems))
+
+
+def _readme_greedy_range() -> tuple[int, int, int]:
+    match = re.search(r"greedy-slice-accuracy: (\d+)/100 \(accepted range (\d+)-(\d+)\)", README.read_text())
+    assert match, "README.md must record the small policy's greedy accuracy on the fixed slice"
+    return int(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
+def test_small_policy_greedy_accuracy_matches_readme(small):
+    """Regression guard for the shipped files: greedy accuracy of builtin:policy-small on the
+    fixed slice (the first 20 problems of each level) is inside the range the README records."""
+    recorded, low, high = _readme_greedy_range()
+    problems = [p for p in arith.load_arith("test") if int(p.id[-4:]) % 100 < 20]
+    assert len(problems) == 100
+    results = search([p.problem for p in problems], small, None,
+                     SearchConfig(method="majority", n=1, sampling=SamplingParams(temperature=0.0), max_steps=16))
+    correct = sum(r.answer is not None and int(r.answer) == int(p.answer) for p, r in zip(problems, results))
+    assert low <= correct <= high, f"greedy accuracy {correct}/100, README records {recorded} ({low}-{high})"
+
+
+# ----------------------------------------------------------------------------- the main job
+
+
+def test_ponder_run_on_shipped_models_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["run", "--limit", "5", "--n", "1,4", "--out", str(out), "--no-progress"]) == 0
+    for name in ("results.jsonl", "summary.csv", "summary.md", "scaling.png", "config.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    # 5 problems x (greedy + 5 methods x 2 n) for the small policy, greedy for the large one
+    assert len(rows) == 5 * 11 + 5
+    assert all(r["answer"] is not None for r in rows if r["method"] == "greedy")
+    text = capsys.readouterr().out
+    assert "builtin:policy-large" in text and str(out / "results.jsonl") in text
+
+
+# ----------------------------------------------------------------------------- training
+
+
+TINY = dict(
+    tokens_per_batch=256, small_steps=3, large_steps=2, warmup=1, sample_problems_per_level=1, sample_n=2,
+    sample_batch=5, sample_max_steps=3, sample_max_step_tokens=12, prm_steps=2, threads=1,
+)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def test_train_all_writes_loadable_models_reproducibly_and_resumes(tmp_path):
+    first = train_all(TrainConfig(**TINY), tmp_path / "a")
+    assert set(first) == set(BUILTIN_MODELS)
+    for name, path in first.items():
+        assert (path / "DONE.json").is_file()
+        assert {"model.safetensors", "tokenizer.json", "config.json"} <= {f.name for f in path.iterdir()}
+    rows = [json.loads(line) for line in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(len(r["samples"]) == 2 for r in rows)
+    for r in rows:
+        for s in r["samples"]:
+            assert s["labels"] == arith.label_steps(r["question"], [x.strip() for x in s["steps"]])
+    # the loaders ponder run uses accept them
+    HFPolicy(first["policy-small"])
+    assert HFPRM(first["prm"]).format == "math-shepherd"
+    # same seed, same weights
+    second = train_all(TrainConfig(**TINY), tmp_path / "b")
+    for name in BUILTIN_MODELS:
+        a, b = _weights(first[name]), _weights(second[name])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # a rerun keeps finished stages
+    stamp = (first["prm"] / "model.safetensors").stat().st_mtime_ns
+    train_all(TrainConfig(**TINY), tmp_path / "a")
+    assert (first["prm"] / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_train_config_is_validated():
+    with pytest.raises(ValueError, match="sample_n"):
+        train_all(TrainConfig(sample_n=0), "/nonexistent/never-written")
