@@ -132,6 +132,38 @@ def test_sampling_methods_share_samples_with_the_same_answers_as_separate_runs(t
     assert len(policy.sample_calls) == len(one.sample_calls)
 
 
+class SmallCache(Fresh):
+    """A scripted policy whose KV cache holds at most ``limit`` problems' searches at once."""
+
+    def __init__(self, limit):
+        super().__init__(ScriptedPolicy)
+        self.limit, self.starts, self.released = limit, [], []
+
+    def start(self, root_ids, problems):
+        from ponder.kv import KVCacheFull
+
+        self.starts.append(len(problems))
+        prompts = super().start(root_ids, problems)
+        if len(problems) > self.limit:
+            raise KVCacheFull("append needs 9 new blocks but only 0 are free")
+        return prompts
+
+    def release(self, node_ids):
+        self.released.extend(node_ids)
+        return self.inner.release(node_ids)
+
+
+def test_a_batch_the_kv_cache_cannot_hold_is_searched_in_halves(tmp_path):
+    policy = SmallCache(limit=2)
+    rows = _evaluate(tmp_path, policy=policy, methods=["majority", "best_of_n"], ns=[2], batch_size=5)
+    assert len(rows) == 2 * len(PROBLEMS)
+    assert policy.starts[:3] == [5, 2, 3] and max(policy.starts[3:]) <= 2
+    # the failed search handed its nodes back before the retry
+    assert set(range(len(PROBLEMS))) <= set(policy.released)
+    with pytest.raises(Exception, match="--kv-budget"):
+        _evaluate(tmp_path / "none", policy=SmallCache(limit=0), methods=["majority"], ns=[2])
+
+
 def test_rows_of_two_policies_are_kept_apart(tmp_path):
     a = _evaluate(tmp_path, methods=["greedy", "majority"], ns=[2], policy_label="small")
     b = _evaluate(tmp_path, resume=True, methods=["greedy"], ns=[2], policy_label="large")
@@ -314,11 +346,11 @@ def models(monkeypatch):
     """Scripted models in place of HFPolicy / HFPRM; records the paths asked for."""
     asked = []
 
-    def policy(path, device, dtype):
+    def policy(path, device, dtype, kv_budget=None):
         asked.append(("policy", path, device))
         return scripted_policy()
 
-    def prm(path, fmt, device, dtype):
+    def prm(path, fmt, device, dtype, kv_budget=None):
         asked.append(("prm", path, fmt))
         return scripted_prm()
 

@@ -37,6 +37,7 @@ DEFAULT_DATASET = "builtin:arith"
 DEFAULT_METHODS = "greedy,majority,best_of_n,weighted_best_of_n,beam_search,dvts"
 DEFAULT_NS = "1,4,16"
 DEFAULT_PER_LEVEL = 6  # the default slice of builtin:arith: the first 6 problems of each level
+BUILTIN_KV_BUDGET = 1 << 17  # tokens of KV pool for each built-in model
 
 def _toy_train(args: argparse.Namespace) -> int:
     from .toy import train
@@ -103,6 +104,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     models.add_argument("--prm-format", default="auto", help="PRM input format: auto, math-shepherd, rlhflow, qwen-prm (default auto)")
     models.add_argument("--device", default="cpu", help="torch device of both models (default cpu)")
     models.add_argument("--dtype", default=None, help="model dtype, e.g. float32, bfloat16 (default: float32 on CPU, bf16 else)")
+    models.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
+                        help="KV-cache pool of each model in tokens (default: ponder.kv.DEFAULT_TOKEN_BUDGET, "
+                             f"{BUILTIN_KV_BUDGET} for builtin models); a batch that does not fit is searched in halves")
 
     data = p.add_argument_group("dataset")
     data.add_argument("--dataset", metavar="SRC", default=DEFAULT_DATASET,
@@ -153,16 +157,24 @@ def _plausible_model_ref(ref: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", ref) is not None
 
 
-def _build_policy(path: str, device: str, dtype: str | None):
+def _build_policy(path: str, device: str, dtype: str | None, kv_budget: int | None = None):
     from .policy import HFPolicy
 
-    return HFPolicy(path, device=device, dtype=dtype)
+    return HFPolicy(path, device=device, dtype=dtype, kv_budget=kv_budget)
 
 
-def _build_prm(path: str, fmt: str, device: str, dtype: str | None):
+def _build_prm(path: str, fmt: str, device: str, dtype: str | None, kv_budget: int | None = None):
     from .prm import HFPRM
 
-    return HFPRM(path, format=fmt, device=device, dtype=dtype)
+    return HFPRM(path, format=fmt, device=device, dtype=dtype, kv_budget=kv_budget)
+
+
+def _kv_budget(args: argparse.Namespace, attr: str) -> int | None:
+    """--kv-budget, else the library default, except for the built-in models: their KV is a few
+    KB per token, so they get BUILTIN_KV_BUDGET and whole batches of 16 x n=16 paths fit."""
+    if args.kv_budget is not None:
+        return args.kv_budget
+    return BUILTIN_KV_BUDGET if str(args.labels.get(attr, "")).startswith("builtin:") else None
 
 
 def _fail(message: str) -> int:
@@ -251,6 +263,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                 f"{tree[0]} needs every n above --beam-width {args.beam_width} to be a multiple of it "
                 f"(below it the tree is n wide); n={bad[0]} is not: change --n or --beam-width"
             )
+    if args.kv_budget is not None and args.kv_budget < 1:
+        return _fail(f"--kv-budget must be >= 1; got {args.kv_budget}")
     for name, value in (("--batch-size", args.batch_size), ("--max-step-tokens", args.max_step_tokens)):
         if value < 1:
             return _fail(f"{name} must be >= 1; got {value}")
@@ -301,8 +315,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     # --- the work
     try:
-        policy = _build_policy(args.policy, args.device, args.dtype)
-        prm = _build_prm(args.prm, args.prm_format, args.device, args.dtype) if needs_prm else None
+        policy = _build_policy(args.policy, args.device, args.dtype, kv_budget=_kv_budget(args, "policy"))
+        prm = (_build_prm(args.prm, args.prm_format, args.device, args.dtype, kv_budget=_kv_budget(args, "prm"))
+               if needs_prm else None)
     except (OSError, ValueError) as exc:
         print(f"ponder run: error: could not load the models: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
@@ -317,7 +332,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.reference_policy is not None:
             del policy, prm
             try:
-                reference = _build_policy(args.reference_policy, args.device, args.dtype)
+                reference = _build_policy(args.reference_policy, args.device, args.dtype,
+                                          kv_budget=_kv_budget(args, "reference_policy"))
             except (OSError, ValueError) as exc:
                 print(f"ponder run: error: could not load --reference-policy: {' '.join(str(exc).split())}", file=sys.stderr)
                 return 1

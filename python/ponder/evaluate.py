@@ -276,10 +276,7 @@ def run_evaluation(
             for start in range(0, len(pending), batch_size):
                 batch = pending[start : start + batch_size]
                 t0 = time.perf_counter()
-                if len(group) > 1:
-                    by_method = search_sampled([p.problem for p in batch], policy, prm, config, [m for m, _ in group])
-                else:
-                    by_method = {method: search([p.problem for p in batch], policy, prm, config)}
+                by_method = _search_fitting(batch, policy, prm, config, [m for m, _ in group])
                 share = (time.perf_counter() - t0) / len(batch)
                 rows = []
                 for m, k in group:
@@ -296,6 +293,31 @@ def run_evaluation(
             bar.close()
 
     return [done[(pid, policy_label, m, n)] for m, n in pairs for pid in ids]
+
+
+def _search_fitting(batch: list[Problem], policy, prm, config: SearchConfig, methods: list[str]) -> dict[str, list]:
+    """Search one batch (``search_sampled`` for several sampling methods, else ``search``).
+    When the models' KV cache cannot hold the whole batch (``KVCacheFull``) the batch is
+    searched in halves, down to single problems; a single problem that does not fit is an
+    error naming the fix. A split changes the random draws of the problems involved (each
+    search call runs one seeded random stream over its whole batch), as another ``batch_size``
+    would; greedy results do not change."""
+    from .kv import KVCacheFull
+
+    try:
+        if len(methods) > 1:
+            return search_sampled([p.problem for p in batch], policy, prm, config, methods)
+        return {methods[0]: search([p.problem for p in batch], policy, prm, config)}
+    except KVCacheFull as exc:
+        if len(batch) == 1:
+            raise KVCacheFull(
+                f"one problem's search does not fit in the KV cache ({exc}); give the models a larger "
+                f"kv_budget (`ponder run --kv-budget TOKENS`) or lower n / max_steps / max_step_tokens"
+            ) from exc
+        half = len(batch) // 2
+        first = _search_fitting(batch[:half], policy, prm, config, methods)
+        second = _search_fitting(batch[half:], policy, prm, config, methods)
+        return {m: first[m] + second[m] for m in methods}
 
 
 def _groups(pairs: list[tuple[str, int]], have_prm: bool) -> list[list[tuple[str, int]]]:

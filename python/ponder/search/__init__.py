@@ -83,7 +83,11 @@ def search(problems: Sequence[Any], policy, prm, config: SearchConfig | None = N
     if config.method != "majority" and prm is None:
         raise ValueError(f"method {config.method!r} needs a PRM; only 'majority' runs without one")
     run = Run(texts, policy, prm if config.method != "majority" else None, config)
-    return METHODS[config.method](run)
+    try:
+        return METHODS[config.method](run)
+    except BaseException:
+        run.abort()
+        raise
 
 
 #: the methods that only differ in how they vote over the same N sampled solutions
@@ -125,7 +129,11 @@ def search_sampled(
         "best_of_n": ("best", configs.get("best_of_n", first).vote_agg),
         "weighted_best_of_n": ("weighted", configs.get("weighted_best_of_n", first).vote_agg),
     }
-    return run.results_by_vote(sample_solutions(run), {m: votes[m] for m in methods}, prm_free=("majority",))
+    try:
+        return run.results_by_vote(sample_solutions(run), {m: votes[m] for m in methods}, prm_free=("majority",))
+    except BaseException:
+        run.abort()
+        raise
 
 
 __all__ = [

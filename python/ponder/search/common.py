@@ -252,6 +252,18 @@ class Run:
             self.forest.prune(np.array(ids, dtype=np.int32))
             self.release(ids)
 
+    def abort(self) -> None:
+        """After a failure mid-search (e.g. ``KVCacheFull``): free every node the models may
+        hold for this run, so the same policy / PRM serve the next search from a clean state.
+        Errors while cleaning up are swallowed: the original failure is the one to report."""
+        ids = list(range(int(self.forest.stats()["ids_given"])))
+        for model in (self.policy, self.prm):
+            if model is not None:
+                try:
+                    model.release(ids)
+                except Exception:  # noqa: BLE001 - never mask the failure being handled
+                    pass
+
     def release(self, node_ids) -> None:
         """Tell the policy and the PRM that these nodes are no longer extended (once each)."""
         ids = [int(x) for x in node_ids if not self._released[int(x)]]

@@ -3,6 +3,10 @@
 * ``builtin:arith``: multi-step integer arithmetic at levels 1-5 with exact step labels
   (``ponder.toy.arith``).
 
+Its models ship in ``models/`` (``builtin:policy-small``, ``builtin:policy-large``,
+``builtin:prm``; see ``ponder.toy.models``) and are retrained by ``ponder toy train``
+(``ponder.toy.train``).
+
 ``ponder.data`` imports this package on the first ``builtin:`` look-up. The task modules are
 imported only when a task is loaded. A name that is already registered when this package
 is first imported keeps its loader.
