@@ -36,8 +36,9 @@ DEFAULT_PRM = "builtin:prm"
 DEFAULT_DATASET = "builtin:arith"
 DEFAULT_METHODS = "greedy,majority,best_of_n,weighted_best_of_n,beam_search,dvts"
 DEFAULT_NS = "1,4,16"
-DEFAULT_PER_LEVEL = 6  # the default slice of builtin:arith: the first 6 problems of each level
+DEFAULT_PER_LEVEL = 10  # the default slice of builtin:arith: the first 10 problems of each level
 BUILTIN_KV_BUDGET = 1 << 17  # tokens of KV pool for each built-in model
+
 
 def _toy_train(args: argparse.Namespace) -> int:
     from .toy import train

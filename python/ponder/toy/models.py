@@ -5,8 +5,9 @@ Three real Hugging Face checkpoints ship in ``ponder/toy/models/`` (written by
 
 * ``builtin:policy-small`` -- a ~1M-parameter Llama, the policy whose test-time compute ponder
   scales;
-* ``builtin:policy-large`` -- a ~5x larger Llama trained the same way, the "bigger model" whose
-  greedy accuracy search is compared with;
+* ``builtin:policy-large`` -- a ~5x larger Llama (twice the width, one more layer), the "bigger
+  model" whose greedy accuracy search is compared with: grown from the small one (same function
+  at first) and trained further on more data;
 * ``builtin:prm`` -- a Math-Shepherd-format PRM (a Llama causal LM; the step tag " ки" is one
   token and the score is P("+") against "-" at each tag), initialised from the large policy and
   fine-tuned on the small policy's own sampled solutions labelled exactly by
@@ -57,7 +58,9 @@ CHAT_TEMPLATE = (
 #: the three architectures (LlamaConfig keyword arguments besides the vocabulary)
 ARCHITECTURES = {
     "policy-small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
-    "policy-large": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=5, num_attention_heads=4),
+    # twice the width (and heads, at the same head size) and one more layer: grown from
+    # policy-small by ponder.toy.train.grow, then trained further
+    "policy-large": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=5, num_attention_heads=8),
 }
 ARCHITECTURES["prm"] = ARCHITECTURES["policy-large"]  # fine-tuned from the large policy
 MAX_POSITIONS = 1024
@@ -80,7 +83,9 @@ def build_tokenizer(chat: bool = True):
 
     vocab = {tok: i for i, tok in enumerate(_vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    alternatives = [re.escape(t) for t in SPECIAL_TOKENS + WORD_TOKENS]
+    # A word token that ends in a space must not take the space of a following step tag
+    # ("4 + ки" is "4", " +", " ки"), or a cut-off step ending in " +" would lose its tag.
+    alternatives = [re.escape(t) + ("(?!ки)" if t.endswith(" ") else "") for t in SPECIAL_TOKENS + WORD_TOKENS]
     pattern = "|".join(alternatives) + r"|[\s\S]"
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()

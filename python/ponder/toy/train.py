@@ -4,9 +4,13 @@ The data path, one stage per function, each written to ``OUT/<stage>`` and skipp
 once finished (so an interrupted run resumes; a stage in flight restarts from its last
 checkpoint):
 
-1. ``policy-small`` / ``policy-large``: Llama causal LMs (``ponder.toy.models``) trained from
-   scratch on reference solutions of generated training problems (:func:`ponder.toy.arith.
-   train_stream`'s generator, evaluation expressions excluded), loss on the solution tokens only.
+1. ``policy-small`` / ``policy-large``: Llama causal LMs (``ponder.toy.models``) trained on
+   reference solutions of generated training problems (:func:`ponder.toy.arith.train_stream`'s
+   generator, evaluation expressions excluded), loss on the solution tokens only. The small one
+   starts from scratch; the large one is *grown* from the trained small one (:func:`grow`:
+   twice the width and one more layer, computing the same function) and trained on further
+   batches: a 5x model trained from scratch would see a fifth of the small one's tokens in the
+   same CPU time and end up worse than it.
    Batch ``k`` is a function of ``(seed, stage, k)``: one level per batch (levels cycle, so every
    level gets the same number of tokens) filled up to ``tokens_per_batch`` padded tokens.
 2. ``samples``: solutions sampled from the *saved* small policy by ponder's own engine
@@ -60,8 +64,9 @@ class TrainConfig:
     tokens_per_batch: int = 4096
     small_steps: int = 2000
     small_lr: float = 3e-3
-    large_steps: int = 700
-    large_lr: float = 1.5e-3
+    large_steps: int = 500
+    large_lr: float = 5e-4
+    grow_noise: float = 2e-3
     warmup: int = 40
     # PRM data: problems per level sampled from the small policy, completions per problem
     sample_problems_per_level: int = 120
@@ -227,8 +232,60 @@ def _lm_loss(model, input_ids, labels):
     return model(input_ids=input_ids, labels=labels).loss
 
 
-def train_policy(name: str, config: TrainConfig, out_dir: Path) -> Path:
-    """Stage ``policy-small`` / ``policy-large``: train from scratch, save to ``out_dir/name``."""
+def _double(w: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``w`` tiled twice along each dim of ``dims``, divided by 2 per doubled *input* dim (the
+    last one of a Linear weight [out, in]) so a doubled input [x; x] gives the same output."""
+    for d in dims:
+        w = torch.cat([w, w], dim=d)
+    if w.dim() == 2 and 1 in dims:
+        w = w / 2
+    return w
+
+
+@torch.no_grad()
+def grow(small, large, noise_std: float, generator: torch.Generator) -> None:
+    """Initialise ``large`` from ``small`` so it computes the same function (Net2Net-style
+    model growth), then add noise so the copies can diverge.
+
+    Width: every hidden, head and MLP unit of ``small`` appears twice in ``large`` (hidden and
+    intermediate sizes doubled, twice the heads at the same head size, so RoPE is unchanged):
+    the residual stream of ``large`` is ``[x; x]``, RMSNorm of it equals ``[norm(x); norm(x)]``,
+    every Linear's input half-weights sum the two copies, and the final norm is halved so the
+    tied LM head ``[E, E]`` gives the small model's logits. Depth: layers beyond ``small``'s
+    are appended with zero output projections (``o_proj``, ``down_proj``), i.e. as identities.
+    """
+    sc, lc = small.config, large.config
+    head_dim = sc.hidden_size // sc.num_attention_heads
+    if (lc.hidden_size, lc.intermediate_size, lc.num_attention_heads) != (
+        2 * sc.hidden_size, 2 * sc.intermediate_size, 2 * sc.num_attention_heads
+    ) or lc.hidden_size // lc.num_attention_heads != head_dim or lc.num_hidden_layers < sc.num_hidden_layers:
+        raise ValueError("grow() needs twice the hidden size, MLP size and heads at the same head size, and >= the layers")
+    src = small.state_dict()
+    dst = large.state_dict()
+    for key, w in src.items():
+        if key == "lm_head.weight" and large.config.tie_word_embeddings:
+            continue
+        if key.endswith("norm.weight"):
+            new = torch.cat([w, w]) / (2 if key == "model.norm.weight" else 1)
+        elif key == "model.embed_tokens.weight":
+            new = torch.cat([w, w], dim=1)
+        else:  # a Linear [out, in]: both dims doubled
+            new = _double(w, (0, 1))
+        if new.shape != dst[key].shape:
+            raise ValueError(f"grow(): {key} has shape {tuple(new.shape)}, expected {tuple(dst[key].shape)}")
+        dst[key].copy_(new)
+    for i in range(sc.num_hidden_layers, lc.num_hidden_layers):
+        dst[f"model.layers.{i}.self_attn.o_proj.weight"].zero_()
+        dst[f"model.layers.{i}.mlp.down_proj.weight"].zero_()
+    if noise_std > 0:
+        for key, w in dst.items():
+            if w.dim() == 2 and key != "lm_head.weight":
+                w.add_(torch.randn(w.shape, generator=generator) * noise_std)
+
+
+def train_policy(name: str, config: TrainConfig, out_dir: Path, grow_from: Path | None = None) -> Path:
+    """Stage ``policy-small`` / ``policy-large``: train (from scratch, or grown from the saved
+    model ``grow_from`` with :func:`grow`), save to ``out_dir/name``."""
     from transformers import LlamaForCausalLM
 
     out = out_dir / name
@@ -237,6 +294,9 @@ def train_policy(name: str, config: TrainConfig, out_dir: Path) -> Path:
     tokenizer = build_tokenizer(chat=True)
     torch.manual_seed(config.seed * 1000 + (1 if name == "policy-small" else 2))
     model = LlamaForCausalLM(model_config(name, tokenizer))
+    if grow_from is not None:
+        small = LlamaForCausalLM.from_pretrained(grow_from, dtype=torch.float32)
+        grow(small, model, config.grow_noise, torch.Generator().manual_seed(config.seed * 1000 + 4))
     steps = config.small_steps if name == "policy-small" else config.large_steps
     lr = config.small_lr if name == "policy-small" else config.large_lr
     stats = _train_loop(
@@ -253,6 +313,7 @@ def train_policy(name: str, config: TrainConfig, out_dir: Path) -> Path:
         "model": f"builtin:{name}",
         "parameters": sum(p.numel() for p in model.parameters()),
         "architecture": ARCHITECTURES[name],
+        "grown_from": None if grow_from is None else "builtin:policy-small",
         "train_config": dataclasses.asdict(config),
         "training": stats,
         "made_by": "ponder toy train (ponder.toy.train.train_policy)",
@@ -316,12 +377,23 @@ def sample_solutions(config: TrainConfig, out_dir: Path, policy_dir: Path) -> Pa
 
 
 def _prm_batches(config: TrainConfig, samples_path: Path, tokenizer):
+    from .models import MAX_POSITIONS
+
     rows = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
     examples = []
+    too_long = with_tag = 0
     for row in rows:
         for s in row["samples"]:
+            if any(STEP_TAG.strip() in step for step in s["steps"]):
+                with_tag += 1  # the policy wrote the PRM's step tag itself: no clean rendering
+                continue
             if s["steps"]:
-                examples.append(prm_example(tokenizer, row["question"], s["steps"], s["labels"]))
+                example = prm_example(tokenizer, row["question"], s["steps"], s["labels"])
+                # degenerate samples (runaway steps) longer than the models' context are dropped
+                if len(example[0]) > MAX_POSITIONS:
+                    too_long += 1
+                    continue
+                examples.append(example)
     if not examples:
         raise ValueError(f"{samples_path} holds no sampled steps to train the PRM on")
     pad = tokenizer.pad_token_id
@@ -349,6 +421,8 @@ def _prm_batches(config: TrainConfig, samples_path: Path, tokenizer):
     stats = {
         "problems": len(rows),
         "solutions": len(examples),
+        "dropped_longer_than_context": too_long,
+        "dropped_with_step_tag": with_tag,
         "steps": sum(sum(1 for t in tgt if t != -100) for _, tgt in examples),
         "bad_steps": sum(sum(1 for t in tgt if t == 1) for _, tgt in examples),
     }
@@ -401,7 +475,7 @@ def train_all(config: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Path
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     small = train_policy("policy-small", config, out_dir)
-    large = train_policy("policy-large", config, out_dir)
+    large = train_policy("policy-large", config, out_dir, grow_from=small)
     samples = sample_solutions(config, out_dir, small)
     prm = train_prm(config, out_dir, large, samples)
     return {"policy-small": small, "policy-large": large, "prm": prm}
