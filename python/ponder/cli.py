@@ -36,7 +36,11 @@ DEFAULT_PRM = "builtin:prm"
 DEFAULT_DATASET = "builtin:arith"
 DEFAULT_METHODS = "greedy,majority,best_of_n,weighted_best_of_n,beam_search,dvts"
 DEFAULT_NS = "1,4,16"
-DEFAULT_PER_LEVEL = 10  # the default slice of builtin:arith: the first 10 problems of each level
+DEFAULT_PER_LEVEL = 6  # the default slice of builtin:arith: the first 6 problems of each level
+# builtin:arith solutions have at most ~10 steps of at most ~70 tokens: tighter limits stop a
+# runaway sample early (the generic limits, 64 steps x 256 tokens, let one path run to 16k tokens)
+ARITH_LIMITS = {"num_iterations": 16, "max_steps": 16, "max_step_tokens": 96}
+GENERIC_LIMITS = {"num_iterations": 40, "max_steps": 64, "max_step_tokens": 256}
 BUILTIN_KV_BUDGET = 1 << 17  # tokens of KV pool for each built-in model
 
 
@@ -130,14 +134,14 @@ def build_run_parser() -> argparse.ArgumentParser:
     search.add_argument("--n", type=_csv_ints, default=_csv_ints(DEFAULT_NS), metavar="N1,N2",
                         help=f"comma-separated budgets N, e.g. 1,4,16,64 (default {DEFAULT_NS})")
     search.add_argument("--beam-width", type=int, default=4, metavar="M", help="beam width M of beam_search/dvts (default 4); every n above M must be a multiple of it, an n below M runs one tree n wide")
-    search.add_argument("--num-iterations", type=int, default=40, help="search iterations of beam_search/dvts (default 40)")
-    search.add_argument("--max-steps", type=int, default=64, help="most steps per solution, >= --num-iterations (default 64)")
+    search.add_argument("--num-iterations", type=int, default=None, help="search iterations of beam_search/dvts (default 40; 16 on builtin:arith)")
+    search.add_argument("--max-steps", type=int, default=None, help="most steps per solution, >= --num-iterations (default 64; 16 on builtin:arith)")
     search.add_argument("--lookahead", type=int, default=0, help="greedy lookahead steps before scoring (beam_search/dvts; default 0)")
     search.add_argument("--agg", choices=AGGREGATIONS, default="last", help="step-score aggregation (default last)")
     search.add_argument("--vote", choices=VOTES, default=None, help="final vote of beam_search/dvts (default weighted)")
     search.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8; greedy uses 0)")
     search.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p (default 1.0)")
-    search.add_argument("--max-step-tokens", type=int, default=256, help="most tokens per step (default 256)")
+    search.add_argument("--max-step-tokens", type=int, default=None, help="most tokens per step (default 256; 96 on builtin:arith)")
     search.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     search.add_argument("--compat-search-and-learn", action="store_true", help="reproduce search-and-learn where ponder deliberately differs")
 
@@ -241,6 +245,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import evaluate
+    from .kv import KVCacheFull
     from .protocols import SamplingParams
     from .search import SearchConfig
 
@@ -264,6 +269,10 @@ def _evaluate(args: argparse.Namespace) -> int:
                 f"{tree[0]} needs every n above --beam-width {args.beam_width} to be a multiple of it "
                 f"(below it the tree is n wide); n={bad[0]} is not: change --n or --beam-width"
             )
+    limits = ARITH_LIMITS if args.dataset == DEFAULT_DATASET else GENERIC_LIMITS
+    for name, value in limits.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.kv_budget is not None and args.kv_budget < 1:
         return _fail(f"--kv-budget must be >= 1; got {args.kv_budget}")
     for name, value in (("--batch-size", args.batch_size), ("--max-step-tokens", args.max_step_tokens)):
@@ -345,6 +354,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
     except (ValueError, FileExistsError) as exc:
         return _fail(exc)
+    except KVCacheFull as exc:  # even a single problem did not fit: the message names --kv-budget
+        return _fail(f"KVCacheFull: {exc}")
     summary = evaluate.write_summary(rows, out_dir)
     print(evaluate.markdown_table(summary), end="")
     files = [out_dir / evaluate.RESULTS_FILE, out_dir / "summary.csv", out_dir / "summary.md"]
