@@ -432,15 +432,14 @@ class HFPolicy:
         rollouts), forward_passes, live_nodes, num_parameters, and the KV cache's own counters
         prefixed ``kv_``."""
         kv = self.kv.stats()
-        out = {
-            "tokens_generated": self._tokens_generated,
-            "tokens_prefilled": int(kv["tokens_appended"]),
-            "forward_passes": self._forward_passes,
-            "live_nodes": len(self._nodes),
-            "num_parameters": int(self.num_parameters),
-        }
-        out.update({f"kv_{k}": int(v) for k, v in kv.items()})
-        return out
+        return _model_stats(
+            {
+                "tokens_generated": self._tokens_generated,
+                "tokens_prefilled": int(kv["tokens_appended"]),
+                "forward_passes": self._forward_passes,
+            },
+            len(self._nodes), self.num_parameters, kv,
+        )
 
     # ---------------------------------------------------------------- internals
     def _check_live(self, ids: Sequence[int]) -> None:
@@ -449,12 +448,7 @@ class HFPolicy:
             raise KeyError(f"nodes {missing[:8]} are not held by this policy (never started/sampled, or released)")
 
     def _check_new(self, ids: Sequence[int]) -> None:
-        dup = [i for i, c in Counter(ids).items() if c > 1]
-        if dup:
-            raise ValueError(f"node ids repeat: {sorted(dup)[:8]}")
-        taken = sorted(i for i in ids if i in self._nodes)
-        if taken:
-            raise ValueError(f"nodes {taken[:8]} are already held by this policy")
+        _check_new_ids(ids, self._nodes, "policy")
 
     def _fork_rows(self, parent_seqs: list[int]) -> list[int]:
         """One fork per row, forking each distinct parent once for all its rows (row order kept)."""
@@ -511,3 +505,22 @@ class HFPolicy:
         steps = sample_step_batch(logits, params, self._rng(params), self.tokenizer, self.eos_ids, advance)
         self._tokens_generated += sum(len(s.tokens) for s in steps)
         return steps
+
+
+def _model_stats(own: dict[str, int], live_nodes: int, num_parameters: int, kv: dict[str, int]) -> dict[str, int]:
+    """The ``stats()`` dict of an HF model wrapper (HFPolicy, HFPRM): its own counters, then
+    ``live_nodes``, ``num_parameters`` and the KV cache's counters prefixed ``kv_``."""
+    out = {k: int(v) for k, v in own.items()}
+    out.update(live_nodes=int(live_nodes), num_parameters=int(num_parameters))
+    out.update({f"kv_{k}": int(v) for k, v in kv.items()})
+    return out
+
+
+def _check_new_ids(ids: Sequence[int], held, owner: str) -> None:
+    """ValueError unless ``ids`` are distinct and none is in ``held`` (the wrapper's nodes)."""
+    dup = [i for i, c in Counter(ids).items() if c > 1]
+    if dup:
+        raise ValueError(f"node ids repeat: {sorted(dup)[:8]}")
+    taken = sorted(i for i in ids if i in held)
+    if taken:
+        raise ValueError(f"nodes {taken[:8]} are already held by this {owner}")

@@ -57,7 +57,6 @@ import abc
 import json
 import os
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -66,7 +65,8 @@ from typing import Any
 import torch
 
 from .kv import ATTN_IMPLEMENTATION, PagedKVCache, use_paged_attention
-from .policy import _PREFILL_BATCH_TOKENS, _hub_kwargs, load_tokenizer, resolve_dtype
+from .protocols import check_score_steps_args
+from .policy import _PREFILL_BATCH_TOKENS, _check_new_ids, _hub_kwargs, _model_stats, load_tokenizer, resolve_dtype
 
 __all__ = [
     "FORMATS",
@@ -649,16 +649,9 @@ class HFPRM:
         """Score ``steps[i]`` as the next step of ``parent_ids[i]``'s path and keep the extended
         path as node ``child_ids[i]``; with ``lookahead[i]`` non-empty the score is that of the
         last lookahead step, computed on a temporary fork of the child (freed at once)."""
-        if isinstance(steps, str):
-            raise TypeError("steps must be a sequence of strings, not a string")
+        check_score_steps_args(parent_ids, child_ids, steps, lookahead)
         parent_ids = [int(p) for p in parent_ids]
         child_ids = [int(c) for c in child_ids]
-        if not (len(parent_ids) == len(child_ids) == len(steps)):
-            raise ValueError(
-                f"parent_ids, child_ids and steps need equal lengths, got {len(parent_ids)}, {len(child_ids)}, {len(steps)}"
-            )
-        if lookahead is not None and len(lookahead) != len(steps):
-            raise ValueError(f"lookahead has {len(lookahead)} entries but steps has {len(steps)}")
         if not child_ids:
             return []
         missing = sorted({p for p in parent_ids if p not in self._nodes})
@@ -705,20 +698,14 @@ class HFPRM:
         steps_scored (lookahead steps included), full_reencodes (paths tokenized in full after a
         prefix-stability failure), live_nodes, num_parameters, and the cache's counters as ``kv_*``."""
         kv = self.kv.stats()
-        out = {
-            "tokens_scored": int(kv["tokens_appended"]),
-            "steps_scored": self._steps_scored,
-            "full_reencodes": self._reencodes,
-            "live_nodes": len(self._nodes),
-            "num_parameters": int(self.num_parameters),
-        }
-        out.update({f"kv_{k}": int(v) for k, v in kv.items()})
-        return out
+        return _model_stats(
+            {
+                "tokens_scored": int(kv["tokens_appended"]),
+                "steps_scored": self._steps_scored,
+                "full_reencodes": self._reencodes,
+            },
+            len(self._nodes), self.num_parameters, kv,
+        )
 
     def _check_new(self, ids: Sequence[int]) -> None:
-        dup = [i for i, c in Counter(ids).items() if c > 1]
-        if dup:
-            raise ValueError(f"node ids repeat: {sorted(dup)[:8]}")
-        taken = sorted(i for i in ids if i in self._nodes)
-        if taken:
-            raise ValueError(f"nodes {taken[:8]} are already held by this PRM")
+        _check_new_ids(ids, self._nodes, "PRM")

@@ -103,3 +103,21 @@ class PRM(Protocol):
     def release(self, node_ids: Sequence[int]) -> None:
         """Free what is kept for these nodes."""
         ...
+
+
+def check_score_steps_args(
+    parent_ids: Sequence[int],
+    child_ids: Sequence[int],
+    steps: Sequence[str],
+    lookahead: Sequence[Sequence[str]] | None = None,
+) -> None:
+    """The argument checks every :meth:`PRM.score_steps` implementation starts with: TypeError
+    for a bare string as ``steps``, ValueError for unequal lengths."""
+    if isinstance(steps, str):
+        raise TypeError("steps must be a sequence of strings, not a string")
+    if not (len(parent_ids) == len(child_ids) == len(steps)):
+        raise ValueError(
+            f"parent_ids, child_ids and steps need equal lengths, got {len(parent_ids)}, {len(child_ids)}, {len(steps)}"
+        )
+    if lookahead is not None and len(lookahead) != len(steps):
+        raise ValueError(f"lookahead has {len(lookahead)} entries but steps has {len(steps)}")

@@ -40,7 +40,7 @@ import torch
 
 from ..policy import HFPolicy, SeededStream, _check_params, sample_step_batch
 from ..prm import HFPRM
-from ..protocols import SamplingParams, Step
+from ..protocols import SamplingParams, Step, check_score_steps_args
 
 __all__ = ["RecomputePRM", "RecomputePolicy"]
 
@@ -231,10 +231,7 @@ class RecomputePRM:
         steps: Sequence[str],
         lookahead: Sequence[Sequence[str]] | None = None,
     ) -> list[float]:
-        if isinstance(steps, str):
-            raise TypeError("steps must be a sequence of strings, not a string")
-        if not (len(parent_ids) == len(child_ids) == len(steps)):
-            raise ValueError("parent_ids, child_ids and steps need equal lengths")
+        check_score_steps_args(parent_ids, child_ids, steps, lookahead)
         if not child_ids:
             return []
         jobs: list[tuple[str, tuple[str, ...]]] = []  # the full path whose last step is scored
