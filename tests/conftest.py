@@ -243,3 +243,23 @@ def assert_node_dtypes(fields: dict, length: int):
     assert set(fields) == set(NODE_FIELDS)
     for name, dtype in NODE_FIELDS.items():
         assert_dtype(fields[name], dtype, length)
+
+
+def int_input(data, values):
+    """Integer input in a random form (hypothesis ``data``): a list or a numpy array of some
+    dtype, maybe strided, so the bindings' zero-copy conversions all get exercised."""
+    from hypothesis import strategies as st
+
+    values = [int(v) for v in values]
+    small = all(0 <= v < 2**15 for v in values)
+    forms = ["list", "int64", "strided"] + (["int32", "uint16", "int16", "reversed"] if small else [])
+    form = data.draw(st.sampled_from(forms), label="form")
+    if form == "list":
+        return values
+    if form == "strided":
+        a = np.zeros(2 * len(values), dtype=np.int64)
+        a[::2] = values
+        return a[::2]
+    if form == "reversed":
+        return np.array(values[::-1], dtype=np.int32)[::-1]
+    return np.array(values, dtype=form)

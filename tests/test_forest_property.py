@@ -31,6 +31,7 @@ from conftest import (
     VOTES,
     assert_same,
     csr,
+    int_input,
     live_ids,
     snapshot,
     spec_stats,
@@ -48,23 +49,6 @@ MUTATING = {"add_roots", "expand", "set_steps", "set_answers", "prune", "release
 
 
 # ----------------------------------------------------------------------------- input forms
-
-
-def int_input(data, values):
-    """Integer input in a random form: a list or a numpy array of some dtype, maybe strided."""
-    values = [int(v) for v in values]
-    small = all(0 <= v < 2**15 for v in values)
-    forms = ["list", "int64", "strided"] + (["int32", "uint16", "int16", "reversed"] if small else [])
-    form = data.draw(st.sampled_from(forms), label="form")
-    if form == "list":
-        return values
-    if form == "strided":
-        a = np.zeros(2 * len(values), dtype=np.int64)
-        a[::2] = values
-        return a[::2]
-    if form == "reversed":
-        return np.array(values[::-1], dtype=np.int32)[::-1]
-    return np.array(values, dtype=form)
 
 
 def float_input(data, values):

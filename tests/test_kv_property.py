@@ -31,7 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import ponder._core as core
 import ponder.reference as ref
-from conftest import assert_same
+from conftest import assert_same, int_input
 
 TOKENS = st.integers(0, 2)  # a tiny alphabet, so that prompts and blocks repeat
 ERRORS = (ValueError, IndexError, OverflowError, ref.KVCacheFull, core.KVCacheFull)
@@ -41,23 +41,6 @@ RAISED = object()  # what ``both`` returns for a call that raised (in both imple
 def kind(exc: BaseException) -> str:
     """KVCacheFull of either implementation counts as the same kind."""
     return "KVCacheFull" if isinstance(exc, (ref.KVCacheFull, core.KVCacheFull)) else type(exc).__name__
-
-
-def int_input(data, values):
-    """Integer input in a random form: a list or a numpy array of some dtype, maybe strided."""
-    values = [int(v) for v in values]
-    small = all(0 <= v < 2**15 for v in values)
-    forms = ["list", "int64", "strided"] + (["int32", "uint16", "reversed"] if small else [])
-    form = data.draw(st.sampled_from(forms), label="form")
-    if form == "list":
-        return values
-    if form == "strided":
-        a = np.zeros(2 * len(values), dtype=np.int64)
-        a[::2] = values
-        return a[::2]
-    if form == "reversed":
-        return np.array(values[::-1], dtype=np.int32)[::-1]
-    return np.array(values, dtype=form)
 
 
 def call_both(pair, method, *args, record=True):
