@@ -435,7 +435,7 @@ class HFPolicy:
         return _model_stats(
             {
                 "tokens_generated": self._tokens_generated,
-                "tokens_prefilled": int(kv["tokens_appended"]),
+                "tokens_prefilled": kv["tokens_appended"],
                 "forward_passes": self._forward_passes,
             },
             len(self._nodes), self.num_parameters, kv,

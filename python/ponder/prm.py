@@ -65,8 +65,8 @@ from typing import Any
 import torch
 
 from .kv import ATTN_IMPLEMENTATION, PagedKVCache, use_paged_attention
-from .protocols import check_score_steps_args
 from .policy import _PREFILL_BATCH_TOKENS, _check_new_ids, _hub_kwargs, _model_stats, load_tokenizer, resolve_dtype
+from .protocols import check_score_steps_args
 
 __all__ = [
     "FORMATS",
@@ -700,7 +700,7 @@ class HFPRM:
         kv = self.kv.stats()
         return _model_stats(
             {
-                "tokens_scored": int(kv["tokens_appended"]),
+                "tokens_scored": kv["tokens_appended"],
                 "steps_scored": self._steps_scored,
                 "full_reencodes": self._reencodes,
             },
