@@ -350,8 +350,10 @@ def models(monkeypatch):
         asked.append(("policy", path, device))
         return scripted_policy()
 
-    def prm(path, fmt, device, dtype, kv_budget=None):
+    def prm(path, fmt, device, dtype, kv_budget=None, reference=None, beta=None):
         asked.append(("prm", path, fmt))
+        if reference is not None or beta is not None:
+            asked.append(("prm-reference", reference, beta))
         return scripted_prm()
 
     monkeypatch.setattr(cli, "_build_policy", policy)
@@ -421,11 +423,14 @@ def test_cli_rejects_bad_search_options(tmp_path, models, capsys, extra, message
     assert models == [] and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag", ["--policy", "--prm"])
+@pytest.mark.parametrize("flag", ["--policy", "--prm", "--prm-reference"])
 @pytest.mark.parametrize("ref", ["no-such-model", "./missing/model", "/no/such/dir/model"])
 def test_cli_rejects_missing_model_path(tmp_path, models, capsys, flag, ref):
     argv = _args(tmp_path, "--methods", "dvts", "--n", "4")
-    argv[argv.index(flag) + 1] = ref
+    if flag in argv:
+        argv[argv.index(flag) + 1] = ref
+    else:
+        argv += [flag, ref]
     assert _main(argv) == 2
     line = _error_of(capsys)
     assert flag in line and ref in line and "no such local path" in line
@@ -437,6 +442,15 @@ def test_cli_local_model_dir_is_accepted(tmp_path, models, capsys):
     argv = _args(tmp_path, "--methods", "majority", "--n", "2")
     argv[argv.index("--policy") + 1] = str(tmp_path / "model")
     assert _main(argv) == 0
+
+
+def test_cli_passes_an_implicit_prms_reference_and_beta(tmp_path, models, capsys):
+    (tmp_path / "ref").mkdir()
+    argv = _args(tmp_path, "--methods", "best_of_n", "--n", "2", "--prm-format", "implicit-prm",
+                 "--prm-reference", str(tmp_path / "ref"), "--prm-beta", "0.05")
+    assert _main(argv) == 0
+    assert ("prm-reference", str(tmp_path / "ref"), 0.05) in models
+    assert [m for m in models if m[0] == "prm"][0][2] == "implicit-prm"
 
 
 def test_cli_rejects_dataset_without_answer_field(tmp_path, models, capsys):
@@ -490,5 +504,6 @@ def test_cli_help_documents_the_options(capsys):
     for option in ("--policy", "--prm", "--dataset", "--split", "--problem-field", "--answer-field", "--level-field",
                    "--id-field", "--methods", "--n", "--beam-width", "--num-iterations", "--lookahead", "--agg",
                    "--temperature", "--top-p", "--max-step-tokens", "--seed", "--limit", "--out", "--resume",
-                   "--device", "--batch-size", "control-plane benchmark"):
+                   "--device", "--batch-size", "--prm-format", "--prm-reference", "--prm-beta", "implicit-prm",
+                   "control-plane benchmark"):
         assert option in out, option

@@ -187,3 +187,52 @@ def test_update_without_batch_explains_what_to_do(model_dir):
     kv = pkv.PagedKVCache.for_model(model, num_blocks=4)
     with pytest.raises(ValueError, match="PagedBatch"):
         model(input_ids=torch.tensor([[1, 2]]), position_ids=torch.tensor([[0, 1]]), cache=kv, use_cache=True)
+
+
+def test_companion_cache_runs_a_second_model_over_the_same_sequences(model_dir):
+    """A companion shares the block tables: forks, copy-on-write and cached prefixes of the
+    primary hold for the second model (another architecture and seed), whose logits equal a
+    full recompute of each path."""
+    model = load(model_dir)
+    torch.manual_seed(5)
+    other = transformers.AutoModelForCausalLM.from_config(_configs()["qwen2"])
+    other.set_attn_implementation(pkv.ATTN_IMPLEMENTATION)
+    other.eval()
+    rng = np.random.default_rng(7)
+    kv = pkv.PagedKVCache.for_model(model, block_size=4, num_blocks=64)
+    twin = kv.companion(other)
+    assert twin.manager is kv.manager and twin.spec == pkv.kv_spec_of(other.config)
+
+    def run(seqs, tokens):
+        batch = kv.prepare(seqs, tokens)
+        with torch.inference_mode():
+            a = model(**batch.model_kwargs()).logits.float()
+            b = other(**batch.on(twin).model_kwargs()).logits.float()
+        return a, b
+
+    prompt = rng_tokens(rng, 10)  # ends inside a block: forks copy it on write
+    seq, _ = kv.new_sequence(prompt)
+    run([seq], [prompt])
+    kids = [int(k) for k in kv.fork(seq, 3)]
+    chunks = [rng_tokens(rng, n) for n in (1, 4, 7)]
+    a, b = run(kids, chunks)
+    assert kv.stats()["cow_copies"] >= 2
+    for i, c in enumerate(chunks):
+        path = prompt + c
+        torch.testing.assert_close(a[i, : len(c)], full_logits(model, path)[-len(c):], atol=1e-4, rtol=0)
+        torch.testing.assert_close(b[i, : len(c)], full_logits(other, path)[-len(c):], atol=1e-4, rtol=0)
+    # A new sequence over a cached prefix reads the companion's pool too.
+    kv.free(kids)
+    again, cached = kv.new_sequence(prompt + chunks[2])
+    assert cached == 16
+    rest = (prompt + chunks[2])[cached:]
+    a, b = run([again], [rest])
+    torch.testing.assert_close(b[0, : len(rest)], full_logits(other, prompt + chunks[2])[cached:], atol=1e-4, rtol=0)
+
+    with pytest.raises(ValueError, match="companion"):
+        twin.prepare([again], [[1]])
+    with pytest.raises(ValueError, match="companion"):
+        twin.companion(other)
+    stranger = pkv.PagedKVCache.for_model(other, block_size=4, num_blocks=8)
+    with pytest.raises(ValueError, match="block manager"):
+        kv.prepare([again], [[1]]).on(stranger)

@@ -12,6 +12,8 @@ the score read at every step tag. Incremental scores must equal it step by step 
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 
 import numpy as np
@@ -120,6 +122,20 @@ def save_causal(path, kind: str, arch: str, boost: bool = False):
     return path
 
 
+def save_implicit_prm(path, reference_dir, beta=0.5):
+    """A causal LM saved as an implicit PRM: its config names its reference (relative to its own
+    directory, as ``ponder toy train`` writes it) and beta. The weights differ from the
+    reference's (another seed), so the log-likelihood ratios are far from zero."""
+    tok = make_tokenizer("llama")
+    torch.manual_seed(3)
+    cfg = _config("llama", len(tok), tok.eos_token_id)
+    cfg.implicit_prm = {"reference": os.path.relpath(reference_dir, path), "beta": beta}
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def save_token_classifier(path):
     tok = make_tokenizer("qwen")
     torch.manual_seed(1)
@@ -156,7 +172,10 @@ def save_process_reward_model(path):
 def dirs(tmp_path_factory):
     mk = tmp_path_factory.mktemp
     prm_native, base, head = save_process_reward_model(mk("native"))
+    implicit_ref = save_causal(mk("implicit_ref"), "llama", "llama")
     return {
+        "implicit": save_implicit_prm(mk("implicit"), implicit_ref),
+        "implicit_ref": implicit_ref,
         "policy_llama": save_causal(mk("pol_llama"), "llama", "llama", boost=True),
         "policy_qwen2": save_causal(mk("pol_qwen2"), "qwen", "qwen2", boost=True),
         "policy_plain": save_causal(mk("pol_plain"), "plain", "llama", boost=True),
@@ -377,6 +396,36 @@ def ref_qwen(score_fn, tok, question, steps, system="Please reason step by step,
     return logits[mask].softmax(-1)[:, 1].tolist()
 
 
+@torch.inference_mode()
+def ref_implicit(model, ref_model, tok, question, steps, beta=0.5):
+    """EurusPRM's usage: the chat of the question and the "\n\n"-joined steps encoded in full,
+    per-token log pi - log pi_ref, cumulated with coefficient beta from the first token after the
+    question part; step k reads the sum at its last token. sigmoid of it for every step."""
+
+    def render(k):
+        return tok.apply_chat_template(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": "\n\n".join(s.strip() for s in steps[:k])}],
+            tokenize=False)
+
+    full = render(len(steps))
+    ids = tok.encode(full, add_special_tokens=False)
+    x = torch.tensor([ids])
+    ratio = (model(input_ids=x).logits[0].log_softmax(-1) - ref_model(input_ids=x).logits[0].log_softmax(-1)).double()
+    per_token = ratio[:-1].gather(-1, x[0, 1:, None]).squeeze(-1)  # [T-1]: token t+1
+    marker = "PONDERSTEPSENTINEL"
+    probe = tok.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": marker}], tokenize=False)
+    answer_start = len(tok.encode(probe[: probe.find(marker)].rstrip(), add_special_tokens=False))
+    out = []
+    for k in range(1, len(steps) + 1):
+        text = render(k)
+        last = steps[k - 1].strip()
+        end = len(tok.encode(text[: text.rfind(last) + len(last)], add_special_tokens=False))
+        assert ids[:end] == tok.encode(text[: text.rfind(last) + len(last)], add_special_tokens=False)
+        q = beta * per_token[answer_start - 1 : end - 1].sum().item()
+        out.append(1.0 / (1.0 + math.exp(-q)))
+    return out
+
+
 def oracle(name, dirs):
     """(HFPRM directory, format, reference function(question, steps) -> per-step scores)."""
     if name == "math-shepherd":
@@ -387,6 +436,10 @@ def oracle(name, dirs):
         path = dirs["rlhflow" if name == "rlhflow" else "unstable"]
         model, tok = plain_lm(path), transformers.AutoTokenizer.from_pretrained(path)
         return path, lambda q, s: ref_rlhflow(model, tok, q, s)
+    if name == "implicit-prm":
+        path = dirs["implicit"]
+        model, ref, tok = plain_lm(path), plain_lm(dirs["implicit_ref"]), transformers.AutoTokenizer.from_pretrained(path)
+        return path, lambda q, s: ref_implicit(model, ref, tok, q, s)
     if name == "qwen-prm":
         path = dirs["qwen_cls"]
         model = transformers.AutoModelForTokenClassification.from_pretrained(path, local_files_only=True).eval()
@@ -412,7 +465,7 @@ def random_tree(rng, depth=3):
     return levels
 
 
-FORMAT_CASES = ["math-shepherd", "rlhflow", "qwen-prm", "qwen-prm-native"]
+FORMAT_CASES = ["math-shepherd", "rlhflow", "qwen-prm", "qwen-prm-native", "implicit-prm"]
 
 
 @pytest.mark.parametrize("case", FORMAT_CASES)
@@ -510,6 +563,48 @@ def test_template_that_is_not_prefix_stable_falls_back_with_a_warning(dirs):
     assert prm.stats()["full_reencodes"] == 4
 
 
+def test_implicit_prm_recomputed_paths_score_the_same(dirs):
+    """After a fallback to full re-encoding, a path is recomputed from its question part (no
+    parent tail to reuse): the scores stay those of the full-path reference."""
+    path, reference = oracle("implicit-prm", dirs)
+    prm = HFPRM(path, kv_budget=4096, block_size=4)
+    assert prm.beta == 0.5 and prm.format == "implicit-prm"
+    prm.start([0, 1], [QUESTIONS[0], QUESTIONS[0]])
+    first = prm.score_steps([0, 1], [2, 3], [STEPS[0], STEPS[3]])
+    prm._full_mode = True  # what a prefix-stability failure switches on
+    second = prm.score_steps([2, 3, 2], [4, 5, 6], [STEPS[5], STEPS[1], STEPS[2]], lookahead=[[], [STEPS[4]], []])
+    q = QUESTIONS[0]
+    want = [reference(q, [STEPS[0]])[-1], reference(q, [STEPS[3]])[-1], reference(q, [STEPS[0], STEPS[5]])[-1],
+            reference(q, [STEPS[3], STEPS[1], STEPS[4]])[-1], reference(q, [STEPS[0], STEPS[2]])[-1]]
+    np.testing.assert_allclose(first + second, want, atol=ATOL, rtol=0)
+    assert prm.stats()["full_reencodes"] == 4
+    prm.release(range(7))
+    assert prm.stats()["kv_blocks_in_use"] == 0
+
+
+def test_implicit_prm_loading_errors(dirs, tmp_path):
+    # An explicit reference and beta override the checkpoint's.
+    prm = HFPRM(dirs["implicit"], reference=dirs["implicit_ref"], beta=0.25, kv_budget=256)
+    assert prm.beta == 0.25
+    plain = save_causal(tmp_path / "plain_chat", "llama", "llama")
+    with pytest.raises(ValueError, match="reference model: pass reference="):
+        HFPRM(plain, format="implicit-prm")
+    with pytest.raises(ValueError, match="vocabulary"):
+        HFPRM(dirs["implicit"], reference=save_small_vocab_lm(tmp_path / "small"), kv_budget=256)
+    with pytest.raises(ValueError, match="beta must be"):
+        HFPRM(dirs["implicit"], beta=0.0, kv_budget=256)
+    with pytest.raises(ValueError, match="'implicit-prm' only"):
+        HFPRM(dirs["ms"], reference=dirs["implicit_ref"], kv_budget=256)
+    with pytest.raises(ValueError, match="chat template"):
+        HFPRM(dirs["ms"], format="implicit-prm", reference=dirs["implicit_ref"], kv_budget=256)
+
+
+def save_small_vocab_lm(path):
+    cfg = _config("llama", 64, 1)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
 def test_auto_format_detection_and_its_errors(dirs, tmp_path):
     cfg = transformers.AutoConfig.from_pretrained
     tok = transformers.AutoTokenizer.from_pretrained
@@ -517,6 +612,7 @@ def test_auto_format_detection_and_its_errors(dirs, tmp_path):
     assert detect_format(tok(dirs["rlhflow"]), cfg(dirs["rlhflow"])) == "rlhflow"
     assert detect_format(tok(dirs["qwen_cls"]), cfg(dirs["qwen_cls"])) == "qwen-prm"
     assert detect_format(tok(dirs["qwen_native"]), cfg(dirs["qwen_native"])) == "qwen-prm"
+    assert detect_format(tok(dirs["implicit"]), cfg(dirs["implicit"])) == "implicit-prm"
     # A Qwen chat tokenizer on a causal LM: the chat template + '+'/'-' read as rlhflow.
     assert detect_format(tok(dirs["policy_qwen2"]), cfg(dirs["policy_qwen2"])) == "rlhflow"
     with pytest.raises(ValueError, match="cannot tell"):

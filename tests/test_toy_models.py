@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from ponder import SamplingParams, SearchConfig, search
 from ponder.cli import main as cli_main
@@ -19,12 +20,11 @@ from ponder.toy import arith
 from ponder.toy.models import (
     BUILTIN_MODELS,
     MODELS_DIR,
-    STEP_TAG,
     build_tokenizer,
     builtin_model_path,
     resolve_model,
 )
-from ponder.toy.train import TrainConfig, policy_example, prm_example, train_all
+from ponder.toy.train import TrainConfig, fit_beta, policy_example, prm_example, sharpened_log_ratio_sums, train_all
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -49,7 +49,7 @@ def prm():
 
 
 def test_tokenizer_round_trips_task_text_and_keeps_digits_single():
-    tok = build_tokenizer(chat=True)
+    tok = build_tokenizer()
     p = arith.generate_problem(__import__("random").Random(3), 4)
     text = arith.solution_text(p)
     ids = tok.encode(text, add_special_tokens=False)
@@ -63,21 +63,27 @@ def test_tokenizer_round_trips_task_text_and_keeps_digits_single():
 
 
 def test_chat_template_and_prm_format():
-    chat, plain = build_tokenizer(chat=True), build_tokenizer(chat=False)
+    chat = build_tokenizer()
     prompt = chat.apply_chat_template([{"role": "user", "content": "Compute 1 + 2."}], tokenize=False,
                                       add_generation_prompt=True)
     assert prompt == "<s><|user|>Compute 1 + 2.<|end|><|assistant|>"
-    assert chat.eos_token == "<|end|>" and plain.chat_template is None
-    assert plain.encode("1")[0] == plain.bos_token_id  # Math-Shepherd's tokenizer adds BOS
-    assert plain.convert_tokens_to_ids(STEP_TAG) != plain.unk_token_id
-    assert detect_format(plain) == "math-shepherd"
-    # the same strings map to the same ids in both
-    assert chat.encode("12 * (3 - 4)", add_special_tokens=False) == plain.encode("12 * (3 - 4)", add_special_tokens=False)
+    assert chat.eos_token == "<|end|>"
     assert chat.encode("é", add_special_tokens=False) == [chat.unk_token_id]
+    # the shipped tokenizers are this one, byte for byte in what they do
+    for name in BUILTIN_MODELS:
+        shipped = transformers.AutoTokenizer.from_pretrained(builtin_model_path(name))
+        text = chat.apply_chat_template([{"role": "user", "content": "Compute (17 - 4) * 3."},
+                                         {"role": "assistant", "content": "13 * 3\n\n39\n\nThe answer is \\boxed{39}."}],
+                                        tokenize=False)
+        assert shipped.encode(text, add_special_tokens=False) == chat.encode(text, add_special_tokens=False), name
+    # the PRM is an implicit PRM whose config names its reference: format detection needs nothing else
+    config = transformers.AutoConfig.from_pretrained(builtin_model_path("prm"))
+    assert config.implicit_prm["reference"] == "../policy-large" and config.implicit_prm["beta"] > 0
+    assert detect_format(chat, config) == "implicit-prm"
 
 
 def test_training_examples_match_what_search_feeds():
-    tok, plain = build_tokenizer(chat=True), build_tokenizer(chat=False)
+    tok = build_tokenizer()
     p = arith.generate_problem(__import__("random").Random(1), 3)
     ids, plen = policy_example(tok, p)
     assert tok.decode(ids[:plen]) == tok.apply_chat_template(
@@ -85,10 +91,14 @@ def test_training_examples_match_what_search_feeds():
     assert ids[-1] == tok.eos_token_id and tok.decode(ids[plen:-1]) == arith.solution_text(p)
     steps = [s + "\n\n" for s in p.solution_steps[:-1]] + [p.solution_steps[-1]]
     labels = [True] * (len(steps) - 1) + [False]
-    ids, target = prm_example(plain, p.question, steps, labels)
-    tag = plain.convert_tokens_to_ids(STEP_TAG)
-    assert [t for t, i in zip(target, ids) if i == tag] == [0] * (len(steps) - 1) + [1]
-    assert all(t == -100 for t, i in zip(target, ids) if i != tag)
+    ids, answer_start, ends, got_labels = prm_example(tok, p.question, steps, labels)
+    assert got_labels == labels
+    # exactly the tokens HFPRM feeds the implicit PRM: the question part, then each step
+    prm = HFPRM(builtin_model_path("prm"), kv_budget=1024)
+    assert ids == prm.encode_full(prm.render(p.question, steps))
+    assert tok.decode(ids[:answer_start]) == "<s><|user|>" + p.question + "<|end|><|assistant|>"
+    for k, end in enumerate(ends):
+        assert tok.decode(ids[answer_start : end + 1]) == "\n\n".join(s.strip() for s in steps[: k + 1])
 
 
 def test_grow_keeps_the_small_models_function():
@@ -100,7 +110,7 @@ def test_grow_keeps_the_small_models_function():
     from ponder.toy.models import model_config
     from ponder.toy.train import grow
 
-    tok = build_tokenizer(chat=True)
+    tok = build_tokenizer()
     torch.manual_seed(0)
     small = LlamaForCausalLM(model_config("policy-small", tok)).eval()
     large = LlamaForCausalLM(model_config("policy-large", tok)).eval()
@@ -135,7 +145,8 @@ def test_shipped_models_sizes_and_files():
     assert 4.9 <= params["policy-large"] / params["policy-small"] <= 8  # ~5x
     assert params["prm"] > params["policy-small"]
     card = json.loads((MODELS_DIR / "prm" / "DONE.json").read_text())
-    assert card["format"] == "math-shepherd" and card["initialised_from"] == "builtin:policy-large"
+    assert card["format"] == "implicit-prm" and card["initialised_from"] == "builtin:policy-large"
+    assert card["reference"] == "builtin:policy-large"
     assert json.loads((MODELS_DIR / "policy-large" / "DONE.json").read_text())["grown_from"] == "builtin:policy-small"
     assert card["data"]["bad_steps"] > 0 and card["data"]["steps"] > card["data"]["bad_steps"]
 
@@ -221,7 +232,7 @@ def test_ponder_run_on_shipped_models_writes_every_output(tmp_path, capsys):
 
 TINY = dict(
     tokens_per_batch=256, small_steps=3, large_steps=2, warmup=1, sample_problems_per_level=1, sample_n=2,
-    sample_batch=5, sample_max_steps=3, sample_max_step_tokens=12, prm_steps=2, threads=1,
+    sample_batch=5, sample_max_steps=3, sample_max_step_tokens=12, prm_inverse_temperatures="1,2", threads=1,
 )
 
 
@@ -244,7 +255,12 @@ def test_train_all_writes_loadable_models_reproducibly_and_resumes(tmp_path):
             assert s["labels"] == arith.label_steps(r["question"], [x.strip() for x in s["steps"]])
     # the loaders ponder run uses accept them
     HFPolicy(first["policy-small"])
-    assert HFPRM(first["prm"]).format == "math-shepherd"
+    prm = HFPRM(first["prm"])  # its reference is the policy-large next to it
+    card = json.loads((first["prm"] / "DONE.json").read_text())
+    assert prm.format == "implicit-prm" and prm.beta == pytest.approx(card["beta"])
+    assert card["inverse_temperature"] in (1.0, 2.0) and len(card["fit"]) == 2
+    prm.start([0], ["Compute 1 + 2."])
+    assert 0.0 < prm.score_steps([0], [1], ["3\n\n"])[0] < 1.0
     # same seed, same weights
     second = train_all(TrainConfig(**TINY), tmp_path / "b")
     for name in BUILTIN_MODELS:
@@ -259,3 +275,44 @@ def test_train_all_writes_loadable_models_reproducibly_and_resumes(tmp_path):
 def test_train_config_is_validated():
     with pytest.raises(ValueError, match="sample_n"):
         train_all(TrainConfig(sample_n=0), "/nonexistent/never-written")
+    for bad in ("", "0.5,2", "two"):
+        with pytest.raises(ValueError, match="prm_inverse_temperatures"):
+            train_all(TrainConfig(prm_inverse_temperatures=bad), "/nonexistent/never-written")
+
+
+def test_fit_beta_recovers_the_scale_of_a_logistic_model():
+    g = torch.Generator().manual_seed(0)
+    sums = torch.randn(20000, generator=g, dtype=torch.float64) * 3
+    labels = torch.bernoulli(torch.sigmoid(0.7 * sums), generator=g)
+    beta, loss = fit_beta(sums, labels, torch.ones_like(sums))
+    assert beta == pytest.approx(0.7, rel=0.1)
+    assert loss < fit_beta(sums, labels, torch.ones_like(sums))[1] + 1e-12  # deterministic
+    assert loss < torch.nn.functional.binary_cross_entropy_with_logits(0.35 * sums, labels).item()
+
+
+def test_fitted_prm_scores_are_the_fits_sums(tmp_path):
+    """What the fit saw is what HFPRM computes: the saved copy of the reference at inverse
+    temperature alpha, scored as an implicit PRM, gives sigmoid(beta * the fit's sums)."""
+    tok = build_tokenizer()
+    large = builtin_model_path("policy-large")
+    reference = transformers.LlamaForCausalLM.from_pretrained(large, dtype=torch.float32).eval()
+    problems = [arith.generate_problem(__import__("random").Random(k), 2) for k in range(2)]
+    steps = [[s + "\n\n" for s in p.solution_steps[:-1]] + [p.solution_steps[-1]] for p in problems]
+    steps[1][0] = "7 + 7\n\n"  # any text: the sums must match whatever a step says
+    examples = [prm_example(tok, p.question, s, [True] * len(s)) for p, s in zip(problems, steps)]
+    sums = sharpened_log_ratio_sums(reference, examples, [1.0, 3.0], 4096, tok.pad_token_id)
+    assert torch.all(sums[0].abs() < 1e-9)  # alpha 1: the reference against itself
+    model = transformers.LlamaForCausalLM.from_pretrained(large, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(3.0)
+    model.config.implicit_prm = {"reference": str(large), "beta": 0.5}
+    model.save_pretrained(tmp_path / "prm")
+    tok.save_pretrained(tmp_path / "prm")
+    prm = HFPRM(tmp_path / "prm", kv_budget=4096)
+    got = []
+    for r, (p, s) in enumerate(zip(problems, steps)):
+        prm.start([1000 * r], [p.question])
+        for k, step in enumerate(s):
+            got += prm.score_steps([1000 * r + k], [1000 * r + k + 1], [step])
+    want = torch.sigmoid(0.5 * sums[1]).tolist()
+    assert got == pytest.approx(want, abs=1e-4)

@@ -106,7 +106,13 @@ def build_run_parser() -> argparse.ArgumentParser:
     models.add_argument("--reference-policy", metavar="PATH", default=None,
                         help=f"also run greedy with this policy (a bigger model to compare with); 'none' for none "
                              f"(default {DEFAULT_REFERENCE} when --policy is the default, else none)")
-    models.add_argument("--prm-format", default="auto", help="PRM input format: auto, math-shepherd, rlhflow, qwen-prm (default auto)")
+    models.add_argument("--prm-format", default="auto",
+                        help="PRM input format: auto, math-shepherd, rlhflow, qwen-prm, implicit-prm (default auto)")
+    models.add_argument("--prm-reference", metavar="PATH", default=None,
+                        help="implicit-prm only: the reference model of the log-likelihood ratio, e.g. "
+                             "Qwen/Qwen2.5-Math-7B-Instruct for PRIME-RL/EurusPRM-Stage2 (default: the one the PRM's config names)")
+    models.add_argument("--prm-beta", type=float, default=None,
+                        help="implicit-prm only: the log-ratio coefficient (default: the PRM's config, else 0.001)")
     models.add_argument("--device", default="cpu", help="torch device of both models (default cpu)")
     models.add_argument("--dtype", default=None, help="model dtype, e.g. float32, bfloat16 (default: float32 on CPU, bf16 else)")
     models.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
@@ -168,10 +174,11 @@ def _build_policy(path: str, device: str, dtype: str | None, kv_budget: int | No
     return HFPolicy(path, device=device, dtype=dtype, kv_budget=kv_budget)
 
 
-def _build_prm(path: str, fmt: str, device: str, dtype: str | None, kv_budget: int | None = None):
+def _build_prm(path: str, fmt: str, device: str, dtype: str | None, kv_budget: int | None = None,
+               reference: str | None = None, beta: float | None = None):
     from .prm import HFPRM
 
-    return HFPRM(path, format=fmt, device=device, dtype=dtype, kv_budget=kv_budget)
+    return HFPRM(path, format=fmt, device=device, dtype=dtype, kv_budget=kv_budget, reference=reference, beta=beta)
 
 
 def _kv_budget(args: argparse.Namespace, attr: str) -> int | None:
@@ -207,6 +214,7 @@ def _resolve_models(args: argparse.Namespace, needs_prm: bool) -> str | None:
         args.reference_policy = None
     args.labels = {}
     for flag, attr, used in (("--policy", "policy", True), ("--prm", "prm", needs_prm),
+                             ("--prm-reference", "prm_reference", needs_prm),
                              ("--reference-policy", "reference_policy", True)):
         ref = getattr(args, attr)
         if ref is None or not used:
@@ -326,7 +334,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     # --- the work
     try:
         policy = _build_policy(args.policy, args.device, args.dtype, kv_budget=_kv_budget(args, "policy"))
-        prm = (_build_prm(args.prm, args.prm_format, args.device, args.dtype, kv_budget=_kv_budget(args, "prm"))
+        prm = (_build_prm(args.prm, args.prm_format, args.device, args.dtype, kv_budget=_kv_budget(args, "prm"),
+                          reference=args.prm_reference, beta=args.prm_beta)
                if needs_prm else None)
     except (OSError, ValueError) as exc:
         print(f"ponder run: error: could not load the models: {' '.join(str(exc).split())}", file=sys.stderr)

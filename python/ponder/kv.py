@@ -29,6 +29,7 @@ Typical use::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -137,6 +138,15 @@ class PagedBatch:
     q_lens: torch.Tensor
     decode: bool  # every sequence adds exactly one token: attend straight from the pool
 
+    def on(self, cache: "PagedKVCache") -> "PagedBatch":
+        """This batch run against ``cache``'s pools: ``cache`` must be this batch's cache or one
+        of its companions (same block manager, so the slots and block tables hold)."""
+        if cache is self.cache:
+            return self
+        if cache.manager is not self.cache.manager:
+            raise ValueError("PagedBatch.on: the cache does not share this batch's block manager (see PagedKVCache.companion)")
+        return dataclasses.replace(self, cache=cache)
+
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``model(**batch.model_kwargs())``."""
         return {
@@ -181,6 +191,8 @@ class PagedKVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
         self.manager = _core.KVCacheManager(self.num_blocks, self.block_size)
+        self._companions: list[PagedKVCache] = []
+        self._primary: PagedKVCache | None = None
 
     @classmethod
     def for_model(
@@ -227,6 +239,34 @@ class PagedKVCache:
             )
         return cls(spec, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=device)
 
+    def companion(self, model: torch.nn.Module) -> "PagedKVCache":
+        """K/V pools for a second model that runs over *the same sequences* as this cache (an
+        implicit PRM's reference model reads exactly the PRM's tokens).
+
+        The companion shares this cache's block manager, so ``new_sequence`` / ``fork`` / ``free``
+        here apply to both and the block tables are one; it has its own pools shaped for ``model``
+        (its dtype and device, ``num_blocks`` x ``block_size`` like this cache) and receives this
+        cache's copy-on-write copies. Batches are prepared here only; run ``model`` on
+        ``batch.on(companion)``. Raises ValueError when the pools do not fit in free memory.
+        """
+        if self._primary is not None:
+            raise ValueError("a companion cache cannot have companions of its own: call companion() on the primary")
+        spec = kv_spec_of(model.config)
+        param = next(model.parameters())
+        need = spec.bytes_per_token(param.dtype) * self.block_size * self.num_blocks
+        free = _free_bytes(param.device)
+        if need > free:
+            raise ValueError(
+                f"the companion KV cache does not fit: {self.num_blocks} blocks x {self.block_size} tokens "
+                f"need {_gib(need)} but {_gib(free)} is free on {param.device}; lower the token budget"
+            )
+        twin = PagedKVCache(spec, num_blocks=self.num_blocks, block_size=self.block_size,
+                            dtype=param.dtype, device=param.device)
+        twin.manager = self.manager
+        twin._primary = self
+        self._companions.append(twin)
+        return twin
+
     # ---- sequences (ids are int32, never reused)
     def new_sequence(self, tokens: Sequence[int]) -> tuple[int, int]:
         """Start a sequence for ``tokens``; returns (seq_id, cached): the first ``cached`` tokens
@@ -263,9 +303,17 @@ class PagedKVCache:
             raise ValueError("every sequence in a batch must add at least one token")
         flat = np.fromiter((int(t) for row in tokens for t in row), dtype=np.int64, count=int(q_lens.sum()))
         prev = self.manager.seq_len(seq_ids).astype(np.int64)
+        if self._primary is not None:
+            raise ValueError(
+                "this cache is a companion: prepare batches on its primary cache and run the second "
+                "model with batch.on(companion).model_kwargs()"
+            )
         slots, src, dst = self.manager.append(seq_ids, q_lens, flat)
         if len(src):
-            kernels.copy_blocks(self.k, self.v, torch.from_numpy(src), torch.from_numpy(dst))
+            # copy-on-write applies to every pool laid out on these block tables
+            src_t, dst_t = torch.from_numpy(src), torch.from_numpy(dst)
+            for pools in (self, *self._companions):
+                kernels.copy_blocks(pools.k, pools.v, src_t, dst_t)
         table, kv_lens = self.manager.block_table(seq_ids)
 
         B, T = len(seq_ids), int(q_lens.max())

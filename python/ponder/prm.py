@@ -30,11 +30,26 @@ Formats (``format=``):
   safetensors files; or with ``trust_remote_code=True`` the checkpoint's own class (it must
   expose ``.model`` and ``.score``).
 
+* ``"implicit-prm"`` (PRIME-RL/EurusPRM-Stage1/-Stage2, arXiv 2412.01981): a causal LM
+  pi_theta trained as an outcome reward model whose reward is ``beta * log pi_theta(y) /
+  pi_ref(y)`` against a *reference* causal LM pi_ref with the same vocabulary. Input: the chat
+  template with the question as user message and ``"\n\n".join(steps)`` (stripped) as the
+  assistant message, as the model card's usage. Score of step k: sigmoid(q_k) with
+  ``q_k = beta * sum log pi_theta(y_t | y_<t) - log pi_ref(y_t | y_<t)`` over every token
+  after the question part up to the end of step k (the implicit Q value; sigmoid(q_n) is the
+  ORM's P(correct)). The reference and beta come from ``reference=`` / ``beta=``, else from
+  the checkpoint's ``config.json`` key ``"implicit_prm": {"reference": ..., "beta": ...}``
+  (a relative reference path is taken relative to the PRM's directory; beta defaults to
+  0.001, the model card's coefficient). The reference model runs over the same KV block
+  tables (:meth:`ponder.kv.PagedKVCache.companion`); each node keeps its q and the log-ratio
+  row of its last position, so a child runs only its new tokens through both models.
+
 How a path is turned into tokens incrementally (and checked):
 
 * ``render(question, steps)`` is the full reference text of a path. A node's *text* is that
   rendering cut right after its last step's marker (" ки", "+", "<extra_0>"): whatever the
-  template appends after it (end-of-turn tokens, trailing whitespace) belongs to the next step.
+  template appends after it (end-of-turn tokens, trailing whitespace) belongs to the next step;
+  implicit-prm has no marker: its node text ends with the last step's text.
   A root's text is the rendering cut before the first step (trailing whitespace left to the
   step, because BPE tokenizers attach a space to the following word).
 * A child's new text is its text minus its parent's text (the template must be *prefix-stable*:
@@ -46,15 +61,16 @@ How a path is turned into tokens incrementally (and checked):
   full from then on; a path whose tokens still extend its parent's forks it, others start a
   new sequence that reuses the cached full blocks of any equal prefix. Scores stay exact.
 
-Scores come from the model's logits only at the scored positions (``logits_to_keep``), never
-from a vocabulary-sized row per new token.
+Marker formats take the model's logits only at the scored positions (``logits_to_keep``),
+never a vocabulary-sized row per new token; implicit-prm needs the log-probability of every
+new token under both models, so it takes every new position's logits (batched as for prefill).
 """
 
 from __future__ import annotations
 
 import abc
-
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -71,6 +87,7 @@ from .protocols import check_score_steps_args
 __all__ = [
     "FORMATS",
     "HFPRM",
+    "IMPLICIT_PRM_BETA",
     "MATH_SHEPHERD_TAG",
     "QWEN_PRM_SYSTEM",
     "QWEN_STEP_SEP",
@@ -78,9 +95,11 @@ __all__ = [
     "detect_format",
 ]
 
-FORMATS = ("math-shepherd", "rlhflow", "qwen-prm")
+FORMATS = ("math-shepherd", "rlhflow", "qwen-prm", "implicit-prm")
 MATH_SHEPHERD_TAG = " ки"
 QWEN_STEP_SEP = "<extra_0>"
+# EurusPRM's model card scales the log-likelihood ratio by this coefficient.
+IMPLICIT_PRM_BETA = 0.001
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 # Stands for step text when locating where the first step starts in a rendering.
 _SENTINEL = "PONDERSTEPSENTINEL"
@@ -123,6 +142,8 @@ def _leading_special(tokenizer) -> list[int]:
 def detect_format(tokenizer, config: Any = None, name: str = "") -> str:
     """Pick the PRM format from the tokenizer and the model config.
 
+    * ``config.implicit_prm`` present (written by ponder's trainer) -> ``"implicit-prm"`` (an
+      implicit PRM is a plain causal LM: without that key pass ``format="implicit-prm"``);
     * a 2-logit token head (architecture ``*ForTokenClassification`` / ``*ProcessRewardModel``)
       and a single-token ``<extra_0>`` -> ``"qwen-prm"``;
     * " ки" is a token of its own and there is no chat template -> ``"math-shepherd"``;
@@ -130,6 +151,8 @@ def detect_format(tokenizer, config: Any = None, name: str = "") -> str:
     * both (large multilingual vocabularies may hold " ки"): decided by the model name
       (``math-shepherd`` / ``rlhflow`` in it), else ValueError. ValueError when nothing fits.
     """
+    if getattr(config, "implicit_prm", None) is not None:
+        return "implicit-prm"
     archs = list(getattr(config, "architectures", None) or [])
     head = any(a.endswith(("ForTokenClassification", "ProcessRewardModel")) for a in archs)
     sep = _single_token(tokenizer, QWEN_STEP_SEP) is not None
@@ -199,6 +222,13 @@ class _Format(abc.ABC):
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: float32 [B, 2] (the two compared classes) -> P(correct) float32 [B]."""
         return logits.float().softmax(dim=-1)[:, self.good]
+
+    def node_end(self, full: str, steps: Sequence[str]) -> int:
+        """Where a path's node text ends in its full rendering: right after the last marker."""
+        k = full.rfind(self.marker)
+        if k < 0:
+            raise ValueError(f"format {self.name!r}: the rendering of a path lacks the marker {self.marker!r}")
+        return k + len(self.marker)
 
 
 def _need(value: int | None, what: str, fmt: str) -> int:
@@ -270,7 +300,52 @@ class _QwenPRM(_Format):
         return self.sep_id
 
 
-_FORMAT_CLASSES = {"math-shepherd": _MathShepherd, "rlhflow": _RLHFlow, "qwen-prm": _QwenPRM}
+class _ImplicitPRM(_Format):
+    """EurusPRM-style implicit PRM: no marker and no head; the score is read from the
+    log-likelihood ratio of every token (see the module docstring)."""
+
+    name, marker, offset, add_special_tokens = "implicit-prm", "", 0, False
+
+    def __init__(self, tokenizer, system_prompt=None):
+        super().__init__(tokenizer, system_prompt)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("format 'implicit-prm' needs a tokenizer with a chat template")
+
+    def render(self, question, steps):
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": question})
+        messages.append({"role": "assistant", "content": "\n\n".join(s.strip() for s in steps)})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+    def node_end(self, full, steps):
+        last = steps[-1].strip()
+        k = full.rfind(last) if last else -1
+        if k < 0:
+            raise ValueError(f"format {self.name!r}: the rendering does not contain the step text {last!r} verbatim")
+        return k + len(last)
+
+    def marker_id(self):
+        return -1  # no marker token: every token counts
+
+    def spans(self, question: str, steps: Sequence[str]) -> tuple[list[int], int, list[int]]:
+        """The whole path as the PRM reads it: (token ids of ``render(question, steps)``, index
+        of the first scored token (after the question part), per step the index of its last
+        token). Raises ValueError when a step's tokens are not a prefix of the whole path's."""
+        full = self.render(question, steps)
+        ids = _ids(self.tokenizer, full)
+        probe = self.render(question, [_SENTINEL])
+        answer_start = len(_ids(self.tokenizer, probe[: probe.find(_SENTINEL)].rstrip()))
+        ends = []
+        for k in range(1, len(steps) + 1):
+            part = self.render(question, steps[:k])
+            cut = _ids(self.tokenizer, part[: self.node_end(part, steps[:k])])
+            if ids[: len(cut)] != cut or len(cut) <= answer_start:
+                raise ValueError(f"format {self.name!r}: step {k} does not end at a token boundary of the whole path")
+            ends.append(len(cut) - 1)
+        return ids, answer_start, ends
+
+
+_FORMAT_CLASSES = {"math-shepherd": _MathShepherd, "rlhflow": _RLHFlow, "qwen-prm": _QwenPRM, "implicit-prm": _ImplicitPRM}
 
 
 # ----------------------------------------------------------------------------- reward-head models
@@ -398,6 +473,12 @@ class _Path:
     tokens: list[int]
     seq: int | None
     segment_ids: list[int] | None = field(default=None, repr=False)
+    # implicit-prm: tokens before answer_start are the question part (not scored); q is the
+    # path's beta-scaled log-ratio sum, tail the log-ratio row [V] of its last position (it
+    # scores a child's first token).
+    answer_start: int = 0
+    q: float = 0.0
+    tail: torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -409,6 +490,7 @@ class _Plan:
     base: int | None
     base_len: int
     pos: int  # absolute index of the scored position in tokens
+    parent: _Path | None = None
 
 
 class HFPRM:
@@ -416,8 +498,9 @@ class HFPRM:
 
     Args:
         model_id_or_path: local directory or hub id (``HF_HUB_OFFLINE=1``: local cache only).
-        format: ``"auto"`` (see :func:`detect_format`), ``"math-shepherd"``, ``"rlhflow"`` or
-            ``"qwen-prm"`` (see the module docstring for what each one writes and reads).
+        format: ``"auto"`` (see :func:`detect_format`), ``"math-shepherd"``, ``"rlhflow"``,
+            ``"qwen-prm"`` or ``"implicit-prm"`` (see the module docstring for what each one
+            writes and reads).
         device, dtype: as :class:`ponder.policy.HFPolicy` (dtype None: float32 on CPU, bf16 else).
         kv_budget, block_size: the PRM's own KV pool (tokens; default
             :data:`ponder.kv.DEFAULT_TOKEN_BUDGET`) and its block size.
@@ -425,6 +508,10 @@ class HFPRM:
         verify_tokens: ``"first"``, ``"all"`` or ``"none"``: which new paths of each call are
             checked against a full re-tokenization of their text.
         trust_remote_code: load a checkpoint's own model class (qwen-prm only).
+        reference: implicit-prm only: the reference causal LM (directory or hub id; None: the
+            checkpoint's ``implicit_prm.reference``). It must share the PRM's vocabulary.
+        beta: implicit-prm only: the log-ratio coefficient (None: the checkpoint's
+            ``implicit_prm.beta``, else :data:`IMPLICIT_PRM_BETA`).
     """
 
     def __init__(
@@ -439,6 +526,8 @@ class HFPRM:
         system_prompt: str | None = None,
         verify_tokens: str = "first",
         trust_remote_code: bool = False,
+        reference: str | os.PathLike | None = None,
+        beta: float | None = None,
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -463,6 +552,14 @@ class HFPRM:
                 path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION, **hub
             ).to(self.device).eval()
         self.kv = PagedKVCache.for_model(self.model, block_size=block_size, token_budget=kv_budget)
+        self.ref_model = None
+        self.beta = None
+        if format == "implicit-prm":
+            self.ref_model, self.beta = self._load_reference(path, config, reference, beta, trust_remote_code)
+            # one set of block tables: every fork / new sequence / free of self.kv holds for both
+            self.ref_kv = PagedKVCache.companion(self.kv, self.ref_model)
+        elif reference is not None or beta is not None:
+            raise ValueError(f"reference= and beta= apply to format 'implicit-prm' only (this PRM is {format!r})")
         self.verify_tokens = verify_tokens
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self._lead = _leading_special(self.tokenizer) if self._fmt.add_special_tokens else []
@@ -473,6 +570,35 @@ class HFPRM:
         self._warned: set[str] = set()
         self._steps_scored = 0
         self._reencodes = 0
+
+    def _load_reference(self, path: str, config, reference, beta, trust_remote_code: bool):
+        from transformers import AutoModelForCausalLM
+
+        spec = getattr(config, "implicit_prm", None) or {}
+        ref = reference if reference is not None else spec.get("reference")
+        if ref is None:
+            raise ValueError(
+                "format 'implicit-prm' needs its reference model: pass reference= (the model the PRM "
+                "was trained against, e.g. Qwen/Qwen2.5-Math-7B-Instruct for PRIME-RL/EurusPRM-Stage2)"
+            )
+        ref = os.fspath(ref)
+        if reference is None and not os.path.isabs(ref) and os.path.isdir(path):
+            # the checkpoint names its reference relative to its own directory
+            ref = os.path.normpath(os.path.join(path, ref))
+        beta = float(beta if beta is not None else spec.get("beta", IMPLICIT_PRM_BETA))
+        if not math.isfinite(beta) or beta <= 0:
+            raise ValueError(f"beta must be a finite number > 0, got {beta}")
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION, **_hub_kwargs(ref, trust_remote_code)
+        ).to(self.device).eval()
+        ours, theirs = self.model.get_output_embeddings(), model.get_output_embeddings()
+        if ours is None or theirs is None or ours.weight.shape[0] != theirs.weight.shape[0]:
+            raise ValueError(
+                f"the implicit PRM's reference {ref!r} does not share the PRM's vocabulary "
+                f"(output rows {None if theirs is None else theirs.weight.shape[0]} vs "
+                f"{None if ours is None else ours.weight.shape[0]}): pass the model the PRM was trained against"
+            )
+        return model, beta
 
     # ---------------------------------------------------------------- text and tokens
     def render(self, question: str, steps: Sequence[str]) -> str:
@@ -493,10 +619,7 @@ class HFPRM:
 
     def _node_text(self, question: str, steps: Sequence[str]) -> str:
         full = self._fmt.render(question, list(steps))
-        k = full.rfind(self._fmt.marker)
-        if k < 0:
-            raise ValueError(f"format {self.format!r}: the rendering of a path lacks the marker {self._fmt.marker!r}")
-        return full[: k + len(self._fmt.marker)]
+        return full[: self._fmt.node_end(full, steps)]
 
     def _fallback(self, reason: str) -> None:
         if reason not in self._warned:
@@ -542,28 +665,74 @@ class HFPRM:
             self._reencodes += 1
             tokens = full if full is not None else self.encode_full(text)
             segment = text  # unused from now on: full mode never encodes in context again
-        if not tokens or tokens[-1] != self._marker_id:
+        if self.ref_model is not None:
+            if len(tokens) <= parent.answer_start:
+                raise ValueError(f"format {self.format!r}: a step added no tokens to the PRM's input")
+        elif not tokens or tokens[-1] != self._marker_id:
             raise ValueError(
                 f"format {self.format!r}: the marker {self._fmt.marker!r} did not end up as token "
                 f"{self._marker_id} at the end of the step (it merged with neighbouring text?)"
             )
         pos = len(tokens) - 1 + self._fmt.offset
         base = parent.seq if (parent.seq is not None and pos >= n and tokens[:n] == parent.tokens) else None
-        path = _Path(parent.question, steps, text, segment, tokens, None)
-        return _Plan(path, base, n if base is not None else 0, pos)
+        if self.ref_model is not None and parent.tail is None:
+            base = None
+        path = _Path(parent.question, steps, text, segment, tokens, None, answer_start=parent.answer_start)
+        return _Plan(path, base, n if base is not None else 0, pos, parent)
 
     # ---------------------------------------------------------------- model
+    @staticmethod
+    def _batches(new_tokens: list[list[int]]):
+        """(i, j) row ranges of at most _PREFILL_BATCH_TOKENS new tokens (one row at least)."""
+        i = 0
+        while i < len(new_tokens):
+            j, total = i, 0
+            while j < len(new_tokens) and (j == i or total + len(new_tokens[j]) <= _PREFILL_BATCH_TOKENS):
+                total += len(new_tokens[j])
+                j += 1
+            yield i, j
+            i = j
+
+    @torch.inference_mode()
+    def _logratios(self, seqs: list[int], new_tokens: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """implicit-prm: append ``new_tokens[i]`` to ``seqs[i]`` in both models. Returns, per
+        row, float32 [m-1] (CPU): log pi_theta - log pi_ref of new token t+1 at new position t,
+        and float32 [V] (model device): the log-ratio row of the last new position."""
+        gathered: list[torch.Tensor] = []
+        tails: list[torch.Tensor] = []
+        for i, j in self._batches(new_tokens):
+            use_paged_attention(self.model)
+            use_paged_attention(self.ref_model)
+            batch = self.kv.prepare(seqs[i:j], new_tokens[i:j])
+            ratio = self.model(**batch.model_kwargs()).logits.float().log_softmax(-1)
+            ratio -= self.ref_model(**batch.on(self.ref_kv).model_kwargs()).logits.float().log_softmax(-1)
+            for r, toks in enumerate(new_tokens[i:j]):
+                m = len(toks)
+                nxt = torch.tensor(toks[1:], dtype=torch.long, device=ratio.device)
+                gathered.append(ratio[r, : m - 1].gather(-1, nxt[:, None]).squeeze(-1).cpu())
+                tails.append(ratio[r, m - 1].clone())
+        return gathered, tails
+
+    def _implicit_scores(self, plans: list[_Plan], seqs: list[int], rows: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Run the rows through both models and set each plan's q and tail; sigmoid(q) float32 [B]."""
+        gathered, tails = self._logratios(seqs, rows)
+        out = []
+        for plan, g, tail, start, row in zip(plans, gathered, tails, starts, rows):
+            if plan.base is not None:  # the parent's tail scores the first new token
+                total = float(plan.parent.tail[row[0]]) + float(g.double().sum())
+                q = plan.parent.q + self.beta * total
+            else:  # recomputed from the question part: count the tokens from answer_start on
+                q = self.beta * float(g[plan.path.answer_start - start - 1 :].double().sum())
+            plan.path.q, plan.path.tail = q, tail
+            out.append(1.0 / (1.0 + math.exp(-q)) if q >= 0 else math.exp(q) / (1.0 + math.exp(q)))
+        return torch.tensor(out, dtype=torch.float32)
+
     @torch.inference_mode()
     def _scores_at(self, seqs: list[int], new_tokens: list[list[int]], positions: list[int]) -> torch.Tensor:
         """Append ``new_tokens[i]`` to ``seqs[i]``; P(correct) read at index ``positions[i]`` of
         each row's new tokens. Returns float32 [B] (CPU). Rows go in batches of bounded size."""
         out = []
-        i = 0
-        while i < len(seqs):
-            j, total = i, 0
-            while j < len(seqs) and (j == i or total + len(new_tokens[j]) <= _PREFILL_BATCH_TOKENS):
-                total += len(new_tokens[j])
-                j += 1
+        for i, j in self._batches(new_tokens):
             use_paged_attention(self.model)
             batch = self.kv.prepare(seqs[i:j], new_tokens[i:j])
             pos = torch.tensor(positions[i:j], dtype=torch.long)
@@ -575,7 +744,6 @@ class HFPRM:
             if self._columns is not None:
                 rows = rows[:, self._columns]
             out.append(self._fmt.probability(rows).cpu())
-            i = j
         return torch.cat(out) if out else torch.zeros(0)
 
     def _realize(self, plans: list[_Plan]) -> tuple[list[int], torch.Tensor]:
@@ -584,19 +752,28 @@ class HFPRM:
         seqs: list[int] = []
         rows: list[list[int]] = []
         positions: list[int] = []
+        starts: list[int] = []
         try:
             for plan in plans:
                 toks = plan.path.tokens
                 if plan.base is not None:
                     (seq,) = self.kv.fork(plan.base, 1)
                     start = plan.base_len
+                elif self.ref_model is not None:
+                    # Every token from answer_start on is scored, so the cache may give at most
+                    # the question part minus its last token (whose log-ratio row scores the first).
+                    seq, start = self.kv.new_sequence(toks[: plan.path.answer_start])
                 else:
                     # At most pos tokens come from the cache: the scored position is computed.
                     seq, start = self.kv.new_sequence(toks[: plan.pos + 1])
                 seqs.append(int(seq))
                 rows.append(toks[start:])
                 positions.append(plan.pos - start)
-            scores = self._scores_at(seqs, rows, positions)
+                starts.append(start)
+            if self.ref_model is not None:
+                scores = self._implicit_scores(plans, seqs, rows, starts)
+            else:
+                scores = self._scores_at(seqs, rows, positions)
         except BaseException:
             self.kv.free(seqs)
             raise
@@ -612,7 +789,11 @@ class HFPRM:
         paths = []
         for q in problems:
             text = self._root_text(q)
-            paths.append(_Path(q, (), text, text, self.encode_full(text), None))
+            tokens = self.encode_full(text)
+            if self.ref_model is not None and not tokens:
+                raise ValueError(f"format {self.format!r}: the question part of the input is empty, so no "
+                                 "token can score the first step (a chat template renders at least the user turn)")
+            paths.append(_Path(q, (), text, text, tokens, None, answer_start=len(tokens)))
         first: dict[tuple[int, ...], int] = {}
         for i, p in enumerate(paths):
             if p.tokens:
@@ -626,13 +807,18 @@ class HFPRM:
                 created.append(seq)
                 paths[i].seq = seq
                 rows.append(paths[i].tokens[cached:])
-            if owners:
+            if owners and self.ref_model is not None:
+                _, tails = self._logratios([paths[i].seq for i in owners], rows)
+                for i, tail in zip(owners, tails):
+                    paths[i].tail = tail
+            elif owners:
                 self._scores_at([paths[i].seq for i in owners], rows, [len(r) - 1 for r in rows])
             for i, p in enumerate(paths):
                 if p.tokens and first[tuple(p.tokens)] != i:
-                    (seq,) = self.kv.fork(paths[first[tuple(p.tokens)]].seq, 1)
+                    owner = paths[first[tuple(p.tokens)]]
+                    (seq,) = self.kv.fork(owner.seq, 1)
                     created.append(int(seq))
-                    p.seq = int(seq)
+                    p.seq, p.tail = int(seq), owner.tail
         except BaseException:
             self.kv.free(created)
             raise

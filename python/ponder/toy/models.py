@@ -42,9 +42,11 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 BUILTIN_MODELS = {
     "policy-small": "the small policy (~1M-parameter Llama)",
     "policy-large": "the larger policy (~5x the small one)",
-    "prm": "the Math-Shepherd-format PRM (initialised from policy-large, trained on policy-small's samples)",
+    "prm": "the implicit PRM (format implicit-prm, reference policy-large; trained on policy-small's samples)",
 }
-STEP_TAG = " ки"  # the Math-Shepherd step tag (ponder.prm.MATH_SHEPHERD_TAG)
+# The Math-Shepherd step tag (ponder.prm.MATH_SHEPHERD_TAG): a token of the vocabulary the shipped
+# models were trained with (an earlier PRM used that format), so it stays.
+STEP_TAG = " ки"
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # Multi-character tokens of the task; longest first so the splitting regex prefers them.
@@ -71,14 +73,12 @@ def _vocabulary() -> list[str]:
     return SPECIAL_TOKENS + WORD_TOKENS + chars
 
 
-def build_tokenizer(chat: bool = True):
-    """The task's tokenizer as a ``PreTrainedTokenizerFast``.
-
-    chat=True: the policies' tokenizer (chat template, eos ``<|end|>``); chat=False: the PRM's
-    (no template; ``encode`` adds ``<s>`` as Math-Shepherd's Llama tokenizer adds BOS). Both map
-    the same strings to the same ids. Unknown characters become ``<unk>``.
+def build_tokenizer():
+    """The task's tokenizer as a ``PreTrainedTokenizerFast``, shared by all three models: chat
+    template ``<s><|user|>...<|end|><|assistant|>``, eos ``<|end|>``, digits always single
+    tokens. Unknown characters become ``<unk>``.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(_vocabulary())}
@@ -89,10 +89,6 @@ def build_tokenizer(chat: bool = True):
     pattern = "|".join(alternatives) + r"|[\s\S]"
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    if not chat:
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -103,8 +99,7 @@ def build_tokenizer(chat: bool = True):
         clean_up_tokenization_spaces=False,
         model_max_length=MAX_POSITIONS,
     )
-    if chat:
-        fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = CHAT_TEMPLATE
     return fast
 
 

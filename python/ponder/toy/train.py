@@ -17,10 +17,18 @@ checkpoint):
    (``ponder.search`` majority voting, so the steps are split exactly as a search splits them),
    on fresh training problems, labelled step by step with :func:`ponder.toy.arith.label_steps`,
    appended to ``samples.jsonl`` batch by batch.
-3. ``prm``: the large policy fine-tuned as a Math-Shepherd PRM on those samples: the path
-   rendered as ``question " " step_1 " ки" "\\n\\n" step_2 " ки" ...`` (exactly what
-   ``ponder.HFPRM`` feeds it) and a two-way cross-entropy over the logits of ``"+"`` / ``"-"``
-   at every tag.
+3. ``prm``: an *implicit PRM* (format ``implicit-prm``: EurusPRM's, arXiv 2412.01981) with the
+   large policy as its reference: step k scores sigmoid(q_k), q_k = beta * the sum of
+   log pi_prm - log pi_ref over the answer's tokens up to the end of step k. The PRM is the large
+   policy at inverse temperature alpha (its final RMSNorm gain times alpha), so its log-ratio
+   penalises every token in proportion to how unlikely the large policy finds it. alpha (from
+   ``prm_inverse_temperatures``) and beta are fitted on the samples: the pair with the lowest
+   class-balanced binary cross-entropy of sigmoid(q_k) against the exact label of every step.
+   Why not fine-tune a PRM: a Math-Shepherd classifier (a "+"/"-" read at a step tag) must learn
+   to compare every written digit with what the model predicted one position earlier, a new
+   circuit it did not learn in this CPU budget (first-error AUC ~0.8); full fine-tunes of the
+   implicit PRM (lr 3e-5, 200 steps, with and without a fast-learning output gain) ranked the
+   held-out samples worse than the fitted temperature (README, "How the PRM was made").
 
 Weights are saved with ``save_pretrained`` in float16 (safetensors) to keep the package small;
 ponder loads them in float32 on CPU. Everything is seeded; on the same torch version and thread
@@ -44,7 +52,7 @@ from pathlib import Path
 import torch
 
 from . import arith
-from .models import ARCHITECTURES, MODELS_DIR, STEP_TAG, build_tokenizer, model_config
+from .models import ARCHITECTURES, MODELS_DIR, build_tokenizer, model_config
 
 __all__ = ["TrainConfig", "train_all", "main"]
 
@@ -57,7 +65,7 @@ LEVEL_CYCLE = (1, 2, 3, 4, 5, 2, 3, 4)
 @dataclass
 class TrainConfig:
     """What ``ponder toy train`` does. Step counts (not wall time) fix the work, so a seed
-    reproduces the models; the defaults take about 50 minutes on 2 CPU cores."""
+    reproduces the models; the defaults take about 40 minutes on 2 CPU cores."""
 
     seed: int = 0
     threads: int = 2
@@ -75,18 +83,29 @@ class TrainConfig:
     sample_batch: int = 40
     sample_max_steps: int = 16
     sample_max_step_tokens: int = 160
-    prm_steps: int = 250
-    prm_lr: float = 3e-4
+    # PRM: the inverse temperatures tried (comma-separated); beta is fitted for each
+    prm_inverse_temperatures: str = "1,1.5,2,2.5,3,4,5,6,8"
 
     def validate(self) -> TrainConfig:
         for name in ("threads", "tokens_per_batch", "sample_problems_per_level", "sample_n", "sample_batch",
                      "sample_max_steps", "sample_max_step_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("small_steps", "large_steps", "prm_steps", "warmup"):
+        for name in ("small_steps", "large_steps", "warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.inverse_temperatures()
         return self
+
+    def inverse_temperatures(self) -> list[float]:
+        """``prm_inverse_temperatures`` parsed; ValueError unless a non-empty list of numbers >= 1."""
+        try:
+            values = [float(x) for x in self.prm_inverse_temperatures.split(",")]
+        except ValueError:
+            values = []
+        if not values or not all(math.isfinite(v) and v >= 1.0 for v in values):
+            raise ValueError(f"prm_inverse_temperatures must be comma-separated numbers >= 1, got {self.prm_inverse_temperatures!r}")
+        return values
 
 
 # ----------------------------------------------------------------------------- data
@@ -140,21 +159,16 @@ def policy_batch(tokenizer, seed: int, stage: str, k: int, tokens_per_batch: int
     return input_ids, labels
 
 
-def prm_example(prm_tokenizer, question: str, steps: list[str], labels: list[bool]) -> tuple[list[int], list[int]]:
-    """(token ids of the Math-Shepherd rendering, per-token target: 0 "+" / 1 "-" at each step
-    tag, -100 elsewhere). The rendering is ``ponder.prm``'s own, so training and scoring agree."""
-    from ..prm import _MathShepherd
+def prm_example(tokenizer, question: str, steps: list[str], labels: list[bool]) -> tuple[list[int], int, list[int], list[bool]]:
+    """(token ids of the implicit-PRM rendering of the path, index of its first scored token,
+    per step the index of its last token, the step labels). The rendering and the cuts are
+    ``ponder.prm``'s own (format ``implicit-prm``), so training and scoring agree."""
+    from ..prm import _ImplicitPRM
 
-    text = _MathShepherd(prm_tokenizer).render(question, steps)
-    ids = prm_tokenizer.encode(text)
-    tag = prm_tokenizer.convert_tokens_to_ids(STEP_TAG)
-    positions = [i for i, t in enumerate(ids) if t == tag]
-    if len(positions) != len(labels):
-        raise ValueError(f"{len(positions)} step tags for {len(labels)} labels in {text!r}")
-    target = [-100] * len(ids)
-    for pos, good in zip(positions, labels):
-        target[pos] = 0 if good else 1
-    return ids, target
+    ids, answer_start, ends = _ImplicitPRM(tokenizer).spans(question, steps)
+    if len(ends) != len(labels):
+        raise ValueError(f"{len(ends)} steps for {len(labels)} labels")
+    return ids, answer_start, ends, list(labels)
 
 
 # ----------------------------------------------------------------------------- training
@@ -291,7 +305,7 @@ def train_policy(name: str, config: TrainConfig, out_dir: Path, grow_from: Path 
     out = out_dir / name
     if _done(out):
         return out
-    tokenizer = build_tokenizer(chat=True)
+    tokenizer = build_tokenizer()
     torch.manual_seed(config.seed * 1000 + (1 if name == "policy-small" else 2))
     model = LlamaForCausalLM(model_config(name, tokenizer))
     if grow_from is not None:
@@ -376,92 +390,125 @@ def sample_solutions(config: TrainConfig, out_dir: Path, policy_dir: Path) -> Pa
     return path
 
 
-def _prm_batches(config: TrainConfig, samples_path: Path, tokenizer):
+def _prm_examples(samples_path: Path, tokenizer) -> tuple[list, dict]:
+    """Every sampled solution as a :func:`prm_example`, and what was kept / dropped."""
     from .models import MAX_POSITIONS
 
     rows = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
     examples = []
-    too_long = with_tag = 0
+    too_long = unusable = 0
     for row in rows:
         for s in row["samples"]:
-            if any(STEP_TAG.strip() in step for step in s["steps"]):
-                with_tag += 1  # the policy wrote the PRM's step tag itself: no clean rendering
+            if not s["steps"]:
                 continue
-            if s["steps"]:
+            try:
                 example = prm_example(tokenizer, row["question"], s["steps"], s["labels"])
-                # degenerate samples (runaway steps) longer than the models' context are dropped
-                if len(example[0]) > MAX_POSITIONS:
-                    too_long += 1
-                    continue
-                examples.append(example)
+            except ValueError:
+                unusable += 1  # an empty step (nothing to score) or one merging with its neighbour
+                continue
+            # degenerate samples (runaway steps) longer than the models' context are dropped
+            if len(example[0]) > MAX_POSITIONS:
+                too_long += 1
+                continue
+            examples.append(example)
     if not examples:
-        raise ValueError(f"{samples_path} holds no sampled steps to train the PRM on")
-    pad = tokenizer.pad_token_id
-
-    def batch(k: int):
-        # an epoch is a seeded shuffle; a batch takes consecutive examples of similar length
-        epoch_size = len(examples)
-        rng = _rng(config.seed, "prm", k)
-        picked = [examples[rng.randrange(epoch_size)]]
-        longest = len(picked[0][0])
-        order = sorted(range(epoch_size), key=lambda i: abs(len(examples[i][0]) - longest) + rng.random())
-        for i in order:
-            ids = examples[i][0]
-            if max(longest, len(ids)) * (len(picked) + 1) > config.tokens_per_batch:
-                break
-            picked.append(examples[i])
-            longest = max(longest, len(ids))
-        input_ids = torch.full((len(picked), longest), pad, dtype=torch.long)
-        target = torch.full((len(picked), longest), -100, dtype=torch.long)
-        for j, (ids, tgt) in enumerate(picked):
-            input_ids[j, : len(ids)] = torch.tensor(ids)
-            target[j, : len(tgt)] = torch.tensor(tgt)
-        return input_ids, target
-
+        raise ValueError(f"{samples_path} holds no sampled steps to fit the PRM on")
     stats = {
         "problems": len(rows),
         "solutions": len(examples),
         "dropped_longer_than_context": too_long,
-        "dropped_with_step_tag": with_tag,
-        "steps": sum(sum(1 for t in tgt if t != -100) for _, tgt in examples),
-        "bad_steps": sum(sum(1 for t in tgt if t == 1) for _, tgt in examples),
+        "dropped_unusable": unusable,
+        "steps": sum(len(e[2]) for e in examples),
+        "bad_steps": sum(e[3].count(False) for e in examples),
     }
-    return batch, stats
+    return examples, stats
+
+
+@torch.no_grad()
+def sharpened_log_ratio_sums(reference, examples, alphas: list[float], tokens_per_batch: int, pad: int) -> torch.Tensor:
+    """float64 [len(alphas), S]: for every step of every example (in order), the sum over the
+    answer's tokens up to the step's end of log softmax(alpha * z)[y] - log softmax(z)[y], z the
+    reference's logits -- the log-ratio of the reference at inverse temperature alpha against
+    itself, i.e. q_k / beta of the implicit PRM that copy is."""
+    out = []
+    bar = _progress(len(examples), "prm (scoring the samples)")
+    i = 0
+    while i < len(examples):
+        j = i + 1
+        longest = len(examples[i][0])
+        while j < len(examples) and max(longest, len(examples[j][0])) * (j - i + 1) <= tokens_per_batch:
+            longest = max(longest, len(examples[j][0]))
+            j += 1
+        input_ids = torch.full((j - i, longest), pad, dtype=torch.long)
+        mask = torch.zeros((j - i, longest - 1), dtype=torch.float64)
+        rows, cols = [], []
+        for r, (ids, answer_start, ends, _) in enumerate(examples[i:j]):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            mask[r, answer_start - 1 : len(ids) - 1] = 1.0
+            rows += [r] * len(ends)
+            cols += [e - 1 for e in ends]  # position e-1 holds the log-ratio of token e
+        z = reference(input_ids=input_ids).logits[:, :-1].double()
+        zy = z.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        base = zy - z.logsumexp(-1)
+        sums = torch.stack([((a * zy - (a * z).logsumexp(-1) - base) * mask).cumsum(-1)[rows, cols] for a in alphas])
+        out.append(sums)
+        bar.update(j - i)
+        i = j
+    bar.close()
+    return torch.cat(out, dim=1)
+
+
+def fit_beta(sums: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
+    """The beta in [1e-3, 10] (log grid; the loss is convex in beta) minimising the weighted
+    binary cross-entropy of sigmoid(beta * sums) against labels. sums, labels, weights: float64
+    [S]. Returns (beta, mean weighted loss)."""
+    betas = torch.logspace(-3, 1, 161, dtype=torch.float64)
+    q = betas[:, None] * sums[None, :]
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(q, labels.expand_as(q), reduction="none")
+    loss = (loss * weights).sum(1) / weights.sum()
+    k = int(loss.argmin())
+    return float(betas[k]), float(loss[k])
 
 
 def train_prm(config: TrainConfig, out_dir: Path, large_dir: Path, samples_path: Path) -> Path:
-    """Stage ``prm``: fine-tune the large policy into a Math-Shepherd PRM on the samples."""
+    """Stage ``prm``: the implicit PRM (format ``implicit-prm``, reference: the large policy) =
+    the large policy at the inverse temperature alpha, alpha and beta fitted on the samples."""
     from transformers import LlamaForCausalLM
 
     out = out_dir / "prm"
     if _done(out):
         return out
-    tokenizer = build_tokenizer(chat=False)
+    tokenizer = build_tokenizer()
+    reference = LlamaForCausalLM.from_pretrained(large_dir, dtype=torch.float32).eval()
+    examples, data_stats = _prm_examples(samples_path, tokenizer)
+    alphas = config.inverse_temperatures()
+    sums = sharpened_log_ratio_sums(reference, examples, alphas, config.tokens_per_batch, tokenizer.pad_token_id)
+    labels = torch.tensor([float(x) for e in examples for x in e[3]], dtype=torch.float64)
+    # Class-balanced: a weak policy's samples are mostly wrong steps, and an unweighted fit would
+    # favour the prior over telling steps apart.
+    bad = float(1.0 - labels.mean())
+    weights = torch.where(labels > 0.5, 0.5 / max(1e-3, 1 - bad), 0.5 / max(1e-3, bad))
+    fits = [(a, *fit_beta(sums[i], labels, weights)) for i, a in enumerate(alphas)]
+    alpha, beta, loss = min(fits, key=lambda f: f[2])
+
     model = LlamaForCausalLM.from_pretrained(large_dir, dtype=torch.float32)
-    columns = torch.tensor([tokenizer.convert_tokens_to_ids("+"), tokenizer.convert_tokens_to_ids("-")])
-    batch_fn, data_stats = _prm_batches(config, samples_path, tokenizer)
-
-    # Class-balanced: a weak policy's samples are mostly wrong steps, and an unweighted loss
-    # would spend the PRM's capacity on the prior instead of on telling steps apart.
-    bad = data_stats["bad_steps"] / max(1, data_stats["steps"])
-    weight = torch.tensor([0.5 / max(1e-3, 1 - bad), 0.5 / max(1e-3, bad)])
-
-    def loss_fn(model, input_ids, target):
-        mask = target != -100
-        hidden = model.model(input_ids=input_ids).last_hidden_state[mask]
-        logits = model.lm_head(hidden)[:, columns]
-        return torch.nn.functional.cross_entropy(logits, target[mask], weight=weight)
-
-    torch.manual_seed(config.seed * 1000 + 3)
-    stats = _train_loop(model, "prm", config.prm_steps, config.prm_lr, config.warmup, batch_fn, loss_fn, out_dir / ".prm.ckpt")
+    with torch.no_grad():
+        # RMSNorm gain x alpha scales the final hidden state, so every logit: the same model at
+        # temperature 1/alpha
+        model.model.norm.weight.mul_(alpha)
+    # HFPRM reads the format, the reference (relative to the PRM's folder) and beta from here
+    model.config.implicit_prm = {"reference": os.path.join("..", large_dir.name), "beta": beta}
     card = {
         "model": "builtin:prm",
-        "format": "math-shepherd",
+        "format": "implicit-prm",
+        "reference": "builtin:policy-large",
+        "inverse_temperature": alpha,
+        "beta": beta,
+        "fit": [{"inverse_temperature": a, "beta": b, "balanced_bce": round(l, 5)} for a, b, l in fits],
         "parameters": sum(p.numel() for p in model.parameters()),
         "initialised_from": "builtin:policy-large",
         "data": data_stats,
         "train_config": dataclasses.asdict(config),
-        "training": stats,
         "made_by": "ponder toy train (ponder.toy.train.train_prm)",
     }
     _save(model, tokenizer, out, card)
@@ -484,7 +531,7 @@ def train_all(config: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ponder toy train",
-        description="Retrain the built-in policies and PRM of builtin:arith from a seed (about 45 min on 2 CPU cores). "
+        description="Retrain the built-in policies and PRM of builtin:arith from a seed (about 40 min on 2 CPU cores). "
         "Rerunning resumes: finished stages are kept.",
     )
     parser.add_argument("--out", default="ponder-toy-models", help="output folder (default: %(default)s)")
