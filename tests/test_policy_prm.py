@@ -572,12 +572,15 @@ def test_implicit_prm_recomputed_paths_score_the_same(dirs):
     prm.start([0, 1], [QUESTIONS[0], QUESTIONS[0]])
     first = prm.score_steps([0, 1], [2, 3], [STEPS[0], STEPS[3]])
     prm._full_mode = True  # what a prefix-stability failure switches on
+    prm._logratio_batch_tokens = 7  # as a large vocabulary would: one or two rows per batch
     second = prm.score_steps([2, 3, 2], [4, 5, 6], [STEPS[5], STEPS[1], STEPS[2]], lookahead=[[], [STEPS[4]], []])
     q = QUESTIONS[0]
     want = [reference(q, [STEPS[0]])[-1], reference(q, [STEPS[3]])[-1], reference(q, [STEPS[0], STEPS[5]])[-1],
             reference(q, [STEPS[3], STEPS[1], STEPS[4]])[-1], reference(q, [STEPS[0], STEPS[2]])[-1]]
     np.testing.assert_allclose(first + second, want, atol=ATOL, rtol=0)
     assert prm.stats()["full_reencodes"] == 4
+    both = sum(p.numel() for p in prm.model.parameters()) + sum(p.numel() for p in prm.ref_model.parameters())
+    assert prm.stats()["num_parameters"] == both
     prm.release(range(7))
     assert prm.stats()["kv_blocks_in_use"] == 0
 

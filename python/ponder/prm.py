@@ -101,6 +101,9 @@ QWEN_STEP_SEP = "<extra_0>"
 # EurusPRM's model card scales the log-likelihood ratio by this coefficient.
 IMPLICIT_PRM_BETA = 0.001
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+# Bounds the [tokens, vocab] float32 log-probability rows one implicit-PRM batch materialises
+# per model (1 GiB): a 150k vocabulary gets ~1.7k new tokens a batch, the toy one the default.
+_LOGRATIO_ELEMENTS = 1 << 28
 # Stands for step text when locating where the first step starts in a rendering.
 _SENTINEL = "PONDERSTEPSENTINEL"
 
@@ -557,11 +560,15 @@ class HFPRM:
         if format == "implicit-prm":
             self.ref_model, self.beta = self._load_reference(path, config, reference, beta, trust_remote_code)
             # one set of block tables: every fork / new sequence / free of self.kv holds for both
-            self.ref_kv = PagedKVCache.companion(self.kv, self.ref_model)
+            self.ref_kv = self.kv.companion(self.ref_model)
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._logratio_batch_tokens = min(_PREFILL_BATCH_TOKENS, max(1, _LOGRATIO_ELEMENTS // vocab))
         elif reference is not None or beta is not None:
             raise ValueError(f"reference= and beta= apply to format 'implicit-prm' only (this PRM is {format!r})")
         self.verify_tokens = verify_tokens
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        if self.ref_model is not None:  # both run for every token
+            self.num_parameters += sum(p.numel() for p in self.ref_model.parameters())
         self._lead = _leading_special(self.tokenizer) if self._fmt.add_special_tokens else []
         self._marker_id = self._fmt.marker_id()
         self._columns = None if self._fmt.columns is None else torch.tensor(self._fmt.columns, device=self.device)
@@ -682,12 +689,12 @@ class HFPRM:
 
     # ---------------------------------------------------------------- model
     @staticmethod
-    def _batches(new_tokens: list[list[int]]):
-        """(i, j) row ranges of at most _PREFILL_BATCH_TOKENS new tokens (one row at least)."""
+    def _batches(new_tokens: list[list[int]], limit: int = _PREFILL_BATCH_TOKENS):
+        """(i, j) row ranges of at most ``limit`` new tokens (one row at least)."""
         i = 0
         while i < len(new_tokens):
             j, total = i, 0
-            while j < len(new_tokens) and (j == i or total + len(new_tokens[j]) <= _PREFILL_BATCH_TOKENS):
+            while j < len(new_tokens) and (j == i or total + len(new_tokens[j]) <= limit):
                 total += len(new_tokens[j])
                 j += 1
             yield i, j
@@ -700,7 +707,7 @@ class HFPRM:
         and float32 [V] (model device): the log-ratio row of the last new position."""
         gathered: list[torch.Tensor] = []
         tails: list[torch.Tensor] = []
-        for i, j in self._batches(new_tokens):
+        for i, j in self._batches(new_tokens, self._logratio_batch_tokens):
             use_paged_attention(self.model)
             use_paged_attention(self.ref_model)
             batch = self.kv.prepare(seqs[i:j], new_tokens[i:j])
@@ -882,7 +889,8 @@ class HFPRM:
     def stats(self) -> dict[str, int]:
         """Counters: tokens_scored (tokens run through the PRM = the KV cache's tokens_appended),
         steps_scored (lookahead steps included), full_reencodes (paths tokenized in full after a
-        prefix-stability failure), live_nodes, num_parameters, and the cache's counters as ``kv_*``."""
+        prefix-stability failure), live_nodes, num_parameters (an implicit PRM: its reference's
+        too), and the cache's counters as ``kv_*``."""
         kv = self.kv.stats()
         return _model_stats(
             {
