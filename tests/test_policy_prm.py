@@ -398,30 +398,23 @@ def ref_qwen(score_fn, tok, question, steps, system="Please reason step by step,
 
 @torch.inference_mode()
 def ref_implicit(model, ref_model, tok, question, steps, beta=0.5):
-    """EurusPRM's usage: the chat of the question and the "\n\n"-joined steps encoded in full,
-    per-token log pi - log pi_ref, cumulated with coefficient beta from the first token after the
-    question part; step k reads the sum at its last token. sigmoid of it for every step."""
-
-    def render(k):
-        return tok.apply_chat_template(
-            [{"role": "user", "content": question}, {"role": "assistant", "content": "\n\n".join(s.strip() for s in steps[:k])}],
-            tokenize=False)
-
-    full = render(len(steps))
-    ids = tok.encode(full, add_special_tokens=False)
-    x = torch.tensor([ids])
-    ratio = (model(input_ids=x).logits[0].log_softmax(-1) - ref_model(input_ids=x).logits[0].log_softmax(-1)).double()
-    per_token = ratio[:-1].gather(-1, x[0, 1:, None]).squeeze(-1)  # [T-1]: token t+1
+    """EurusPRM's usage: the chat of the question and the "\n\n"-joined steps, per-token
+    log pi - log pi_ref summed with coefficient beta from the first token after the question
+    part. Step k reads the sum over the rendering of its first k steps cut at the end of the
+    turn, encoded on its own (the same as slicing the whole path's sums wherever the cut is a
+    token boundary). sigmoid of it for every step."""
     marker = "PONDERSTEPSENTINEL"
     probe = tok.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": marker}], tokenize=False)
     answer_start = len(tok.encode(probe[: probe.find(marker)].rstrip(), add_special_tokens=False))
     out = []
     for k in range(1, len(steps) + 1):
-        text = render(k)
-        last = steps[k - 1].strip()
-        end = len(tok.encode(text[: text.rfind(last) + len(last)], add_special_tokens=False))
-        assert ids[:end] == tok.encode(text[: text.rfind(last) + len(last)], add_special_tokens=False)
-        q = beta * per_token[answer_start - 1 : end - 1].sum().item()
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": "\n\n".join(s.strip() for s in steps[:k])}],
+            tokenize=False)
+        x = torch.tensor([tok.encode(text[: text.rfind(tok.eos_token)], add_special_tokens=False)])
+        ratio = (model(input_ids=x).logits[0].log_softmax(-1) - ref_model(input_ids=x).logits[0].log_softmax(-1)).double()
+        per_token = ratio[:-1].gather(-1, x[0, 1:, None]).squeeze(-1)  # [T-1]: token t+1
+        q = beta * per_token[answer_start - 1 :].sum().item()
         out.append(1.0 / (1.0 + math.exp(-q)))
     return out
 
@@ -583,6 +576,27 @@ def test_implicit_prm_recomputed_paths_score_the_same(dirs):
     assert prm.stats()["num_parameters"] == both
     prm.release(range(7))
     assert prm.stats()["kv_blocks_in_use"] == 0
+
+
+def test_implicit_prm_scores_empty_steps(dirs):
+    """A step that is only whitespace adds at most its delimiter: no crash, and the scores
+    stay those of the full-path reference (the step's tokens, if any, count)."""
+    path, reference = oracle("implicit-prm", dirs)
+    prm = HFPRM(path, kv_budget=4096, block_size=4)
+    q = QUESTIONS[1]
+    prm.start([0], [q])
+    with warnings.catch_warnings():
+        # this BPE merges a blank line with the next word, so after an empty first step HFPRM
+        # re-encodes paths in full (with a warning); scores stay exact
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = prm.score_steps([0, 0], [1, 2], ["\n\n", STEPS[1]])
+        got += prm.score_steps([1, 2], [3, 4], [STEPS[2], "  \n\n"])
+        got += prm.score_steps([4], [5], [STEPS[7]])
+    want = [reference(q, ["\n\n"])[-1], reference(q, [STEPS[1]])[-1], reference(q, ["\n\n", STEPS[2]])[-1],
+            reference(q, [STEPS[1], "  \n\n"])[-1], reference(q, [STEPS[1], "  \n\n", STEPS[7]])[-1]]
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    # a step that ends with the template's end-of-turn text is still found where it is
+    prm.score_steps([2], [6], ["eot_id"])
 
 
 def test_implicit_prm_loading_errors(dirs, tmp_path):

@@ -226,8 +226,9 @@ class _Format(abc.ABC):
         """logits: float32 [B, 2] (the two compared classes) -> P(correct) float32 [B]."""
         return logits.float().softmax(dim=-1)[:, self.good]
 
-    def node_end(self, full: str, steps: Sequence[str]) -> int:
-        """Where a path's node text ends in its full rendering: right after the last marker."""
+    def node_end(self, question: str, steps: Sequence[str], full: str) -> int:
+        """Where a path's node text ends in ``full`` (= ``render(question, steps)``): right
+        after the last marker."""
         k = full.rfind(self.marker)
         if k < 0:
             raise ValueError(f"format {self.name!r}: the rendering of a path lacks the marker {self.marker!r}")
@@ -320,10 +321,18 @@ class _ImplicitPRM(_Format):
         messages.append({"role": "assistant", "content": "\n\n".join(s.strip() for s in steps)})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
-    def node_end(self, full, steps):
+    def node_end(self, question, steps, full):
+        # Where the last step starts is where a sentinel in its place starts (searching for the
+        # step text itself could match inside the template's end-of-turn text); an empty step
+        # ends right there, after its "\n\n".
+        probe = self.render(question, [*steps[:-1], _SENTINEL])
+        k = probe.find(_SENTINEL)
         last = steps[-1].strip()
-        k = full.rfind(last) if last else -1
-        if k < 0:
+        if k >= 0 and not last:
+            # a template may trim the message, dropping the delimiter before an empty last step:
+            # the node then ends where the rendering stops agreeing with the probe
+            return len(os.path.commonprefix([full, probe[:k]]))
+        if k < 0 or full[:k] != probe[:k] or full[k : k + len(last)] != last:
             raise ValueError(f"format {self.name!r}: the rendering does not contain the step text {last!r} verbatim")
         return k + len(last)
 
@@ -341,7 +350,7 @@ class _ImplicitPRM(_Format):
         ends = []
         for k in range(1, len(steps) + 1):
             part = self.render(question, steps[:k])
-            cut = _ids(self.tokenizer, part[: self.node_end(part, steps[:k])])
+            cut = _ids(self.tokenizer, part[: self.node_end(question, steps[:k], part)])
             if ids[: len(cut)] != cut or len(cut) <= answer_start:
                 raise ValueError(f"format {self.name!r}: step {k} does not end at a token boundary of the whole path")
             ends.append(len(cut) - 1)
@@ -626,7 +635,7 @@ class HFPRM:
 
     def _node_text(self, question: str, steps: Sequence[str]) -> str:
         full = self._fmt.render(question, list(steps))
-        return full[: self._fmt.node_end(full, steps)]
+        return full[: self._fmt.node_end(question, steps, full)]
 
     def _fallback(self, reason: str) -> None:
         if reason not in self._warned:
@@ -672,10 +681,9 @@ class HFPRM:
             self._reencodes += 1
             tokens = full if full is not None else self.encode_full(text)
             segment = text  # unused from now on: full mode never encodes in context again
-        if self.ref_model is not None:
-            if len(tokens) <= parent.answer_start:
-                raise ValueError(f"format {self.format!r}: a step added no tokens to the PRM's input")
-        elif not tokens or tokens[-1] != self._marker_id:
+        # implicit-prm: an empty step may add no token (its path then scores as its parent's;
+        # pos < n below makes it a recompute, which handles that)
+        if self.ref_model is None and (not tokens or tokens[-1] != self._marker_id):
             raise ValueError(
                 f"format {self.format!r}: the marker {self._fmt.marker!r} did not end up as token "
                 f"{self._marker_id} at the end of the step (it merged with neighbouring text?)"
