@@ -516,7 +516,8 @@ class HFPRM:
         device, dtype: as :class:`ponder.policy.HFPolicy` (dtype None: float32 on CPU, bf16 else).
         kv_budget, block_size: the PRM's own KV pool (tokens; default
             :data:`ponder.kv.DEFAULT_TOKEN_BUDGET`) and its block size.
-        system_prompt: the qwen-prm system message (None: Qwen's default; "" for none).
+        system_prompt: the system message of qwen-prm (None: Qwen's default; "" for none) and of
+            implicit-prm (None or "": none, as EurusPRM's usage; the chat template may add its own).
         verify_tokens: ``"first"``, ``"all"`` or ``"none"``: which new paths of each call are
             checked against a full re-tokenization of their text.
         trust_remote_code: load a checkpoint's own model class (qwen-prm only).
