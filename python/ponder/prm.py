@@ -226,6 +226,15 @@ class _Format(abc.ABC):
         """logits: float32 [B, 2] (the two compared classes) -> P(correct) float32 [B]."""
         return logits.float().softmax(dim=-1)[:, self.good]
 
+    def root_text(self, question: str) -> str:
+        """The rendering cut before the first step (its trailing whitespace is left to the step,
+        because BPE tokenizers attach a space to the following word)."""
+        full = self.render(question, [_SENTINEL])
+        k = full.find(_SENTINEL)
+        if k < 0:
+            raise ValueError(f"format {self.name!r}: the rendering does not contain the step text verbatim")
+        return full[:k].rstrip()
+
     def node_end(self, question: str, steps: Sequence[str], full: str) -> int:
         """Where a path's node text ends in ``full`` (= ``render(question, steps)``): right
         after the last marker."""
@@ -345,8 +354,7 @@ class _ImplicitPRM(_Format):
         token). Raises ValueError when a step's tokens are not a prefix of the whole path's."""
         full = self.render(question, steps)
         ids = _ids(self.tokenizer, full)
-        probe = self.render(question, [_SENTINEL])
-        answer_start = len(_ids(self.tokenizer, probe[: probe.find(_SENTINEL)].rstrip()))
+        answer_start = len(_ids(self.tokenizer, self.root_text(question)))
         ends = []
         for k in range(1, len(steps) + 1):
             part = self.render(question, steps[:k])
@@ -627,13 +635,6 @@ class HFPRM:
         where the format's reference adds them)."""
         return self._lead + _ids(self.tokenizer, text)
 
-    def _root_text(self, question: str) -> str:
-        full = self._fmt.render(question, [_SENTINEL])
-        k = full.find(_SENTINEL)
-        if k < 0:
-            raise ValueError(f"format {self.format!r}: the rendering does not contain the step text verbatim")
-        return full[:k].rstrip()
-
     def _node_text(self, question: str, steps: Sequence[str]) -> str:
         full = self._fmt.render(question, list(steps))
         return full[: self._fmt.node_end(question, steps, full)]
@@ -691,8 +692,6 @@ class HFPRM:
             )
         pos = len(tokens) - 1 + self._fmt.offset
         base = parent.seq if (parent.seq is not None and pos >= n and tokens[:n] == parent.tokens) else None
-        if self.ref_model is not None and parent.tail is None:
-            base = None
         path = _Path(parent.question, steps, text, segment, tokens, None, answer_start=parent.answer_start)
         return _Plan(path, base, n if base is not None else 0, pos, parent)
 
@@ -732,7 +731,7 @@ class HFPRM:
     def _implicit_scores(self, plans: list[_Plan], seqs: list[int], rows: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Run the rows through both models and set each plan's q and tail; sigmoid(q) float32 [B]."""
         gathered, tails = self._logratios(seqs, rows)
-        out = []
+        qs = []
         for plan, g, tail, start, row in zip(plans, gathered, tails, starts, rows):
             if plan.base is not None:  # the parent's tail scores the first new token
                 total = float(plan.parent.tail[row[0]]) + float(g.double().sum())
@@ -740,8 +739,8 @@ class HFPRM:
             else:  # recomputed from the question part: count the tokens from answer_start on
                 q = self.beta * float(g[plan.path.answer_start - start - 1 :].double().sum())
             plan.path.q, plan.path.tail = q, tail
-            out.append(1.0 / (1.0 + math.exp(-q)) if q >= 0 else math.exp(q) / (1.0 + math.exp(q)))
-        return torch.tensor(out, dtype=torch.float32)
+            qs.append(q)
+        return torch.sigmoid(torch.tensor(qs, dtype=torch.float64)).float()
 
     @torch.inference_mode()
     def _scores_at(self, seqs: list[int], new_tokens: list[list[int]], positions: list[int]) -> torch.Tensor:
@@ -804,7 +803,7 @@ class HFPRM:
         self._check_new(root_ids)
         paths = []
         for q in problems:
-            text = self._root_text(q)
+            text = self._fmt.root_text(q)
             tokens = self.encode_full(text)
             if self.ref_model is not None and not tokens:
                 raise ValueError(f"format {self.format!r}: the question part of the input is empty, so no "
