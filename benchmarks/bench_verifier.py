@@ -13,8 +13,9 @@ solutions are then chosen from by
 
 It also reports each verifier's step ROC AUC on the first wrong step of every solution against
 the correct steps before it (the steps after a first error are left out: they are wrong by
-convention, not by anything written in them). The gap between the PRM and the likelihood rows is
-how much of what the large policy knows the PRM fails to use.
+convention, not by anything written in them). ``builtin:prm`` is the large policy trained
+further, so comparing its rows with the likelihood rows shows what the verifier knows beyond the
+policy it is compared with.
 
     python benchmarks/bench_verifier.py                       # levels 2-4, 30 problems each
     python benchmarks/bench_verifier.py --levels 3 --json     # JSON on stdout

@@ -233,6 +233,7 @@ def test_ponder_run_on_shipped_models_writes_every_output(tmp_path, capsys):
 TINY = dict(
     tokens_per_batch=256, small_steps=3, large_steps=2, warmup=1, sample_problems_per_level=1, sample_n=2,
     sample_batch=5, sample_max_steps=3, sample_max_step_tokens=12, prm_inverse_temperatures="1,2", threads=1,
+    prm_lm_steps=2,
 )
 
 
@@ -259,6 +260,11 @@ def test_train_all_writes_loadable_models_reproducibly_and_resumes(tmp_path):
     card = json.loads((first["prm"] / "DONE.json").read_text())
     assert prm.format == "implicit-prm" and prm.beta == pytest.approx(card["beta"])
     assert card["inverse_temperature"] in (1.0, 2.0) and len(card["fit"]) == 2
+    # the PRM's model is policy-large trained further, not a copy of it
+    assert card["training"]["steps"] == 2
+    prm_w, large_w = _weights(first["prm"]), _weights(first["policy-large"])
+    assert prm_w.keys() == large_w.keys()
+    assert not torch.equal(prm_w["model.layers.0.mlp.up_proj.weight"], large_w["model.layers.0.mlp.up_proj.weight"])
     prm.start([0], ["Compute 1 + 2."])
     assert 0.0 < prm.score_steps([0], [1], ["3\n\n"])[0] < 1.0
     # same seed, same weights
@@ -275,6 +281,8 @@ def test_train_all_writes_loadable_models_reproducibly_and_resumes(tmp_path):
 def test_train_config_is_validated():
     with pytest.raises(ValueError, match="sample_n"):
         train_all(TrainConfig(sample_n=0), "/nonexistent/never-written")
+    with pytest.raises(ValueError, match="prm_lm_steps"):
+        train_all(TrainConfig(prm_lm_steps=-1), "/nonexistent/never-written")
     for bad in ("", "0.5,2", "two"):
         with pytest.raises(ValueError, match="prm_inverse_temperatures"):
             train_all(TrainConfig(prm_inverse_temperatures=bad), "/nonexistent/never-written")
@@ -291,8 +299,9 @@ def test_fit_beta_recovers_the_scale_of_a_logistic_model():
 
 
 def test_fitted_prm_scores_are_the_fits_sums(tmp_path):
-    """What the fit saw is what HFPRM computes: the saved copy of the reference at inverse
-    temperature alpha, scored as an implicit PRM, gives sigmoid(beta * the fit's sums)."""
+    """What the fit saw is what HFPRM computes: the saved model at inverse temperature alpha,
+    scored as an implicit PRM against the reference, gives sigmoid(beta * the fit's sums). The
+    model here is policy-small (another model on the same vocabulary, as the trained PRM is)."""
     tok = build_tokenizer()
     large = builtin_model_path("policy-large")
     reference = transformers.LlamaForCausalLM.from_pretrained(large, dtype=torch.float32).eval()
@@ -300,9 +309,16 @@ def test_fitted_prm_scores_are_the_fits_sums(tmp_path):
     steps = [[s + "\n\n" for s in p.solution_steps[:-1]] + [p.solution_steps[-1]] for p in problems]
     steps[1][0] = "7 + 7\n\n"  # any text: the sums must match whatever a step says
     examples = [prm_example(tok, p.question, s, [True] * len(s)) for p, s in zip(problems, steps)]
-    sums = sharpened_log_ratio_sums(reference, examples, [1.0, 3.0], 4096, tok.pad_token_id)
-    assert torch.all(sums[0].abs() < 1e-9)  # alpha 1: the reference against itself
-    model = transformers.LlamaForCausalLM.from_pretrained(large, dtype=torch.float32)
+    itself = sharpened_log_ratio_sums(reference, reference, examples, [1.0, 3.0], 4096, tok.pad_token_id)
+    assert torch.all(itself[0].abs() < 1e-9)  # alpha 1: the reference against itself
+    assert itself[1].abs().max() > 1e-3
+    small = builtin_model_path("policy-small")
+    other = transformers.LlamaForCausalLM.from_pretrained(small, dtype=torch.float32).eval()
+    sums = sharpened_log_ratio_sums(other, reference, examples, [1.0, 3.0], 4096, tok.pad_token_id)
+    # one example per batch gives the same sums as both in one padded batch
+    alone = sharpened_log_ratio_sums(other, reference, examples, [1.0, 3.0], 1, tok.pad_token_id)
+    assert torch.allclose(sums, alone, atol=1e-6)
+    model = transformers.LlamaForCausalLM.from_pretrained(small, dtype=torch.float32)
     with torch.no_grad():
         model.model.norm.weight.mul_(3.0)
     model.config.implicit_prm = {"reference": str(large), "beta": 0.5}

@@ -8,9 +8,10 @@ Three real Hugging Face checkpoints ship in ``ponder/toy/models/`` (written by
 * ``builtin:policy-large`` -- a ~5x larger Llama (twice the width, one more layer), the "bigger
   model" whose greedy accuracy search is compared with: grown from the small one (same function
   at first) and trained further on more data;
-* ``builtin:prm`` -- a Math-Shepherd-format PRM (a Llama causal LM; the step tag " ки" is one
-  token and the score is P("+") against "-" at each tag), initialised from the large policy and
-  fine-tuned on the small policy's own sampled solutions labelled exactly by
+* ``builtin:prm`` -- an implicit PRM (format ``implicit-prm``, EurusPRM's: a Llama causal LM
+  whose step score is sigmoid(beta * its log-likelihood ratio against ``builtin:policy-large``
+  over the answer so far): the large policy trained further, at a fitted inverse temperature,
+  with alpha and beta fitted on the small policy's own sampled solutions labelled exactly by
   :func:`ponder.toy.arith.label_steps`.
 
 The tokenizer is a :class:`transformers.PreTrainedTokenizerFast` over a fixed vocabulary: every
@@ -18,7 +19,7 @@ printable ASCII character is a token, and a few frequent strings of the task (``
 ``"\\n\\n"``, ``"The answer is \\boxed{"`` ...) are single tokens so solutions are short.
 Digits are always single tokens (numbers are read and written digit by digit). The policies'
 tokenizer has a chat template (``<s><|user|>question<|end|><|assistant|>``) and ends a solution
-with ``<|end|>``; the PRM's has none (Math-Shepherd PRMs read plain text).
+with ``<|end|>``; all three models share it (an implicit PRM reads the chat its reference reads).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 BUILTIN_MODELS = {
     "policy-small": "the small policy (~1M-parameter Llama)",
     "policy-large": "the larger policy (~5x the small one)",
-    "prm": "the implicit PRM (format implicit-prm, reference policy-large; trained on policy-small's samples)",
+    "prm": "the implicit PRM (format implicit-prm, reference policy-large; fitted on policy-small's samples)",
 }
 # The Math-Shepherd step tag (ponder.prm.MATH_SHEPHERD_TAG): a token of the vocabulary the shipped
 # models were trained with (an earlier PRM used that format), so it stays.
@@ -64,7 +65,7 @@ ARCHITECTURES = {
     # policy-small by ponder.toy.train.grow, then trained further
     "policy-large": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=5, num_attention_heads=8),
 }
-ARCHITECTURES["prm"] = ARCHITECTURES["policy-large"]  # fine-tuned from the large policy
+ARCHITECTURES["prm"] = ARCHITECTURES["policy-large"]  # trained further from the large policy
 MAX_POSITIONS = 1024
 
 

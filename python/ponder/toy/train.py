@@ -19,16 +19,20 @@ checkpoint):
    appended to ``samples.jsonl`` batch by batch.
 3. ``prm``: an *implicit PRM* (format ``implicit-prm``: EurusPRM's, arXiv 2412.01981) with the
    large policy as its reference: step k scores sigmoid(q_k), q_k = beta * the sum of
-   log pi_prm - log pi_ref over the answer's tokens up to the end of step k. The PRM is the large
-   policy at inverse temperature alpha (its final RMSNorm gain times alpha), so its log-ratio
-   penalises every token in proportion to how unlikely the large policy finds it. alpha (from
-   ``prm_inverse_temperatures``) and beta are fitted on the samples: the pair with the lowest
-   class-balanced binary cross-entropy of sigmoid(q_k) against the exact label of every step.
-   Why not fine-tune a PRM: a Math-Shepherd classifier (a "+"/"-" read at a step tag) must learn
-   to compare every written digit with what the model predicted one position earlier, a new
-   circuit it did not learn in this CPU budget (first-error AUC ~0.8); full fine-tunes of the
-   implicit PRM (lr 3e-5, 200 steps, with and without a fast-learning output gain) ranked the
-   held-out samples worse than the fitted temperature (README, "How the PRM was made").
+   log pi_prm - log pi_ref over the answer's tokens up to the end of step k. The PRM's model is
+   the large policy trained ``prm_lm_steps`` more steps on fresh reference solutions (a verifier
+   that knows more arithmetic than the policy it is compared with, as real PRMs are tuned from
+   stronger math models), taken at inverse temperature alpha (its final RMSNorm gain times
+   alpha), so its log-ratio penalises every token in proportion to how unlikely the PRM finds it,
+   relative to the large policy. alpha (from ``prm_inverse_temperatures``) and beta are fitted on
+   the samples: the pair with the lowest class-balanced binary cross-entropy of sigmoid(q_k)
+   against the exact label of every step.
+   Why not fine-tune a PRM on the labels: a Math-Shepherd classifier (a "+"/"-" read at a step
+   tag) must learn to compare every written digit with what the model predicted one position
+   earlier, a new circuit it did not learn in this CPU budget (first-error AUC ~0.8); full
+   fine-tunes of the implicit PRM on the labels (lr 3e-5, 200 steps, with and without a
+   fast-learning output gain) ranked the held-out samples worse than the fitted temperature
+   (README, "How the PRM was made").
 
 Weights are saved with ``save_pretrained`` in float16 (safetensors) to keep the package small;
 ponder loads them in float32 on CPU. Everything is seeded; on the same torch version and thread
@@ -65,7 +69,7 @@ LEVEL_CYCLE = (1, 2, 3, 4, 5, 2, 3, 4)
 @dataclass
 class TrainConfig:
     """What ``ponder toy train`` does. Step counts (not wall time) fix the work, so a seed
-    reproduces the models; the defaults take about 40 minutes on 2 CPU cores."""
+    reproduces the models; the defaults take about 50 minutes on 2 CPU cores."""
 
     seed: int = 0
     threads: int = 2
@@ -83,15 +87,18 @@ class TrainConfig:
     sample_batch: int = 40
     sample_max_steps: int = 16
     sample_max_step_tokens: int = 160
-    # PRM: the inverse temperatures tried (comma-separated); beta is fitted for each
-    prm_inverse_temperatures: str = "1,1.5,2,2.5,3,4,5,6,8"
+    # PRM: further LM steps from the large policy, then the inverse temperatures tried
+    # (comma-separated); beta is fitted for each
+    prm_lm_steps: int = 300
+    prm_lm_lr: float = 3e-4
+    prm_inverse_temperatures: str = "1,1.5,2,2.5,3,4,5,6,8,12,16"
 
     def validate(self) -> TrainConfig:
         for name in ("threads", "tokens_per_batch", "sample_problems_per_level", "sample_n", "sample_batch",
                      "sample_max_steps", "sample_max_step_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("small_steps", "large_steps", "warmup"):
+        for name in ("small_steps", "large_steps", "prm_lm_steps", "warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.inverse_temperatures()
@@ -425,11 +432,12 @@ def _prm_examples(samples_path: Path, tokenizer) -> tuple[list, dict]:
 
 
 @torch.no_grad()
-def sharpened_log_ratio_sums(reference, examples, alphas: list[float], tokens_per_batch: int, pad: int) -> torch.Tensor:
+def sharpened_log_ratio_sums(model, reference, examples, alphas: list[float], tokens_per_batch: int, pad: int) -> torch.Tensor:
     """float64 [len(alphas), S]: for every step of every example (in order), the sum over the
-    answer's tokens up to the step's end of log softmax(alpha * z)[y] - log softmax(z)[y], z the
-    reference's logits -- the log-ratio of the reference at inverse temperature alpha against
-    itself, i.e. q_k / beta of the implicit PRM that copy is."""
+    answer's tokens up to the step's end of log softmax(alpha * z)[y] - log softmax(r)[y], z the
+    logits of ``model`` and r those of ``reference`` -- the log-ratio of ``model`` at inverse
+    temperature alpha against the reference, i.e. q_k / beta of the implicit PRM that copy is.
+    ``model`` may be ``reference`` itself (then one forward pass serves both)."""
     out = []
     bar = _progress(len(examples), "prm (scoring the samples)")
     i = 0
@@ -447,9 +455,11 @@ def sharpened_log_ratio_sums(reference, examples, alphas: list[float], tokens_pe
             mask[r, answer_start - 1 : len(ids) - 1] = 1.0
             rows += [r] * len(ends)
             cols += [e - 1 for e in ends]  # position e-1 holds the log-ratio of token e
-        z = reference(input_ids=input_ids).logits[:, :-1].double()
-        zy = z.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        base = zy - z.logsumexp(-1)
+        target = input_ids[:, 1:, None]
+        r_logits = reference(input_ids=input_ids).logits[:, :-1].double()
+        base = r_logits.gather(-1, target).squeeze(-1) - r_logits.logsumexp(-1)
+        z = r_logits if model is reference else model(input_ids=input_ids).logits[:, :-1].double()
+        zy = z.gather(-1, target).squeeze(-1)
         sums = torch.stack([((a * zy - (a * z).logsumexp(-1) - base) * mask).cumsum(-1)[rows, cols] for a in alphas])
         out.append(sums)
         bar.update(j - i)
@@ -472,7 +482,8 @@ def fit_beta(sums: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) ->
 
 def train_prm(config: TrainConfig, out_dir: Path, large_dir: Path, samples_path: Path) -> Path:
     """Stage ``prm``: the implicit PRM (format ``implicit-prm``, reference: the large policy) =
-    the large policy at the inverse temperature alpha, alpha and beta fitted on the samples."""
+    the large policy trained ``prm_lm_steps`` more LM steps on fresh batches, at the inverse
+    temperature alpha; alpha and beta fitted on the samples."""
     from transformers import LlamaForCausalLM
 
     out = out_dir / "prm"
@@ -480,9 +491,20 @@ def train_prm(config: TrainConfig, out_dir: Path, large_dir: Path, samples_path:
         return out
     tokenizer = build_tokenizer()
     reference = LlamaForCausalLM.from_pretrained(large_dir, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(large_dir, dtype=torch.float32)
+    training = _train_loop(
+        model,
+        "prm",
+        config.prm_lm_steps,
+        config.prm_lm_lr,
+        min(config.warmup, config.prm_lm_steps),
+        lambda k: policy_batch(tokenizer, config.seed, "prm", k, config.tokens_per_batch),
+        _lm_loss,
+        out_dir / ".prm.ckpt",
+    )
     examples, data_stats = _prm_examples(samples_path, tokenizer)
     alphas = config.inverse_temperatures()
-    sums = sharpened_log_ratio_sums(reference, examples, alphas, config.tokens_per_batch, tokenizer.pad_token_id)
+    sums = sharpened_log_ratio_sums(model, reference, examples, alphas, config.tokens_per_batch, tokenizer.pad_token_id)
     labels = torch.tensor([float(x) for e in examples for x in e[3]], dtype=torch.float64)
     # Class-balanced: a weak policy's samples are mostly wrong steps, and an unweighted fit would
     # favour the prior over telling steps apart.
@@ -491,7 +513,6 @@ def train_prm(config: TrainConfig, out_dir: Path, large_dir: Path, samples_path:
     fits = [(a, *fit_beta(sums[i], labels, weights)) for i, a in enumerate(alphas)]
     alpha, beta, loss = min(fits, key=lambda f: f[2])
 
-    model = LlamaForCausalLM.from_pretrained(large_dir, dtype=torch.float32)
     with torch.no_grad():
         # RMSNorm gain x alpha scales the final hidden state, so every logit: the same model at
         # temperature 1/alpha
@@ -507,6 +528,7 @@ def train_prm(config: TrainConfig, out_dir: Path, large_dir: Path, samples_path:
         "fit": [{"inverse_temperature": a, "beta": b, "balanced_bce": round(l, 5)} for a, b, l in fits],
         "parameters": sum(p.numel() for p in model.parameters()),
         "initialised_from": "builtin:policy-large",
+        "training": training,
         "data": data_stats,
         "train_config": dataclasses.asdict(config),
         "made_by": "ponder toy train (ponder.toy.train.train_prm)",
@@ -531,7 +553,7 @@ def train_all(config: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ponder toy train",
-        description="Retrain the built-in policies and PRM of builtin:arith from a seed (about 40 min on 2 CPU cores). "
+        description="Retrain the built-in policies and PRM of builtin:arith from a seed (about 50 min on 2 CPU cores). "
         "Rerunning resumes: finished stages are kept.",
     )
     parser.add_argument("--out", default="ponder-toy-models", help="output folder (default: %(default)s)")
