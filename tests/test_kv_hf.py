@@ -159,7 +159,7 @@ def test_half_precision_error_is_within_twice_hf_own_error(model_dir, dtype):
         assert ours <= 2 * hf_err + 1e-2, (ours, hf_err)
 
 
-def test_for_model_sizing_and_errors(model_dir):
+def test_for_model_sizing_and_errors(model_dir, monkeypatch):
     model = load(model_dir)
     spec = pkv.kv_spec_of(model.config)
     kv = pkv.PagedKVCache.for_model(model, block_size=16, token_budget=100)
@@ -173,6 +173,11 @@ def test_for_model_sizing_and_errors(model_dir):
         pkv.PagedKVCache.for_model(model, memory_fraction=1.5)
     with pytest.raises(ValueError, match="at most one"):
         pkv.PagedKVCache.for_model(model, token_budget=10, num_blocks=2)
+    kv = pkv.PagedKVCache.for_model(model, block_size=16, token_budget=100)
+    monkeypatch.setattr(pkv, "_free_bytes", lambda device: 1000)
+    with pytest.raises(ValueError, match="the companion KV cache does not fit: 7 blocks x 16 tokens"):
+        kv.companion(model)
+    assert not kv._companions
 
 
 def test_unsupported_layouts_are_rejected_with_a_clear_error():
@@ -236,3 +241,6 @@ def test_companion_cache_runs_a_second_model_over_the_same_sequences(model_dir):
     stranger = pkv.PagedKVCache.for_model(other, block_size=4, num_blocks=8)
     with pytest.raises(ValueError, match="block manager"):
         kv.prepare([again], [[1]]).on(stranger)
+    # a cache built on another's manager must have its shape
+    with pytest.raises(ValueError, match="64 blocks of 4 tokens, not 8 of 4"):
+        pkv.PagedKVCache(pkv.kv_spec_of(other.config), num_blocks=8, block_size=4, manager=kv.manager)

@@ -162,6 +162,15 @@ class PagedBatch:
 # ----------------------------------------------------------------------------- the cache
 
 
+def _check_fits(what: str, num_blocks: int, block_size: int, per_block: int, free: int, device, hint: str) -> None:
+    """ValueError naming the sizes when ``num_blocks`` blocks of ``per_block`` bytes exceed ``free``."""
+    if num_blocks * per_block > free:
+        raise ValueError(
+            f"{what} does not fit: {num_blocks} blocks x {block_size} tokens need "
+            f"{_gib(num_blocks * per_block)} but {_gib(free)} is free on {device}; {hint}"
+        )
+
+
 class PagedKVCache:
     """Per-layer K/V pools of ``num_blocks`` blocks of ``block_size`` tokens, laid out
     ``[num_blocks, block_size, num_kv_heads, head_dim]``, plus the block manager.
@@ -179,9 +188,15 @@ class PagedKVCache:
         block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        manager: "_core.KVCacheManager | None" = None,
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
+        if manager is not None and (manager.num_blocks, manager.block_size) != (num_blocks, block_size):
+            raise ValueError(
+                f"the block manager has {manager.num_blocks} blocks of {manager.block_size} tokens, "
+                f"not {num_blocks} of {block_size}"
+            )
         self.spec = spec
         self.block_size = int(block_size)
         self.num_blocks = int(num_blocks)
@@ -190,7 +205,7 @@ class PagedKVCache:
         shape = (self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
-        self.manager = _core.KVCacheManager(self.num_blocks, self.block_size)
+        self.manager = _core.KVCacheManager(self.num_blocks, self.block_size) if manager is None else manager
         self._companions: list[PagedKVCache] = []
         self._primary: PagedKVCache | None = None
 
@@ -231,12 +246,8 @@ class PagedKVCache:
             if budget < 1:
                 raise ValueError(f"token_budget must be >= 1, got {budget}")
             num_blocks = math.ceil(budget / block_size)
-        if num_blocks * per_block > free:
-            raise ValueError(
-                f"the KV cache does not fit: {num_blocks} blocks x {block_size} tokens need "
-                f"{_gib(num_blocks * per_block)} but {_gib(free)} is free on {device}; "
-                "lower token_budget / num_blocks or use memory_fraction"
-            )
+        _check_fits("the KV cache", num_blocks, block_size, per_block, free, device,
+                    "lower token_budget / num_blocks or use memory_fraction")
         return cls(spec, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=device)
 
     def companion(self, model: torch.nn.Module) -> "PagedKVCache":
@@ -253,16 +264,11 @@ class PagedKVCache:
             raise ValueError("a companion cache cannot have companions of its own: call companion() on the primary")
         spec = kv_spec_of(model.config)
         param = next(model.parameters())
-        need = spec.bytes_per_token(param.dtype) * self.block_size * self.num_blocks
-        free = _free_bytes(param.device)
-        if need > free:
-            raise ValueError(
-                f"the companion KV cache does not fit: {self.num_blocks} blocks x {self.block_size} tokens "
-                f"need {_gib(need)} but {_gib(free)} is free on {param.device}; lower the token budget"
-            )
+        _check_fits("the companion KV cache", self.num_blocks, self.block_size,
+                    spec.bytes_per_token(param.dtype) * self.block_size, _free_bytes(param.device), param.device,
+                    "lower the token budget")
         twin = PagedKVCache(spec, num_blocks=self.num_blocks, block_size=self.block_size,
-                            dtype=param.dtype, device=param.device)
-        twin.manager = self.manager
+                            dtype=param.dtype, device=param.device, manager=self.manager)
         twin._primary = self
         self._companions.append(twin)
         return twin
