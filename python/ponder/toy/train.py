@@ -511,7 +511,7 @@ def train_prm(config: TrainConfig, out_dir: Path, large_dir: Path, samples_path:
     bad = float(1.0 - labels.mean())
     weights = torch.where(labels > 0.5, 0.5 / max(1e-3, 1 - bad), 0.5 / max(1e-3, bad))
     fits = [(a, *fit_beta(sums[i], labels, weights)) for i, a in enumerate(alphas)]
-    alpha, beta, loss = min(fits, key=lambda f: f[2])
+    alpha, beta, _ = min(fits, key=lambda f: f[2])
 
     with torch.no_grad():
         # RMSNorm gain x alpha scales the final hidden state, so every logit: the same model at
