@@ -278,6 +278,35 @@ def test_train_all_writes_loadable_models_reproducibly_and_resumes(tmp_path):
     assert (first["prm"] / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_prm_stage_killed_while_scoring_resumes_without_training_again(tmp_path, monkeypatch):
+    from ponder.toy import train as toy_train
+
+    real_sums, real_loop = toy_train.sharpened_log_ratio_sums, toy_train._train_loop
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toy_train, "sharpened_log_ratio_sums", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_all(TrainConfig(**TINY), tmp_path / "c")
+    assert (tmp_path / "c" / ".prm.trained.pt").is_file() and not (tmp_path / "c" / "prm").exists()
+
+    def no_training(model, stage, *args, **kwargs):
+        assert stage != "prm", "the PRM's LM steps ran again"
+        return real_loop(model, stage, *args, **kwargs)
+
+    monkeypatch.setattr(toy_train, "sharpened_log_ratio_sums", real_sums)
+    monkeypatch.setattr(toy_train, "_train_loop", no_training)
+    resumed = train_all(TrainConfig(**TINY), tmp_path / "c")["prm"]
+    assert not (tmp_path / "c" / ".prm.trained.pt").exists()
+    monkeypatch.setattr(toy_train, "_train_loop", real_loop)
+    straight = train_all(TrainConfig(**TINY), tmp_path / "d")["prm"]
+    a, b = _weights(resumed), _weights(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    card = json.loads((resumed / "DONE.json").read_text())
+    assert card["training"] == json.loads((straight / "DONE.json").read_text())["training"] | {"seconds": card["training"]["seconds"]}
+
+
 def test_train_config_is_validated():
     with pytest.raises(ValueError, match="sample_n"):
         train_all(TrainConfig(sample_n=0), "/nonexistent/never-written")

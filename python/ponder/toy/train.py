@@ -492,16 +492,28 @@ def train_prm(config: TrainConfig, out_dir: Path, large_dir: Path, samples_path:
     tokenizer = build_tokenizer()
     reference = LlamaForCausalLM.from_pretrained(large_dir, dtype=torch.float32).eval()
     model = LlamaForCausalLM.from_pretrained(large_dir, dtype=torch.float32)
-    training = _train_loop(
-        model,
-        "prm",
-        config.prm_lm_steps,
-        config.prm_lm_lr,
-        min(config.warmup, config.prm_lm_steps),
-        lambda k: policy_batch(tokenizer, config.seed, "prm", k, config.tokens_per_batch),
-        _lm_loss,
-        out_dir / ".prm.ckpt",
-    )
+    # The trained weights are kept until the PRM is saved, so a run killed while scoring the
+    # samples resumes without training again.
+    trained = out_dir / ".prm.trained.pt"
+    if trained.is_file():
+        state = torch.load(trained, weights_only=True)
+        model.load_state_dict(state["model"])
+        training = state["training"]
+        model.eval()
+    else:
+        training = _train_loop(
+            model,
+            "prm",
+            config.prm_lm_steps,
+            config.prm_lm_lr,
+            min(config.warmup, config.prm_lm_steps),
+            lambda k: policy_batch(tokenizer, config.seed, "prm", k, config.tokens_per_batch),
+            _lm_loss,
+            out_dir / ".prm.ckpt",
+        )
+        tmp = trained.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "training": training}, tmp)
+        os.replace(tmp, trained)
     examples, data_stats = _prm_examples(samples_path, tokenizer)
     alphas = config.inverse_temperatures()
     sums = sharpened_log_ratio_sums(model, reference, examples, alphas, config.tokens_per_batch, tokenizer.pad_token_id)
@@ -534,6 +546,7 @@ def train_prm(config: TrainConfig, out_dir: Path, large_dir: Path, samples_path:
         "made_by": "ponder toy train (ponder.toy.train.train_prm)",
     }
     _save(model, tokenizer, out, card)
+    trained.unlink()
     return out
 
 
