@@ -48,8 +48,11 @@ def test_extension_does_not_link_or_import_torch():
     )
     assert out.stdout.strip() == "False"
     if shutil.which("ldd"):
-        libs = subprocess.run(["ldd", _core.__file__], capture_output=True, text=True).stdout
-        assert "torch" not in libs and "c10" not in libs
+        ldd = subprocess.run(["ldd", _core.__file__], capture_output=True, text=True).stdout
+        # Only the names and paths: the load addresses are random hex and can read "...c10...".
+        libs = [tok for line in ldd.splitlines() for tok in line.split() if not tok.startswith("(0x")]
+        assert libs, ldd
+        assert not [lib for lib in libs if "torch" in lib or "c10" in lib], ldd
 
 
 def test_cli_info_prints_build_info():
