@@ -35,8 +35,10 @@ except ImportError:  # running from a checkout without an install
 
 import numpy as np  # noqa: E402
 
-from ponder import _core  # noqa: E402
-from ponder import reference  # noqa: E402
+from ponder import (
+    _core,  # noqa: E402
+    reference,  # noqa: E402
+)
 
 
 def log(msg: str) -> None:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from ponder import cli, evaluate
 from ponder.data import Problem
 from ponder.protocols import SamplingParams

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ponder import grading
 from ponder.grading import (
     NO_ANSWER,

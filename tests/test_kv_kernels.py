@@ -19,7 +19,6 @@ import sys
 
 import numpy as np
 import pytest
-
 import torch  # noqa: E402  (a test dependency: pip install ".[test]")
 
 import ponder  # noqa: E402

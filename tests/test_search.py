@@ -17,8 +17,9 @@ import time
 from collections import Counter, defaultdict
 
 import numpy as np
-import ponder
 import pytest
+
+import ponder
 from ponder import grading
 from ponder.protocols import PRM, Policy, SamplingParams, Step
 from ponder.reference import search as oracle

@@ -22,6 +22,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from ponder import cli
 from ponder.policy import HFPolicy
 from ponder.prm import HFPRM, MATH_SHEPHERD_TAG

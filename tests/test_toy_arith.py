@@ -9,6 +9,7 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from ponder.data import Problem, builtin_names, load_problems
 from ponder.grading import extract_answer
 from ponder.toy import arith

@@ -136,7 +136,7 @@ def build_run_parser() -> argparse.ArgumentParser:
 
     search = p.add_argument_group("search")
     search.add_argument("--methods", type=_csv, default=_csv(DEFAULT_METHODS), metavar="M1,M2",
-                        help=f"comma-separated methods: greedy, majority, best_of_n, weighted_best_of_n, beam_search, dvts (default all)")
+                        help="comma-separated methods: greedy, majority, best_of_n, weighted_best_of_n, beam_search, dvts (default all)")
     search.add_argument("--n", type=_csv_ints, default=_csv_ints(DEFAULT_NS), metavar="N1,N2",
                         help=f"comma-separated budgets N, e.g. 1,4,16,64 (default {DEFAULT_NS})")
     search.add_argument("--beam-width", type=int, default=4, metavar="M", help="beam width M of beam_search/dvts (default 4); every n above M must be a multiple of it, an n below M runs one tree n wide")

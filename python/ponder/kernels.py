@@ -22,7 +22,8 @@ torch is imported on first use only; ``import ponder`` does not import it.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import _core
 
@@ -61,11 +62,11 @@ def _device(t, name: str):
 
 
 def write_kv(
-    k_cache: "torch.Tensor",
-    v_cache: "torch.Tensor",
-    k_new: "torch.Tensor",
-    v_new: "torch.Tensor",
-    slot_mapping: "torch.Tensor",
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    slot_mapping: torch.Tensor,
     *,
     check_indices: bool = True,
 ) -> None:
@@ -93,10 +94,10 @@ def write_kv(
 
 
 def copy_blocks(
-    k_caches: Sequence["torch.Tensor"],
-    v_caches: Sequence["torch.Tensor"],
-    src: "torch.Tensor",
-    dst: "torch.Tensor",
+    k_caches: Sequence[torch.Tensor],
+    v_caches: Sequence[torch.Tensor],
+    src: torch.Tensor,
+    dst: torch.Tensor,
     *,
     check_indices: bool = True,
 ) -> None:
@@ -116,16 +117,16 @@ def copy_blocks(
 
 
 def gather_kv(
-    k_cache: "torch.Tensor",
-    v_cache: "torch.Tensor",
-    block_tables: "torch.Tensor",
-    lengths: "torch.Tensor",
-    out_k: Optional["torch.Tensor"] = None,
-    out_v: Optional["torch.Tensor"] = None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    out_k: torch.Tensor | None = None,
+    out_v: torch.Tensor | None = None,
     *,
-    max_len: Optional[int] = None,
+    max_len: int | None = None,
     check_indices: bool = True,
-) -> Tuple["torch.Tensor", "torch.Tensor"]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather each sequence's cached keys and values into dense, zero-padded tensors.
 
     ``out_k[b, t] = k_cache[block_tables[b, t // block_size], t % block_size]`` for
@@ -167,16 +168,16 @@ def gather_kv(
 
 
 def paged_decode_attention(
-    q: "torch.Tensor",
-    k_cache: "torch.Tensor",
-    v_cache: "torch.Tensor",
-    block_tables: "torch.Tensor",
-    lengths: "torch.Tensor",
-    scale: Optional[float] = None,
-    out: Optional["torch.Tensor"] = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
     *,
     check_indices: bool = True,
-) -> "torch.Tensor":
+) -> torch.Tensor:
     """Decode attention: one query token per sequence over its paged K/V cache.
 
     ``out[b, h] = softmax(scale * q[b, h] @ K_b^T) @ V_b`` where ``K_b, V_b`` are the first

@@ -32,8 +32,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,7 +128,7 @@ class PagedBatch:
     block_tables: int32 [B, max_blocks]; kv_lens: int64 [B]; q_lens: int64 [B].
     """
 
-    cache: "PagedKVCache"
+    cache: PagedKVCache
     seq_ids: np.ndarray
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -138,7 +139,7 @@ class PagedBatch:
     q_lens: torch.Tensor
     decode: bool  # every sequence adds exactly one token: attend straight from the pool
 
-    def on(self, cache: "PagedKVCache") -> "PagedBatch":
+    def on(self, cache: PagedKVCache) -> PagedBatch:
         """This batch run against ``cache``'s pools: ``cache`` must be this batch's cache or one
         of its companions (same block manager, so the slots and block tables hold)."""
         if cache is self.cache:
@@ -218,7 +219,7 @@ class PagedKVCache:
         token_budget: int | None = None,
         memory_fraction: float | None = None,
         num_blocks: int | None = None,
-    ) -> "PagedKVCache":
+    ) -> PagedKVCache:
         """A cache shaped for ``model`` (its dtype and device).
 
         Size: ``num_blocks`` if given, else ``token_budget`` tokens, else ``memory_fraction`` of the
@@ -250,7 +251,7 @@ class PagedKVCache:
                     "lower token_budget / num_blocks or use memory_fraction")
         return cls(spec, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=device)
 
-    def companion(self, model: torch.nn.Module) -> "PagedKVCache":
+    def companion(self, model: torch.nn.Module) -> PagedKVCache:
         """K/V pools for a second model that runs over *the same sequences* as this cache (an
         implicit PRM's reference model reads exactly the PRM's tokens).
 

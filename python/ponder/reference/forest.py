@@ -467,10 +467,11 @@ class Forest:
             answered = [(i, x) for i, x in members if x.answer != NO_ANSWER]
             answer, winner, weight = NO_ANSWER, -1, 0.0
             if how == "best":
+                best_key = None
                 for node_id, node in answered:
                     s = self._value(node, agg)
                     key = (-self._rank(s), node_id)
-                    if winner == -1 or key < best_key:
+                    if best_key is None or key < best_key:
                         answer, winner, weight, best_key = node.answer, node_id, s, key
             elif answered:
                 totals: dict[int, float] = {}  # insertion order = first seen

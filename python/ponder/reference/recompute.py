@@ -156,7 +156,6 @@ class RecomputePolicy:
         from transformers import DynamicCache
 
         gen = self._rng(params)
-        B = len(paths)
         cache = DynamicCache()
         ids, mask = _left_pad(paths, self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -348,8 +348,8 @@ def sample_solutions(config: TrainConfig, out_dir: Path, policy_dir: Path) -> Pa
     ``ponder.search`` (majority, temperature ``sample_temperature``), labelled with
     ``label_steps``; one JSONL row per problem, appended per batch (a rerun continues)."""
     from ..policy import HFPolicy
-    from ..search import SearchConfig, search
     from ..protocols import SamplingParams
+    from ..search import SearchConfig, search
 
     path = out_dir / "samples.jsonl"
     done_marker = out_dir / "samples.done"
@@ -537,7 +537,7 @@ def train_prm(config: TrainConfig, out_dir: Path, large_dir: Path, samples_path:
         "reference": "builtin:policy-large",
         "inverse_temperature": alpha,
         "beta": beta,
-        "fit": [{"inverse_temperature": a, "beta": b, "balanced_bce": round(l, 5)} for a, b, l in fits],
+        "fit": [{"inverse_temperature": a, "beta": b, "balanced_bce": round(loss, 5)} for a, b, loss in fits],
         "parameters": sum(p.numel() for p in model.parameters()),
         "initialised_from": "builtin:policy-large",
         "training": training,
