@@ -2,10 +2,11 @@
 
     results = ponder.search.search(problems, policy, prm, SearchConfig(method="dvts", n=16))
 
-``search`` runs one method for a whole batch of problems over one ``ponder.Forest``: every
-iteration is one batched ``Policy.sample_steps`` and one batched ``PRM.score_steps`` across all
-problems and paths. One module per method: ``majority``, ``best_of_n`` (vanilla and weighted),
-``beam_search``, ``dvts``; ``common.Run`` holds the stages they share. The methods follow
+``search`` submits every problem to a fresh ``ponder.Engine`` and runs it to the end: every
+engine step is one batched ``Policy.sample_steps`` and one batched ``PRM.score_steps`` across
+all problems and paths. One module per method, each a per-search state machine
+(``method.Method``): ``majority``, ``best_of_n`` (vanilla and weighted), ``beam_search``,
+``dvts``; ``tree.SearchTree`` holds the forest and the stages they share. The methods follow
 huggingface/search-and-learn (``ponder.reference.search`` is a readable per-problem
 re-implementation written its way, the tests' oracle), except where ponder deliberately
 differs:
@@ -40,18 +41,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import beam_search, best_of_n, dvts, majority
-from .common import Run
-from .config import Budget, Completion, SearchConfig, SearchResult
-
-# method name -> the function that runs it on a ``Run`` (the modules keep their own names)
-METHODS = {
-    "majority": majority.majority,
-    "best_of_n": best_of_n.best_of_n,
-    "weighted_best_of_n": best_of_n.weighted_best_of_n,
-    "beam_search": beam_search.beam_search,
-    "dvts": dvts.dvts,
-}
+from .config import METHODS, Budget, Completion, SearchConfig, SearchResult
 
 
 def problem_text(problem: Any) -> str:
@@ -82,12 +72,24 @@ def search(problems: Sequence[Any], policy, prm, config: SearchConfig | None = N
         return []
     if config.method != "majority" and prm is None:
         raise ValueError(f"method {config.method!r} needs a PRM; only 'majority' runs without one")
-    run = Run(texts, policy, prm if config.method != "majority" else None, config)
-    try:
-        return METHODS[config.method](run)
-    except BaseException:
-        run.abort()
-        raise
+    return _run_batch(policy, prm if config.method != "majority" else None, [(t, config, None, ()) for t in texts], "main")
+
+
+def _run_batch(policy, prm, requests, name):
+    """Submit every (problem, config, votes, prm_free) to a fresh engine whose searches share
+    the policy's random stream (as one batch always did), run it, return each result
+    ``name`` (or the dict of all when name is None); the first error is raised."""
+    from ..engine import Engine
+
+    engine = Engine(policy, prm, per_request_streams=False)
+    handles = [engine._submit(t, c, v, f) for t, c, v, f in requests]
+    engine.run_until_done()
+    out = []
+    for h in handles:
+        if h._error is not None:
+            raise h._error
+        out.append(h._results if name is None else h._results[name])
+    return out
 
 
 #: the methods that only differ in how they vote over the same N sampled solutions
@@ -120,20 +122,17 @@ def search_sampled(
     needs_prm = [m for m in methods if m != "majority"]
     if needs_prm and prm is None:
         raise ValueError(f"method {needs_prm[0]!r} needs a PRM; only 'majority' runs without one")
-    first = configs[needs_prm[0] if needs_prm else "majority"]
-    run = Run(texts, policy, prm if needs_prm else None, first)
-    from .majority import sample_solutions
-
     votes = {
-        "majority": ("majority", configs.get("majority", first).agg),
-        "best_of_n": ("best", configs.get("best_of_n", first).vote_agg),
-        "weighted_best_of_n": ("weighted", configs.get("weighted_best_of_n", first).vote_agg),
+        "majority": ("majority", configs.get("majority", config).agg),
+        "best_of_n": ("best", configs.get("best_of_n", config).vote_agg),
+        "weighted_best_of_n": ("weighted", configs.get("weighted_best_of_n", config).vote_agg),
     }
-    try:
-        return run.results_by_vote(sample_solutions(run), {m: votes[m] for m in methods}, prm_free=("majority",))
-    except BaseException:
-        run.abort()
-        raise
+    first = configs[needs_prm[0] if needs_prm else "majority"]
+    wanted = {m: votes[m] for m in methods}
+    per_problem = _run_batch(
+        policy, prm if needs_prm else None, [(t, first, wanted, ("majority",)) for t in texts], None
+    )
+    return {m: [res[m] for res in per_problem] for m in methods}
 
 
 __all__ = [
@@ -141,7 +140,6 @@ __all__ = [
     "SAMPLING_METHODS",
     "Budget",
     "Completion",
-    "Run",
     "SearchConfig",
     "SearchResult",
     "search",

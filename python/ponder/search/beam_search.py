@@ -1,7 +1,7 @@
 """Step-level beam search guided by the PRM, for every problem of the batch in one forest.
 
-Per problem (all problems advance together: one batched policy call and one batched PRM call
-per iteration):
+Per problem, one iteration per engine step (every live search advances together: one batched
+policy call and one batched PRM call per step):
 
 1. Start with N copies of the prompt: the root gets N children.
 2. Every active beam samples one step (+ ``lookahead`` greedy steps the PRM scores but the
@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import Run
-from .config import SearchResult
+from .method import Method
 
 
 def copies(n: int, k: int) -> list[int]:
@@ -38,64 +37,63 @@ def copies(n: int, k: int) -> list[int]:
     return [n // k + (1 if j < n % k else 0) for j in range(k)]
 
 
-def finalize(run: Run, completed: list[int], leftover: list[int]) -> list[int]:
-    """N completions of one problem: sorted (stably, best first) if asked, cut, padded."""
-    cfg = run.config
-    pool = completed or leftover
-    if cfg.sort_completed:
-        pool = sorted(pool, key=lambda x: -run.path_score(x))
-    pool = pool[: cfg.n]
-    if pool and len(pool) < cfg.n:
-        pool = (pool * (cfg.n // len(pool) + 1))[: cfg.n]
-    return pool
+class BeamSearch(Method):
+    def start(self, roots: np.ndarray) -> None:
+        self.it = 0
+        self.beams, self.counts = [int(roots[0])], [self.config.n]  # the frontier, in beam order
+        self.completed: list[int] = []
+        self.leftover: list[int] = []
 
+    @property
+    def last(self) -> bool:
+        return self.it == self.config.num_iterations - 1
 
-def beam_search(run: Run) -> list[SearchResult]:
-    cfg = run.config
-    n, keep = cfg.n, cfg.n // cfg.beam_width
-    p = run.num_problems
-    roots = run.add_roots(1)[:, 0]
-    # frontier[problem] = (beams to expand, in beam order; how many children each gets)
-    frontier: dict[int, tuple[list[int], list[int]]] = {i: ([int(roots[i])], [n]) for i in range(p)}
-    completed: list[list[int]] = [[] for _ in range(p)]
-    leftover: list[list[int]] = [[] for _ in range(p)]
+    def expansion(self):
+        if not self.beams:
+            return [], [], 0
+        return list(self.beams), list(self.counts), 0 if self.last else self.config.lookahead
 
-    for it in range(cfg.num_iterations):
-        if not frontier:
-            break
-        last = it == cfg.num_iterations - 1
-        order = sorted(frontier)
-        parents = [b for i in order for b in frontier[i][0]]
-        counts = [c for i in order for c in frontier[i][1]]
-        children = run.step(parents, counts, lookahead=0 if last else cfg.lookahead)
-        ends = run.run_to_end(children) if last else children
+    def expanded(self, children: np.ndarray) -> None:
+        if self.last:
+            self.to_end(children)
+        else:
+            self.ended(children)
 
-        candidates: list[int] = []
-        start = 0
-        for i in order:
-            mine = ends[start : start + sum(frontier[i][1])].tolist()
-            start += sum(frontier[i][1])
-            active = [x for x in mine if not run.finished[x]]
-            completed[i].extend(x for x in mine if run.finished[x])
-            if last:
-                leftover[i] = active
-            elif not active or (not cfg.sort_completed and len(completed[i]) >= n):
-                run.prune(active)
-            else:
-                candidates.extend(active)
-
-        frontier = {}
-        if candidates and not last:
-            kept = run.forest.select_beam(
-                np.array(candidates, dtype=np.int32), keep, cfg.agg, cfg.filter_duplicates
+    def ended(self, ends: np.ndarray) -> None:
+        cfg, tree = self.config, self.tree
+        mine = ends.tolist()
+        active = [x for x in mine if not tree.nodes[x].finished]
+        self.completed.extend(x for x in mine if tree.nodes[x].finished)
+        self.beams, self.counts = [], []
+        if self.last:
+            self.leftover = active
+        elif not active or (not cfg.sort_completed and len(self.completed) >= cfg.n):
+            tree.prune(active)
+        else:
+            kept = tree.forest.select_beam(
+                np.array(active, dtype=np.int32), cfg.n // cfg.beam_width, cfg.agg, cfg.filter_duplicates
             ).tolist()
             kept_set = set(kept)
-            run.prune([x for x in candidates if x not in kept_set])
-            by_problem: dict[int, list[int]] = {}
-            for x in sorted(kept):  # beam order = node id order, as the beams were created
-                by_problem.setdefault(run.problem[x], []).append(x)
-            for i, beams in by_problem.items():
-                frontier[i] = (beams, copies(n, len(beams)))
+            tree.prune([x for x in active if x not in kept_set])
+            self.beams = sorted(kept)  # beam order = node id order, as the beams were created
+            self.counts = copies(cfg.n, len(self.beams))
+        self.it += 1
+        self.done = not self.beams or self.it >= cfg.num_iterations
 
-    pools = [finalize(run, completed[i], leftover[i]) for i in range(p)]
-    return run.results(pools, cfg.final_vote, cfg.vote_agg)
+    def _pool(self, completed: list[int], leftover: list[int]) -> list[int]:
+        """N completions: sorted (stably, best first) if asked, cut, padded."""
+        cfg = self.config
+        pool = completed or leftover
+        if cfg.sort_completed:
+            scores = self.tree.path_scores(pool, cfg.agg)
+            pool = [x for _, x in sorted(zip(scores, pool), key=lambda t: -t[0])]
+        pool = pool[: cfg.n]
+        if pool and len(pool) < cfg.n:
+            pool = (pool * (cfg.n // len(pool) + 1))[: cfg.n]
+        return pool
+
+    def final(self):
+        return self._pool(self.completed, self.leftover), self.config.final_vote, self.config.vote_agg
+
+    def partial(self) -> list[int]:
+        return self._pool(self.completed, self.ends_so_far or list(self.beams))

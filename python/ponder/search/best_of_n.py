@@ -7,18 +7,17 @@
 
 In both, solutions without a boxed answer abstain (search-and-learn lets an unanswered best
 solution win and so answer nothing). The final vote aggregates with ``agg`` (compat: ``last``).
+The sampling is majority's (``SampleSolutions``); only the vote differs.
 """
 
 from __future__ import annotations
 
-from .common import Run
-from .config import SearchResult
-from .majority import sample_solutions
+from .majority import SampleSolutions
 
 
-def best_of_n(run: Run) -> list[SearchResult]:
-    return run.results(sample_solutions(run), "best", run.config.vote_agg)
+class BestOfN(SampleSolutions):
+    vote = "best"
 
 
-def weighted_best_of_n(run: Run) -> list[SearchResult]:
-    return run.results(sample_solutions(run), "weighted", run.config.vote_agg)
+class WeightedBestOfN(SampleSolutions):
+    vote = "weighted"

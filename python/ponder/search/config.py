@@ -49,6 +49,9 @@ class SearchConfig:
     ``max_step_tokens`` (or a path by ``max_steps``) counts as finished; the final vote
     always aggregates with ``last``; DVTS returns the M candidates of each subtree's last
     expansion (unfinished ones included) instead of the subtree's final path.
+    max_wall_s, max_policy_tokens: limits of one search (None: none). They are checked between
+    engine stages: a search past one ends at the next stage boundary with what it has
+    (``SearchResult.stopped`` = ``"timeout"`` / ``"budget"``), so it may overshoot by one stage.
     """
 
     method: str = "beam_search"
@@ -64,6 +67,8 @@ class SearchConfig:
     seed: int = 0
     compat_search_and_learn: bool = False
     max_steps: int = 64
+    max_wall_s: float | None = None
+    max_policy_tokens: int | None = None
 
     def validate(self) -> SearchConfig:
         """Raise ValueError naming the first bad field; return self when all are good."""
@@ -103,6 +108,11 @@ class SearchConfig:
             raise ValueError(f"sampling.max_step_tokens must be >= 1; got {self.sampling.max_step_tokens}")
         if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer; got {self.seed!r}")  # noqa: TRY004
+        if self.max_wall_s is not None and not (isinstance(self.max_wall_s, (int, float)) and self.max_wall_s > 0):
+            raise ValueError(f"max_wall_s must be None or a number > 0; got {self.max_wall_s!r}")
+        mpt = self.max_policy_tokens
+        if mpt is not None and (not isinstance(mpt, (int, np.integer)) or isinstance(mpt, bool) or mpt < 1):
+            raise ValueError(f"max_policy_tokens must be None or an integer >= 1; got {mpt!r}")
         return self
 
     @property
@@ -176,7 +186,9 @@ class SearchResult:
     best-of-N: N in sampling order). tree: the problem's whole search tree from
     ``Forest.nodes``: ``node_id`` int32 [k] plus parent int32, problem int64, subtree int32,
     depth int32, num_tokens int32, has_step bool, score float32, status int8, answer int64.
-    budget: see ``Budget``.
+    budget: see ``Budget``. stopped: why the search ended early, with what it had then:
+    ``"timeout"`` (``max_wall_s``), ``"budget"`` (``max_policy_tokens``), ``"cancelled"``
+    (``Handle.cancel``); None when the method ran to its end.
     """
 
     problem_id: int
@@ -186,6 +198,7 @@ class SearchResult:
     completions: list[Completion]
     tree: dict[str, np.ndarray]
     budget: Budget
+    stopped: str | None = None
 
 
 def path_score(step_scores, how: str) -> float:

@@ -1,7 +1,7 @@
 """Diverse verifier tree search: N/M independent greedy subtrees per problem.
 
-Per problem (all problems and subtrees advance together: one batched policy call and one
-batched PRM call per iteration):
+Per problem, one iteration per engine step (every live search and subtree advances together:
+one batched policy call and one batched PRM call per step):
 
 1. N/M roots, one per subtree (``Forest.add_roots`` with subtree ids 0..N/M-1).
 2. Every live subtree samples M candidate next steps (+ ``lookahead`` greedy steps the PRM
@@ -22,49 +22,66 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import Run
-from .config import SearchResult
+from .method import Method
 
 
-def dvts(run: Run) -> list[SearchResult]:
-    cfg = run.config
-    m, subtrees = cfg.beam_width, cfg.n // cfg.beam_width
-    roots = run.add_roots(subtrees)  # [problems, subtrees]
-    p = run.num_problems
-    keys = [(i, s) for i in range(p) for s in range(subtrees)]
-    leaf = {key: int(roots[key]) for key in keys}
-    final: dict[tuple[int, int], int] = {}
-    last_candidates: dict[tuple[int, int], list[int]] = {}
-    live = list(keys)
+class DVTS(Method):
+    @property
+    def subtrees(self) -> int:
+        return self.config.n // self.config.beam_width
 
-    for it in range(cfg.num_iterations):
-        if not live:
-            break
-        last = it == cfg.num_iterations - 1
-        children = run.step([leaf[k] for k in live], np.full(len(live), m), lookahead=0 if last else cfg.lookahead)
-        ends = run.run_to_end(children) if last else children
-        best = run.forest.select_dvts(ends, cfg.agg).tolist()
-        # Candidates are grouped by subtree in ``live`` order, so select_dvts's groups are too.
-        if len(best) != len(live):
-            raise RuntimeError(f"select_dvts returned {len(best)} groups for {len(live)} subtrees")
-        still = []
-        for j, (key, b) in enumerate(zip(live, best)):
-            group = ends[j * m : (j + 1) * m].tolist()
-            ended = last or run.finished[b]
-            if ended:
-                final[key] = b
-                last_candidates[key] = group
-            else:
-                leaf[key] = b
-                still.append(key)
-            if not (ended and run.compat):  # compat returns an ended subtree's candidates
-                run.prune([x for x in group if x != b])
-        live = still
+    def start(self, roots: np.ndarray) -> None:
+        self.it = 0
+        self.live = list(range(roots.size))  # subtrees still searching
+        self.leaf = {s: int(r) for s, r in enumerate(roots.tolist())}
+        self.final_node: dict[int, int] = {}
+        self.last_candidates: dict[int, list[int]] = {}
 
-    pools = []
-    for i in range(p):
-        if run.compat:
-            pools.append([x for s in range(subtrees) for x in last_candidates[(i, s)]])
+    @property
+    def last(self) -> bool:
+        return self.it == self.config.num_iterations - 1
+
+    def expansion(self):
+        if not self.live:
+            return [], [], 0
+        m = self.config.beam_width
+        return [self.leaf[s] for s in self.live], [m] * len(self.live), 0 if self.last else self.config.lookahead
+
+    def expanded(self, children: np.ndarray) -> None:
+        if self.last:
+            self.to_end(children)
         else:
-            pools.append([final[(i, s)] for s in range(subtrees)])
-    return run.results(pools, cfg.final_vote, cfg.vote_agg)
+            self.ended(children)
+
+    def ended(self, ends: np.ndarray) -> None:
+        m, tree = self.config.beam_width, self.tree
+        best = tree.forest.select_dvts(ends, self.config.agg).tolist()
+        # Candidates are grouped by subtree in ``live`` order, so select_dvts's groups are too.
+        if len(best) != len(self.live):
+            raise RuntimeError(f"select_dvts returned {len(best)} groups for {len(self.live)} subtrees")
+        still = []
+        for j, (s, b) in enumerate(zip(self.live, best)):
+            group = ends[j * m : (j + 1) * m].tolist()
+            over = self.last or tree.nodes[b].finished
+            if over:
+                self.final_node[s] = b
+                self.last_candidates[s] = group
+            else:
+                self.leaf[s] = b
+                still.append(s)
+            if not (over and self.search.compat):  # compat returns an ended subtree's candidates
+                tree.prune([x for x in group if x != b])
+        self.live = still
+        self.it += 1
+        self.done = not self.live or self.it >= self.config.num_iterations
+
+    def final(self):
+        k = self.subtrees
+        if self.search.compat:
+            pool = [x for s in range(k) for x in self.last_candidates[s]]
+        else:
+            pool = [self.final_node[s] for s in range(k)]
+        return pool, self.config.final_vote, self.config.vote_agg
+
+    def partial(self) -> list[int]:
+        return [self.final_node.get(s, self.leaf[s]) for s in range(self.subtrees)]

@@ -8,23 +8,42 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import Run
-from .config import SearchResult
+from .method import Method
 
 
-def sample_solutions(run: Run) -> list[list[int]]:
-    """N solutions per problem, sampled step by step, all problems in one batch per step.
+class SampleSolutions(Method):
+    """N solutions, sampled step by step: the root gets N children (the policy's samples
+    0..N-1 of the prompt), then every unfinished path takes one more step per engine step until
+    it ends (EOS, a boxed answer) or has ``max_steps`` steps. ``solutions``: the N last nodes,
+    in sample order."""
 
-    The first stage gives each root N children (the policy's samples 0..N-1 of the prompt);
-    then every unfinished path takes one more step per stage until it ends (EOS, a boxed
-    answer) or has ``max_steps`` steps. Returns per problem the N last nodes, in sample order.
-    """
-    n = run.config.n
-    roots = run.add_roots(1)[:, 0]
-    first = run.step(roots, np.full(roots.size, n, dtype=np.int32))
-    ends = run.run_to_end(first)
-    return [ends[p * n : (p + 1) * n].tolist() for p in range(run.num_problems)]
+    vote = "majority"
+
+    def start(self, roots: np.ndarray) -> None:
+        self.root = int(roots[0])
+        self.solutions: list[int] = []
+        self._first = True
+
+    def expansion(self):
+        if self._first:
+            return [self.root], [self.config.n], 0
+        return [], [], 0
+
+    def expanded(self, children: np.ndarray) -> None:
+        self._first = False
+        self.to_end(children)
+
+    def ended(self, ends: np.ndarray) -> None:
+        self.solutions = ends.tolist()
+        self.done = True
+
+    def final(self):
+        agg = self.config.agg if self.vote == "majority" else self.config.vote_agg
+        return self.solutions, self.vote, agg
+
+    def partial(self) -> list[int]:
+        return self.solutions or self.ends_so_far
 
 
-def majority(run: Run) -> list[SearchResult]:
-    return run.results(sample_solutions(run), "majority", run.config.agg)
+class Majority(SampleSolutions):
+    vote = "majority"

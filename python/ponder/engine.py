@@ -1,0 +1,469 @@
+"""The search engine: independent searches that join and leave one running batch.
+
+    engine = ponder.Engine(policy, prm)
+    h = engine.submit("What is 2 + 3?", ponder.SearchConfig(method="dvts", n=16))
+    engine.run_until_done()          # or h.result(), which steps the engine until h is done
+    print(h.result().answer)
+
+Every submitted problem is a *search* with its own ``SearchConfig`` (method, n, beam width,
+sampling, seed, limits). The engine owns one forest (``ponder.search.tree.SearchTree``) and
+advances every live search by one stage per ``step()``: the searches' state machines
+(``ponder.search.method.Method``) say what they want expanded, the tree expands all of it in
+one ``Forest.expand``, samples it with one policy call per distinct sampling setting (the
+seed is not part of the setting when the policy has per-request streams), rolls out lookahead,
+scores every row with one PRM call, records, and hands each search its scored children.
+
+Determinism: with ``per_request_streams`` (the default) and a policy that implements
+``sample_steps_seeded`` (``HFPolicy`` does), a search's samples come from its own random
+stream seeded by its seed, so they do not depend on which other searches share its batches
+(up to the floating-point effect of batch composition on the model's logits).
+
+Memory: before admitting a search the engine asks the policy (and the PRM) for free KV blocks
+(the optional ``kv_free_blocks()``) and admits it only when its first expansion fits; when a
+step hits ``KVCacheFull`` anyway, the most recently admitted search is preempted (its nodes
+freed, its state reset, requeued at the head of the queue) and the step is retried. A
+preempted search restarts from its root when readmitted (recompute preemption); with
+per-request streams its result is the same as without preemption. ``KVCacheFull`` reaches
+the caller only when a search alone does not fit (then that search fails with it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._core import KVCacheFull
+from .search.beam_search import BeamSearch
+from .search.best_of_n import BestOfN, WeightedBestOfN
+from .search.config import SearchConfig, SearchResult
+from .search.dvts import DVTS
+from .search.majority import Majority
+from .search.method import Method
+from .search.tree import Search, SearchTree
+
+#: method name -> its state machine
+METHODS: dict[str, type[Method]] = {
+    "majority": Majority,
+    "best_of_n": BestOfN,
+    "weighted_best_of_n": WeightedBestOfN,
+    "beam_search": BeamSearch,
+    "dvts": DVTS,
+}
+
+
+@dataclass
+class Event:
+    """Something that happened to one search, for streaming.
+
+    kind: ``"step"`` (its children of one engine step were scored: ``node_ids``, ``texts``
+    the steps, ``scores`` their PRM scores, NaN unscored), ``"completion"`` (a path finished:
+    ``node_ids`` = [its last node], ``texts`` = [its solution], ``answer``), ``"end"`` (the
+    search ended: ``result``, or ``error`` when it failed). request_id: ``Handle.id``.
+    """
+
+    kind: str
+    request_id: int
+    node_ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    answer: str | None = None
+    result: SearchResult | None = None
+    error: BaseException | None = None
+
+
+class Handle:
+    """One submitted search. Thread-safe.
+
+    ``done()``: it ended (result or error). ``result(timeout=None)``: its ``SearchResult``
+    (re-raises the error it failed with); without a background loop (``AsyncEngine``) it steps
+    the engine itself until this search is done. ``cancel()``: end it now with what it has
+    (``stopped="cancelled"``); its nodes and KV sequences are freed at once when the engine is
+    idle, else at the end of the running step. ``events``: a ``queue.SimpleQueue`` of ``Event``.
+    """
+
+    def __init__(self, engine: Engine, request_id: int, problem: str, config: SearchConfig) -> None:
+        self.id = request_id
+        self.problem = problem
+        self.config = config
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._engine = engine
+        self._done = threading.Event()
+        self._results: dict[str, SearchResult] = {}
+        self._error: BaseException | None = None
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> SearchResult:
+        return self._result("main", timeout)
+
+    def _result(self, name: str, timeout: float | None) -> SearchResult:
+        if not self._done.is_set() and not self._engine._background:
+            while not self._done.is_set():
+                self._engine.step()
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"search {self.id} is not done after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._results[name]
+
+    def cancel(self) -> None:
+        self._engine._cancel(self)
+
+    def _emit(self, event: Event) -> None:
+        self.events.put(event)
+        for fn in self._listeners:
+            fn(event)
+
+
+class _Request:
+    def __init__(self, handle: Handle, search: Search, votes: dict | None, prm_free: tuple[str, ...]) -> None:
+        self.handle = handle
+        self.search = search
+        self.votes = votes  # name -> (how, agg); None: the method's own vote as "main"
+        self.prm_free = prm_free
+        self.method: Method | None = None
+        self.cancelled = False
+        self.preemptions = 0
+
+
+class Engine:
+    """Continuous batching of searches over one policy and one PRM (see the module docstring).
+
+    policy: a ``ponder.Policy``; prm: a ``ponder.PRM`` (None: only majority searches).
+    per_request_streams: each search samples from its own random stream (default); False:
+    all share the policy's stream, the way one ``ponder.search`` batch always sampled.
+    max_live: the most searches live at once (None: as many as memory admits).
+    """
+
+    def __init__(self, policy, prm=None, *, per_request_streams: bool = True, max_live: int | None = None) -> None:
+        self.policy = policy
+        self.prm = prm
+        self.tree = SearchTree(policy, prm, per_request_streams)
+        self.max_live = max_live
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # queue, cancellations
+        self._step_lock = threading.RLock()  # one step at a time
+        self._queue: list[_Request] = []
+        self._live: list[_Request] = []  # admission order
+        self._cancels: list[_Request] = []
+        self._background = False
+        self._counters = dict(
+            steps=0, policy_calls=0, policy_rows=0, prm_calls=0, prm_rows=0,
+            preemptions=0, kv_full_caught=0, kv_full_errors=0, submitted=0, finished=0,
+        )
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(self, problem: Any, config: SearchConfig | None = None, **kw) -> Handle:
+        """Queue one search of ``problem`` (a str, or an object / mapping with ``problem``)
+        with ``config`` (validated now: ValueError). Returns its ``Handle``. Thread-safe."""
+        return self._submit(problem, config, None, (), **kw)
+
+    def _submit(self, problem, config, votes, prm_free, on_event: Callable[[Event], None] | None = None) -> Handle:
+        from .search import problem_text
+
+        config = SearchConfig() if config is None else config
+        config.validate()
+        text = problem_text(problem)
+        scored = config.method != "majority" or votes is not None
+        if scored and self.prm is None and (config.method != "majority" or len(votes or {}) > 1):
+            raise ValueError(f"method {config.method!r} needs a PRM; only 'majority' runs without one")
+        scored = scored and self.prm is not None
+        with self._lock:
+            rid = next(self._ids)
+            handle = Handle(self, rid, text, config)
+            if on_event is not None:
+                handle._listeners.append(on_event)
+            self._queue.append(_Request(handle, Search(rid, text, config, scored, rid), votes, prm_free))
+            self._counters["submitted"] += 1
+        return handle
+
+    def _cancel(self, handle: Handle) -> None:
+        with self._lock:
+            for i, r in enumerate(self._queue):
+                if r.handle is handle:
+                    del self._queue[i]
+                    queued = r
+                    break
+            else:
+                queued = None
+                for r in self._live:
+                    if r.handle is handle:
+                        r.cancelled = True
+                        self._cancels.append(r)
+        if queued is not None:
+            queued.cancelled = True
+            with self._step_lock:
+                self._finish(queued, "cancelled")
+            return
+        if self._step_lock.acquire(blocking=False):  # idle: free it now
+            try:
+                self._apply_cancels()
+            finally:
+                self._step_lock.release()
+
+    # ------------------------------------------------------------------ stepping
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._queue or self._live)
+
+    def run_until_done(self) -> None:
+        """Step until no search is live or queued."""
+        while self.has_work():
+            self.step()
+
+    def step(self) -> bool:
+        """Advance every live search by one stage (admitting queued ones that fit first);
+        returns whether work remains. A model error fails the searches of that step (their
+        handles re-raise it) and is raised here too."""
+        with self._step_lock:
+            self._apply_cancels()
+            self._admit()
+            self._apply_limits()
+            while True:
+                try:
+                    self._advance()
+                    break
+                except KVCacheFull:
+                    self._counters["kv_full_caught"] += 1
+                    if not self._preempt_latest():
+                        raise
+            self._counters["steps"] += 1
+        return self.has_work()
+
+    def _apply_cancels(self) -> None:
+        with self._lock:
+            todo, self._cancels = self._cancels, []
+        for r in todo:
+            if r in self._live:
+                self._finish(r, "cancelled")
+
+    def _admit(self) -> None:
+        new: list[_Request] = []
+        with self._lock:
+            while self._queue and (self.max_live is None or len(self._live) + len(new) < self.max_live):
+                r = self._queue[0]
+                if (self._live or new) and not self._fits(new + [r]):
+                    break
+                new.append(self._queue.pop(0))
+        if not new:
+            return
+        for r in new:
+            r.method = METHODS[r.search.config.method](self.tree, r.search)
+            r.search.generated = r.search.prm_scored = 0
+        try:
+            roots = self.tree.add_roots([r.search for r in new], [r.method.subtrees for r in new])
+        except BaseException as exc:
+            for r in new:
+                self._fail(r, exc)
+            raise
+        for r, rs in zip(new, roots):
+            r.method.start(rs)
+            self._live.append(r)
+
+    def _fits(self, candidates: list[_Request]) -> bool:
+        """Admission control: the first expansion of every candidate fits the free KV blocks of
+        the policy (and PRM) that report ``kv_free_blocks()``; models without it admit all."""
+        for model in (self.policy, self.prm):
+            free = getattr(model, "kv_free_blocks", None)
+            if model is None or not callable(free):
+                continue
+            need = sum(_first_expansion_blocks(model, r.search) for r in candidates)
+            if need > int(free()):
+                return False
+        return True
+
+    def _apply_limits(self) -> None:
+        now = time.perf_counter()
+        for r in list(self._live):
+            cfg = r.search.config
+            if cfg.max_wall_s is not None and now - r.search.t0 >= cfg.max_wall_s:
+                self._finish(r, "timeout")
+            elif cfg.max_policy_tokens is not None and r.search.generated >= cfg.max_policy_tokens:
+                self._finish(r, "budget")
+
+    def _advance(self) -> None:
+        wants, owners = [], []
+        for r in list(self._live):
+            parents, counts, look = r.method.wants()
+            if not parents:
+                self._finish(r, None)
+                continue
+            wants.append((r.search, parents, counts, look))
+            owners.append((r, int(sum(counts))))
+        if not wants:
+            return
+        tree = self.tree
+        spent = [(r.search, r.search.generated, r.search.prm_scored) for r, _ in owners]
+        batch = tree.expand(wants)
+        try:
+            tree.sample(batch)
+            tree.look_ahead(batch)
+            tree.score(batch)
+        except KVCacheFull:
+            # Nothing was recorded: undo the expansion (the models freed what they made).
+            tree.forest.prune(batch.children)
+            for x in batch.children.tolist():
+                node = tree.nodes.pop(x)
+                node.search.node_ids.remove(x)
+            self._release_children_quietly(batch.children.tolist())
+            for search, gen, scored in spent:
+                search.generated, search.prm_scored = gen, scored
+            raise
+        except BaseException as exc:
+            for r, _ in owners:
+                self._fail(r, exc)
+            raise
+        tree.record(batch)
+        self._counters["policy_calls"] += batch.policy_calls
+        self._counters["policy_rows"] += int(batch.children.size)
+        if batch.prm_rows:
+            self._counters["prm_calls"] += 1
+            self._counters["prm_rows"] += batch.prm_rows
+        start = 0
+        for r, k in owners:
+            children = batch.children[start : start + k]
+            rows = range(start, start + k)
+            start += k
+            self._events_of_step(r, children, [batch.steps[i].text for i in rows])
+            try:
+                r.method.scored(children)
+            except BaseException as exc:
+                self._fail(r, exc)
+                raise
+            if r.method.done:
+                self._finish(r, None)
+
+    def _release_children_quietly(self, ids: list[int]) -> None:
+        for model in (self.policy, self.prm):
+            if model is not None:
+                try:
+                    model.release(ids)
+                except Exception:  # noqa: BLE001 - children a failed call never created
+                    pass
+
+    def _preempt_latest(self) -> bool:
+        """Free the most recently admitted search and requeue it at the head of the queue;
+        False when only one search is live (it alone does not fit)."""
+        if len(self._live) <= 1:
+            if self._live:
+                r = self._live[0]
+                self._counters["kv_full_errors"] += 1
+                self._fail(r, KVCacheFull(f"search {r.handle.id} alone does not fit the KV cache"))
+                return True  # retry: nothing is live now
+            return False
+        r = self._live.pop()
+        self.tree.drop(r.search)
+        self._close_stream(r)
+        r.method = None
+        r.preemptions += 1
+        r.search.generated = r.search.prm_scored = 0
+        self._counters["preemptions"] += 1
+        with self._lock:
+            self._queue.insert(0, r)
+        return True
+
+    # ------------------------------------------------------------------ events and the end
+
+    def _events_of_step(self, r: _Request, children: np.ndarray, texts: list[str]) -> None:
+        h, tree = r.handle, self.tree
+        ids = children.tolist()
+        h._emit(Event("step", h.id, ids, texts, [tree.nodes[x].score for x in ids]))
+        for x in ids:
+            node = tree.nodes[x]
+            if node.finished:
+                h._emit(Event("completion", h.id, [x], [tree.solution_text(x)], answer=node.answer))
+
+    def _finish(self, r: _Request, stopped: str | None) -> None:
+        if r in self._live:
+            self._live.remove(r)
+        cfg = r.search.config
+        if r.method is None:  # never admitted
+            pool, how, agg = [], cfg.final_vote, cfg.vote_agg
+        elif stopped is None:
+            pool, how, agg = r.method.final()
+        else:
+            pool, _, _ = r.method.final() if r.method.done else (r.method.partial(), None, None)
+            how, agg = _vote_of(cfg)
+        votes = r.votes if r.votes is not None else {"main": (how, agg)}
+        try:
+            results = self.tree.results(r.search, pool, votes, r.search.problem_id, stopped, r.prm_free)
+        except BaseException as exc:
+            self._fail(r, exc)
+            raise
+        self.tree.drop(r.search)
+        self._close_stream(r)
+        r.handle._results = results
+        self._counters["finished"] += 1
+        r.handle._done.set()
+        r.handle._emit(Event("end", r.handle.id, result=next(iter(results.values()))))
+
+    def _fail(self, r: _Request, exc: BaseException) -> None:
+        if r in self._live:
+            self._live.remove(r)
+        self.tree.drop(r.search, strict=False)
+        self._close_stream(r)
+        r.handle._error = exc
+        r.handle._done.set()
+        r.handle._emit(Event("end", r.handle.id, error=exc))
+
+    def _close_stream(self, r: _Request) -> None:
+        close = getattr(self.policy, "close_streams", None)
+        if self.tree.seeded and callable(close):
+            close([r.search.stream])
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, float]:
+        """live / queued searches, preempted (searches in the queue that were preempted),
+        preemptions, kv_full_caught (handled by preemption), kv_full_errors (searches failed with
+    it: one alone did not fit), steps, policy_calls, prm_calls, mean
+        policy and PRM batch sizes (rows per call), submitted, finished, and the KV blocks in
+        use of the policy and PRM when their ``stats()`` report them."""
+        with self._lock:
+            c = dict(self._counters)
+            out: dict[str, float] = {
+                "live": len(self._live),
+                "queued": len(self._queue),
+                "preempted": sum(1 for r in self._queue if r.preemptions),
+            }
+        out.update(c)
+        out["mean_policy_batch"] = c["policy_rows"] / c["policy_calls"] if c["policy_calls"] else 0.0
+        out["mean_prm_batch"] = c["prm_rows"] / c["prm_calls"] if c["prm_calls"] else 0.0
+        for name, model in (("policy", self.policy), ("prm", self.prm)):
+            st = getattr(model, "stats", None)
+            if model is not None and callable(st):
+                s = st()
+                if "kv_blocks_in_use" in s:
+                    out[f"{name}_kv_blocks_in_use"] = s["kv_blocks_in_use"]
+        return out
+
+
+def _vote_of(cfg: SearchConfig) -> tuple[str, str]:
+    from .search.config import IMPLIED_VOTE
+
+    how = IMPLIED_VOTE.get(cfg.method) or cfg.vote or "weighted"
+    agg = cfg.agg if cfg.method == "majority" else cfg.vote_agg
+    return how, agg
+
+
+def _first_expansion_blocks(model, search: Search) -> int:
+    """KV blocks a search's first expansion may take: its prompt once (an upper bound: the
+    prompt is tokenized by the model when it can, else 4 characters a token) plus, per child,
+    the blocks of one step of ``max_step_tokens``."""
+    block = int(getattr(model, "kv_block_size", 16) or 16)
+    cfg = search.config
+    prompt = len(search.problem) // 4 + 64
+    children = cfg.n
+    step = -(-cfg.sampling.max_step_tokens // block)
+    return -(-prompt // block) * (cfg.n // cfg.beam_width if cfg.method == "dvts" else 1) + children * (step + 1)

@@ -1,0 +1,85 @@
+"""What every search method is to the engine: a state machine over the shared tree.
+
+A method object belongs to one search. The engine asks it ``wants()`` (the expansions it needs
+next: parents, children per parent, lookahead), expands and scores them together with every
+other live search's, and hands it the scored children (``scored``). It keeps or prunes nodes
+through the tree and says when it is ``done``; ``final()`` then gives the completions and the
+vote(s). ``partial()`` is what it has when it is stopped early (limits, cancel).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .tree import Search, SearchTree
+
+
+class Method:
+    """Base of the per-search state machines (see the module docstring).
+
+    subtrees: roots it needs (DVTS: N/M). After ``start(roots)``, each engine step calls
+    ``wants()`` once and, when it wanted something, ``scored(children)`` with the children in
+    the order of its wants (children of a parent consecutive).
+    """
+
+    subtrees = 1
+
+    def __init__(self, tree: SearchTree, search: Search) -> None:
+        self.tree = tree
+        self.search = search
+        self.config = search.config
+        self.done = False
+        self._ends: np.ndarray | None = None  # "to the end" phase: the path ends so far
+
+    def start(self, roots: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def wants(self) -> tuple[list[int], list[int], int]:
+        """(parents, children per parent, lookahead) of the next expansion; ([], [], 0) when
+        it wants nothing (then it is done)."""
+        if self._ends is not None:
+            open_ = self._open()
+            return [int(self._ends[i]) for i in open_], [1] * len(open_), 0
+        return self.expansion()
+
+    def expansion(self) -> tuple[list[int], list[int], int]:
+        raise NotImplementedError
+
+    def scored(self, children: np.ndarray) -> None:
+        if self._ends is not None:
+            self._ends[self._open()] = children
+            self._check_ends()
+        else:
+            self.expanded(children)
+
+    def expanded(self, children: np.ndarray) -> None:
+        raise NotImplementedError
+
+    # "Generate to EOS": every unfinished leaf takes one step per engine step (no lookahead)
+    # until it ends or has max_steps steps; then ``ended(ends)`` (input order kept).
+    def to_end(self, leaves) -> None:
+        self._ends = np.array(leaves, dtype=np.int32)
+        self._check_ends()
+
+    def _open(self) -> np.ndarray:
+        return np.flatnonzero([self.tree.open(int(x)) for x in self._ends])
+
+    def _check_ends(self) -> None:
+        if self._open().size == 0:
+            ends, self._ends = self._ends, None
+            self.ended(ends)
+
+    def ended(self, ends: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def final(self) -> tuple[list[int], str, str]:
+        """(completions, vote, agg) once done."""
+        raise NotImplementedError
+
+    def partial(self) -> list[int]:
+        """The completions it has now (stopped early): finished or not, they stand in."""
+        raise NotImplementedError
+
+    @property
+    def ends_so_far(self) -> list[int]:
+        return [] if self._ends is None else self._ends.tolist()
