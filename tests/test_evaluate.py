@@ -106,7 +106,7 @@ def test_rows_written_per_problem_method_n(tmp_path):
         assert row["level"] == gold[row["problem_id"]].level
         assert row["correct"] == (row["answer"] is not None and float(row["answer"]) == float(row["gold"]))
     assert any(r["correct"] for r in rows) and not all(r["correct"] for r in rows)
-    assert json.loads((tmp_path / "config.json").read_text())["search"]["beam_width"] == 2
+    assert json.loads((tmp_path / "run.json").read_text())["search"]["beam_width"] == 2
 
 
 def test_sampling_methods_share_samples_with_the_same_answers_as_separate_runs(tmp_path):
@@ -253,7 +253,7 @@ def test_resume_drops_duplicates_and_adds_new_n(tmp_path):
 
 def test_resume_rejects_a_different_search_config(tmp_path):
     _evaluate(tmp_path, methods=["majority"], ns=[2])
-    with pytest.raises(ValueError, match="different search config"):
+    with pytest.raises(ValueError, match="--seed differs: 0 in run.json, 7 now"):
         _evaluate(tmp_path, resume=True, methods=["majority"], ns=[2], base_config=_base(seed=7))
 
 

@@ -373,10 +373,16 @@ def test_load_problems_builtin():
     problems = load_problems("builtin:arith", limit=5)
     assert len(problems) == 5
     assert all(isinstance(p, Problem) and p.level in arith.LEVELS for p in problems)
-    assert [p.id for p in problems] == [f"arith-test-{i:04d}" for i in range(5)]
+    # the file is sorted by level: a limit takes each level's first problems in turn
+    assert [p.id for p in problems] == [f"arith-test-{i:04d}" for i in range(0, 500, 100)]
+    assert [p.level for p in problems] == list(arith.LEVELS)
     assert all(extract_answer(p.meta["solution"]) == p.answer for p in problems)
     full = load_problems("builtin:arith")
     assert len(full) == 500 and {p.level for p in full} == set(arith.LEVELS)
+    seven = load_problems("builtin:arith", limit=7)
+    assert [p.level for p in seven] == [1, 1, 2, 2, 3, 4, 5]
+    assert [p.id for p in seven] == [p.id for p in full if p.id in {q.id for q in seven}]  # file order
+    assert [p.id for p in seven[:2]] == [full[0].id, full[1].id]
     train = load_problems("builtin:arith", split="train")
     assert len(train) == arith.TRAIN_SAMPLE_SIZE
     assert not {p.problem for p in train} & {p.problem for p in full}

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 __all__ = [
+    "ID_FIELDS",
     "Problem",
     "builtin_names",
+    "detect_id_field",
     "load_problems",
     "parse_level",
     "register_builtin",
@@ -38,6 +40,9 @@ _BUILTIN_PROVIDERS = (
     "ponder.toy",
 )  # modules that register built-in tasks when imported
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+#: the fields ``load_problems`` takes a problem's id from when ``id_field`` is None (the
+#: default): the first of these that every row has (MATH-500's ``unique_id``, GSM8K-style ``id``, ...)
+ID_FIELDS = ("unique_id", "id", "problem_id", "question_id", "task_id", "uid", "idx")
 
 
 @dataclass
@@ -137,12 +142,15 @@ def _to_problems(
     problem_field: str,
     answer_field: str,
     level_field: str,
-    id_field: str,
+    id_field: str | None,
     answer_from_solution: bool,
     limit: int | None,
 ) -> list[Problem]:
     from .grading import extract_answer
 
+    if id_field is None:
+        rows = list(rows)
+        id_field = detect_id_field(rows)
     problems: list[Problem] = []
     seen: dict[str, int] = {}
     for index, row in enumerate(rows):
@@ -173,7 +181,7 @@ def _to_problems(
                     )
                 answer = extracted
             text = row[problem_field]
-            raw_id = row.get(id_field)
+            raw_id = row.get(id_field) if id_field is not None else None
             problem = Problem(
                 id=str(index) if raw_id is None else str(raw_id),
                 problem=text if isinstance(text, str) else str(text),
@@ -194,6 +202,19 @@ def _to_problems(
         seen[problem.id] = index
         problems.append(problem)
     return problems
+
+
+def detect_id_field(rows: Iterable[Any]) -> str | None:
+    """The id field of ``rows`` (mappings; ``Problem`` objects carry their own id): the first
+    name of ``ID_FIELDS`` that every mapping row has with a non-null value, else None (rows
+    are then numbered by position)."""
+    mappings = [r for r in rows if isinstance(r, Mapping)]
+    if not mappings:
+        return None
+    for name in ID_FIELDS:
+        if all(r.get(name) is not None for r in mappings):
+            return name
+    return None
 
 
 # ----------------------------------------------------------------------------- readers
@@ -300,7 +321,7 @@ def load_problems(
     problem_field: str = "problem",
     answer_field: str = "answer",
     level_field: str = "level",
-    id_field: str = "unique_id",
+    id_field: str | None = None,
     limit: int | None = None,
     answer_from_solution: bool = False,
     config: str | None = None,
@@ -316,8 +337,12 @@ def load_problems(
     Each row's ``problem_field`` is the question, ``answer_field`` the reference answer (made
     a string; with ``answer_from_solution=True`` the field is a full solution and the answer
     is its last ``\\boxed{}``, as for MATH's ``solution``), ``level_field`` the level
-    (optional; ``"Level 3"`` -> 3) and ``id_field`` the id (optional; default: the row's
-    position). Every other field goes into ``Problem.meta``. ``limit`` keeps the first rows.
+    (optional; ``"Level 3"`` -> 3) and ``id_field`` the id: None (default) takes the dataset's
+    own id field, the first of ``ID_FIELDS`` (``unique_id``, ``id``, ...) that every row has
+    (see :func:`detect_id_field`), and numbers the rows by position only when there is none; a
+    named field that a row lacks gives that row its position. Every other field goes into
+    ``Problem.meta``. ``limit`` keeps the first rows (a built-in task may choose which; see its
+    loader).
 
     Raises FileNotFoundError for a missing local path, ValueError for a row without a
     required field (naming the field, the available fields and the option to set), for

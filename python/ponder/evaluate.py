@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -40,7 +41,7 @@ TREE_METHODS = ("beam_search", "dvts")
 PRM_FREE_METHODS = (GREEDY, "majority")
 
 RESULTS_FILE = "results.jsonl"
-CONFIG_FILE = "config.json"
+MANIFEST_FILE = "run.json"
 # keys of the search config that may change between a run and its resume
 _RESUMABLE_CHANGES = ("method", "n")
 
@@ -164,23 +165,213 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
         )
 
 
-def _check_config(out_dir: Path, base_config: SearchConfig, resume: bool) -> None:
-    path = Path(out_dir) / CONFIG_FILE
-    record = _config_record(base_config)
+# ----------------------------------------------------------------------------- run manifest
+
+
+def dataset_hash(problems: Sequence[Problem]) -> str:
+    """``sha256:<hex>`` of what defines the rows of ``problems``: each one's id, question,
+    reference answer and level, in order."""
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(json.dumps([str(p.id), p.problem, p.answer, p.level], ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+_FULL_HASH_LIMIT = 256 << 20  # files up to this size are hashed whole
+_SAMPLE = 1 << 20
+
+
+def _file_digest(h, path: str, size: int) -> None:
+    with open(path, "rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            for chunk in iter(lambda: f.read(8 << 20), b""):
+                h.update(chunk)
+            return
+        # a large weight file: its first and last 8 MiB (safetensors' header names every tensor,
+        # dtype, shape and offset) and 32 evenly spaced 1 MiB samples
+        offsets = [0, size - (8 << 20)] + [i * (size - _SAMPLE) // 31 for i in range(32)]
+        for off in offsets:
+            f.seek(off)
+            h.update(f.read(8 << 20 if off in (0, size - (8 << 20)) else _SAMPLE))
+
+
+def model_revision(ref: str | os.PathLike | None) -> str | None:
+    """What identifies the weights behind a model reference (directory or hub id), or None.
+
+    A local directory: ``sha256:<hex>`` over its files (names, sizes and contents; hidden files
+    skipped; files over 256 MiB contribute their size, first and last 8 MiB and 32 evenly spaced
+    1 MiB samples). A hub id: ``commit:<sha>`` of its snapshot in the local Hugging Face cache;
+    None when it is not cached (not downloaded yet) or huggingface_hub is missing.
+    """
+    if ref is None:
+        return None
+    text = os.path.expanduser(os.fspath(ref))
+    if os.path.isdir(text):
+        h = hashlib.sha256()
+        files = []
+        for root, dirs, names in os.walk(text):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files += [os.path.join(root, n) for n in names if not n.startswith(".")]
+        for path in sorted(files, key=lambda f: os.path.relpath(f, text)):
+            size = os.path.getsize(path)
+            h.update(f"{os.path.relpath(path, text)}\0{size}\0".encode())
+            _file_digest(h, path, size)
+        return "sha256:" + h.hexdigest()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - installed with transformers
+        return None
+    try:
+        found = try_to_load_from_cache(text, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id: nothing cached under it
+        return None
+    if isinstance(found, str):
+        return "commit:" + Path(found).parent.name  # .../snapshots/<commit>/config.json
+    return None
+
+
+# Names of manifest settings in messages (the `ponder run` options that set them).
+_SETTING_NAMES = {
+    "ponder_version": "the ponder version",
+    "dataset.source": "--dataset",
+    "dataset.split": "--split",
+    "dataset.config": "--dataset-config",
+    "dataset.problem_field": "--problem-field",
+    "dataset.answer_field": "--answer-field",
+    "dataset.level_field": "--level-field",
+    "dataset.id_field": "--id-field",
+    "dataset.answer_from_solution": "--answer-from-solution",
+    "dataset.limit": "--limit",
+    "dataset.per_level": "--per-level",
+    "dataset.full": "--full",
+    "dataset.num_problems": "the number of problems",
+    "dataset.content_hash": "the dataset's content (hash of ids, questions, answers, levels)",
+    "models.dtype": "--dtype",
+    "models.policy.ref": "--policy",
+    "models.policy.revision": "--policy's weights (content hash / hub commit)",
+    "models.prm.ref": "--prm",
+    "models.prm.revision": "--prm's weights (content hash / hub commit)",
+    "models.prm.format": "--prm-format",
+    "models.prm.beta": "--prm-beta",
+    "models.prm_reference.ref": "--prm-reference",
+    "models.prm_reference.revision": "--prm-reference's weights (content hash / hub commit)",
+    "models.reference_policy.ref": "--reference-policy",
+    "models.reference_policy.revision": "--reference-policy's weights (content hash / hub commit)",
+    "search.sampling.temperature": "--temperature",
+    "search.sampling.top_p": "--top-p",
+    "search.sampling.max_step_tokens": "--max-step-tokens",
+    "search.compat_search_and_learn": "--compat-search-and-learn",
+}
+#: manifest sections recorded for the reader but not compared on resume (they do not change
+#: what a row measures: where it ran, how problems were batched)
+UNCHECKED_SECTIONS = ("execution",)
+
+
+def _flatten(record: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _merge(old: dict, new: dict) -> dict:
+    """``new`` with what only ``old`` knows kept (a value None in ``new`` is unknown)."""
+    out = dict(old)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            out[key] = _merge(old[key], value)
+        elif value is not None or key not in old:
+            out[key] = value
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    if text.startswith(("sha256:", "commit:")):
+        return text[:19]
+    return repr(value) if isinstance(value, str) else text
+
+
+def manifest_difference(old: dict, new: dict) -> str | None:
+    """The first setting both manifests know (value not None) with different values, as
+    ``"<setting>: <old> in run.json, <new> now"`` (settings named by their ``ponder run``
+    option where they have one); None when they agree. Sections in ``UNCHECKED_SECTIONS`` and
+    keys one side lacks are not compared."""
+    a, b = _flatten(old), _flatten(new)
+    for key in list(b) + [k for k in a if k not in b]:
+        if key.split(".", 1)[0] in UNCHECKED_SECTIONS or key not in a or key not in b:
+            continue
+        if a[key] is None or b[key] is None or a[key] == b[key]:
+            continue
+        name = _SETTING_NAMES.get(key)
+        if name is None:
+            leaf = key.rsplit(".", 1)[-1]
+            name = f"--{leaf.replace('_', '-')}" if key.startswith("search.") else key
+        return f"{name} differs: {_short(a[key])} in run.json, {_short(b[key])} now"
+    return None
+
+
+def run_manifest(problems: Sequence[Problem], base_config: SearchConfig, **sections: Any) -> dict:
+    """The record of what defines a run's rows, as ``run_evaluation`` writes to ``OUT/run.json``:
+    ``ponder_version``, ``dataset`` (``num_problems``, ``content_hash`` of ``problems``, plus
+    whatever ``sections["dataset"]`` adds: source, split, field names, slice), ``search`` (the
+    base ``SearchConfig`` minus method and n, which may change on resume) and any further
+    ``sections`` (``models``: each model's ``ref`` and ``revision`` (:func:`model_revision`),
+    ``dtype``; ``execution``: recorded, never compared). A value None means unknown: it is not
+    compared and an earlier known value is kept."""
+    from . import __version__
+
+    dataset = {**sections.pop("dataset", {}), "num_problems": len(problems), "content_hash": dataset_hash(problems)}
+    return json.loads(json.dumps({
+        "ponder_version": __version__,
+        "dataset": dataset,
+        **{k: v for k, v in sections.items() if k != "execution"},
+        "search": _config_record(base_config),
+        "execution": sections.get("execution", {}),
+    }))
+
+
+def check_manifest(out_dir: Path, manifest: dict, resume: bool) -> dict:
+    """Compare ``manifest`` with ``out_dir/run.json`` and write the merged record; returns it.
+
+    With ``resume`` and an existing ``run.json``, the first setting both know with different
+    values raises ValueError (one line: which setting, both values, what to do). Without
+    ``resume`` an existing ``run.json`` is replaced (``check_out_dir`` has already refused a
+    directory holding results). With ``resume``, results but no ``run.json`` (written by an older
+    ponder or by hand) raise ValueError: their rows cannot be checked.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST_FILE
+    record = manifest
     if resume and path.exists():
         try:
-            old = json.loads(path.read_text(encoding="utf-8")).get("search", {})
-        except (ValueError, AttributeError):
-            old = None
-        if isinstance(old, dict) and old != record:
-            diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); choose another --out directory") from None
+        if not isinstance(old, dict):
+            raise ValueError(f"{path} is not a run record; choose another --out directory")
+        diff = manifest_difference(old, manifest)
+        if diff is not None:
             raise ValueError(
-                f"{path}: the run being resumed used a different search config (fields {', '.join(diff)}); "
-                f"resume with the same settings or choose another --out directory"
+                f"--resume {out_dir}: its rows come from another run: {diff}; rerun with that run's "
+                f"settings or choose another --out directory"
             )
+        record = _merge(old, manifest)
+    elif resume and (out_dir / RESULTS_FILE).exists() and (out_dir / RESULTS_FILE).stat().st_size > 0:
+        raise ValueError(
+            f"--resume {out_dir}: it holds results but no {MANIFEST_FILE} (written by an older ponder or by hand), "
+            f"so its rows cannot be checked against this run's settings; choose another --out directory"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"search": record}, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+    return record
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -204,6 +395,50 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, unit="problem", disable=not enabled, file=sys.stderr)
 
 
+class _ProgressPolicy:
+    """The policy, seen by the engine, with a progress bar that advances by one when the last
+    node of a problem's tree is released (problems are told apart by their question text; a
+    repeated question counts once). Every other attribute is the policy's."""
+
+    def __init__(self, policy, bar) -> None:
+        self._policy, self._bar = policy, bar
+        self._question: dict[int, str] = {}  # node id -> question
+        self._live: dict[str, int] = {}  # question -> live nodes
+        self._done: set[str] = set()
+        self.finished = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._policy, name)
+
+    def start(self, root_ids, problems):
+        out = self._policy.start(root_ids, problems)
+        for node, question in zip(root_ids, problems):
+            self._question[int(node)] = question
+            self._live[question] = self._live.get(question, 0) + 1
+        return out
+
+    def sample_steps(self, parent_ids, child_ids, params):
+        out = self._policy.sample_steps(parent_ids, child_ids, params)
+        for parent, child in zip(parent_ids, child_ids):
+            question = self._question.get(int(parent))
+            if question is not None:
+                self._question[int(child)] = question
+                self._live[question] += 1
+        return out
+
+    def release(self, node_ids):
+        self._policy.release(node_ids)
+        for node in node_ids:
+            question = self._question.pop(int(node), None)
+            if question is None:
+                continue
+            self._live[question] -= 1
+            if self._live[question] == 0 and question not in self._done:
+                self._done.add(question)
+                self.finished += 1
+                self._bar.update(1)
+
+
 def run_evaluation(
     problems: list[Problem],
     policy,
@@ -217,6 +452,7 @@ def run_evaluation(
     batch_size: int = 16,
     progress: bool = True,
     policy_label: str = "",
+    manifest: dict | None = None,
 ) -> list[dict]:
     """Run every method at every n over ``problems``; return the rows of this evaluation.
 
@@ -235,10 +471,18 @@ def run_evaluation(
     and carry the shared search's wall time.
 
     ``resume``: read the existing results first (a truncated last line is dropped and the
-    file rewritten), skip finished (problem_id, method, n) keys; the search config must match
-    the one recorded in ``out_dir/config.json`` (method and n aside). Without ``resume`` an
-    existing non-empty results file raises FileExistsError. All configs are validated before
-    any search (ValueError). ``prm`` may be None when only greedy / majority run.
+    file rewritten), skip finished (problem_id, method, n) keys. What defines the rows is
+    recorded in ``out_dir/run.json``: ``manifest`` (see :func:`run_manifest`; None: one built
+    from ``problems`` and ``base_config`` alone) is checked against it with
+    :func:`check_manifest`, so a resume with another dataset, other problems, other models
+    (where the manifest names them), another search config (method and n aside) or another
+    ponder version raises ValueError naming the setting, before any search. Without
+    ``resume`` an existing non-empty results file raises FileExistsError. All configs are
+    validated before any search (ValueError). ``prm`` may be None when only greedy / majority run.
+
+    ``progress``: a progress bar per (method, n) on stderr, in problems; it advances as each
+    problem's search tree is released by the engine (so within a batch), the rest at the end
+    of each batch.
 
     ``policy_label`` names the policy in every row (field ``policy``, part of the row key), so
     several policies can be evaluated into one directory (e.g. a larger model's greedy
@@ -259,8 +503,11 @@ def run_evaluation(
     if len(set(ids)) != len(ids):
         raise ValueError("problem ids must be unique")
     check_out_dir(out_dir, resume)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_config(out_dir, base_config, resume)
+    if manifest is None:
+        manifest = run_manifest(problems, base_config)
+    elif manifest.get("search") != _config_record(base_config):
+        raise ValueError("manifest['search'] does not record base_config; build it with run_manifest(problems, base_config)")
+    check_manifest(out_dir, manifest, resume)
     results_path = out_dir / RESULTS_FILE
     existing = read_results(results_path) if resume else []
     done = {row_key(r): r for r in existing}
@@ -276,7 +523,8 @@ def run_evaluation(
             for start in range(0, len(pending), batch_size):
                 batch = pending[start : start + batch_size]
                 t0 = time.perf_counter()
-                by_method = _search_fitting(batch, policy, prm, config, [m for m, _ in group])
+                tracked = _ProgressPolicy(policy, bar) if progress else policy
+                by_method = _search_fitting(batch, tracked, prm, config, [m for m, _ in group])
                 share = (time.perf_counter() - t0) / len(batch)
                 rows = []
                 for m, k in group:
@@ -288,7 +536,7 @@ def run_evaluation(
                 _append(results_path, rows)
                 for row in rows:
                     done[row_key(row)] = row
-                bar.update(len(batch))
+                bar.update(max(0, len(batch) - (tracked.finished if progress else 0)))
         finally:
             bar.close()
 

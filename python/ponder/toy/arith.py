@@ -514,11 +514,32 @@ def write_eval_set(path: str | os.PathLike = EVAL_PATH) -> str:
     return path
 
 
+def _spread_over_levels(rows: list[dict], limit: int) -> list[dict]:
+    """``limit`` rows taken level by level in turn (each level's rows in file order), in file order."""
+    by_level: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_level.setdefault(int(row["level"]), []).append(i)
+    queues = [by_level[level] for level in sorted(by_level)]
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < min(limit, len(rows)):
+        for queue in queues:
+            if depth < len(queue) and len(chosen) < limit:
+                chosen.append(queue[depth])
+        depth += 1
+    return [rows[i] for i in sorted(chosen)]
+
+
 def load_arith(split: str = "test", limit: int | None = None) -> list:
     """``builtin:arith``: the evaluation set (``split="test"``, read from the shipped
     ``arith_eval.jsonl``) or the fixed training sample (``split="train"``: the first 1000
     problems of ``train_stream(TRAIN_SEED)``) as ``ponder.data.Problem`` objects with
-    ``level`` set and ``meta={"solution": <reference solution>}``. ``limit`` keeps the first."""
+    ``level`` set and ``meta={"solution": <reference solution>}``.
+
+    ``limit=K`` keeps K problems: on the test split (sorted by level) the first problems of
+    every level in turn (level 1's first, level 2's first, ..., then each level's second, ...),
+    so any K spreads over the levels, returned in file order; on the train split (levels
+    mixed) the first K."""
     from ..data import Problem
 
     if split == "test":
@@ -529,7 +550,9 @@ def load_arith(split: str = "test", limit: int | None = None) -> list:
         rows = [_row(next(stream)) for _ in range(TRAIN_SAMPLE_SIZE)]
     else:
         raise ValueError(f"builtin:arith has splits 'test' and 'train', got {split!r}")
-    if limit is not None:
+    if limit is not None and split == "test":
+        rows = _spread_over_levels(rows, limit)
+    elif limit is not None:
         rows = rows[:limit]
     return [
         Problem(
