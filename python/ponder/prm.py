@@ -52,14 +52,15 @@ How a path is turned into tokens incrementally (and checked):
   implicit-prm has no marker: its node text ends with the last step's text.
   A root's text is the rendering cut before the first step (trailing whitespace left to the
   step, because BPE tokenizers attach a space to the following word).
-* A child's new text is its text minus its parent's text (the template must be *prefix-stable*:
-  rendering k+1 steps starts with the rendering of k steps). Its tokens are encoded in the
-  context of the parent's last segment (``encode(segment + new)`` minus ``encode(segment)``).
-* Verification (``verify_tokens``: ``"first"`` child of every call (default), ``"all"``, or
-  ``"none"``): the child's tokens must equal the tokenization of its whole text. On a failure
-  (or a template that is not prefix-stable) the PRM warns once and re-encodes every path in
-  full from then on; a path whose tokens still extend its parent's forks it, others start a
-  new sequence that reuses the cached full blocks of any equal prefix. Scores stay exact.
+* A path's tokens are always the tokenization of its whole text (``encode_full``, batched over
+  the children of a call), so its scores are those of the full path whatever the tokenizer
+  merges across a step boundary (an empty or whitespace-only step, a "." followed by a blank
+  line that BPE writes as one token, a combining accent that NFC joins to the previous
+  character). Only the model's work is incremental: a child whose tokens extend its parent's
+  forks the parent's sequence and runs the new tokens; any other child (the boundary merged, or
+  the template is not *prefix-stable*: rendering k+1 steps does not start with the rendering
+  of k) starts a new sequence over the cached full blocks of its longest equal prefix (counted
+  in ``stats()["full_reencodes"]``, warned once per cause). Scores stay exact either way.
 
 Marker formats take the model's logits only at the scored positions (``logits_to_keep``),
 never a vocabulary-sized row per new token; implicit-prm needs the log-probability of every
@@ -482,17 +483,14 @@ class _Path:
     """What the PRM keeps for one node: its path and the PRM input it has been turned into.
 
     text: the rendered input up to and including the last step's marker (a root: the question
-    part); segment: the text this node added to its parent's (context for encoding the next
-    segment); tokens: token ids of ``text``; seq: its KV sequence (None for an empty root).
+    part); tokens: ``encode_full(text)``; seq: its KV sequence (None for an empty root).
     """
 
     question: str
     steps: tuple[str, ...]
     text: str
-    segment: str
     tokens: list[int]
     seq: int | None
-    segment_ids: list[int] | None = field(default=None, repr=False)
     # implicit-prm: tokens before answer_start are the question part (not scored); q is the
     # path's beta-scaled log-ratio sum, tail the log-ratio row [V] of its last position (it
     # scores a child's first token).
@@ -526,8 +524,6 @@ class HFPRM:
             :data:`ponder.kv.DEFAULT_TOKEN_BUDGET`) and its block size.
         system_prompt: the system message of qwen-prm (None: Qwen's default; "" for none) and of
             implicit-prm (None or "": none, as EurusPRM's usage; the chat template may add its own).
-        verify_tokens: ``"first"``, ``"all"`` or ``"none"``: which new paths of each call are
-            checked against a full re-tokenization of their text.
         trust_remote_code: load a checkpoint's own model class (qwen-prm only).
         reference: implicit-prm only: the reference causal LM (directory or hub id; None: the
             checkpoint's ``implicit_prm.reference``). It must share the PRM's vocabulary.
@@ -545,7 +541,6 @@ class HFPRM:
         kv_budget: int | None = None,
         block_size: int = 16,
         system_prompt: str | None = None,
-        verify_tokens: str = "first",
         trust_remote_code: bool = False,
         reference: str | os.PathLike | None = None,
         beta: float | None = None,
@@ -554,8 +549,6 @@ class HFPRM:
 
         if format not in ("auto",) + FORMATS:
             raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
-        if verify_tokens not in ("first", "all", "none"):
-            raise ValueError(f"verify_tokens must be 'first', 'all' or 'none', got {verify_tokens!r}")
         path = os.fspath(model_id_or_path)
         hub = _hub_kwargs(path, trust_remote_code)
         self.device = torch.device(device)
@@ -583,7 +576,6 @@ class HFPRM:
             self._logratio_batch_tokens = min(_PREFILL_BATCH_TOKENS, max(1, _LOGRATIO_ELEMENTS // vocab))
         elif reference is not None or beta is not None:
             raise ValueError(f"reference= and beta= apply to format 'implicit-prm' only (this PRM is {format!r})")
-        self.verify_tokens = verify_tokens
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         if self.ref_model is not None:  # both run for every token
             self.num_parameters += sum(p.numel() for p in self.ref_model.parameters())
@@ -591,7 +583,6 @@ class HFPRM:
         self._marker_id = self._fmt.marker_id()
         self._columns = None if self._fmt.columns is None else torch.tensor(self._fmt.columns, device=self.device)
         self._nodes: dict[int, _Path] = {}
-        self._full_mode = False  # set for good after a prefix-stability failure
         self._warned: set[str] = set()
         self._steps_scored = 0
         self._reencodes = 0
@@ -639,61 +630,53 @@ class HFPRM:
         full = self._fmt.render(question, list(steps))
         return full[: self._fmt.node_end(question, steps, full)]
 
-    def _fallback(self, reason: str) -> None:
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        """``encode_full`` of each text (one batched call for a fast tokenizer)."""
+        if len(texts) > 1 and getattr(self.tokenizer, "is_fast", False):
+            encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        else:
+            encoded = [_ids(self.tokenizer, t) for t in texts]
+        return [self._lead + list(ids) for ids in encoded]
+
+    def _note(self, reason: str) -> None:
+        """Warn once per cause that some paths cannot extend their parent's tokens."""
         if reason not in self._warned:
             self._warned.add(reason)
             warnings.warn(
-                f"HFPRM ({self.format}): {reason}; re-encoding every path in full from now on "
-                "(scores stay exact; the cache still reuses every unchanged prefix)",
+                f"HFPRM ({self.format}): {reason}; such paths are recomputed from their longest cached "
+                "prefix instead of extending their parent's sequence (scores stay exact)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        self._full_mode = True
 
-    def _encode_after(self, parent: _Path, new_text: str) -> list[int] | None:
-        """Tokens of ``new_text`` as they follow the parent's last segment; None when the
-        segment's own tokens are not a prefix of the joint encoding (the boundary merges)."""
-        if parent.segment_ids is None:
-            parent.segment_ids = _ids(self.tokenizer, parent.segment)
-        ids = _ids(self.tokenizer, parent.segment + new_text)
-        n = len(parent.segment_ids)
-        return ids[n:] if ids[:n] == parent.segment_ids else None
-
-    def _plan(self, parent: _Path, new_steps: Sequence[str], verify: bool) -> _Plan:
-        steps = parent.steps + tuple(new_steps)
-        text = self._node_text(parent.question, steps)
-        delta_ids = full = None
-        if not self._full_mode:
+    def _plans(self, parents: Sequence[_Path], new_steps: Sequence[Sequence[str]]) -> list[_Plan]:
+        """One plan per (parent, steps appended to its path). The tokens of a path are the
+        tokenization of its whole text, so incremental scores equal full-path scores at every
+        position; the plan forks the parent only where the parent's tokens are a prefix of them."""
+        texts = [self._node_text(p.question, p.steps + tuple(s)) for p, s in zip(parents, new_steps)]
+        plans = []
+        for parent, steps, text, tokens in zip(parents, new_steps, texts, self._encode_many(texts)):
+            n = len(parent.tokens)
+            # implicit-prm: an empty step may add no token (its path then scores as its parent's;
+            # pos < n below makes it a recompute, which handles that)
+            if self.ref_model is None and (not tokens or tokens[-1] != self._marker_id):
+                raise ValueError(
+                    f"format {self.format!r}: the marker {self._fmt.marker!r} did not end up as token "
+                    f"{self._marker_id} at the end of the step (it merged with neighbouring text?)"
+                )
+            pos = len(tokens) - 1 + self._fmt.offset
+            extends = tokens[:n] == parent.tokens
             if not text.startswith(parent.text):
-                self._fallback("the chat template is not prefix-stable (rendering k+1 steps does not extend k)")
-            else:
-                delta_ids = self._encode_after(parent, text[len(parent.text) :])
-                if delta_ids is None:
-                    self._fallback("a segment boundary is not a token boundary of this tokenizer")
-            if delta_ids is not None and verify:
-                full = self.encode_full(text)
-                if full != parent.tokens + delta_ids:
-                    self._fallback("the incremental tokenization differs from the full one")
-                    delta_ids = None
-        n = len(parent.tokens)
-        if delta_ids is not None:
-            tokens = parent.tokens + delta_ids
-            segment = text[len(parent.text) :]
-        else:
-            self._reencodes += 1
-            tokens = full if full is not None else self.encode_full(text)
-            segment = text  # unused from now on: full mode never encodes in context again
-        # implicit-prm: an empty step may add no token (its path then scores as its parent's;
-        # pos < n below makes it a recompute, which handles that)
-        if self.ref_model is None and (not tokens or tokens[-1] != self._marker_id):
-            raise ValueError(
-                f"format {self.format!r}: the marker {self._fmt.marker!r} did not end up as token "
-                f"{self._marker_id} at the end of the step (it merged with neighbouring text?)"
-            )
-        pos = len(tokens) - 1 + self._fmt.offset
-        base = parent.seq if (parent.seq is not None and pos >= n and tokens[:n] == parent.tokens) else None
-        path = _Path(parent.question, steps, text, segment, tokens, None, answer_start=parent.answer_start)
-        return _Plan(path, base, n if base is not None else 0, pos, parent)
+                self._note("the chat template is not prefix-stable (rendering k+1 steps does not extend k)")
+            elif not extends:
+                self._note("a step boundary is not a token boundary of this tokenizer (the text around it "
+                           "tokenizes differently as a whole)")
+            base = parent.seq if (parent.seq is not None and extends and pos >= n) else None
+            if base is None:
+                self._reencodes += 1
+            path = _Path(parent.question, parent.steps + tuple(steps), text, tokens, None, answer_start=parent.answer_start)
+            plans.append(_Plan(path, base, n if base is not None else 0, pos, parent))
+        return plans
 
     # ---------------------------------------------------------------- model
     @staticmethod
@@ -808,7 +791,7 @@ class HFPRM:
             if self.ref_model is not None and not tokens:
                 raise ValueError(f"format {self.format!r}: the question part of the input is empty, so no "
                                  "token can score the first step (a chat template renders at least the user turn)")
-            paths.append(_Path(q, (), text, text, tokens, None, answer_start=len(tokens)))
+            paths.append(_Path(q, (), text, tokens, None, answer_start=len(tokens)))
         first: dict[tuple[int, ...], int] = {}
         for i, p in enumerate(paths):
             if p.tokens:
@@ -860,10 +843,7 @@ class HFPRM:
             raise KeyError(f"nodes {missing[:8]} are not held by this PRM (never started/scored, or released)")
         self._check_new(child_ids)
 
-        plans = [
-            self._plan(self._nodes[p], [s], self.verify_tokens == "all" or (self.verify_tokens == "first" and i == 0))
-            for i, (p, s) in enumerate(zip(parent_ids, steps))
-        ]
+        plans = self._plans([self._nodes[p] for p in parent_ids], [[s] for s in steps])
         seqs, scores = self._realize(plans)
         for c, plan, seq in zip(child_ids, plans, seqs):
             plan.path.seq = seq
@@ -873,10 +853,7 @@ class HFPRM:
 
         ahead = [i for i in range(len(child_ids)) if lookahead is not None and len(lookahead[i]) > 0]
         if ahead:
-            temp = [
-                self._plan(plans[i].path, list(lookahead[i]), self.verify_tokens == "all" or (self.verify_tokens == "first" and k == 0))
-                for k, i in enumerate(ahead)
-            ]
+            temp = self._plans([plans[i].path for i in ahead], [list(lookahead[i]) for i in ahead])
             tseqs, tscores = self._realize(temp)
             self.kv.free(tseqs)
             for i, s in zip(ahead, tscores.tolist()):
@@ -894,10 +871,20 @@ class HFPRM:
         if seqs:
             self.kv.free(seqs)
 
+    def kv_free_blocks(self) -> int:
+        """KV blocks a new sequence may take now: free + evictable (cached, unreferenced)."""
+        st = self.kv.stats()
+        return int(st["blocks_free"]) + int(st.get("blocks_evictable", 0))
+
+    @property
+    def kv_block_size(self) -> int:
+        return int(self.kv.block_size)
+
     def stats(self) -> dict[str, int]:
         """Counters: tokens_scored (tokens run through the PRM = the KV cache's tokens_appended),
-        steps_scored (lookahead steps included), full_reencodes (paths tokenized in full after a
-        prefix-stability failure), live_nodes, num_parameters (an implicit PRM: its reference's
+        steps_scored (lookahead steps included), full_reencodes (paths that could not extend their
+        parent's sequence: a step boundary merged tokens, the template is not prefix-stable, or an
+        implicit-prm step added no token; computed from their longest cached prefix), live_nodes, num_parameters (an implicit PRM: its reference's
         too), and the cache's counters as ``kv_*``."""
         kv = self.kv.stats()
         return _model_stats(

@@ -1,0 +1,192 @@
+"""HFPRM's incremental scores equal scoring the full path, for every format and every step text.
+
+Tokenizers are built offline like Llama-3's and Qwen2's: a byte-level BPE behind their
+pre-tokenizer regex (Qwen2: NFC first), trained here on a few strings, wrapped in
+``PreTrainedTokenizerFast`` with a chat template that trims each message; models are tiny random
+Llama / Qwen2 configs saved under the test's tmp directory. Such tokenizers merge text across
+step boundaries (".\\n\\n" is one pre-token), which is what an incremental encoding gets wrong.
+
+The oracle is the whole path written out as text (``HFPRM.render``, the published usage),
+tokenized at once and run through the plain model without a cache; step k reads the score at its
+marker (implicit-prm: sigmoid of beta times the log-ratio sum up to the end of step k's text,
+the rendering of k steps cut at the end of the turn and encoded on its own).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from ponder.prm import HFPRM, MATH_SHEPHERD_TAG, QWEN_STEP_SEP
+
+# fp32 forward passes over different batch shapes: scores agree to well within this
+ATOL = 2e-5
+BETA = 0.5
+QWEN2_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+QWEN2_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<s>", "</s>", "<pad>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>",
+            "<|im_end|>", QWEN_STEP_SEP]
+CORPUS = [
+    "What is 2 + 3? Compute 4 * 6 - 5.",
+    "Add 2 and 3 to get 5.\n\nSo the answer is 5.\n\nThe answer is \\boxed{5}.",
+    "Then x = 12 - 7 = 5.\n\nCheck: 5 + 7 = 12, which is right.\n\n  Let me think again.",
+    "Café, naïve, π ≈ 3.14159; √2 ≈ 1.414, ∑ of 10 terms. 中文 数学 😀!",
+]
+QUESTIONS = ["What is 2 + 3?", "Compute 4 * 6 - 5.", "π ≈ ?"]
+FORMATS = ("math-shepherd", "rlhflow", "qwen-prm", "implicit-prm")
+KINDS = ("llama3", "qwen2")
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def make_tokenizer(kind: str) -> transformers.PreTrainedTokenizerFast:
+    """A Llama-3 (``llama3``: BOS added by encode, its regex, trimming Llama-3 chat) or Qwen2
+    (``qwen2``: NFC, its regex, trimming ChatML) style byte-level BPE with " ки" and <extra_0>."""
+    tok = Tokenizer(models.BPE())
+    if kind == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    pattern = QWEN2_PAT if kind == "qwen2" else LLAMA3_PAT
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=520, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    if kind == "llama3":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    eos = "<|eot_id|>" if kind == "llama3" else "<|im_end|>"
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos, pad_token="<pad>")
+    fast.add_tokens([MATH_SHEPHERD_TAG])
+    fast.chat_template = LLAMA3_CHAT if kind == "llama3" else QWEN2_CHAT
+    return fast
+
+
+def _config(kind: str, tok, **extra):
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=2048, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **extra)
+    return transformers.LlamaConfig(**common) if kind == "llama3" else transformers.Qwen2Config(**common)
+
+
+def save_models(root, kind: str) -> dict[str, str]:
+    """Directories of one tokenizer kind: ``causal`` (math-shepherd / rlhflow), ``token`` (a
+    2-label token classifier for qwen-prm), ``implicit`` (a causal LM naming ``reference``)."""
+    tok = make_tokenizer(kind)
+    dirs = {name: root / f"{kind}_{name}" for name in ("causal", "token", "implicit", "reference")}
+    for name, seed in (("causal", 0), ("reference", 1), ("implicit", 2)):
+        torch.manual_seed(seed)
+        cfg = _config(kind, tok)
+        if name == "implicit":
+            cfg.implicit_prm = {"reference": f"../{kind}_reference", "beta": BETA}
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():  # spread the random logits so scores are far from 0.5
+            model.lm_head.weight.mul_(8.0)
+        model.save_pretrained(dirs[name])
+    torch.manual_seed(3)
+    transformers.AutoModelForTokenClassification.from_config(_config(kind, tok, num_labels=2)).save_pretrained(dirs["token"])
+    for d in dirs.values():
+        tok.save_pretrained(d)
+    return {k: str(v) for k, v in dirs.items()}
+
+
+def _plain(path, token_head=False):
+    cls = transformers.AutoModelForTokenClassification if token_head else transformers.AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+
+
+class FullPath:
+    """The oracle: per-step scores of a whole path, from the plain model without a cache."""
+
+    def __init__(self, prm: HFPRM, dirs: dict[str, str]) -> None:
+        self.prm, self.tok, self.format = prm, prm.tokenizer, prm.format
+        self.model = _plain(dirs[_DIR[prm.format]], token_head=prm.format == "qwen-prm")
+        self.ref = _plain(dirs["reference"]) if prm.format == "implicit-prm" else None
+        self.plus, self.minus = (self.tok.convert_tokens_to_ids(t) for t in ("+", "-"))
+
+    @torch.inference_mode()
+    def __call__(self, question: str, steps: list[str]) -> list[float]:
+        enc = self.tok.encode
+        if self.format in ("math-shepherd", "qwen-prm"):  # one rendering, scored at every marker
+            ids = enc(self.prm.render(question, steps), add_special_tokens=True)
+            marker = self.tok.convert_tokens_to_ids(MATH_SHEPHERD_TAG if self.format == "math-shepherd" else QWEN_STEP_SEP)
+            pos = [i for i, t in enumerate(ids) if t == marker]
+            assert len(pos) == len(steps)
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0, pos]
+            if self.format == "math-shepherd":
+                return logits[:, [self.plus, self.minus]].softmax(-1)[:, 0].tolist()
+            return logits.softmax(-1)[:, 1].tolist()
+        out = []
+        for k in range(1, len(steps) + 1):
+            text = self.prm.render(question, steps[:k])
+            if self.format == "rlhflow":  # the turns of k steps, read at the position predicting the last "+"
+                ids = enc(text, add_special_tokens=False)
+                assert ids[-2] == self.plus
+                logits = self.model(input_ids=torch.tensor([ids])).logits[0, -3, [self.plus, self.minus]]
+                out.append(logits.softmax(-1)[0].item())
+                continue
+            probe = self.prm.render(question, ["PONDERSTEPSENTINEL"])
+            start = len(enc(probe[: probe.find("PONDERSTEPSENTINEL")].rstrip(), add_special_tokens=False))
+            x = torch.tensor([enc(text[: text.rfind(self.tok.eos_token)], add_special_tokens=False)])
+            ratio = (self.model(input_ids=x).logits[0].log_softmax(-1) - self.ref(input_ids=x).logits[0].log_softmax(-1)).double()
+            per_token = ratio[:-1].gather(-1, x[0, 1:, None]).squeeze(-1)
+            out.append(1.0 / (1.0 + math.exp(-BETA * per_token[start - 1 :].sum().item())))
+        return out
+
+
+_DIR = {"math-shepherd": "causal", "rlhflow": "causal", "qwen-prm": "token", "implicit-prm": "implicit"}
+_CACHE: dict[tuple[str, str], tuple[HFPRM, FullPath]] = {}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prm_incremental")
+    return {kind: save_models(root, kind) for kind in KINDS}
+
+
+def prm_and_oracle(model_dirs, kind: str, fmt: str) -> tuple[HFPRM, FullPath]:
+    """One PRM (default settings) and its oracle per (kind, format), shared by the examples."""
+    key = (kind, fmt)
+    if key not in _CACHE:
+        dirs = model_dirs[kind]
+        prm = HFPRM(dirs[_DIR[fmt]], format=fmt, kv_budget=16384)
+        _CACHE[key] = (prm, FullPath(prm, dirs))
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------- the seen bug
+
+
+def test_implicit_prm_step_after_an_empty_step_reads_its_left_context(model_dirs):
+    """Llama-3 style: "So 5." then an empty step adds no text, so the next step's "\\n\\n" merges
+    with the "." before it (".\\n\\n" is one token). A later child of the call must still be
+    tokenized with that context, not as if its text stood alone."""
+    prm, full = prm_and_oracle(model_dirs, "llama3", "implicit-prm")
+    q = QUESTIONS[0]
+    prm.start([0], [q])
+    try:
+        prm.score_steps([0], [1], ["Add 2 and 3 to get 5."])
+        prm.score_steps([1], [2], [""])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # lost reuse may be reported; scores must not change
+            got = prm.score_steps([0, 2], [3, 4], ["So the answer is 5.", "The answer is \\boxed{5}."])
+        want = [full(q, ["So the answer is 5."])[-1], full(q, ["Add 2 and 3 to get 5.", "", "The answer is \\boxed{5}."])[-1]]
+        assert got == pytest.approx(want, abs=ATOL)
+    finally:
+        prm.release(range(5))
