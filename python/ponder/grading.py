@@ -202,7 +202,9 @@ _UNIT_SUFFIX_RE = re.compile(
     re.DOTALL,
 )
 _TEXT_WRAP_RE = re.compile(r"\\" + _TEXT_CMDS + r"\s*\{([^{}]*)\}")
-_SPACING_RE = re.compile(r"\\(?:[,;:!> ]|quad\b|qquad\b|displaystyle\b|left\b|right\b)")
+_SPACING_RE = re.compile(r"\\(?:[,;:> ]|quad\b|qquad\b|displaystyle\b|left\b|right\b)")
+_NEG_SPACE_RE = re.compile(r"\\!")  # a negative thin space joins: ``10,\!000`` is ``10,000``
+_BRACED_COMMA_RE = re.compile(r"(?<!\\)\{\s*,\s*\}")  # ``{,}``: a comma without math spacing
 _NULL_DELIM_RE = re.compile(r"\\(?:left|right)\s*\.")
 _DEGREE_RE = re.compile(
     r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![A-Za-z])|\\degree(?![A-Za-z])|°"
@@ -212,7 +214,15 @@ _FRAC_SHORT_RE = re.compile(r"\\frac\s*(\d|\{[^{}]*\})\s*(\d|\{[^{}]*\})")
 _FRAC_TWO_DIGITS_RE = re.compile(r"\\frac(\d)(\d)")
 _SQRT_SHORT_RE = re.compile(r"\\sqrt\s*(\d)")
 _INT_RE = re.compile(r"[+-]?\d+")
-_THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+# A thousands-separated number: 1-3 digits (not starting with 0), then ","-separated groups of
+# exactly 3 digits, no space after a comma; an optional decimal part.
+_THOUSANDS_RE = re.compile(r"[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
+# A comma followed by whitespace and exactly three digits: written tight, it would read as a
+# thousands separator (``2, 100`` vs ``2,100``), so its space is kept until the whole answer is
+# known (see ``_BARE_LIST_RE``).
+_SPACED_GROUP_RE = re.compile(r",\s+(?=\d{3}(?!\d))")
+# A bare list of numbers (``2, 100``; ``-2,1``): the one form where a comma's spacing matters.
+_BARE_LIST_RE = re.compile(r"[+-]?\d+(?:\.\d+)?(?:, ?[+-]?\d+(?:\.\d+)?)+")
 _DECIMAL_RE = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+)")
 _FRAC_RE = re.compile(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}")
 _SLASH_RE = re.compile(r"([+-]?)(\d+)/(\d+)")
@@ -262,25 +272,37 @@ def normalize_answer(ans: str) -> str:
     1. strip; unwrap one enclosing ``\\boxed{}``/``\\fbox{}`` and math delimiters
        (``$..$``, ``$$..$$``, ``\\(..\\)``, ``\\[..\\]``);
     2. drop ``\\left``/``\\right`` (and their null delimiter ``.``), ``\\displaystyle`` and
-       spacing commands (``\\!``, ``\\,``, ``\\;``, ``\\:``, ``\\quad``...); ``{,}`` -> ``,``;
+       the negative thin space ``\\!`` (it joins: ``10,\\!000`` is ``10,000``); spacing
+       commands (``\\,``, ``\\;``, ``\\:``, ``\\quad``...) become spaces; ``{,}`` -> ``,``;
     3. ``\\dfrac``/``\\tfrac`` -> ``\\frac``, ``\\dbinom``/``\\tbinom`` -> ``\\binom``;
     4. drop degrees (``^\\circ``, ``^{\\circ}``, ``°``), percent signs (``\\%``, ``%``) and
        dollar signs (``\\$``, ``$``);
     5. drop a trailing unit wrapper (letters only) after a value that has a digit or a command
        (``5\\text{ cm}^2`` -> ``5``, ``\\pi\\text{ units}`` -> ``\\pi``),
        then unwrap the remaining ``\\text{..}``/``\\textbf``/``\\mbox``/``\\mathrm`` groups;
-    6. remove all whitespace (but one space between a control word and a letter: ``\\circ g``)
-       and trailing periods;
+    6. remove all whitespace and trailing periods, but keep one space that ends a control word
+       before a letter (``\\circ g``) and, for now, one space between a comma and exactly three
+       digits (``2, 100``): it is what tells a list from a thousands-separated number;
     7. drop a leading ``x=`` (one letter or command, optional subscript) when it is the only
        ``=``;
     8. brace short arguments: ``\\frac12`` -> ``\\frac{1}{2}``, ``\\sqrt2`` -> ``\\sqrt{2}``;
-    9. canonical numbers, exact: integers (``+007`` -> ``7``, ``1,000`` -> ``1000``),
-       decimals (``0.50`` -> ``0.5``, ``5.0`` -> ``5``, ``.5`` -> ``0.5``), integer fractions
-       ``a/b`` and ``\\frac{a}{b}`` reduced to ``\\frac{p}{q}`` with the sign in front, or
-       an integer. Decimals stay decimals: ``0.5`` and ``\\frac{1}{2}`` differ here;
-    10. a lone multiple-choice letter ``(C)`` -> ``C``.
+    9. commas: unless the whole answer is a bare list of numbers (``2, 100``, ``-2,1``), the
+       space kept in step 6 goes (``(2, 100)`` -> ``(2,100)``). A thousands separator is a
+       comma with no space after it between digit groups of exactly three, the first group 1-3
+       digits not starting with 0, and it counts only when the whole answer is such a number:
+       ``1,000`` and ``12,345,678.5`` are numbers, while ``2, 100`` (a list), ``1000,99``,
+       ``1,00``, ``0,111`` (no decimal comma is recognised) and ``(2,100)`` (a pair) stay as
+       they are, so they never vote with a number;
+    10. canonical numbers, exact: integers (``+007`` -> ``7``, ``1,000`` -> ``1000``),
+        decimals (``0.50`` -> ``0.5``, ``5.0`` -> ``5``, ``.5`` -> ``0.5``), integer fractions
+        ``a/b`` and ``\\frac{a}{b}`` reduced to ``\\frac{p}{q}`` with the sign in front, or
+        an integer. Decimals stay decimals: ``0.5`` and ``\\frac{1}{2}`` differ here;
+    11. a lone multiple-choice letter ``(C)`` -> ``C``.
 
-    Case is kept (``A`` and ``a`` may be different answers).
+    Case is kept (``A`` and ``a`` may be different answers). The result is empty only for a
+    blank answer: an answer made only of presentation (``$``, ``\\%``) is its own canonical
+    form (without whitespace), so it votes only with itself. Idempotent:
+    ``normalize_answer(normalize_answer(a)) == normalize_answer(a)``.
     """
     if not isinstance(ans, str):
         raise TypeError(f"answer must be a str, got {type(ans).__name__}")
@@ -294,8 +316,9 @@ def normalize_answer(ans: str) -> str:
             s = s[len(left) : len(s) - len(right)].strip()
             break
     s = _NULL_DELIM_RE.sub("", s)
+    s = _NEG_SPACE_RE.sub("", s)
     s = _SPACING_RE.sub(" ", s)
-    s = s.replace("{,}", ",")
+    s = _BRACED_COMMA_RE.sub(",", s)
     s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
     s = re.sub(r"\\[dt]binom(?![A-Za-z])", r"\\binom", s)
     s = _DEGREE_RE.sub("", s)
@@ -308,8 +331,11 @@ def normalize_answer(ans: str) -> str:
         s = unit.group("head")
     s = _TEXT_WRAP_RE.sub(lambda m: m.group(1), s)
     # Remove all whitespace, except one space that ends a control word before a letter
-    # (``f \\circ g`` must not become ``\\circg``).
+    # (``f \\circ g`` must not become ``\\circg``) and, for now, one space between a comma and
+    # three digits: ``2, 100`` is a list, ``2,100`` a number, and this is the last step that
+    # can tell them apart.
     s = re.sub(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])", "\\1\0", s)
+    s = _SPACED_GROUP_RE.sub(",\0", s)
     s = re.sub(r"\s+", "", s).replace("\0", " ")
     s = s.rstrip(".") or s
     if s.count("=") == 1:
@@ -325,10 +351,14 @@ def normalize_answer(ans: str) -> str:
         s,
     )
     s = _SQRT_SHORT_RE.sub(r"\\sqrt{\1}", s)
+    if not _BARE_LIST_RE.fullmatch(s):  # only a bare list of numbers keeps ", 100"
+        s = s.replace(", ", ",")
     s = _canonical_number(s)
     choice = _CHOICE_RE.fullmatch(s)
     if choice:
         s = choice.group(1)
+    if not s:  # all presentation (``$``, ``\\%``): the answer itself is its canonical form
+        s = re.sub(r"\s+", "", ans)
     return s
 
 
@@ -442,8 +472,10 @@ def is_equivalent(pred: str | None, gold: str, *, timeout_s: int = 5) -> bool:
     Both are bare answers (``extract_answer`` output, a dataset's answer field); numbers are
     accepted for either. In order:
 
-    1. None, non-text input, or a side that is empty or normalizes to nothing (``$``): False.
-    2. Equal ``normalize_answer`` forms: True.
+    1. None, non-text input, or a blank side: False.
+    2. Equal ``normalize_answer`` forms: True. Hence two answers that get the same voting id
+       (``answer_id(normalize_answer(.))``) are always equivalent: majority voting never
+       merges answers that this function keeps apart.
     3. If either normalized side is a word (two or more letters only, e.g. ``Monday``,
        ``even``): case-insensitive equality, never symbolic (math_verify would read ``even``
        as the product ``e*v*e*n`` and call it equal to ``neve``).
