@@ -184,6 +184,7 @@ class OpenAIPolicy:
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.token_prompts = token_prompts
+        self._ids_forced = token_prompts is True
         self.max_steps_per_rollout = int(max_steps_per_rollout)
         self.num_parameters = int(num_parameters) if num_parameters is not None else _safetensors_parameters(source)
         if client is None:
@@ -402,8 +403,8 @@ class OpenAIPolicy:
                 return data
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                if as_ids and self.token_prompts is None and 400 <= status < 500 and status != 429:
-                    self.token_prompts = False  # the server takes text prompts only
+                if as_ids and not self._ids_forced and 400 <= status < 500 and status != 429:
+                    self.token_prompts = False  # the server takes text prompts only (other threads see it too)
                     continue
                 last = f"HTTP {status}: {_one_line(exc.message)}"
                 if status != 429 and status < 500:
