@@ -100,7 +100,9 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
     temperature 0 is greedy (argmax, first index on ties); otherwise temperature scaling, then
     the top-k filter (k > 0), then the nucleus (top-p < 1) filter, then one multinomial draw per
-    row from ``generator`` (rows in order, so a seed reproduces the batch).
+    row from ``generator`` (rows in order, so a seed reproduces the batch). ``generator`` may
+    also be a list with one generator per row: each row draws from its own (rows sharing a
+    generator draw in row order), so a row's token depends only on its generator and logits.
     """
     logits = logits.float()
     if params.temperature <= 0:
@@ -119,6 +121,15 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         ordered = ordered.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, list):
+        out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+        groups: dict[int, list[int]] = {}
+        for i, g in enumerate(generator):
+            groups.setdefault(id(g), []).append(i)
+        for rows in groups.values():
+            idx = torch.tensor(rows, device=probs.device)
+            out[idx] = torch.multinomial(probs[idx], 1, generator=generator[rows[0]]).squeeze(-1)
+        return out
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -162,7 +173,8 @@ def sample_step_batch(
     truncated = [False] * B
     active = list(range(B))
     while active:
-        nxt = sample_next(logits, params, generator).tolist()
+        gen = [generator[i] for i in active] if isinstance(generator, list) else generator
+        nxt = sample_next(logits, params, gen).tolist()
         for i, t in zip(active, nxt):
             tokens[i].append(int(t))
         tails = tokenizer.batch_decode(
@@ -293,6 +305,7 @@ class HFPolicy:
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self._nodes: dict[int, _Node] = {}
         self._stream = SeededStream(self.device)
+        self._streams: dict[int, torch.Generator] = {}  # sample_steps_seeded's per-request streams
         self._tokens_generated = 0
         self._forward_passes = 0
 
@@ -365,6 +378,9 @@ class HFPolicy:
         ``params.step_delimiter`` in its decoded text (delimiter kept), at an EOS token (kept in
         ``tokens``, dropped from ``text``), or after ``max_step_tokens`` tokens (truncated).
         """
+        return self._sample_steps(parent_ids, child_ids, params, None)
+
+    def _sample_steps(self, parent_ids, child_ids, params: SamplingParams, gens: list | None) -> list[Step]:
         _check_params(params)
         parent_ids = [int(p) for p in parent_ids]
         child_ids = [int(c) for c in child_ids]
@@ -378,13 +394,58 @@ class HFPolicy:
         seqs = self._fork_rows([self._nodes[p].seq for p in parent_ids])
         try:
             first = torch.stack([self._nodes[p].logits for p in parent_ids])
-            steps = self._decode(seqs, first, params)
+            steps = self._decode(seqs, first, params, gens)
         except BaseException:
             self.kv.free(seqs)
             raise
         for c, seq, step in zip(child_ids, seqs, steps):
             self._nodes[c] = _Node(seq, step.tokens[-1], None)
         return steps
+
+    def sample_steps_seeded(
+        self, parent_ids: Sequence[int], child_ids: Sequence[int], params: SamplingParams, streams: Sequence[tuple[int, int | None]]
+    ) -> list[Step]:
+        """``sample_steps`` where row i draws from random stream ``streams[i] = (stream id, seed)``
+        (``params.seed`` is ignored): a stream is created seeded with its seed on first use and
+        runs on across calls until :meth:`close_streams`, so a request's samples do not depend on
+        the other rows of the batch. On an error (e.g. ``KVCacheFull``) the streams are rewound
+        to where they were, so a retried call draws the same tokens."""
+        if len(streams) != len(child_ids):
+            raise ValueError(f"streams has {len(streams)} entries but child_ids has {len(child_ids)}")
+        if params.temperature <= 0:
+            return self.sample_steps(parent_ids, child_ids, params)
+        gens = []
+        for sid, seed in streams:
+            g = self._streams.get(int(sid))
+            if g is None:
+                g = torch.Generator(device=self.device)
+                if seed is None:
+                    g.seed()
+                else:
+                    g.manual_seed(int(seed))
+                self._streams[int(sid)] = g
+            gens.append(g)
+        saved = {id(g): (g, g.get_state()) for g in gens}
+        try:
+            return self._sample_steps(parent_ids, child_ids, params, gens)
+        except BaseException:
+            for g, state in saved.values():
+                g.set_state(state)
+            raise
+
+    def close_streams(self, stream_ids: Sequence[int]) -> None:
+        """Forget these streams of :meth:`sample_steps_seeded` (unknown ids are ignored)."""
+        for sid in stream_ids:
+            self._streams.pop(int(sid), None)
+
+    def kv_free_blocks(self) -> int:
+        """KV blocks a new sequence may take now: free + evictable (cached, unreferenced)."""
+        st = self.kv.stats()
+        return int(st["blocks_free"]) + int(st.get("blocks_evictable", 0))
+
+    @property
+    def kv_block_size(self) -> int:
+        return int(self.kv.block_size)
 
     def rollout(self, node_ids: Sequence[int], num_steps: int, params: SamplingParams) -> list[list[Step]]:
         """Up to ``num_steps`` steps after each node on temporary forks (freed before returning),
@@ -494,7 +555,7 @@ class HFPolicy:
     def _rng(self, params: SamplingParams) -> torch.Generator | None:
         return self._stream.generator(params)
 
-    def _decode(self, seqs: list[int], logits: torch.Tensor, params: SamplingParams) -> list[Step]:
+    def _decode(self, seqs: list[int], logits: torch.Tensor, params: SamplingParams, gens: list | None = None) -> list[Step]:
         """Sample one step per row. seqs: the rows' sequences (their whole path is in the cache);
         logits: [B, V] next-token logits of each row. Every sampled token but each row's last is
         appended to its sequence; finished rows leave the batch at once."""
@@ -502,7 +563,8 @@ class HFPolicy:
         def advance(rows: list[int], _positions: list[int], last: list[int]) -> torch.Tensor:
             return self._forward([seqs[i] for i in rows], [[t] for t in last])
 
-        steps = sample_step_batch(logits, params, self._rng(params), self.tokenizer, self.eos_ids, advance)
+        rng = self._rng(params) if gens is None or params.temperature <= 0 else gens
+        steps = sample_step_batch(logits, params, rng, self.tokenizer, self.eos_ids, advance)
         self._tokens_generated += sum(len(s.tokens) for s in steps)
         return steps
 
