@@ -106,6 +106,40 @@ class PRM(Protocol):
         ...
 
 
+@runtime_checkable
+class SeededPolicy(Protocol):
+    """Optional for a policy: per-request random streams, so that ``ponder.Engine`` can batch
+    searches with different seeds in one call and a search's samples do not depend on the
+    searches it shares a batch with."""
+
+    def sample_steps_seeded(
+        self,
+        parent_ids: Sequence[int],
+        child_ids: Sequence[int],
+        params: SamplingParams,
+        streams: Sequence[tuple[int, int | None]],
+    ) -> list[Step]:
+        """``sample_steps`` where row i draws from the stream ``streams[i] = (stream id, seed)``
+        (created from its seed on first use, running on across calls; ``params.seed`` ignored).
+        A call that raises leaves every stream where it was."""
+        ...
+
+    def close_streams(self, stream_ids: Sequence[int]) -> None:
+        """These streams are not used again."""
+        ...
+
+
+@runtime_checkable
+class KVCapacity(Protocol):
+    """Optional for a policy or a PRM with a KV pool: what ``ponder.Engine`` admits by."""
+
+    kv_block_size: int
+
+    def kv_free_blocks(self) -> int:
+        """Blocks a new sequence could take now (free + evictable)."""
+        ...
+
+
 def check_score_steps_args(
     parent_ids: Sequence[int],
     child_ids: Sequence[int],
