@@ -18,12 +18,15 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
     ) from exc
 
 from ._core import ACTIVE, FINISHED, NO_ANSWER, PRUNED, Forest, KVCacheFull, build_info
+from .engine import AsyncEngine, Engine, Event, Handle
 from .protocols import PRM, Policy, SamplingParams, Step
 from .search import Budget, Completion, SearchConfig, SearchResult, search
 
 # The Hugging Face implementations import torch/transformers: load them on first use so that
 # `import ponder` stays light (the control plane needs neither).
 _LAZY = {"HFPolicy": ("policy", "HFPolicy"), "HFPRM": ("prm", "HFPRM")}
+# OpenAIPolicy imports the optional `openai` client (pip install "ponder[remote]") only when used.
+_LAZY["OpenAIPolicy"] = ("openai_policy", "OpenAIPolicy")
 
 
 def __getattr__(name: str):
@@ -42,11 +45,16 @@ def cuda_available() -> bool:
 
 __all__ = [
     "ACTIVE",
+    "AsyncEngine",
+    "Engine",
+    "Event",
+    "Handle",
     "Budget",
     "Completion",
     "FINISHED",
     "HFPRM",
     "HFPolicy",
+    "OpenAIPolicy",
     "NO_ANSWER",
     "PRM",
     "PRUNED",

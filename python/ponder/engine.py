@@ -467,3 +467,99 @@ def _first_expansion_blocks(model, search: Search) -> int:
     children = cfg.n
     step = -(-cfg.sampling.max_step_tokens // block)
     return -(-prompt // block) * (cfg.n // cfg.beam_width if cfg.method == "dvts" else 1) + children * (step + 1)
+
+
+class AsyncEngine:
+    """An ``Engine`` stepped by one background thread, for asyncio callers (a web server).
+
+        engine = ponder.AsyncEngine(policy, prm)
+        result = await engine.search("What is 2 + 3?", SearchConfig(method="dvts", n=8))
+        async for event in engine.stream(problem, config): ...   # Event, "end" last
+
+    ``search`` / ``stream`` may be called from any number of tasks (and ``submit`` from any
+    thread); a task cancelled while waiting cancels its search. ``close()`` stops the thread
+    (searches still live are cancelled). Keyword arguments go to ``Engine``.
+    """
+
+    def __init__(self, policy, prm=None, **engine_kw) -> None:
+        self.engine = Engine(policy, prm, **engine_kw)
+        self.engine._background = True
+        self._wake = threading.Event()
+        self._stop = False
+        self.errors: list[BaseException] = []  # step errors (each also failed its searches)
+        self._thread = threading.Thread(target=self._loop, name="ponder-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if self.engine.has_work():
+                try:
+                    self.engine.step()
+                except Exception as exc:  # noqa: BLE001 - delivered to the failed searches' handles
+                    self.errors.append(exc)
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def submit(self, problem, config: SearchConfig | None = None, on_event: Callable[[Event], None] | None = None) -> Handle:
+        """``Engine.submit`` (thread-safe); wakes the loop."""
+        h = self.engine._submit(problem, config, None, (), on_event)
+        self._wake.set()
+        return h
+
+    async def search(self, problem, config: SearchConfig | None = None) -> SearchResult:
+        """Submit and wait without blocking the event loop; the search's ``SearchResult``."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def on_event(ev: Event) -> None:
+            if ev.kind == "end":
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+
+        h = self.submit(problem, config, on_event)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            h.cancel()
+            raise
+        return h.result()
+
+    async def stream(self, problem, config: SearchConfig | None = None):
+        """Submit and yield the search's ``Event``s as they happen, ``"end"`` last. Leaving the
+        loop early cancels the search."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        h = self.submit(problem, config, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        try:
+            while True:
+                ev = await q.get()
+                yield ev
+                if ev.kind == "end":
+                    return
+        finally:
+            if not h.done():
+                h.cancel()
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    def close(self) -> None:
+        """Stop the loop thread after its current step; live and queued searches are cancelled."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join()
+        with self.engine._lock:
+            pending = list(self.engine._queue) + list(self.engine._live)
+        for r in pending:
+            r.handle.cancel()
+        self.engine._apply_cancels()
+
+    async def __aenter__(self) -> AsyncEngine:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
