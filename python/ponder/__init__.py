@@ -27,8 +27,6 @@ from .search import Budget, Completion, SearchConfig, SearchResult, search
 _LAZY = {"HFPolicy": ("policy", "HFPolicy"), "HFPRM": ("prm", "HFPRM")}
 # OpenAIPolicy imports the optional `openai` client (pip install "ponder[remote]") only when used.
 _LAZY["OpenAIPolicy"] = ("openai_policy", "OpenAIPolicy")
-# OpenAIPolicy imports the optional `openai` client (pip install "ponder[remote]") only when used.
-_LAZY["OpenAIPolicy"] = ("openai_policy", "OpenAIPolicy")
 
 
 def __getattr__(name: str):
@@ -56,7 +54,6 @@ __all__ = [
     "FINISHED",
     "HFPRM",
     "HFPolicy",
-    "OpenAIPolicy",
     "OpenAIPolicy",
     "NO_ANSWER",
     "PRM",
