@@ -61,6 +61,19 @@ def _hub_kwargs(model_id_or_path: str | os.PathLike, trust_remote_code: bool) ->
     return {"local_files_only": local or _offline(), "trust_remote_code": trust_remote_code}
 
 
+def default_device() -> torch.device:
+    """``cuda`` when torch sees a CUDA GPU, else ``cpu`` (the default ``device`` of HFPolicy / HFPRM)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_model_ref(model_id_or_path: str | os.PathLike) -> str:
+    """A model reference as ``from_pretrained`` takes it: ``builtin:<name>`` (``policy-small``,
+    ``policy-large``, ``prm``) becomes the shipped directory; others are returned unchanged."""
+    from .toy.models import resolve_model
+
+    return resolve_model(model_id_or_path)
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     """``None`` -> float32 on CPU (fast and exact there), bfloat16 on accelerators; strings such as
     ``"bfloat16"`` name a torch dtype."""
@@ -249,10 +262,10 @@ class HFPolicy:
     """A Hugging Face causal LM implementing :class:`ponder.protocols.Policy`.
 
     Args:
-        model_id_or_path: a local directory or a hub id (with ``HF_HUB_OFFLINE=1`` only the local
-            cache is read).
-        device, dtype: where and in what precision the model runs (``dtype=None``: float32 on
-            CPU, bfloat16 elsewhere).
+        model_id_or_path: a local directory, a hub id (with ``HF_HUB_OFFLINE=1`` only the local
+            cache is read) or ``builtin:<name>`` (the shipped models: ``builtin:policy-small``, ...).
+        device, dtype: where and in what precision the model runs (``device=None``: cuda when
+            torch sees a GPU, else cpu; ``dtype=None``: float32 on CPU, bfloat16 elsewhere).
         kv_budget: KV pool size in tokens (default: :data:`ponder.kv.DEFAULT_TOKEN_BUDGET`, see
             :meth:`PagedKVCache.for_model`); it must hold every live path's unshared blocks.
         block_size: tokens per KV block (small blocks waste less on the private tail of each branch).
@@ -277,7 +290,7 @@ class HFPolicy:
         self,
         model_id_or_path: str | os.PathLike,
         *,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         kv_budget: int | None = None,
         block_size: int = 16,
@@ -288,7 +301,8 @@ class HFPolicy:
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.device = torch.device(device)
+        model_id_or_path = resolve_model_ref(model_id_or_path)
+        self.device = default_device() if device is None else torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = load_tokenizer(model_id_or_path, trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(

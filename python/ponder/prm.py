@@ -82,7 +82,16 @@ from typing import Any
 import torch
 
 from .kv import ATTN_IMPLEMENTATION, PagedKVCache, use_paged_attention
-from .policy import _PREFILL_BATCH_TOKENS, _check_new_ids, _hub_kwargs, _model_stats, load_tokenizer, resolve_dtype
+from .policy import (
+    _PREFILL_BATCH_TOKENS,
+    _check_new_ids,
+    _hub_kwargs,
+    _model_stats,
+    default_device,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_ref,
+)
 from .protocols import check_score_steps_args
 
 __all__ = [
@@ -515,11 +524,13 @@ class HFPRM:
     """A Hugging Face PRM implementing :class:`ponder.protocols.PRM`, scoring incrementally.
 
     Args:
-        model_id_or_path: local directory or hub id (``HF_HUB_OFFLINE=1``: local cache only).
+        model_id_or_path: local directory, hub id (``HF_HUB_OFFLINE=1``: local cache only) or
+            ``builtin:prm`` (the shipped PRM).
         format: ``"auto"`` (see :func:`detect_format`), ``"math-shepherd"``, ``"rlhflow"``,
             ``"qwen-prm"`` or ``"implicit-prm"`` (see the module docstring for what each one
             writes and reads).
-        device, dtype: as :class:`ponder.policy.HFPolicy` (dtype None: float32 on CPU, bf16 else).
+        device, dtype: as :class:`ponder.policy.HFPolicy` (device None: cuda when torch sees a
+            GPU, else cpu; dtype None: float32 on CPU, bf16 else).
         kv_budget, block_size: the PRM's own KV pool (tokens; default
             :data:`ponder.kv.DEFAULT_TOKEN_BUDGET`) and its block size.
         system_prompt: the system message of qwen-prm (None: Qwen's default; "" for none) and of
@@ -536,7 +547,7 @@ class HFPRM:
         model_id_or_path: str | os.PathLike,
         *,
         format: str = "auto",
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         kv_budget: int | None = None,
         block_size: int = 16,
@@ -549,9 +560,9 @@ class HFPRM:
 
         if format not in ("auto",) + FORMATS:
             raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
-        path = os.fspath(model_id_or_path)
+        path = resolve_model_ref(model_id_or_path)
         hub = _hub_kwargs(path, trust_remote_code)
-        self.device = torch.device(device)
+        self.device = default_device() if device is None else torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = load_tokenizer(path, trust_remote_code)
         config = AutoConfig.from_pretrained(path, **hub)
@@ -597,7 +608,7 @@ class HFPRM:
                 "format 'implicit-prm' needs its reference model: pass reference= (the model the PRM "
                 "was trained against, e.g. Qwen/Qwen2.5-Math-7B-Instruct for PRIME-RL/EurusPRM-Stage2)"
             )
-        ref = os.fspath(ref)
+        ref = resolve_model_ref(ref)
         if reference is None and not os.path.isabs(ref) and os.path.isdir(path):
             # the checkpoint names its reference relative to its own directory
             ref = os.path.normpath(os.path.join(path, ref))
