@@ -345,12 +345,14 @@ class Engine:
                 self._finish(r, None)
 
     def _release_children_quietly(self, ids: list[int]) -> None:
-        for model in (self.policy, self.prm):
-            if model is not None:
-                try:
-                    model.release(ids)
-                except Exception:  # noqa: BLE001 - children a failed call never created
-                    pass
+        """After ``KVCacheFull`` in a step: the policy may hold children of the sampling calls
+        that succeeded before it (one call per sampling setting); the PRM holds none (its one
+        call is the one that failed, or never ran)."""
+        for x in ids:
+            try:
+                self.policy.release([x])
+            except Exception:  # noqa: BLE001 - children a failed call never created
+                pass
 
     def _preempt_latest(self) -> bool:
         """Free the most recently admitted search and requeue it at the head of the queue;

@@ -1,0 +1,293 @@
+"""ponder.Engine: searches with their own methods and configs sharing one running batch.
+
+Scripted models from test_search (steps and scores are deterministic functions of the path's
+content, the sibling index and the seed), plus ``SeededScriptedPolicy`` (per-request streams:
+each row uses its own search's seed) and ``PooledPolicy`` (a fake KV pool of one block per
+live node that raises ``KVCacheFull`` like a paged cache: nothing changed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ponder import Engine, KVCacheFull, SamplingParams, search
+from ponder.reference import search as oracle
+from test_search import LIMIT, PROBLEMS, ScriptedPolicy, ScriptedPRM, _assert_matches_oracle, _config
+
+
+class SeededScriptedPolicy(ScriptedPolicy):
+    """ScriptedPolicy with ``sample_steps_seeded``: row i samples with seed ``streams[i][1]``
+    (a sibling's index counts among the rows of its own stream)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seeded_calls = 0
+
+    def sample_steps_seeded(self, parent_ids, child_ids, params, streams):
+        self.seeded_calls += 1
+        out = [None] * len(child_ids)
+        by_stream: dict = {}
+        for i, (sid, seed) in enumerate(streams):
+            by_stream.setdefault((sid, seed), []).append(i)
+        for (_sid, seed), rows in by_stream.items():
+            got = self.sample_steps([parent_ids[i] for i in rows], [child_ids[i] for i in rows],
+                                    dataclasses.replace(params, seed=seed))
+            for i, s in zip(rows, got):
+                out[i] = s
+        return out
+
+    def close_streams(self, ids):
+        pass
+
+
+class PooledPolicy(SeededScriptedPolicy):
+    """A fake paged pool without sharing: a live (unreleased) node holds one block per step of
+    its path (a root one), so a search needs more blocks as it goes deeper; ``capacity``
+    blocks in all."""
+
+    kv_block_size = 1000
+
+    def __init__(self, capacity: int, **kw):
+        super().__init__(**kw)
+        self.capacity = capacity
+        self.live: dict[int, int] = {}  # node -> blocks
+        self.full_errors = 0
+
+    def kv_free_blocks(self):
+        return self.capacity - sum(self.live.values())
+
+    def _take(self, costs: dict[int, int]):
+        if sum(costs.values()) > self.kv_free_blocks():
+            self.full_errors += 1
+            raise KVCacheFull(f"{sum(costs.values())} blocks wanted, {self.kv_free_blocks()} free")
+        self.live.update(costs)
+
+    def start(self, root_ids, problems):
+        self._take({int(r): 1 for r in root_ids})
+        return super().start(root_ids, problems)
+
+    def sample_steps_seeded(self, parent_ids, child_ids, params, streams):
+        # all or nothing, as HFPolicy: the whole call's blocks are taken before any row runs
+        self._take({int(c): self.live[int(p)] + 1 for p, c in zip(parent_ids, child_ids)})
+        self._inside = True
+        try:
+            return super().sample_steps_seeded(parent_ids, child_ids, params, streams)
+        finally:
+            self._inside = False
+
+    def sample_steps(self, parent_ids, child_ids, params):
+        if not getattr(self, "_inside", False):
+            self._take({int(c): self.live[int(p)] + 1 for p, c in zip(parent_ids, child_ids)})
+        return super().sample_steps(parent_ids, child_ids, params)
+
+    def release(self, node_ids):
+        super().release(node_ids)
+        for x in node_ids:
+            self.live.pop(int(x), None)
+
+
+def signature(r):
+    """Everything of a result but node ids, the tree's ids and the wall time."""
+    b = r.budget
+    return (
+        r.problem, r.answer, r.stopped,
+        [(c.text, tuple(c.steps), tuple(c.step_scores), repr(c.score), c.answer, c.finished, c.truncated)
+         for c in r.completions],
+        (b.policy_tokens_generated, b.policy_tokens_prefilled, b.prm_tokens_scored),
+    )
+
+
+MIX = [
+    ("alpha", _config(method="beam_search", n=4, beam_width=2, seed=1, agg="min")),
+    ("beta", _config(method="dvts", n=6, beam_width=3, seed=2, lookahead=1)),
+    ("gamma", _config(method="majority", n=5, seed=3)),
+    ("alpha", _config(method="best_of_n", n=3, seed=4, agg="prod")),
+    ("beta", _config(method="weighted_best_of_n", n=4, seed=5, agg="mean")),
+    ("gamma", _config(method="beam_search", n=8, beam_width=4, seed=6, num_iterations=3, lookahead=1)),
+    ("delta", _config(method="dvts", n=4, beam_width=2, seed=7, agg="last", num_iterations=7)),
+]
+
+
+def alone(problem, cfg):
+    return search([problem], ScriptedPolicy(), ScriptedPRM(), cfg)[0]
+
+
+def test_every_method_in_one_mixed_batch_matches_the_oracle_and_its_lone_run():
+    policy, prm = SeededScriptedPolicy(), ScriptedPRM()
+    engine = Engine(policy, prm)
+    handles = [engine.submit(p, c) for p, c in MIX]
+    steps = 0
+    while engine.step():
+        steps += 1
+    assert all(h.done() for h in handles)
+    # one policy call and at most one PRM call per step, shared by every live search
+    assert policy.seeded_calls == engine.stats()["policy_calls"] <= steps + 1
+    assert len(prm.calls) <= steps + 1
+    assert engine.stats()["mean_policy_batch"] > 10  # rows of several searches per call
+    for h, (p, cfg) in zip(handles, MIX):
+        got = h.result()
+        assert got.stopped is None
+        assert signature(got) == signature(alone(p, cfg))
+        if cfg.method in ("beam_search", "dvts"):
+            fn = oracle.beam_search if cfg.method == "beam_search" else oracle.dvts
+            _assert_matches_oracle([got], fn([p], ScriptedPolicy(), ScriptedPRM(), cfg), cfg.agg)
+    # everything released: models, forest, tree
+    assert policy.released == set(policy.paths)
+    assert engine.tree.forest.stats()["live_nodes"] == 0 and not engine.tree.nodes
+
+
+def test_a_search_alone_and_in_a_busy_mix_is_the_same():
+    target = ("beta", _config(method="beam_search", n=6, beam_width=3, seed=11, lookahead=1))
+    lone = Engine(SeededScriptedPolicy(), ScriptedPRM())
+    want = signature(lone.submit(*target).result())
+    busy = Engine(SeededScriptedPolicy(), ScriptedPRM())
+    others = [busy.submit(p, dataclasses.replace(c, seed=11)) for p, c in MIX[:3]]  # same seed, other work
+    busy.step()
+    h = busy.submit(*target)  # joins mid-flight
+    more = [busy.submit(p, c) for p, c in MIX[3:]]
+    busy.run_until_done()
+    assert signature(h.result()) == want
+    assert all(x.done() for x in others + more)
+
+
+def test_events_stream_a_search():
+    engine = Engine(SeededScriptedPolicy(), ScriptedPRM())
+    seen = []
+    h = engine._submit("alpha", _config(method="dvts", n=4, beam_width=2, seed=3), None, (), seen.append)
+    engine.run_until_done()
+    kinds = [e.kind for e in seen]
+    assert kinds[-1] == "end" and kinds.count("end") == 1 and "step" in kinds and "completion" in kinds
+    assert seen[-1].result is h.result()
+    finished = {c.node_id for c in h.result().completions if c.finished}
+    assert finished <= {e.node_ids[0] for e in seen if e.kind == "completion"}
+    for e in seen:
+        if e.kind == "step":
+            assert len(e.node_ids) == len(e.texts) == len(e.scores) and all(0 < s < 1 for s in e.scores)
+    queued = []
+    while not h.events.empty():
+        queued.append(h.events.get())
+    assert [e.kind for e in queued] == kinds
+
+
+def test_limits_stop_a_search_with_what_it_has():
+    cfg = _config(method="best_of_n", n=8, seed=2, max_steps=8)
+    full = alone("alpha", cfg)
+    engine = Engine(SeededScriptedPolicy(), ScriptedPRM())
+    budget = engine.submit("alpha", dataclasses.replace(cfg, max_policy_tokens=30))
+    timeout = engine.submit("beta", dataclasses.replace(cfg, max_wall_s=1e-9))
+    engine.run_until_done()
+    r = budget.result()
+    assert r.stopped == "budget" and len(r.completions) == 8
+    assert 30 <= r.budget.policy_tokens_generated < full.budget.policy_tokens_generated
+    t = timeout.result()
+    assert t.stopped == "timeout" and t.budget.policy_tokens_generated == 0
+    assert engine.tree.forest.stats()["live_nodes"] == 0
+
+
+def test_cancel_frees_at_once_and_ends_with_cancelled():
+    policy = PooledPolicy(capacity=10_000)
+    engine = Engine(policy, ScriptedPRM())
+    a = engine.submit("alpha", _config(method="beam_search", n=4, beam_width=2, seed=1))
+    b = engine.submit("beta", _config(method="dvts", n=4, beam_width=2, seed=1))
+    engine.step()
+    engine.step()
+    before = len(policy.live)
+    a.cancel()
+    assert a.done() and a.result().stopped == "cancelled" and len(a.result().completions) == 4
+    assert len(policy.live) < before and not any(engine.tree.nodes[x].search.problem_id == a.id for x in engine.tree.nodes)
+    q = engine.submit("gamma", _config(method="majority", n=2))
+    q.cancel()  # still queued
+    assert q.result().stopped == "cancelled" and q.result().completions == []
+    engine.run_until_done()
+    assert b.result().stopped is None and not policy.live
+
+
+def test_a_request_that_cannot_fit_waits_and_preemption_keeps_results():
+    cfgs = [("alpha", _config(method="beam_search", n=8, beam_width=2, seed=s)) for s in range(4)]
+    want = [signature(alone(p, c)) for p, c in cfgs]
+    policy = PooledPolicy(capacity=60)  # one search at a time fits, two do not for long
+    engine = Engine(policy, ScriptedPRM())
+    handles = [engine.submit(p, c) for p, c in cfgs]
+    engine.step()
+    assert engine.stats()["queued"] >= 1  # admission control held some back
+    engine.run_until_done()
+    st = engine.stats()
+    assert [signature(h.result()) for h in handles] == want
+    assert st["kv_full_errors"] == 0 and st["finished"] == 4
+    assert st["preemptions"] >= 1 and st["kv_full_caught"] == policy.full_errors >= 1
+    assert not policy.live
+
+
+METHOD_CFGS = [
+    _config(method="beam_search", n=4, beam_width=2),
+    _config(method="dvts", n=4, beam_width=2, lookahead=1),
+    _config(method="majority", n=3),
+    _config(method="best_of_n", n=4),
+    _config(method="weighted_best_of_n", n=2),
+]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("submit"), st.integers(0, len(METHOD_CFGS) - 1), st.integers(0, 3), st.integers(0, 9)),
+            st.tuples(st.just("step"), st.integers(1, 3)),
+            st.tuples(st.just("cancel"), st.integers(0, 20)),
+        ),
+        max_size=25,
+    ),
+    capacity=st.integers(45, 120),
+)
+def test_random_submit_cancel_preempt_leaks_nothing(ops, capacity):
+    policy, prm = PooledPolicy(capacity=capacity), ScriptedPRM()
+    engine = Engine(policy, prm)
+    handles, cancelled = [], set()
+    for op in ops:
+        if op[0] == "submit":
+            cfg = dataclasses.replace(METHOD_CFGS[op[1]], seed=op[3])
+            handles.append((engine.submit(PROBLEMS[op[2] % 3], cfg), PROBLEMS[op[2] % 3], cfg))
+        elif op[0] == "step":
+            for _ in range(op[1]):
+                engine.step()
+        elif handles:
+            h = handles[op[1] % len(handles)][0]
+            if not h.done():
+                cancelled.add(h.id)
+            h.cancel()
+    engine.run_until_done()
+    for h, p, cfg in handles:
+        r = h.result()
+        if h.id in cancelled:
+            assert r.stopped == "cancelled"
+        else:  # preemption never changes a result
+            assert signature(r) == signature(alone(p, cfg))
+    assert not policy.live and policy.full_errors == engine.stats()["kv_full_caught"]
+    assert engine.stats()["kv_full_errors"] == 0
+    assert engine.tree.forest.stats()["live_nodes"] == 0 and not engine.tree.nodes
+    assert prm.released == set(prm.paths)
+    assert engine.stats()["live"] == engine.stats()["queued"] == 0
+
+
+def test_stats_and_validation():
+    engine = Engine(SeededScriptedPolicy(), None)
+    with pytest.raises(ValueError, match="needs a PRM"):
+        engine.submit("alpha", _config(method="dvts"))
+    with pytest.raises(ValueError, match="max_policy_tokens"):
+        engine.submit("alpha", _config(method="majority", max_policy_tokens=0))
+    h = engine.submit("alpha", _config(method="majority", n=4, sampling=SamplingParams(max_step_tokens=LIMIT)))
+    st = engine.stats()
+    assert (st["queued"], st["live"]) == (1, 0)
+    engine.step()
+    assert engine.stats()["live"] == 1 and engine.stats()["mean_policy_batch"] == 4
+    r = h.result()  # steps the engine itself
+    assert r.stopped is None and all(math.isnan(c.score) for c in r.completions)
+    assert Counter(c.finished for c in r.completions)[True] >= 1
+    assert np.all(r.tree["problem"] == h.id)
