@@ -860,3 +860,115 @@ def test_wrapper_argument_errors():
                     torch.zeros(1, dtype=torch.int64), out_k=torch.zeros((1, 1, 1, 1)))
     with pytest.raises(ValueError, match="k_cache must be a torch.Tensor"):
         K.write_kv([1], None, None, None, None)
+
+
+# ============================================================================ callers: ponder.kv
+
+
+def _spy(monkeypatch, name, calls, run=True):
+    """Replace ponder.kernels.<name> by a recorder (and, if run, the real kernel)."""
+    real = getattr(K, name)
+
+    def spy(*args, **kwargs):
+        calls.append((name, args, kwargs))
+        if run:
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(K, name, spy)
+
+
+def _forked_cache(device):
+    """A 1-layer cache with one 6-token sequence (blocks of 4) forked twice: the next append of
+    each fork copies the shared partial block (copy-on-write)."""
+    from ponder.kv import KVSpec, PagedKVCache
+
+    cache = PagedKVCache(KVSpec(num_layers=2, num_kv_heads=2, head_dim=8), num_blocks=8, block_size=4, device=device)
+    seq, _ = cache.new_sequence([1, 2, 3, 4, 5, 6])
+    return cache, seq
+
+
+def test_copy_on_write_indices_follow_the_pools_device(monkeypatch):
+    """Issue 20: CoW src/dst were built on the CPU whatever the pools' device. Pools on the 'meta'
+    device stand in for CUDA here: any CPU index tensor handed to a kernel wrapper is the bug."""
+    calls = []
+    for name in ("copy_blocks", "write_kv", "gather_kv", "paged_decode_attention"):
+        _spy(monkeypatch, name, calls, run=False)
+    cache, seq = _forked_cache("meta")
+    cache.prepare([seq], [[1, 2, 3, 4, 5, 6]])
+    forks = [int(s) for s in cache.fork(seq, 2)]
+    batch = cache.prepare(forks, [[7], [8]])
+    copies = [c for c in calls if c[0] == "copy_blocks"]
+    assert len(copies) == 1, calls
+    k_pools, v_pools, src, dst = copies[0][1]
+    assert {p.device.type for p in (*k_pools, *v_pools)} == {"meta"}
+    assert src.device.type == dst.device.type == "meta"
+    assert len(src) == len(dst) >= 1
+    for t in (batch.slot_mapping, batch.block_tables, batch.kv_lens, batch.input_ids):
+        assert t.device.type == "meta"
+
+
+def test_copy_on_write_runs_on_cpu_pools_and_companions():
+    """The same path with real CPU pools: the forks' partial block is copied in every pool."""
+    cache, seq = _forked_cache("cpu")
+    from ponder.kv import KVSpec
+
+    twin = cache.__class__(KVSpec(2, 2, 8), num_blocks=8, block_size=4, manager=cache.manager)
+    cache._companions.append(twin)  # what companion(model) does, without a model
+    twin._primary = cache
+    cache.prepare([seq], [[1, 2, 3, 4, 5, 6]])
+    for pools in (cache, twin):
+        for layer in pools.k:
+            layer[1].fill_(3.0)  # the sequence's partial second block
+    forks = [int(s) for s in cache.fork(seq, 2)]
+    cache.prepare(forks, [[7], [8]])
+    tables, _ = cache.manager.block_table(np.asarray(forks))
+    copied = {int(r[1]) for r in tables} - {1}
+    assert copied, tables
+    for pools in (cache, twin):
+        for layer in pools.k:
+            for b in copied:
+                assert (layer[b] == 3.0).all()
+
+
+def test_forward_pass_checks_indices_once_per_batch(monkeypatch):
+    """prepare() checks the batch's indices on the host; update() and paged attention then run
+    every layer's kernel without check_indices (no host copy + sync per layer on CUDA), with
+    index tensors on the pools' device."""
+    from ponder.kv import paged_attention
+
+    calls = []
+    for name in ("write_kv", "gather_kv", "paged_decode_attention"):
+        _spy(monkeypatch, name, calls)
+    cache, seq = _forked_cache("cpu")
+    gen = torch.Generator().manual_seed(0)
+    for tokens, decode in (([1, 2, 3, 4, 5, 6], False), ([7], True)):
+        batch = cache.prepare([seq], [tokens])
+        assert batch.indices_checked and batch.decode == decode
+        T = len(tokens)
+        for layer in range(2):
+            k = torch.randn((1, 2, T, 8), generator=gen)
+            cache.update(k, k.clone(), layer, kwargs={"ponder_batch": batch})
+            module = type("Attn", (), {"layer_idx": layer})()
+            out, _ = paged_attention(module, torch.randn((1, 4, T, 8), generator=gen), k, k, None, ponder_batch=batch)
+            assert out.shape == (1, T, 4, 8) and torch.isfinite(out).all()
+    names = [c[0] for c in calls]
+    assert names.count("write_kv") == 4 and names.count("gather_kv") == 2 and names.count("paged_decode_attention") == 2
+    for _, args, kwargs in calls:
+        assert kwargs.get("check_indices") is False
+        assert all(a.device == cache.device for a in args if isinstance(a, torch.Tensor))
+
+
+def test_check_batch_indices():
+    """The host-side batch check applies the kernels' index rules."""
+    K.check_batch_indices(4, 2, slot_mapping=np.array([0, 7, -1, -1]))
+    K.check_batch_indices(4, 2, block_tables=np.array([[3, -1], [0, 1]]), lengths=np.array([2, 4]))
+    with pytest.raises(ValueError, match=r"slot_mapping\[1\] = 8 is out of range"):
+        K.check_batch_indices(4, 2, slot_mapping=np.array([0, 8]))
+    with pytest.raises(ValueError, match="slot 3 is given twice"):
+        K.check_batch_indices(4, 2, slot_mapping=np.array([3, -1, 3]))
+    with pytest.raises(ValueError, match=r"block_tables\[0, 1\] = -1 is out of range"):
+        K.check_batch_indices(4, 2, block_tables=np.array([[3, -1]]), lengths=np.array([3]))
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 5 is outside \[0, 4\]"):
+        K.check_batch_indices(4, 2, block_tables=np.array([[3, 1]]), lengths=np.array([5]))
+    with pytest.raises(ValueError, match="both block_tables and lengths"):
+        K.check_batch_indices(4, 2, block_tables=np.array([[3, 1]]))

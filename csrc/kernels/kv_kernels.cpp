@@ -1,4 +1,4 @@
-// CPU half of kv_kernels.h: checks, fp16/bf16 conversions and the OpenMP kernels.
+// CPU half of kv_kernels.h: checks and the OpenMP kernels.
 #include "kernels/kv_kernels.h"
 
 #include <algorithm>
@@ -14,134 +14,13 @@
 
 namespace ponder::kernels {
 
-// ============================================================================ TensorView
-const char* scalar_type_name(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float32: return "float32";
-    case ScalarType::Float16: return "float16";
-    case ScalarType::BFloat16: return "bfloat16";
-    case ScalarType::Int32: return "int32";
-    case ScalarType::Int64: return "int64";
-  }
-  return "unknown";
-}
-
-size_t element_size(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float32: return 4;
-    case ScalarType::Float16: return 2;
-    case ScalarType::BFloat16: return 2;
-    case ScalarType::Int32: return 4;
-    case ScalarType::Int64: return 8;
-  }
-  return 0;
-}
-
-int64_t TensorView::numel() const {
-  int64_t n = 1;
-  for (int i = 0; i < ndim; ++i) n *= shape[i];
-  return n;
-}
-
-bool TensorView::is_contiguous() const {
-  int64_t expected = 1;
-  for (int i = ndim - 1; i >= 0; --i) {
-    if (shape[i] == 0) return true;  // empty: nothing to lay out
-    if (shape[i] != 1 && strides[i] != expected) return false;
-    expected *= shape[i];
-  }
-  return true;
-}
-
-TensorView TensorView::contiguous(void* data, ScalarType dtype, std::initializer_list<int64_t> shape,
-                                  DeviceType device, int device_id) {
-  TensorView v;
-  v.data = data;
-  v.dtype = dtype;
-  v.ndim = static_cast<int>(shape.size());
-  if (v.ndim > kMaxDims) throw std::invalid_argument("TensorView: at most 4 dimensions");
-  int i = 0;
-  for (int64_t s : shape) v.shape[i++] = s;
-  int64_t stride = 1;
-  for (int d = v.ndim - 1; d >= 0; --d) {
-    v.strides[d] = stride;
-    stride *= v.shape[d];
-  }
-  v.device = device;
-  v.device_id = device_id;
-  return v;
-}
-
-// ============================================================================ conversions
+// Conversions (common/half.h) under the short names the kernels use.
 namespace {
-
-inline uint32_t f32_bits(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  return x;
-}
-inline float bits_f32(uint32_t x) {
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
-}
-
-inline uint16_t to_half(float f) {
-  const uint32_t x = f32_bits(f);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  const uint32_t ax = x & 0x7fffffffu;
-  if (ax >= 0x7f800000u) {  // inf / nan (keep the top payload bits, force quiet)
-    return static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? (0x200u | ((ax >> 13) & 0x3ffu)) : 0u));
-  }
-  if (ax >= 0x47800000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 2^16: overflow
-  const uint32_t e = ax >> 23;                                          // biased float exponent
-  if (e < 113) {  // |f| < 2^-14: a half subnormal (or zero)
-    if (e < 102) return static_cast<uint16_t>(sign);  // < 2^-25: rounds to zero
-    const uint32_t m = (ax & 0x7fffffu) | 0x800000u;  // 24-bit significand
-    const uint32_t shift = 126 - e;                   // 14..24
-    uint32_t h = m >> shift;
-    const uint32_t rem = m & ((1u << shift) - 1u);
-    const uint32_t half = 1u << (shift - 1u);
-    if (rem > half || (rem == half && (h & 1u))) ++h;  // may carry into the smallest normal: correct
-    return static_cast<uint16_t>(sign | h);
-  }
-  uint32_t h = ((e - 112) << 10) | ((ax >> 13) & 0x3ffu);
-  const uint32_t rem = ax & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry may give infinity: correct
-  return static_cast<uint16_t>(sign | h);
-}
-
-inline float from_half(uint16_t h) {
-  // Exponent re-bias with the renormalisation of subnormals done by a float subtraction.
-  const uint32_t shifted_exp = 0x7c00u << 13;
-  uint32_t o = (static_cast<uint32_t>(h) & 0x7fffu) << 13;
-  const uint32_t exp = shifted_exp & o;
-  o += (127u - 15u) << 23;
-  if (exp == shifted_exp) {
-    o += (128u - 16u) << 23;  // inf / nan
-  } else if (exp == 0) {
-    o += 1u << 23;  // subnormal or zero: value = (o as float) - 2^-14
-    o = f32_bits(bits_f32(o) - bits_f32(113u << 23));
-  }
-  o |= (static_cast<uint32_t>(h) & 0x8000u) << 16;
-  return bits_f32(o);
-}
-
-inline uint16_t to_bf16(float f) {
-  uint32_t x = f32_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet nan
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<uint16_t>(x >> 16);
-}
-
-inline float from_bf16(uint16_t b) { return bits_f32(static_cast<uint32_t>(b) << 16); }
-
+inline uint16_t to_half(float f) { return float_to_half_bits(f); }
+inline float from_half(uint16_t h) { return half_bits_to_float(h); }
+inline uint16_t to_bf16(float f) { return float_to_bf16_bits(f); }
+inline float from_bf16(uint16_t b) { return bf16_bits_to_float(b); }
 }  // namespace
-
-uint16_t float_to_half_bits(float f) { return to_half(f); }
-float half_bits_to_float(uint16_t h) { return from_half(h); }
-uint16_t float_to_bf16_bits(float f) { return to_bf16(f); }
-float bf16_bits_to_float(uint16_t b) { return from_bf16(b); }
 
 // ============================================================================ checks
 namespace {

@@ -14,56 +14,41 @@
 // Checks. Every entry point first runs the matching `validate_*` function (shapes, dtypes,
 // devices, contiguity; throws std::invalid_argument naming the argument, never touches data).
 // Index *values* are checked by the `check_*_indices` functions, which read host memory: the
-// Python bindings run them (on a host copy for CUDA tensors) unless asked not to. The kernels
-// themselves never read or write out of bounds whatever the index values: a slot outside the
-// pool is skipped, a block id outside the pool reads as an empty (absent) token, a negative
-// length counts as 0 and a length above the table's capacity (or above L) is clamped.
+// entry points of kernels/dispatch.h run them (on a host copy for CUDA tensors) unless asked
+// not to. The kernels themselves never read or write out of bounds whatever the index values:
+// a slot outside the pool is skipped, a block id outside the pool reads as an empty (absent)
+// token, a negative length counts as 0 and a length above the table's capacity (or above L) is
+// clamped.
+//
+// Duplicates are *undefined* unless checked: two tokens with one slot in write_kv, a block
+// named twice in copy_blocks' dst, or a block that is both a source and a destination. On
+// CUDA (and on the CPU once a call is large enough to run multithreaded) which write lands,
+// or whether a copy reads the old or the new block, is unspecified. The checks reject all
+// three; callers that pass check_indices=false must guarantee them (the block manager does).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
-#include <initializer_list>
 #include <vector>
+
+#include "common/half.h"
+#include "common/tensor_view.h"
 
 namespace ponder::kernels {
 
-enum class ScalarType : uint8_t { Float32, Float16, BFloat16, Int32, Int64 };
-enum class DeviceType : uint8_t { CPU, CUDA };
-
-const char* scalar_type_name(ScalarType t);
-size_t element_size(ScalarType t);
-inline bool is_floating(ScalarType t) {
-  return t == ScalarType::Float32 || t == ScalarType::Float16 || t == ScalarType::BFloat16;
-}
-inline bool is_index(ScalarType t) { return t == ScalarType::Int32 || t == ScalarType::Int64; }
-
-constexpr int kMaxDims = 4;
-
-// A borrowed, strided view of a tensor. Strides are in elements and may be any value (the
-// kernels that require contiguity say so and validate it).
-struct TensorView {
-  void* data = nullptr;
-  ScalarType dtype = ScalarType::Float32;
-  int ndim = 0;
-  int64_t shape[kMaxDims] = {0, 0, 0, 0};
-  int64_t strides[kMaxDims] = {0, 0, 0, 0};
-  DeviceType device = DeviceType::CPU;
-  int device_id = 0;
-
-  int64_t numel() const;
-  bool is_contiguous() const;  // row-major; dimensions of extent 1 may have any stride
-  // A row-major contiguous view of `data`.
-  static TensorView contiguous(void* data, ScalarType dtype, std::initializer_list<int64_t> shape,
-                               DeviceType device = DeviceType::CPU, int device_id = 0);
-};
-
-// ---------------------------------------------------------------- fp16 / bf16 conversions
-// IEEE binary16 and bfloat16 bit patterns <-> float. float -> half/bf16 rounds to nearest,
-// ties to even; overflow gives infinity; NaN stays NaN (quiet).
-uint16_t float_to_half_bits(float f);
-float half_bits_to_float(uint16_t h);
-uint16_t float_to_bf16_bits(float f);
-float bf16_bits_to_float(uint16_t b);
+// TensorView and its types, and the fp16/bf16 conversions, live in common/.
+using ponder::DeviceType;
+using ponder::element_size;
+using ponder::is_floating;
+using ponder::is_index;
+using ponder::kMaxDims;
+using ponder::scalar_type_name;
+using ponder::ScalarType;
+using ponder::TensorView;
+using ponder::bf16_bits_to_float;
+using ponder::float_to_bf16_bits;
+using ponder::float_to_half_bits;
+using ponder::half_bits_to_float;
 
 // ---------------------------------------------------------------- checks
 // Metadata only (shape, dtype, device, contiguity); throw std::invalid_argument.

@@ -16,6 +16,15 @@ copies the index tensors to the host and synchronizes the stream. Pass ``False``
 or under CUDA-graph capture: the kernels still never touch memory out of bounds (a bad slot is
 skipped, a bad block id reads as an absent token, lengths are clamped).
 
+Duplicates are undefined unless checked: a slot given twice to ``write_kv``, a block given twice
+in ``copy_blocks``' ``dst``, or a block both a source and a destination. On CUDA (and on the CPU
+when a call runs multithreaded) which write lands is then unspecified. ``check_indices`` rejects
+them; callers passing ``check_indices=False`` must rule them out (``KVCacheManager`` does).
+
+Hot loops check once per batch on the host instead (:func:`check_batch_indices`, on the numpy
+arrays before they are copied to the device) and then call the kernels with
+``check_indices=False`` (``ponder.kv.PagedKVCache`` does this for every forward pass).
+
 torch is imported on first use only; ``import ponder`` does not import it.
 """
 
@@ -30,7 +39,7 @@ from . import _core
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["write_kv", "copy_blocks", "gather_kv", "paged_decode_attention"]
+__all__ = ["write_kv", "copy_blocks", "gather_kv", "paged_decode_attention", "check_batch_indices"]
 
 
 def _torch():
@@ -215,3 +224,62 @@ def paged_decode_attention(
         check_indices=check_indices,
     )
     return out
+
+
+def check_batch_indices(
+    num_blocks: int,
+    block_size: int,
+    *,
+    slot_mapping=None,
+    block_tables=None,
+    lengths=None,
+) -> None:
+    """Check a batch's index values on the host, once, with the same rules as ``check_indices``.
+
+    Inputs are numpy arrays (or anything ``numpy.asarray`` reads without a device copy), checked
+    before they are moved to the pools' device, so the per-layer kernel calls can pass
+    ``check_indices=False`` without a host copy and synchronization per layer.
+
+    Args:
+        num_blocks, block_size: the pools' first two dimensions.
+        slot_mapping: int ``[T]``: every slot ``< num_blocks * block_size`` (negative = padding)
+            and no slot twice (the ``write_kv`` rule).
+        block_tables, lengths: int ``[B, max_blocks]`` and ``[B]`` (both or neither):
+            ``0 <= lengths[b] <= max_blocks * block_size`` and the block ids of the first
+            ``ceil(lengths[b] / block_size)`` entries of row ``b`` in ``[0, num_blocks)`` (the
+            ``gather_kv`` / ``paged_decode_attention`` rule).
+
+    Raises:
+        ValueError naming the first bad entry.
+    """
+    import numpy as np
+
+    if slot_mapping is not None:
+        slots = np.asarray(slot_mapping).reshape(-1).astype(np.int64, copy=False)
+        bad = np.flatnonzero(slots >= num_blocks * block_size)
+        if len(bad):
+            t = int(bad[0])
+            raise ValueError(
+                f"slot_mapping[{t}] = {int(slots[t])} is out of range: the pool has {num_blocks * block_size} slots"
+            )
+        used = slots[slots >= 0]
+        uniq, counts = np.unique(used, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"slot {int(uniq[counts > 1][0])} is given twice in slot_mapping")
+    if (block_tables is None) != (lengths is None):
+        raise ValueError("pass both block_tables and lengths, or neither")
+    if block_tables is not None:
+        table = np.asarray(block_tables).astype(np.int64, copy=False)
+        lens = np.asarray(lengths).reshape(-1).astype(np.int64, copy=False)
+        if table.ndim != 2 or table.shape[0] != len(lens):
+            raise ValueError(f"block_tables {table.shape} and lengths {lens.shape} do not describe one batch")
+        capacity = table.shape[1] * block_size
+        bad = np.flatnonzero((lens < 0) | (lens > capacity))
+        if len(bad):
+            b = int(bad[0])
+            raise ValueError(f"lengths[{b}] = {int(lens[b])} is outside [0, {capacity}] (max_blocks x block_size)")
+        used = np.arange(table.shape[1])[None, :] < -(-lens // block_size)[:, None]
+        bad_ids = used & ((table < 0) | (table >= num_blocks))
+        if bad_ids.any():
+            b, j = (int(x) for x in np.argwhere(bad_ids)[0])
+            raise ValueError(f"block_tables[{b}, {j}] = {int(table[b, j])} is out of range [0, {num_blocks})")

@@ -138,6 +138,9 @@ class PagedBatch:
     kv_lens: torch.Tensor
     q_lens: torch.Tensor
     decode: bool  # every sequence adds exactly one token: attend straight from the pool
+    # prepare() checked slot_mapping / block_tables / kv_lens on the host (kernels.check_batch_indices),
+    # so the per-layer kernel calls skip their own check (a host copy + sync per layer on CUDA).
+    indices_checked: bool = False
 
     def on(self, cache: PagedKVCache) -> PagedBatch:
         """This batch run against ``cache``'s pools: ``cache`` must be this batch's cache or one
@@ -146,7 +149,12 @@ class PagedBatch:
             return self
         if cache.manager is not self.cache.manager:
             raise ValueError("PagedBatch.on: the cache does not share this batch's block manager (see PagedKVCache.companion)")
-        return dataclasses.replace(self, cache=cache)
+        if cache.device == self.cache.device:
+            return dataclasses.replace(self, cache=cache)
+        # index tensors follow the pools' device (a companion may live on another device)
+        moved = {f: getattr(self, f).to(cache.device) for f in ("input_ids", "position_ids", "attention_mask",
+                                                                 "slot_mapping", "block_tables", "kv_lens", "q_lens")}
+        return dataclasses.replace(self, cache=cache, **moved)
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``model(**batch.model_kwargs())``."""
@@ -320,8 +328,11 @@ class PagedKVCache:
             # copy-on-write applies to every pool laid out on these block tables
             src_t, dst_t = torch.from_numpy(src), torch.from_numpy(dst)
             for pools in (self, *self._companions):
-                kernels.copy_blocks(pools.k, pools.v, src_t, dst_t)
+                # index tensors on the pools' device (copy_blocks rejects CPU indices with CUDA pools)
+                kernels.copy_blocks(pools.k, pools.v, src_t.to(pools.device), dst_t.to(pools.device))
         table, kv_lens = self.manager.block_table(seq_ids)
+        kernels.check_batch_indices(self.num_blocks, self.block_size, slot_mapping=slots, block_tables=table,
+                                    lengths=kv_lens)
 
         B, T = len(seq_ids), int(q_lens.max())
         L = int(kv_lens.max())
@@ -350,6 +361,7 @@ class PagedKVCache:
             kv_lens=torch.from_numpy(kv_lens.astype(np.int64)).to(dev),
             q_lens=torch.from_numpy(q_lens).to(dev),
             decode=T == 1,
+            indices_checked=True,
         )
 
     @torch.inference_mode()
@@ -394,6 +406,7 @@ class PagedKVCache:
             key_states.transpose(1, 2).reshape(B * T, H, D),
             value_states.transpose(1, 2).reshape(B * T, H, D),
             batch.slot_mapping,
+            check_indices=not batch.indices_checked,
         )
         return key_states, value_states
 
@@ -426,11 +439,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     if batch.decode:
         out = kernels.paged_decode_attention(
-            query[:, :, 0, :], cache.k[layer], cache.v[layer], batch.block_tables, batch.kv_lens, scale
+            query[:, :, 0, :], cache.k[layer], cache.v[layer], batch.block_tables, batch.kv_lens, scale,
+            check_indices=not batch.indices_checked,
         )
         return out.unsqueeze(1), None
     L = batch.attention_mask.shape[-1]
-    k, v = kernels.gather_kv(cache.k[layer], cache.v[layer], batch.block_tables, batch.kv_lens, max_len=L)
+    k, v = kernels.gather_kv(cache.k[layer], cache.v[layer], batch.block_tables, batch.kv_lens, max_len=L,
+                             check_indices=not batch.indices_checked)
     out = F.scaled_dot_product_attention(
         query,
         k.transpose(1, 2),
