@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import signal
 import threading
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from types import SimpleNamespace
 
 import pytest
@@ -196,6 +198,25 @@ NORMALIZATION_TABLE = [
     ("1\\,000", "1000"),
     ("1 000", "1000"),
     ("1,2,3", "1,2,3"),  # not a thousands-separated integer
+    ("1, 2, 3", "1,2,3"),
+    ("12,345,678", "12345678"),
+    ("-1,234.50", "-1234.5"),
+    ("10,\\!000", "10000"),  # the negative thin space joins
+    ("1{, }000", "1000"),
+    # A comma followed by a space is a list separator, never a thousands separator (issue 12):
+    ("2, 100", "2, 100"),
+    ("2,100", "2100"),
+    ("\\boxed{32, 349}", "32, 349"),
+    ("x = 2, 100", "2, 100"),
+    ("2,\\,100", "2, 100"),
+    ("-2, 1", "-2,1"),  # spacing matters only before a group of three digits
+    ("(2, 100)", "(2,100)"),  # in brackets a comma is a separator either way
+    # ... and only groups of exactly three digits, the first not starting with 0, are thousands:
+    ("1000,99", "1000,99"),
+    ("1,00", "1,00"),
+    ("0,111", "0,111"),
+    ("0, 111", "0, 111"),
+    ("1,000, 000", "1,000, 000"),
     ("0.50", "0.5"),
     ("5.0", "5"),
     (".5", "0.5"),
@@ -255,6 +276,10 @@ NORMALIZATION_TABLE = [
     ("a", "a"),  # case is kept
     ("...", "..."),
     ("", ""),
+    ("  ", ""),
+    ("$", "$"),  # only presentation: the answer itself, so it votes only with itself
+    ("\\%", "\\%"),
+    ("$ $", "$$"),
 ]
 
 
@@ -344,6 +369,10 @@ def test_no_answer_matches_the_forest():
         ("3", "x=3"),
         ("x = 3", "3"),
         ("1,000", "1000"),
+        ("12,345,678", "12345678"),
+        ("10,\\!000", "10000"),
+        ("2, 100", "2,\\ 100"),
+        ("(2, 100)", "(2,100)"),
         ("5.0", "5"),
         ("\\sqrt{12}", "2\\sqrt{3}"),
         ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"),
@@ -380,6 +409,17 @@ def test_equivalent_true(pred, gold):
         ("\\pi", "3.14"),
         ("-\\frac{1}{2}", "\\frac{1}{2}"),
         ("2", "\\frac{1}{2}x"),
+        # issue 12: a two-solution answer is not a number, a decimal comma is not a decimal
+        ("2100", "2, 100"),
+        ("2, 100", "2100"),
+        ("2, 100", "2,100"),
+        ("\\boxed{32, 349}", "32349"),
+        ("1000,99", "100099"),
+        ("1000,99", "1000.99"),
+        ("1,00", "1"),
+        ("1,00", "100"),
+        ("0,111", "111"),
+        ("$", "\\%"),
     ],
 )
 def test_equivalent_false(pred, gold):
@@ -482,6 +522,161 @@ def test_grade():
     assert r.answer == "x = 5" and r.normalized == "5" and r.correct is True
     with pytest.raises(ValueError):
         grade("x", "1", fallback="nope")
+
+
+def test_grade_keeps_a_two_solution_answer_apart_from_a_number():
+    pair, number = grade("so \\boxed{32, 349}", "32349"), grade("so \\boxed{32349}", "32349")
+    assert pair.correct is False and number.correct is True
+    assert pair.answer_id != number.answer_id
+    assert grade("\\boxed{32,349}", "32349").answer_id == number.answer_id
+
+
+# ----------------------------------------------------------------------------- voting vs equivalence
+
+# Answers whose value the generator knows: a number, a bare list of integers (``2, 100``) or a
+# bracketed tuple (``(2,100)``), each written in one of many presentations. Voting must merge
+# two of them exactly when they are the same value.
+_THOUSANDS_SEPARATORS = [",", "{,}", ",\\!", "\\,", " "]
+_LIST_SEPARATORS = [", ", ",\\ ", ",\\quad ", ",\\, ", ","]
+_WRAPPERS = ["{}", "${}$", "\\boxed{{{}}}", "x = {}", " {} ", "\\({}\\)"]
+
+
+def _number_text(draw, whole, cents, negative):
+    digits = str(whole)
+    sep = draw(st.sampled_from([None, ",", *_THOUSANDS_SEPARATORS])) if whole >= 1000 else None
+    if sep is not None:
+        head = digits[: len(digits) % 3 or 3]
+        rest = digits[len(head) :]
+        digits = sep.join([head, *(rest[i : i + 3] for i in range(0, len(rest), 3))])
+    if cents:
+        frac = f"{cents:02d}"
+        if frac.endswith("0") and draw(st.booleans()):
+            frac = frac[0]
+        text = ("" if whole == 0 and draw(st.booleans()) else digits) + "." + frac
+    else:
+        text = digits + draw(st.sampled_from(["", ".0", ".00"]))
+    return ("-" if negative else draw(st.sampled_from(["", "+"]))) + text
+
+
+def _list_text(draw, items, bracketed):
+    text = str(items[0])
+    for item in items[1:]:
+        sep = draw(st.sampled_from(_LIST_SEPARATORS))
+        if sep == "," and not bracketed and re.fullmatch(r"\d{3}", str(item)):
+            sep = ", "  # written tight, "2,100" is the number 2100: a writer must space it
+        text += sep + str(item)
+    return f"({text})" if bracketed else text
+
+
+_WHOLES = st.one_of(st.integers(0, 999), st.integers(1000, 10**7))
+_ITEMS = st.one_of(st.integers(-999, 99), st.integers(100, 999), st.integers(1000, 99999))
+_NUMBER_VALUES = st.tuples(st.just("num"), _WHOLES, st.integers(0, 99), st.booleans())
+_LIST_VALUES = st.tuples(st.sampled_from(["bare", "paren"]), st.lists(_ITEMS, min_size=2, max_size=3).map(tuple))
+_VALUES = st.one_of(_NUMBER_VALUES, _LIST_VALUES)
+
+
+def _value(spec):
+    """The value a spec stands for: ("num", Decimal) or ("bare" | "paren", items)."""
+    if spec[0] == "num":
+        _, whole, cents, negative = spec
+        value = Decimal(whole) + Decimal(cents) / 100
+        return ("num", -value if negative else value)
+    return spec
+
+
+def _text(draw, spec):
+    """One presentation of a spec's value, wrapped in one of ``_WRAPPERS``."""
+    if spec[0] == "num":
+        _, whole, cents, negative = spec
+        body = _number_text(draw, whole, cents, negative and bool(whole or cents))
+    else:
+        body = _list_text(draw, spec[1], spec[0] == "paren")
+    return draw(st.sampled_from(_WRAPPERS)).format(body)
+
+
+def _neighbours(spec):
+    """Different values whose texts look alike: 2100 / 2, 100 / (2,100); 1000.99 / 1000, 99."""
+    if spec[0] == "num":
+        _, whole, cents, negative = spec
+        digits = str(whole)
+        head = digits[: len(digits) % 3 or 3]
+        groups = [head] + [digits[i : i + 3] for i in range(len(head), len(digits), 3)]
+        out = [("bare", (whole, cents)), ("paren", (whole, cents))]
+        if len(groups) > 1:
+            out += [("bare", tuple(map(int, groups))), ("paren", tuple(map(int, groups)))]
+        return out
+    kind, items = spec
+    out = [("paren" if kind == "bare" else "bare", items)]
+    if all(item >= 0 for item in items):
+        out.append(("num", int("".join(map(str, items))), 0, False))
+    if len(items) == 2 and 0 <= items[1] <= 99 and items[0] >= 0:
+        out.append(("num", items[0], items[1], False))
+    return out
+
+
+@st.composite
+def _pairs(draw):
+    """Two presented answers with their values: the same value written twice, a look-alike
+    value, or an unrelated one."""
+    spec_a = draw(_VALUES)
+    how = draw(st.sampled_from(["same", "neighbour", "other"]))
+    if how == "same":
+        spec_b = spec_a
+    elif how == "neighbour":
+        spec_b = draw(st.sampled_from(_neighbours(spec_a)))
+    else:
+        spec_b = draw(_VALUES)
+    return (_value(spec_a), _text(draw, spec_a)), (_value(spec_b), _text(draw, spec_b))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_pairs())
+def test_voting_merges_exactly_the_equal_values(pair):
+    (value_a, text_a), (value_b, text_b) = pair
+    same_vote = answer_id(normalize_answer(text_a)) == answer_id(normalize_answer(text_b))
+    assert same_vote == (value_a == value_b), (text_a, text_b)
+
+
+@st.composite
+def _look_alikes(draw):
+    spec_a = draw(_VALUES)
+    spec_b = draw(st.sampled_from(_neighbours(spec_a)))
+    return _text(draw, spec_a), _text(draw, spec_b)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_look_alikes())
+def test_voting_keeps_look_alikes_apart(pair):
+    """2100 / 2, 100 / (2,100) / 1000.99 / 1000, 99: never one vote (issue 12)."""
+    text_a, text_b = pair
+    assert normalize_answer(text_a) != normalize_answer(text_b), pair
+
+
+_TOKENS = ["1", "2", "100", "000", "0", ",", ", ", " ", "\\,", "\\!", "{,}", ".", "$", "\\%", "x=", "(", ")",
+           "\\{", "\\}", "\\frac", "{", "}", "-", "+", "\\boxed{", "\\text{ cm}", "a", "A", "=", "/"]
+_TOKEN_TEXT = st.lists(st.sampled_from(_TOKENS), max_size=8).map("".join)
+
+
+@st.composite
+def _token_pairs(draw):
+    """Two answers from a small alphabet; often the second is a light rewrite of the first."""
+    a = draw(_TOKEN_TEXT)
+    i = draw(st.integers(0, len(a)))
+    b = draw(st.sampled_from([
+        draw(_TOKEN_TEXT), a[:i] + " " + a[i:], "$" + a + "$", "\\boxed{" + a + "}", a.replace(",", "{,}"),
+        a.replace(", ", ","), a.replace(",", ", "), a + ".", "x = " + a,
+    ]))
+    return a, b
+
+
+@settings(max_examples=300, deadline=None)
+@given(_token_pairs())
+def test_same_voting_id_implies_equivalent(pair):
+    """The voting id never merges answers that ``is_equivalent`` keeps apart."""
+    a, b = pair
+    if a.strip() and b.strip() and answer_id(normalize_answer(a)) == answer_id(normalize_answer(b)):
+        assert is_equivalent(a, b) is True
+        assert is_equivalent(b, a) is True
 
 
 # ----------------------------------------------------------------------------- metrics
