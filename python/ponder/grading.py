@@ -15,8 +15,12 @@ The stages, in the order a completion goes through them::
 * ``answer_id`` hashes a normalized answer into the int64 id the search forest votes on.
 * ``is_equivalent`` decides correctness against a reference answer: equal normalized strings,
   else a symbolic comparison by the ``math_verify`` library (imported lazily: it takes
-  about a second and a half to import).
+  about a second and a half to import). Two answers with the same ``answer_id`` are always
+  equivalent: voting never merges answers that grading keeps apart.
 * ``pass_at_k``, ``accuracy`` and ``accuracy_by_level`` are the metrics of a run.
+
+docs/grading.md has the comma rules (lists vs thousands separators) and the deliberate
+differences from math-verify's own test cases (tests/test_grading_mathverify.py).
 """
 
 from __future__ import annotations
