@@ -119,6 +119,8 @@ class ScriptedServer:
                 time.sleep(self.stall)
             if fail is not None:
                 return fail, {"error": {"message": f"injected {fail}", "type": "server_error", "code": fail}}
+            if body.get("temperature") == 0 and body.get("n", 1) > 1:  # as vLLM
+                return 400, {"error": {"message": "n must be 1 when using greedy sampling", "type": "BadRequestError"}}
             prompt = body["prompt"]
             if isinstance(prompt, list):
                 if self.dialect != "vllm":
@@ -235,6 +237,15 @@ def test_children_of_a_parent_are_one_request_with_n(server, tokenizer):
         assert req["prompt"] == tokenizer.decode(want, skip_special_tokens=False)
 
 
+def test_greedy_children_are_one_sample_repeated(server):
+    policy = make_policy(server)
+    policy.start([0], ["Compute 1 + 2."])
+    steps = policy.sample_steps([0, 0, 0], [1, 2, 3], GREEDY)
+    assert [r["n"] for r in served(server)] == [1]
+    assert [s.text for s in steps] == ["Step 0.0\n\n"] * 3
+    assert steps[0] is not steps[1] and steps[0].tokens is not steps[1].tokens
+
+
 def test_eos_delimiter_and_length_are_told_apart(server, tokenizer):
     policy = make_policy(server)
     policy.start([0], ["Compute 5 + 2."])
@@ -256,7 +267,7 @@ def test_eos_delimiter_and_length_are_told_apart(server, tokenizer):
 def test_usage_counters(server):
     policy = make_policy(server)
     prompts = policy.start([0, 1], ["Compute 1 + 2.", "Compute 3 * 4."])
-    steps = policy.sample_steps([0, 0, 1], [2, 3, 4], GREEDY)
+    steps = policy.sample_steps([0, 0, 1], [2, 3, 4], SamplingParams(temperature=0.7, max_step_tokens=32))
     more = policy.sample_steps([2, 4], [5, 6], GREEDY)
     st = policy.stats()
     assert st["requests"] == 4 and st["retries"] == 0
@@ -410,7 +421,7 @@ def vllm_url(tmp_path_factory):
     if not VLLM_PYTHON:
         pytest.skip(VLLM_HELP)
     log = str(tmp_path_factory.mktemp("vllm") / "server.log")
-    with LocalVLLMServer(VLLM_PYTHON, POLICY_DIR, log_path=log, timeout=300) as server:
+    with LocalVLLMServer(VLLM_PYTHON, POLICY_DIR, log_path=log, timeout=600) as server:
         sys.stderr.write(f"\nvLLM server ready in {server.startup_s:.1f} s\n")
         yield server.url
 

@@ -7,7 +7,7 @@ of that path, stopped at the step delimiter:
 * the prompt is rendered client-side with the model's chat template (the tokenizer is loaded
   locally), so prompt + partial answer is an exact continuation; the path is sent as token ids
   when the server accepts them (vLLM, SGLang do: no re-tokenization drift), else as text;
-* the children of one parent are ONE request with ``n``; the requests of different parents go
+* the children of one parent are ONE request with ``n`` (greedy: ``n=1``, repeated); the requests of different parents go
   out concurrently (at most ``max_concurrency`` at a time), so the server's own batching and
   prefix cache share the work;
 * EOS, delimiter and the token limit are told apart from ``finish_reason`` / ``stop_reason``
@@ -394,18 +394,18 @@ class OpenAIPolicy:
         while True:
             as_ids = self.token_prompts is not False
             try:
-                resp = self._client.completions.create(
-                    prompt=list(path.tokens) if as_ids else path.text, extra_body=body, **kwargs
-                )
-                data = resp if isinstance(resp, dict) else resp.model_dump()
-                if not data.get("choices"):
-                    raise RemotePolicyError(f"OpenAIPolicy: {self.base_url} answered without choices: {str(data)[:200]}")
-                return data
+                try:
+                    return self._send(list(path.tokens) if as_ids else path.text, body, kwargs)
+                except openai.APIStatusError as exc:
+                    if not (as_ids and not self._ids_forced and 400 <= exc.status_code < 500 and exc.status_code != 429):
+                        raise
+                    # Maybe the server takes text prompts only: the same request as text. If that
+                    # works, text from now on (every thread); if not, the error was not the prompt's.
+                    data = self._send(path.text, body, kwargs)
+                    self.token_prompts = False
+                    return data
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                if as_ids and not self._ids_forced and 400 <= status < 500 and status != 429:
-                    self.token_prompts = False  # the server takes text prompts only (other threads see it too)
-                    continue
                 last = f"HTTP {status}: {_one_line(exc.message)}"
                 if status != 429 and status < 500:
                     raise RemotePolicyError(f"OpenAIPolicy: {self.base_url} rejected the request ({last})") from exc
@@ -422,13 +422,25 @@ class OpenAIPolicy:
             time.sleep(min(self.max_backoff, self.backoff * (2**attempt)))
             attempt += 1
 
+    def _send(self, prompt, body: dict, kwargs: dict) -> dict:
+        resp = self._client.completions.create(prompt=prompt, extra_body=body, **kwargs)
+        data = resp if isinstance(resp, dict) else resp.model_dump()
+        if not data.get("choices"):
+            raise RemotePolicyError(f"OpenAIPolicy: {self.base_url} answered without choices: {str(data)[:200]}")
+        return data
+
     def _complete(self, path: _Node, n: int, params: SamplingParams, seed: int | None) -> list[Step]:
-        """``n`` steps continuing ``path`` (one request), in the server's choice order."""
-        data = self._request(path, n, params, seed)
+        """``n`` steps continuing ``path`` (one request), in the server's choice order. Greedy
+        (temperature 0) asks for one choice and repeats it: every sample is the same, and vLLM
+        rejects ``n`` > 1 with greedy sampling."""
+        greedy = params.temperature <= 0
+        data = self._request(path, 1 if greedy else n, params, seed)
         choices = sorted(data["choices"], key=lambda c: int(c.get("index") or 0))
-        if len(choices) != n:
+        if len(choices) != (1 if greedy else n):
             raise RemotePolicyError(f"OpenAIPolicy: {self.base_url} returned {len(choices)} choices for n={n}")
         steps = [self._parse_choice(c, params) for c in choices]
+        if greedy:
+            steps = [Step(list(steps[0].tokens), steps[0].text, steps[0].eos, steps[0].truncated) for _ in range(n)]
         usage = data.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
         with self._lock:
