@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ponder import cli, evaluate
 from ponder.data import Problem
@@ -44,6 +45,7 @@ def scripted_prm():
     return Fresh(ScriptedPRM)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # --device's default
 REQUIRED = {"problem_id", "method", "n", "answer", "gold", "correct", "level", "policy_tokens", "prm_tokens", "wall_s"}
 
 PROBLEMS = [
@@ -362,6 +364,16 @@ def models(monkeypatch):
     return asked
 
 
+def model_dir(path: Path, weights: bytes = b"weights") -> str:
+    """A directory that passes the CLI's is-it-a-model check (config, weights, tokenizer files;
+    the scripted models of the ``models`` fixture never read them)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(weights)
+    (path / "tokenizer.json").write_text("{}")
+    return str(path)
+
+
 def _main(argv) -> int:
     try:
         return cli.main(argv)
@@ -390,7 +402,7 @@ def test_cli_runs_an_evaluation(tmp_path, models, capsys):
     rows = [json.loads(line) for line in _lines(tmp_path / "out" / "results.jsonl")]
     assert len(rows) == 3 * (1 + 2 + 2)
     assert {r["level"] for r in rows} == {1, 2}
-    assert ("policy", "org/policy", "cpu") in models and ("prm", "org/prm", "auto") in models
+    assert ("policy", "org/policy", DEVICE) in models and ("prm", "org/prm", "auto") in models
     # again without --resume: refused before any work; with --resume: nothing to do, no duplicates
     models.clear()
     assert _main(argv) == 2
@@ -439,14 +451,14 @@ def test_cli_rejects_missing_model_path(tmp_path, models, capsys, flag, ref):
 
 
 def test_cli_local_model_dir_is_accepted(tmp_path, models, capsys):
-    (tmp_path / "model").mkdir()
+    model_dir(tmp_path / "model")
     argv = _args(tmp_path, "--methods", "majority", "--n", "2")
     argv[argv.index("--policy") + 1] = str(tmp_path / "model")
     assert _main(argv) == 0
 
 
 def test_cli_passes_an_implicit_prms_reference_and_beta(tmp_path, models, capsys):
-    (tmp_path / "ref").mkdir()
+    model_dir(tmp_path / "ref")
     argv = _args(tmp_path, "--methods", "best_of_n", "--n", "2", "--prm-format", "implicit-prm",
                  "--prm-reference", str(tmp_path / "ref"), "--prm-beta", "0.05")
     assert _main(argv) == 0
@@ -484,9 +496,9 @@ def test_cli_defaults_are_the_builtin_models_and_task(tmp_path, models, capsys):
     out = tmp_path / "o"
     assert _main(["run", "--out", str(out), "--no-progress", "--num-iterations", "3", "--max-steps", "6",
                   "--max-step-tokens", "40"]) == 0
-    assert ("policy", str(builtin_model_path("policy-small")), "cpu") in models
+    assert ("policy", str(builtin_model_path("policy-small")), DEVICE) in models
     assert ("prm", str(builtin_model_path("prm")), "auto") in models
-    assert ("policy", str(builtin_model_path("policy-large")), "cpu") in models
+    assert ("policy", str(builtin_model_path("policy-large")), DEVICE) in models
     rows = [json.loads(line) for line in _lines(out / "results.jsonl")]
     per_level = cli.DEFAULT_PER_LEVEL
     small = [r for r in rows if r["policy"] == "builtin:policy-small"]

@@ -217,7 +217,7 @@ def test_small_policy_greedy_accuracy_matches_readme(small):
 def test_ponder_run_on_shipped_models_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli_main(["run", "--limit", "5", "--n", "1,4", "--out", str(out), "--no-progress"]) == 0
-    for name in ("results.jsonl", "summary.csv", "summary.md", "scaling.png", "config.json"):
+    for name in ("results.jsonl", "summary.csv", "summary.md", "scaling.png", "run.json"):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     # 5 problems x (greedy + 5 methods x 2 n) for the small policy, greedy for the large one

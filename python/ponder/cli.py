@@ -1,4 +1,4 @@
-"""The ``ponder`` command line.
+"""The ponder command line.
 
     ponder run            evaluate search methods on a dataset (accuracy vs test-time compute);
                           with no arguments: the built-in models on builtin:arith, on CPU
@@ -41,7 +41,12 @@ DEFAULT_PER_LEVEL = 6  # the default slice of builtin:arith: the first 6 problem
 # runaway sample early (the generic limits, 64 steps x 256 tokens, let one path run to 16k tokens)
 ARITH_LIMITS = {"num_iterations": 16, "max_steps": 16, "max_step_tokens": 96}
 GENERIC_LIMITS = {"num_iterations": 40, "max_steps": 64, "max_step_tokens": 256}
-BUILTIN_KV_BUDGET = 1 << 17  # tokens of KV pool for each built-in model
+# KV pool of each model when --kv-budget is not given: the workload (problems per search call x
+# the largest n x the longest path: prompt + max_steps x max_step_tokens), at most this many
+# tokens (a batch that does not fit is searched in halves)
+KV_POOL_CAP = 32768
+#: what the built-in policies were trained on (builtin:arith's problems)
+BUILTIN_PROBLEM_FORM = r"Compute [-+*() 0-9]+\."
 
 
 def _toy_train(args: argparse.Namespace) -> int:
@@ -63,14 +68,17 @@ larger shipped policy ({DEFAULT_REFERENCE}). Every option can be given alone; on
         --dataset math500.jsonl --methods greedy,majority,best_of_n,dvts --n 1,4,16 --out runs/m500
 
 Every (problem, method, n) becomes one row of OUT/results.jsonl, appended as each batch
-finishes; --resume completes a killed run without repeating finished rows. At the end
+finishes; OUT/run.json records what defines the rows (dataset and its content hash, models
+and their hashes or hub commits, every search setting, ponder version). --resume completes
+a killed (or Ctrl-C'd) run without repeating finished rows, and refuses a run.json that
+differs, naming the setting. At the end
 OUT/summary.csv, OUT/summary.md and OUT/scaling.png (accuracy vs n, accuracy vs tokens) are
 written and the summary table printed.
 
 Methods: greedy (one completion at temperature 0, run once as n=1), majority,
 best_of_n, weighted_best_of_n, beam_search, dvts. greedy and majority need no PRM.
 --reference-policy adds a second policy's greedy accuracy to the table (rows labelled with
-that policy). The control-plane benchmark is `ponder bench core`.
+that policy). The control-plane benchmark is: ponder bench core.
 """
 
 
@@ -113,11 +121,13 @@ def build_run_parser() -> argparse.ArgumentParser:
                              "Qwen/Qwen2.5-Math-7B-Instruct for PRIME-RL/EurusPRM-Stage2 (default: the one the PRM's config names)")
     models.add_argument("--prm-beta", type=float, default=None,
                         help="implicit-prm only: the log-ratio coefficient (default: the PRM's config, else 0.001)")
-    models.add_argument("--device", default="cpu", help="torch device of both models (default cpu)")
-    models.add_argument("--dtype", default=None, help="model dtype, e.g. float32, bfloat16 (default: float32 on CPU, bf16 else)")
+    models.add_argument("--device", default=None,
+                        help="torch device of the models: cpu, cuda, cuda:N, mps (default: cuda when torch sees a GPU, else cpu)")
+    models.add_argument("--dtype", default=None,
+                        help="model dtype, e.g. float32, bfloat16 (default: float32 on CPU, bfloat16 on a GPU)")
     models.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
-                        help="KV-cache pool of each model in tokens (default: ponder.kv.DEFAULT_TOKEN_BUDGET, "
-                             f"{BUILTIN_KV_BUDGET} for builtin models); a batch that does not fit is searched in halves")
+                        help="KV-cache pool of each model in tokens (default: sized from the workload, problems per "
+                             f"batch x largest n x longest path, at most {KV_POOL_CAP}); a batch that does not fit is searched in halves")
 
     data = p.add_argument_group("dataset")
     data.add_argument("--dataset", metavar="SRC", default=DEFAULT_DATASET,
@@ -126,10 +136,14 @@ def build_run_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset-config", default=None, help="configuration name of a hub dataset")
     data.add_argument("--problem-field", default="problem", help="field with the question (default problem)")
     data.add_argument("--answer-field", default="answer", help="field with the reference answer (default answer)")
-    data.add_argument("--answer-from-solution", action="store_true", help="the answer field is a full solution: grade against its last \\boxed{}")
+    data.add_argument("--answer-from-solution", action="store_true",
+                      help="the answer field is a full solution: grade against its last boxed answer")
     data.add_argument("--level-field", default="level", help="field with the difficulty level, optional (default level)")
-    data.add_argument("--id-field", default="unique_id", help="field with a unique id, optional (default unique_id; else the row number)")
-    data.add_argument("--limit", type=int, metavar="K", help="evaluate only the first K problems")
+    data.add_argument("--id-field", default=None,
+                      help="field with a unique id (default: the dataset's own, the first of "
+                           "unique_id, id, problem_id, question_id, task_id, uid, idx that every row has; else the row number)")
+    data.add_argument("--limit", type=int, metavar="K",
+                      help=f"evaluate only the first K problems ({DEFAULT_DATASET}: K spread over its levels)")
     data.add_argument("--per-level", type=int, metavar="K",
                       help=f"evaluate only the first K problems of each level (default for {DEFAULT_DATASET}: {DEFAULT_PER_LEVEL})")
     data.add_argument("--full", action="store_true", help=f"the whole dataset (no default slice of {DEFAULT_DATASET})")
@@ -155,7 +169,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", metavar="DIR", default=None, help="output directory (default runs/<timestamp>)")
     out.add_argument("--resume", action="store_true", help="complete the run in --out, skipping finished rows")
     out.add_argument("--batch-size", type=int, default=16, help="problems per search call (default 16)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars (model loading included)")
     return p
 
 
@@ -181,12 +195,18 @@ def _build_prm(path: str, fmt: str, device: str, dtype: str | None, kv_budget: i
     return HFPRM(path, format=fmt, device=device, dtype=dtype, kv_budget=kv_budget, reference=reference, beta=beta)
 
 
-def _kv_budget(args: argparse.Namespace, attr: str) -> int | None:
-    """--kv-budget, else the library default, except for the built-in models: their KV is a few
-    KB per token, so they get BUILTIN_KV_BUDGET and whole batches of 16 x n=16 paths fit."""
+def _kv_budget(args: argparse.Namespace, problems: list, n: int) -> int:
+    """--kv-budget, else the workload: problems per search call x ``n`` paths x the longest
+    path (a prompt bound, its characters plus a chat template's 64 tokens, plus max_steps x
+    max_step_tokens), at most KV_POOL_CAP tokens."""
     if args.kv_budget is not None:
         return args.kv_budget
-    return BUILTIN_KV_BUDGET if str(args.labels.get(attr, "")).startswith("builtin:") else None
+    longest = max(len(p.problem) for p in problems) + 64 + args.max_steps * args.max_step_tokens
+    return min(KV_POOL_CAP, min(args.batch_size, len(problems)) * n * longest)
+
+
+class _Refused(Exception):
+    """A mistake in the command line found while running: one line for the user, exit 2."""
 
 
 def _fail(message: str) -> int:
@@ -200,7 +220,15 @@ def _run(rest: list[str]) -> int:
         args = build_run_parser().parse_args(rest)
     except SystemExit as exc:
         return int(exc.code or 0)
-    return _evaluate(args)
+    args.out_dir = None
+    try:
+        return _evaluate(args)
+    except _Refused as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        where = f"; rerun with --resume --out {args.out_dir}" if args.out_dir is not None else ""
+        print(f"\nponder run: interrupted{where}", file=sys.stderr)
+        return 130
 
 
 def _resolve_models(args: argparse.Namespace, needs_prm: bool) -> str | None:
@@ -225,9 +253,146 @@ def _resolve_models(args: argparse.Namespace, needs_prm: bool) -> str | None:
             return f"{flag} {ref}: {exc}"
         if not _plausible_model_ref(path):
             return f"{flag} {ref!r}: no such local path, and not a Hugging Face hub id (owner/name)"
+        problem = _model_source_problem(flag, ref, path)
+        if problem:
+            return problem
         args.labels[attr] = ref
         setattr(args, attr, path)
     return None
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json", ".gguf")
+_TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model"}
+
+
+def _model_source_problem(flag: str, ref: str, path: str) -> str | None:
+    """Why ``path`` cannot be loaded as the model of ``flag``, found without loading it: a
+    directory without config.json / weights / tokenizer, or a hub id that is not in the local
+    cache while HF_HUB_OFFLINE is set; None when nothing is wrong yet."""
+    import os
+
+    from .evaluate import model_revision
+    from .policy import _offline
+
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        names = {n for n in os.listdir(local) if os.path.isfile(os.path.join(local, n))}
+        missing = []
+        if "config.json" not in names:
+            missing.append("config.json")
+        if not any(n.endswith(_WEIGHT_SUFFIXES) for n in names):
+            missing.append("weights (*.safetensors or pytorch_model.bin)")
+        if not names & _TOKENIZER_FILES:
+            missing.append("tokenizer files (tokenizer.json / tokenizer_config.json)")
+        if missing:
+            return (f"{flag} {ref}: {local} is not a Hugging Face model directory: it has no {', no '.join(missing)}; "
+                    f"pass a directory written by save_pretrained (model and tokenizer) or a hub id")
+        return None
+    if os.path.exists(local):
+        return f"{flag} {ref}: {local} is a file, not a model directory or a hub id"
+    if _offline() and model_revision(path) is None:
+        return (f"{flag} {ref}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first "
+                f"(huggingface-cli download {ref}) or pass a local directory")
+    return None
+
+
+def _load(flag: str, ref: str, build):
+    """``build()``, with a failure to load the model of ``flag`` as a one-line _Refused."""
+    try:
+        return build()
+    except (OSError, ValueError, ImportError) as exc:
+        text = " ".join(str(exc).split())
+        offline = ("couldn't connect", "offline", "outgoing traffic has been disabled", "connection", "resolve")
+        if any(k in text.lower() for k in offline) and not _is_local(ref):
+            raise _Refused(f"{flag} {ref}: could not download it (no network, or the hub cannot be reached) and it "
+                           f"is not in the local Hugging Face cache; download it first (huggingface-cli download "
+                           f"{ref}) or pass a local directory") from None
+        raise _Refused(f"{flag} {ref}: could not load the model: {text[:400]}") from None
+
+
+def _is_local(ref: str) -> bool:
+    import os
+
+    return ref.startswith("builtin:") or os.path.exists(os.path.expanduser(ref))
+
+
+def _check_device(args: argparse.Namespace) -> str | None:
+    """Resolve --device (default: cuda when torch sees a GPU, else cpu) and --dtype; an error
+    message for a device this torch cannot use or an unknown dtype."""
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        return f"--device {args.device!r} is not a device; use cpu, cuda, cuda:N or mps"
+    if device.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            return (f"--device {args.device}: this torch ({torch.__version__}) is built without CUDA; install a CUDA "
+                    f"build of torch (see pytorch.org/get-started) or use --device cpu")
+        if not torch.cuda.is_available():
+            return (f"--device {args.device}: torch sees no CUDA GPU (check the driver with nvidia-smi and "
+                    f"CUDA_VISIBLE_DEVICES) or use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)"
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            return f"--device {args.device}: MPS is not available in this torch / on this machine; use --device cpu"
+    elif device.type != "cpu":
+        return f"--device {args.device}: ponder runs models on cpu, cuda or mps, not {device.type}"
+    if args.dtype is not None and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+        return f"--dtype {args.dtype!r} is not a torch dtype; use float32, bfloat16 or float16"
+    return None
+
+
+def _check_out(out_dir) -> str | None:
+    """Create ``out_dir`` and check that a file can be written there; an error message or None."""
+    import tempfile
+
+    if out_dir.exists() and not out_dir.is_dir():
+        return f"--out {out_dir} exists and is not a directory; choose a directory"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        return f"--out {out_dir}: cannot write there ({exc.strerror or exc}); choose a writable directory"
+    return None
+
+
+def _quiet_loading() -> None:
+    """No download / weight-loading progress bars (transformers, huggingface_hub)."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _warn_builtin_policy(args: argparse.Namespace, problems: list) -> None:
+    """Once: a built-in policy on problems not of the form it was trained on."""
+    import re
+
+    builtin = [args.labels[a] for a in ("policy", "reference_policy") if str(args.labels.get(a, "")).startswith("builtin:")]
+    if not builtin:
+        return
+    odd = [p for p in problems if not re.fullmatch(BUILTIN_PROBLEM_FORM, p.problem.strip())]
+    if odd:
+        print(f"ponder run: warning: {builtin[0]} only understands problems of the form \"Compute <expression>.\" "
+              f"({DEFAULT_DATASET}); {len(odd)} of {len(problems)} problems of --dataset {args.dataset} are not "
+              f"(e.g. {odd[0].problem[:60]!r}), so expect accuracy near 0; pass your own --policy / --prm",
+              file=sys.stderr)
 
 
 def _slice(problems: list, args: argparse.Namespace) -> list:
@@ -247,7 +412,65 @@ def _slice(problems: list, args: argparse.Namespace) -> list:
     return kept
 
 
+def _model_record(ref: str | None, path: str | None, revision: str | None = None, **extra) -> dict:
+    from .evaluate import model_revision
+
+    return {"ref": ref, "revision": revision if revision is not None else model_revision(path), **extra}
+
+
+def _loaded_path(model) -> str | None:
+    return getattr(getattr(model, "model", None), "name_or_path", None) or None
+
+
+def _validate(args: argparse.Namespace) -> list[str]:
+    """Check every option that needs no file or model; returns the methods (or raises _Refused)."""
+    from . import evaluate
+
+    methods = list(dict.fromkeys(args.methods))
+    if not methods:
+        raise _Refused("--methods is empty")
+    unknown = [m for m in methods if m not in evaluate.METHODS]
+    if unknown:
+        raise _Refused(f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(evaluate.METHODS)}")
+    ns = sorted(set(args.n))
+    if not ns or any(n < 1 for n in ns):
+        raise _Refused(f"--n must list integers >= 1; got {args.n}")
+    if args.beam_width < 1:
+        raise _Refused(f"--beam-width must be >= 1; got {args.beam_width}")
+    tree = [m for m in methods if m in evaluate.TREE_METHODS]
+    if tree:
+        bad = [n for n in ns if n > args.beam_width and n % args.beam_width]
+        if bad:
+            raise _Refused(
+                f"{tree[0]} needs every n above --beam-width {args.beam_width} to be a multiple of it "
+                f"(below it the tree is n wide); n={bad[0]} is not: change --n or --beam-width"
+            )
+    limits = ARITH_LIMITS if args.dataset == DEFAULT_DATASET else GENERIC_LIMITS
+    for name, value in limits.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.kv_budget is not None and args.kv_budget < 1:
+        raise _Refused(f"--kv-budget must be >= 1; got {args.kv_budget}")
+    for name, value in (("--batch-size", args.batch_size), ("--max-step-tokens", args.max_step_tokens)):
+        if value < 1:
+            raise _Refused(f"{name} must be >= 1; got {value}")
+    for name, value in (("--limit", args.limit), ("--per-level", args.per_level)):
+        if value is not None and value < 1:
+            raise _Refused(f"{name} must be >= 1; got {value}")
+    if args.full and (args.limit is not None or args.per_level is not None):
+        raise _Refused("--full evaluates the whole dataset; drop --limit / --per-level (or --full)")
+    if not args.dataset:
+        raise _Refused("--dataset SRC must not be empty (a .jsonl/.json/.parquet file, a saved dataset directory, "
+                       "a hub id or builtin:<name>)")
+    if args.resume and not args.out:
+        raise _Refused("--resume needs --out DIR (the directory of the run to complete)")
+    return methods
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    """The body of `ponder run`. Order: every option, the models' sources (without loading
+    them), the device, --out (created and written to), the dataset, run.json against a resumed
+    run, then the models are loaded and searched. Mistakes raise _Refused (one line, exit 2)."""
     import os
     import time
     from pathlib import Path
@@ -257,48 +480,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .protocols import SamplingParams
     from .search import SearchConfig
 
-    # --- validate everything before any work
-    methods = list(dict.fromkeys(args.methods))
-    if not methods:
-        return _fail("--methods is empty")
-    unknown = [m for m in methods if m not in evaluate.METHODS]
-    if unknown:
-        return _fail(f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(evaluate.METHODS)}")
+    # --- every option, before any work
+    methods = _validate(args)
     ns = sorted(set(args.n))
-    if not ns or any(n < 1 for n in ns):
-        return _fail(f"--n must list integers >= 1; got {args.n}")
-    if args.beam_width < 1:
-        return _fail(f"--beam-width must be >= 1; got {args.beam_width}")
-    tree = [m for m in methods if m in evaluate.TREE_METHODS]
-    if tree:
-        bad = [n for n in ns if n > args.beam_width and n % args.beam_width]
-        if bad:
-            return _fail(
-                f"{tree[0]} needs every n above --beam-width {args.beam_width} to be a multiple of it "
-                f"(below it the tree is n wide); n={bad[0]} is not: change --n or --beam-width"
-            )
-    limits = ARITH_LIMITS if args.dataset == DEFAULT_DATASET else GENERIC_LIMITS
-    for name, value in limits.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.kv_budget is not None and args.kv_budget < 1:
-        return _fail(f"--kv-budget must be >= 1; got {args.kv_budget}")
-    for name, value in (("--batch-size", args.batch_size), ("--max-step-tokens", args.max_step_tokens)):
-        if value < 1:
-            return _fail(f"{name} must be >= 1; got {value}")
-    for name, value in (("--limit", args.limit), ("--per-level", args.per_level)):
-        if value is not None and value < 1:
-            return _fail(f"{name} must be >= 1; got {value}")
-    if args.full and (args.limit is not None or args.per_level is not None):
-        return _fail("--full evaluates the whole dataset; drop --limit / --per-level (or --full)")
     needs_prm = [m for m in methods if m not in evaluate.PRM_FREE_METHODS]
     if needs_prm and not args.prm:
-        return _fail(f"method {needs_prm[0]} needs --prm PATH (only greedy and majority run without a PRM)")
+        raise _Refused(f"method {needs_prm[0]} needs --prm PATH (only greedy and majority run without a PRM)")
     error = _resolve_models(args, bool(needs_prm))
     if error:
-        return _fail(error)
-    if not args.dataset:
-        return _fail("--dataset SRC must not be empty (a .jsonl/.json/.parquet file, a saved dataset directory, a hub id or builtin:<name>)")
+        raise _Refused(error)
     base = SearchConfig(
         method="majority", n=1, beam_width=args.beam_width, num_iterations=args.num_iterations,
         lookahead=args.lookahead, agg=args.agg, vote=args.vote, seed=args.seed, max_steps=args.max_steps,
@@ -309,14 +499,21 @@ def _evaluate(args: argparse.Namespace) -> int:
         for method, n in evaluate.plan(methods, ns):
             evaluate.method_config(base, method, n)
     except ValueError as exc:
-        return _fail(exc)
-    if args.resume and not args.out:
-        return _fail("--resume needs --out DIR (the directory of the run to complete)")
+        raise _Refused(exc) from None
+    error = _check_device(args)
+    if error:
+        raise _Refused(error)
     out_dir = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     try:
         evaluate.check_out_dir(out_dir, args.resume)
     except FileExistsError as exc:
-        return _fail(exc)
+        raise _Refused(exc) from None
+    error = _check_out(out_dir)
+    if error:
+        raise _Refused(error)
+    args.out_dir = out_dir  # from here on Ctrl-C says how to resume
+
+    # --- the dataset
     try:
         from .data import load_problems
 
@@ -326,45 +523,82 @@ def _evaluate(args: argparse.Namespace) -> int:
             answer_from_solution=args.answer_from_solution, config=args.dataset_config,
         )
     except (ValueError, OSError, ConnectionError) as exc:
-        return _fail(f"--dataset {args.dataset}: {exc}")
+        raise _Refused(f"--dataset {args.dataset}: {exc}") from None
     problems = _slice(problems, args)
     if not problems:
-        return _fail(f"--dataset {args.dataset}: no problems")
+        raise _Refused(f"--dataset {args.dataset}: no problems")
+    _warn_builtin_policy(args, problems)
+
+    # --- what defines the rows, against the run being resumed (before any model loads)
+    labels = args.labels
+    models: dict = {"dtype": args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
+                    "policy": _model_record(labels["policy"], args.policy)}
+    if needs_prm:
+        models["prm"] = _model_record(labels["prm"], args.prm, format=None if args.prm_format == "auto" else args.prm_format,
+                                      beta=args.prm_beta)
+        if args.prm_reference is not None:
+            models["prm_reference"] = _model_record(labels["prm_reference"], args.prm_reference)
+    if args.reference_policy is not None:
+        models["reference_policy"] = _model_record(labels["reference_policy"], args.reference_policy)
+    dataset = {"source": args.dataset, "split": args.split, "config": args.dataset_config,
+               "problem_field": args.problem_field, "answer_field": args.answer_field, "level_field": args.level_field,
+               "id_field": args.id_field, "answer_from_solution": args.answer_from_solution,
+               "limit": args.limit, "per_level": args.per_level, "full": args.full}
+    execution = {"device": args.device, "batch_size": args.batch_size, "kv_budget": args.kv_budget,
+                 "methods": methods, "ns": ns}
+    manifest = evaluate.run_manifest(problems, base, dataset=dataset, models=models, execution=execution)
+    try:
+        manifest = evaluate.check_manifest(out_dir, manifest, args.resume)
+    except ValueError as exc:
+        raise _Refused(exc) from None
 
     # --- the work
-    try:
-        policy = _build_policy(args.policy, args.device, args.dtype, kv_budget=_kv_budget(args, "policy"))
-        prm = (_build_prm(args.prm, args.prm_format, args.device, args.dtype, kv_budget=_kv_budget(args, "prm"),
-                          reference=args.prm_reference, beta=args.prm_beta)
-               if needs_prm else None)
-    except (OSError, ValueError) as exc:
-        print(f"ponder run: error: could not load the models: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
+    if args.no_progress:
+        _quiet_loading()
+    n_max = max(ns)
+    policy = _load("--policy", labels["policy"],
+                   lambda: _build_policy(args.policy, args.device, args.dtype, kv_budget=_kv_budget(args, problems, n_max)))
+    prm = None
+    if needs_prm:
+        prm = _load("--prm", labels["prm"], lambda: _build_prm(
+            args.prm, args.prm_format, args.device, args.dtype, kv_budget=_kv_budget(args, problems, n_max),
+            reference=args.prm_reference, beta=args.prm_beta))
+        # what the PRM resolved: its format, beta and (implicit PRMs) the reference it reads
+        found = {"format": getattr(prm, "format", None), "beta": getattr(prm, "beta", None)}
+        ref_model = getattr(prm, "ref_model", None)
+        models["prm"].update({k: v for k, v in found.items() if v is not None})
+        if ref_model is not None:
+            path = getattr(ref_model, "name_or_path", None)
+            models["prm_reference"] = _model_record(labels.get("prm_reference", "(the PRM's config)"), path)
+    revision = evaluate.model_revision(_loaded_path(policy) or args.policy)
+    models["policy"]["revision"] = revision or models["policy"]["revision"]
+    try:  # the loaded models (hub commits now cached, the PRM's resolved settings) against run.json
+        manifest = evaluate.check_manifest(
+            out_dir, evaluate.run_manifest(problems, base, dataset=dataset, models=models, execution=execution), True)
+    except ValueError as exc:
+        raise _Refused(exc) from None
     print(f"ponder run: {len(problems)} problems, methods {','.join(methods)}, n {','.join(map(str, ns))} -> {out_dir}",
           file=sys.stderr)
-    common = dict(base_config=base, out_dir=out_dir, batch_size=args.batch_size, progress=not args.no_progress)
+    common = dict(base_config=base, out_dir=out_dir, batch_size=args.batch_size, progress=not args.no_progress,
+                  manifest=manifest)
     try:
         rows = evaluate.run_evaluation(
             problems, policy, prm, methods=methods, ns=ns, resume=args.resume,
-            policy_label=args.labels["policy"], **common,
+            policy_label=labels["policy"], **common,
         )
         if args.reference_policy is not None:
             del policy, prm
-            try:
-                reference = _build_policy(args.reference_policy, args.device, args.dtype,
-                                          kv_budget=_kv_budget(args, "reference_policy"))
-            except (OSError, ValueError) as exc:
-                print(f"ponder run: error: could not load --reference-policy: {' '.join(str(exc).split())}", file=sys.stderr)
-                return 1
+            reference = _load("--reference-policy", labels["reference_policy"], lambda: _build_policy(
+                args.reference_policy, args.device, args.dtype, kv_budget=_kv_budget(args, problems, 1)))
             # the same directory: its rows are told apart by their policy label
             rows += evaluate.run_evaluation(
                 problems, reference, None, methods=[evaluate.GREEDY], ns=[1], resume=True,
-                policy_label=args.labels["reference_policy"], **common,
+                policy_label=labels["reference_policy"], **common,
             )
     except (ValueError, FileExistsError) as exc:
-        return _fail(exc)
+        raise _Refused(exc) from None
     except KVCacheFull as exc:  # even a single problem did not fit: the message names --kv-budget
-        return _fail(f"KVCacheFull: {exc}")
+        raise _Refused(f"KVCacheFull: {exc}") from None
     summary = evaluate.write_summary(rows, out_dir)
     print(evaluate.markdown_table(summary), end="")
     files = [out_dir / evaluate.RESULTS_FILE, out_dir / "summary.csv", out_dir / "summary.md"]
@@ -372,51 +606,74 @@ def _evaluate(args: argparse.Namespace) -> int:
         files.append(evaluate.plot_scaling(summary, out_dir))
     except ImportError:
         print("ponder run: matplotlib is not installed; no scaling.png (pip install matplotlib)", file=sys.stderr)
+    files.append(out_dir / evaluate.MANIFEST_FILE)
     print("\nwrote " + ", ".join(os.fspath(f) for f in files))
     print(
         "\nOn your own models: ponder run --policy <hub id or dir> --prm <PRM hub id or dir> "
-        "--dataset <file.jsonl or hub id> (see `ponder run --help`)"
+        "--dataset <file.jsonl or hub id> (see: ponder run --help)"
     )
     return 0
 
 
+def _version() -> str:
+    from ._version import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ponder {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="evaluate search methods on a dataset (see `ponder run --help`); "
+    run = sub.add_parser("run", help="evaluate search methods on a dataset (see: ponder run --help); "
                          "with no arguments: the built-in models on builtin:arith", add_help=False)
-    run.add_argument("rest", nargs=argparse.REMAINDER, help="see `ponder run --help`")
+    run.add_argument("rest", nargs=argparse.REMAINDER, help="see: ponder run --help")
     run.set_defaults(func=lambda a: _run(a.rest))
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="which", required=True)
+    bench = sub.add_parser("bench", help="benchmarks (ponder bench core)", description="Benchmarks.")
+    bench_sub = bench.add_subparsers(dest="which")
     core = bench_sub.add_parser("core", help="control plane: C++ core vs pure-Python reference", add_help=False)
-    core.add_argument("rest", nargs=argparse.REMAINDER, help="see `ponder bench core --help`")
+    core.add_argument("rest", nargs=argparse.REMAINDER, help="see: ponder bench core --help")
     core.set_defaults(func=_bench_core)
+    bench.set_defaults(func=lambda _a: _print_help(bench))
 
-    toy = sub.add_parser("toy", help="the built-in task and models")
-    toy_sub = toy.add_subparsers(dest="which", required=True)
-    train = toy_sub.add_parser("train", help="retrain the built-in models from a seed (see `ponder toy train --help`)", add_help=False)
+    toy = sub.add_parser("toy", help="the built-in task and models (ponder toy train)",
+                         description="The built-in task (builtin:arith) and its models.")
+    toy_sub = toy.add_subparsers(dest="which")
+    train = toy_sub.add_parser("train", help="retrain the built-in models from a seed (see: ponder toy train --help)",
+                               add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(func=_toy_train)
+    toy.set_defaults(func=lambda _a: _print_help(toy))
 
     info = sub.add_parser("info", help="build and CUDA information as JSON")
     info.set_defaults(func=_info)
     return parser
 
 
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``ponder`` command: returns the exit status (0 done, 2 a mistake in the command
+    line, one line on stderr; 130 interrupted with Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `run` and `bench core` hand every later option to the benchmark's own parser.
-    if argv[:1] == ["run"]:
-        return _run(argv[1:])
-    if argv[:2] == ["bench", "core"]:
-        return _bench_core(argparse.Namespace(rest=argv[2:]))
-    if argv[:2] == ["toy", "train"]:
-        return _toy_train(argparse.Namespace(rest=argv[2:]))
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        # `run`, `bench core` and `toy train` hand every later option to their own parser.
+        if argv[:1] == ["run"]:
+            return _run(argv[1:])
+        if argv[:2] == ["bench", "core"]:
+            return _bench_core(argparse.Namespace(rest=argv[2:]))
+        if argv[:2] == ["toy", "train"]:
+            return _toy_train(argparse.Namespace(rest=argv[2:]))
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\nponder {' '.join(argv[:2])}: interrupted".replace("  ", " "), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
