@@ -418,6 +418,10 @@ VLLM_HELP = (
 @pytest.fixture(scope="module")
 def vllm_url(tmp_path_factory):
     """A vLLM server serving builtin:policy-small, started once for the module, stopped after."""
+    running = os.environ.get("PONDER_VLLM_URL")  # a server already serving policy-small's directory
+    if running:
+        yield running
+        return
     if not VLLM_PYTHON:
         pytest.skip(VLLM_HELP)
     log = str(tmp_path_factory.mktemp("vllm") / "server.log")
@@ -426,21 +430,45 @@ def vllm_url(tmp_path_factory):
         yield server.url
 
 
+def vllm_policy(url: str) -> OpenAIPolicy:
+    """OpenAIPolicy on the vLLM server under the name it serves, policy-small's tokenizer."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/models", timeout=10) as r:
+        name = json.load(r)["data"][0]["id"]
+    return OpenAIPolicy(url, name, tokenizer=POLICY_DIR)
+
+
+@pytest.fixture(scope="module")
+def arith_problems():
+    from ponder.data import load_problems
+
+    return [p.problem for p in load_problems("builtin:arith", limit=6)]
+
+
 @pytest.mark.vllm
-def test_vllm_greedy_search_matches_hfpolicy(vllm_url):
+@pytest.mark.parametrize("method", ["majority", "beam_search"])
+def test_vllm_greedy_search_matches_hfpolicy(vllm_url, arith_problems, method):
+    """Greedy (temperature 0): the same answers, steps, finish flags and token counts through
+    vLLM as in-process. majority n=1 is plain greedy decoding; beam search (n=4, width 2, the
+    built-in PRM in-process) sends each kept beam's 2 children as one request."""
     import torch
 
-    from ponder.data import load_problems
     from ponder.policy import HFPolicy
+    from ponder.prm import HFPRM
     from ponder.search import SearchConfig, search
 
-    problems = [p.problem for p in load_problems("builtin:arith", limit=6)]
     sampling = SamplingParams(temperature=0.0, max_step_tokens=96)
-    config = SearchConfig(method="majority", n=1, sampling=sampling, max_steps=16, seed=0)
+    if method == "majority":
+        config, prm = SearchConfig(method="majority", n=1, sampling=sampling, max_steps=16, seed=0), None
+    else:
+        config = SearchConfig(method="beam_search", n=4, beam_width=2, num_iterations=8, max_steps=16,
+                              sampling=sampling, seed=0)
+        prm = HFPRM(resolve_model("builtin:prm"))
     torch.set_num_threads(1)
-    hf = search(problems, HFPolicy(POLICY_DIR), None, config)
-    remote_policy = OpenAIPolicy(vllm_url, POLICY_DIR)
-    remote = search(problems, remote_policy, None, config)
+    hf = search(arith_problems, HFPolicy(POLICY_DIR), prm, config)
+    remote_policy = vllm_policy(vllm_url)
+    remote = search(arith_problems, remote_policy, prm, config)
     assert [r.answer for r in remote] == [r.answer for r in hf]
     assert sum(r.answer is not None for r in hf) >= 1
     for a, b in zip(remote, hf):
@@ -448,13 +476,18 @@ def test_vllm_greedy_search_matches_hfpolicy(vllm_url):
         assert [(c.finished, c.truncated) for c in a.completions] == [(c.finished, c.truncated) for c in b.completions]
         assert a.budget.policy_tokens_generated == b.budget.policy_tokens_generated
         assert a.budget.policy_tokens_prefilled == b.budget.policy_tokens_prefilled
-    # the server's usage agrees with the step tokens the search counted
-    assert remote_policy.stats()["tokens_generated"] == sum(r.budget.policy_tokens_generated for r in remote)
+        assert a.budget.prm_tokens_scored == b.budget.prm_tokens_scored
+    st = remote_policy.stats()
+    assert st["live_nodes"] == 0 and st["retries"] == 0
+    if method == "majority":  # one request per step: the server's usage is the search's count
+        assert st["tokens_generated"] == sum(r.budget.policy_tokens_generated for r in remote)
+    else:  # greedy children share one sample: the server generated less than the tree holds
+        assert 0 < st["tokens_generated"] < sum(r.budget.policy_tokens_generated for r in remote)
 
 
 @pytest.mark.vllm
 def test_vllm_grouped_samples_and_eos(vllm_url, tokenizer):
-    policy = OpenAIPolicy(vllm_url, POLICY_DIR)
+    policy = vllm_policy(vllm_url)
     policy.start([0], ["Compute 12 + 7."])
     steps = policy.sample_steps([0] * 4, [1, 2, 3, 4], SamplingParams(temperature=1.0, seed=3, max_step_tokens=96))
     assert policy.stats()["requests"] == 1 and len(steps) == 4
