@@ -460,15 +460,15 @@ def _vote_of(cfg: SearchConfig) -> tuple[str, str]:
 
 
 def _first_expansion_blocks(model, search: Search) -> int:
-    """KV blocks a search's first expansion may take: its prompt once (an upper bound: the
-    prompt is tokenized by the model when it can, else 4 characters a token) plus, per child,
-    the blocks of one step of ``max_step_tokens``."""
+    """KV blocks a search's first expansion takes at least: its prompt (estimated from its
+    characters plus a chat template's 64 tokens: the engine has no tokenizer) once per root,
+    and one block per child (its first step's block; a fork shares the prompt's full blocks).
+    Later growth is the preemption's business."""
     block = int(getattr(model, "kv_block_size", 16) or 16)
     cfg = search.config
-    prompt = len(search.problem) // 4 + 64
-    children = cfg.n
-    step = -(-cfg.sampling.max_step_tokens // block)
-    return -(-prompt // block) * (cfg.n // cfg.beam_width if cfg.method == "dvts" else 1) + children * (step + 1)
+    roots = cfg.n // cfg.beam_width if cfg.method == "dvts" else 1
+    prompt = -(-(len(search.problem) + 64) // block)
+    return prompt * roots + cfg.n
 
 
 class AsyncEngine:
