@@ -156,6 +156,7 @@ class Engine:
         self._live: list[_Request] = []  # admission order
         self._cancels: list[_Request] = []
         self._background = False
+        self._admit_limit: int | None = None  # after a start hit KVCacheFull: admit at most this many
         self._counters = dict(
             steps=0, policy_calls=0, policy_rows=0, prm_calls=0, prm_rows=0,
             preemptions=0, kv_full_caught=0, kv_full_errors=0, submitted=0, finished=0,
@@ -252,6 +253,8 @@ class Engine:
         new: list[_Request] = []
         with self._lock:
             while self._queue and (self.max_live is None or len(self._live) + len(new) < self.max_live):
+                if self._admit_limit is not None and len(new) >= self._admit_limit:
+                    break
                 r = self._queue[0]
                 if (self._live or new) and not self._fits(new + [r]):
                     break
@@ -263,10 +266,28 @@ class Engine:
             r.search.generated = r.search.prm_scored = 0
         try:
             roots = self.tree.add_roots([r.search for r in new], [r.method.subtrees for r in new])
+        except KVCacheFull as exc:
+            # The prompts do not fit now: the new searches wait at the head of the queue (a
+            # search alone fails). The models freed what the failed start made; the policy
+            # may hold the roots when the PRM's start failed.
+            self._counters["kv_full_caught"] += 1
+            first = int(self.tree.forest.stats()["ids_given"])
+            self._release_quietly(self.policy, range(first, first + sum(r.method.subtrees for r in new)))
+            if not self._live and len(new) == 1:
+                self._counters["kv_full_errors"] += 1
+                self._fail(new[0], exc)
+                return
+            for r in new:
+                r.method = None
+            self._admit_limit = max(1, len(new) // 2)  # next time admit fewer at once
+            with self._lock:
+                self._queue[:0] = new
+            return
         except BaseException as exc:
             for r in new:
                 self._fail(r, exc)
             raise
+        self._admit_limit = None
         for r, rs in zip(new, roots):
             r.method.start(rs)
             self._live.append(r)
@@ -306,9 +327,11 @@ class Engine:
         tree = self.tree
         spent = [(r.search, r.search.generated, r.search.prm_scored) for r, _ in owners]
         batch = tree.expand(wants)
+        stage = "sample"
         try:
             tree.sample(batch)
             tree.look_ahead(batch)
+            stage = "score"
             tree.score(batch)
         except KVCacheFull:
             # Nothing was recorded: undo the expansion (the models freed what they made).
@@ -316,7 +339,9 @@ class Engine:
             for x in batch.children.tolist():
                 node = tree.nodes.pop(x)
                 node.search.node_ids.remove(x)
-            self._release_children_quietly(batch.children.tolist())
+            self._release_quietly(self.policy, batch.children.tolist())
+            if stage == "score":
+                self._release_quietly(self.prm, batch.children.tolist())
             for search, gen, scored in spent:
                 search.generated, search.prm_scored = gen, scored
             raise
@@ -344,14 +369,14 @@ class Engine:
             if r.method.done:
                 self._finish(r, None)
 
-    def _release_children_quietly(self, ids: list[int]) -> None:
-        """After ``KVCacheFull`` in a step: the policy may hold children of the sampling calls
-        that succeeded before it (one call per sampling setting); the PRM holds none (its one
-        call is the one that failed, or never ran)."""
+    @staticmethod
+    def _release_quietly(model, ids) -> None:
+        """After ``KVCacheFull``: free what a model may hold of these ids (children of calls
+        that succeeded before the failing one), one by one, ignoring ids it never held."""
         for x in ids:
             try:
-                self.policy.release([x])
-            except Exception:  # noqa: BLE001 - children a failed call never created
+                model.release([int(x)])
+            except Exception:  # noqa: BLE001 - ids a failed call never created
                 pass
 
     def _preempt_latest(self) -> bool:
