@@ -1,0 +1,167 @@
+"""When is a vote settled? Adaptive-consistency's stopping rule, with its error bound stated.
+
+Adaptive-Consistency (Aggarwal et al. 2023, arXiv 2305.11860) samples until a posterior over
+the answer frequencies says the current leader stays the leader. ponder uses its Beta form:
+
+* Model: the leader's and the runner-up's shares of the vote among the two are ``p`` and
+  ``1 - p``; with a uniform prior and ``v1`` votes for the leader, ``v2`` for the runner-up,
+  the posterior of ``p`` is ``Beta(v1 + 1, v2 + 1)``.
+* ``leader_probability`` is ``P(p > 1/2)`` under it: the probability that the leader is the
+  answer more samples would keep choosing (the runner-up wins with the rest: ``1 -`` that).
+* **Bound**: ``should_stop`` stops only when ``P(p > 1/2) >= threshold``, i.e. when the
+  posterior probability that the runner-up (and, the runner-up being the strongest rival,
+  any other answer) is the better-supported answer is at most ``1 - threshold`` (0.05 at
+  the default 0.95). It never stops without a vote.
+
+For integer counts this is exact: ``P(p > 1/2) = P(Binomial(v1 + v2 + 1, 1/2) <= v1)``.
+Unanimity of ``k`` votes gives ``1 - 2^-(k+1)``: at 0.95 four agreeing samples stop, three do
+not. Completions without an answer abstain (they move no count).
+
+PRM-weighted version (weighted best-of-N, whose vote sums each answer's aggregated PRM
+scores): each completion is a fractional vote of its score (in [0, 1]), so the posterior is
+``Beta(w1 + 1, w2 + 1)`` with ``w1``, ``w2`` the leader's and runner-up's summed scores;
+``P(p > 1/2)`` is the regularized incomplete beta function, computed here without scipy. The
+posterior grows with the leader's weight and shrinks with the rival's; a score below 1 counts
+less than a vote, so the leader is never more settled than its full count of votes would make
+it against the same rival weight. (A rival the PRM scores low weighs little: that is the point.)
+
+All functions are pure (no state, no randomness) and take plain Python numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable, Sequence
+
+DEFAULT_THRESHOLD = 0.95
+
+
+def top_two(values: Iterable[float]) -> tuple[float, float]:
+    """The largest and second largest of ``values`` (0 for a missing one)."""
+    first = second = 0.0
+    for v in values:
+        v = float(v)
+        if v > first:
+            first, second = v, first
+        elif v > second:
+            second = v
+    return first, second
+
+
+def tally(answers: Sequence[Hashable | None], weights: Sequence[float] | None = None) -> dict:
+    """Votes per answer (``None`` abstains): counts, or summed ``weights`` when given.
+    Insertion order is the order answers were first seen."""
+    out: dict = {}
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        out[a] = out.get(a, 0.0) + (1.0 if weights is None else float(weights[i]))
+    return out
+
+
+def beta_sf_half(a: float, b: float) -> float:
+    """``P(X > 1/2)`` for ``X ~ Beta(a, b)``, a, b > 0; i.e. ``1 - I_{1/2}(a, b)``.
+
+    Integer a, b: the exact binomial sum. Otherwise the continued fraction of the regularized
+    incomplete beta function (Numerical Recipes' ``betacf``; absolute error < 1e-12)."""
+    if not (a > 0 and b > 0):
+        raise ValueError(f"Beta parameters must be > 0; got a={a!r}, b={b!r}")
+    if float(a).is_integer() and float(b).is_integer():
+        ia, ib = int(a), int(b)
+        m = ia + ib - 1
+        # I_{1/2}(a, b) = P(Binomial(a + b - 1, 1/2) >= a)
+        return sum(math.comb(m, j) for j in range(ia)) / 2.0**m
+    return 1.0 - _betainc_half(float(a), float(b))
+
+
+def _betainc_half(a: float, b: float) -> float:
+    """The regularized incomplete beta function ``I_x(a, b)`` at x = 1/2."""
+    x = 0.5
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)
+    front = math.exp(log_front)
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1 - x) / b
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    tiny, eps = 1e-300, 1e-15
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            break
+    return h
+
+
+def leader_probability(votes: dict | Iterable[float]) -> float:
+    """Posterior probability that the current leader is the better-supported answer:
+    ``P(p > 1/2)`` with ``p ~ Beta(v1 + 1, v2 + 1)``, v1 / v2 the largest and second largest
+    vote (counts or summed weights; a dict from ``tally`` or the bare values). 0.5 with no
+    vote at all (nothing is known)."""
+    values = votes.values() if isinstance(votes, dict) else votes
+    v1, v2 = top_two(values)
+    if v1 <= 0:
+        return 0.5
+    return beta_sf_half(v1 + 1.0, v2 + 1.0)
+
+
+def should_stop(votes: dict | Iterable[float], threshold: float = DEFAULT_THRESHOLD) -> bool:
+    """Stop sampling: some answer has a vote and ``leader_probability(votes) >= threshold``.
+
+    Guarantee: when it returns True the posterior probability that another answer (the
+    runner-up) is better supported than the leader is at most ``1 - threshold``. threshold
+    must be in (0.5, 1]; at 1 it stops only once the rival's probability rounds to 0 in
+    float64 (about 53 unanimous votes)."""
+    check_threshold(threshold)
+    values = list(votes.values() if isinstance(votes, dict) else votes)
+    if not values or max(values) <= 0:
+        return False
+    return leader_probability(values) >= threshold
+
+
+def stop_counts(answers: Sequence[Hashable | None], threshold: float = DEFAULT_THRESHOLD) -> bool:
+    """``should_stop`` on the answer counts of majority voting (``None`` abstains)."""
+    return should_stop(tally(answers), threshold)
+
+
+def stop_weighted(
+    answers: Sequence[Hashable | None], scores: Sequence[float], threshold: float = DEFAULT_THRESHOLD
+) -> bool:
+    """``should_stop`` on the summed PRM scores per answer (weighted best-of-N's vote).
+    Scores are clipped to [0, 1]; NaN counts 0."""
+    clipped = [0.0 if not (s == s) else min(1.0, max(0.0, float(s))) for s in scores]
+    return should_stop(tally(answers, clipped), threshold)
+
+
+def unanimity_samples(threshold: float = DEFAULT_THRESHOLD) -> int:
+    """The fewest unanimous votes that stop: the least k with ``1 - 2^-(k+1) >= threshold``."""
+    check_threshold(threshold)
+    k = 1
+    while 1.0 - 2.0 ** -(k + 1) < threshold:
+        k += 1
+        if k > 1100:
+            raise ValueError(f"threshold {threshold!r} is never reached")
+    return k
+
+
+def check_threshold(threshold: float) -> None:
+    """ValueError unless threshold is a number in (0.5, 1]."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.5 < threshold <= 1.0:
+        raise ValueError(f"early-stop threshold must be a number in (0.5, 1]; got {threshold!r}")

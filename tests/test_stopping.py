@@ -1,0 +1,119 @@
+"""ponder.search.stopping: the Beta stopping rule and its stated error bound."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ponder.search import stopping
+
+thresholds = st.floats(min_value=0.5001, max_value=0.999)
+counts = st.lists(st.integers(min_value=0, max_value=30), min_size=0, max_size=6)
+weights = st.lists(st.floats(min_value=0.0, max_value=20.0), min_size=0, max_size=6)
+
+
+def _posterior_numeric(a: float, b: float, grid: int = 20000) -> float:
+    """P(Beta(a, b) > 1/2) by midpoint integration of the density (an independent check)."""
+    logc = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    h = 1.0 / grid
+    total = upper = 0.0
+    for i in range(grid):
+        x = (i + 0.5) * h
+        d = math.exp(logc + (a - 1) * math.log(x) + (b - 1) * math.log(1 - x)) * h
+        total += d
+        if x > 0.5:
+            upper += d
+    return upper / total
+
+
+@given(counts, thresholds)
+@settings(max_examples=200, deadline=None)
+def test_never_stops_while_the_runner_up_could_still_win_within_the_bound(votes, threshold):
+    """Stop => the posterior probability that the runner-up is better supported is at most
+    1 - threshold (checked with the binomial identity computed independently)."""
+    if stopping.should_stop(votes, threshold):
+        ordered = sorted(votes, reverse=True) + [0, 0]
+        v1, v2 = ordered[0], ordered[1]
+        m = v1 + v2 + 1
+        p_runner_up = sum(math.comb(m, j) for j in range(v1 + 1, m + 1)) / 2**m
+        assert p_runner_up <= 1 - threshold + 1e-12
+        assert v1 > v2  # a tie is never settled
+
+
+@given(weights, thresholds)
+@settings(max_examples=40, deadline=None)
+def test_weighted_bound_holds_against_numeric_integration(ws, threshold):
+    p = stopping.leader_probability(ws)
+    v1, v2 = stopping.top_two(ws)
+    if v1 > 0:
+        assert p == pytest.approx(_posterior_numeric(v1 + 1, v2 + 1, 4000), abs=2e-3)
+    if stopping.should_stop(ws, threshold):
+        assert _posterior_numeric(v1 + 1, v2 + 1, 4000) >= threshold - 2e-3
+
+
+def test_incomplete_beta_agrees_with_the_binomial_sum():
+    rnd = random.Random(3)
+    for _ in range(200):
+        a, b = rnd.randint(1, 40), rnd.randint(1, 40)
+        exact = stopping.beta_sf_half(a, b)
+        assert 1.0 - stopping._betainc_half(float(a), float(b)) == pytest.approx(exact, abs=1e-11)
+    assert stopping.beta_sf_half(3.5, 3.5) == pytest.approx(0.5, abs=1e-12)  # symmetric
+
+
+@pytest.mark.parametrize("threshold", [0.6, 0.8, 0.9, 0.95, 0.99, 0.999])
+def test_unanimity_stops_at_once_exactly_when_the_rule_says_so(threshold):
+    k = stopping.unanimity_samples(threshold)
+    assert 1 - 2.0 ** -(k + 1) >= threshold > 1 - 2.0 ** -k  # the least such k
+    assert stopping.stop_counts(["7"] * k, threshold)
+    assert not stopping.stop_counts(["7"] * (k - 1), threshold)
+    # abstentions do not count as votes, for or against
+    assert stopping.stop_counts(["7"] * k + [None] * 5, threshold)
+    assert stopping.unanimity_samples(0.95) == 4  # a first round of 4 agreeing samples stops
+
+
+@given(counts, thresholds, thresholds)
+@settings(max_examples=200, deadline=None)
+def test_monotone_in_the_threshold(votes, t1, t2):
+    lo, hi = min(t1, t2), max(t1, t2)
+    if stopping.should_stop(votes, hi):
+        assert stopping.should_stop(votes, lo)
+
+
+@given(counts, st.integers(min_value=0, max_value=5), thresholds)
+@settings(max_examples=200, deadline=None)
+def test_more_votes_for_the_leader_never_unsettle_it(votes, extra, threshold):
+    if not votes or max(votes) == 0:
+        return
+    if stopping.should_stop(votes, threshold):
+        i = votes.index(max(votes))
+        more = list(votes)
+        more[i] += extra
+        assert stopping.should_stop(more, threshold)
+
+
+@given(st.lists(st.sampled_from(["1", "2", "3", None]), max_size=12), thresholds, st.data())
+@settings(max_examples=100, deadline=None)
+def test_weighted_rule_is_never_bolder_than_the_count_rule(answers, threshold, data):
+    scores = [data.draw(st.floats(0.0, 1.0)) for _ in answers]
+    if stopping.stop_weighted(answers, scores, threshold):
+        # every weight <= 1, so the leader's posterior cannot exceed the one of full votes for it
+        w = stopping.tally(answers, scores)
+        c = stopping.tally(answers)
+        leader = max(w, key=w.get)
+        others = [v for a, v in w.items() if a != leader]
+        assert stopping.leader_probability([c[leader], max(others, default=0.0)]) >= threshold - 1e-12
+
+
+def test_no_vote_never_stops_and_bad_thresholds_are_refused():
+    assert not stopping.should_stop([], 0.9)
+    assert not stopping.stop_counts([None, None], 0.51)
+    assert stopping.leader_probability({}) == 0.5
+    for bad in (0.5, 1.5, -1, True, "0.9"):
+        with pytest.raises(ValueError, match="threshold"):
+            stopping.should_stop([3, 0], bad)
+    with pytest.raises(ValueError, match="Beta"):
+        stopping.beta_sf_half(0, 1)
