@@ -347,6 +347,12 @@ def _dataset(tmp_path, rows=None, name="data.jsonl") -> str:
 @pytest.fixture
 def models(monkeypatch):
     """Scripted models in place of HFPolicy / HFPRM; records the paths asked for."""
+    return fake_models(monkeypatch)
+
+
+def fake_models(monkeypatch) -> list:
+    """Put scripted models in place of the CLI's HFPolicy / HFPRM builders; returns the list of
+    (kind, path, device or format) they are asked for."""
     asked = []
 
     def policy(path, device, dtype, kv_budget=None):

@@ -27,7 +27,7 @@ def _info(_args: argparse.Namespace) -> int:
 def _bench_core(args: argparse.Namespace) -> int:
     from .bench import control_plane
 
-    return control_plane.main(args.rest)
+    return control_plane.main(args.rest, prog="ponder bench core")
 
 
 DEFAULT_POLICY = "builtin:policy-small"

@@ -563,7 +563,31 @@ def train_all(config: TrainConfig, out_dir: str | os.PathLike) -> dict[str, Path
     return {"policy-small": small, "policy-large": large, "prm": prm}
 
 
-def main(argv: list[str] | None = None) -> int:
+#: the help of each ``ponder toy train`` option (one per TrainConfig field)
+OPTION_HELP = {
+    "seed": "random seed of the data, the initialisation and the sampling",
+    "threads": "torch CPU threads",
+    "tokens_per_batch": "tokens per training batch",
+    "small_steps": "training steps of policy-small (from scratch)",
+    "small_lr": "peak learning rate of policy-small",
+    "large_steps": "further training steps of policy-large after it is grown from policy-small",
+    "large_lr": "peak learning rate of policy-large",
+    "grow_noise": "noise added when growing policy-small into policy-large (breaks the symmetry of duplicated units)",
+    "warmup": "learning-rate warm-up steps of every stage",
+    "sample_problems_per_level": "PRM fit data: problems per level that policy-small solves",
+    "sample_n": "PRM fit data: solutions sampled per problem",
+    "sample_temperature": "PRM fit data: sampling temperature",
+    "sample_batch": "PRM fit data: problems per sampling call",
+    "sample_max_steps": "PRM fit data: most steps per sampled solution",
+    "sample_max_step_tokens": "PRM fit data: most tokens per sampled step",
+    "prm_lm_steps": "further language-model steps of the PRM's model from policy-large",
+    "prm_lm_lr": "peak learning rate of those PRM steps",
+    "prm_inverse_temperatures": "comma-separated inverse temperatures (alpha >= 1) tried for the PRM; beta is fitted for each",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``ponder toy train``: --out, --install and one option per TrainConfig field."""
     parser = argparse.ArgumentParser(
         prog="ponder toy train",
         description="Retrain the built-in policies and PRM of builtin:arith from a seed (about 50 min on 2 CPU cores). "
@@ -573,16 +597,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--install", action="store_true", help=f"copy the finished models into the package ({MODELS_DIR})")
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, field.name)
         parser.add_argument(
-            "--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)), default=getattr(defaults, field.name)
+            "--" + field.name.replace("_", "-"), type=type(default), default=default,
+            metavar=type(default).__name__.upper(), help=f"{OPTION_HELP[field.name]} (default {default})",
         )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     try:
         paths = train_all(config, args.out)
     except ValueError as exc:
         print(f"ponder toy train: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nponder toy train: interrupted; rerun with --out {args.out} to resume (finished stages are kept)",
+              file=sys.stderr)
+        return 130
     for name, path in paths.items():
         print(f"{name}: {path}")
     if args.install:
