@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ._core import KVCacheFull
+from .search.adaptive import Auto, method_class
 from .search.beam_search import BeamSearch
 from .search.best_of_n import BestOfN, WeightedBestOfN
 from .search.config import SearchConfig, SearchResult
@@ -55,6 +56,7 @@ METHODS: dict[str, type[Method]] = {
     "weighted_best_of_n": WeightedBestOfN,
     "beam_search": BeamSearch,
     "dvts": DVTS,
+    "auto": Auto,  # dynamic compute; early_stop picks search/adaptive.py's machines (method_class)
 }
 
 
@@ -262,7 +264,7 @@ class Engine:
         if not new:
             return
         for r in new:
-            r.method = METHODS[r.search.config.method](self.tree, r.search)
+            r.method = method_class(r.search.config, METHODS)(self.tree, r.search)
             r.search.generated = r.search.prm_scored = 0
         try:
             roots = self.tree.add_roots([r.search for r in new], [r.method.subtrees for r in new])
@@ -425,6 +427,11 @@ class Engine:
         votes = r.votes if r.votes is not None else {"main": (how, agg)}
         try:
             results = self.tree.results(r.search, pool, votes, r.search.problem_id, stopped, r.prm_free)
+            report = getattr(r.method, "report", None)  # dynamic compute: difficulty, chosen
+            if callable(report):
+                info = report()
+                for res in results.values():
+                    res.difficulty, res.chosen = info["difficulty"], info["chosen"]
         except BaseException as exc:
             self._fail(r, exc)
             raise

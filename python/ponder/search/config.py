@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..protocols import SamplingParams
+from .stopping import EarlyStop
 
-METHODS = ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts")
+METHODS = ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts", "auto")
 AGGREGATIONS = ("last", "min", "prod", "mean")
 VOTES = ("majority", "weighted", "best")
 
@@ -26,7 +27,8 @@ IMPLIED_VOTE = {"majority": "majority", "best_of_n": "best", "weighted_best_of_n
 class SearchConfig:
     """How to turn test-time compute into an answer.
 
-    method: ``majority`` | ``best_of_n`` | ``weighted_best_of_n`` | ``beam_search`` | ``dvts``.
+    method: ``majority`` | ``best_of_n`` | ``weighted_best_of_n`` | ``beam_search`` | ``dvts``
+    | ``auto`` (per-problem choice from a strategy table within ``budget``; see the fields below).
     n: completions per problem (the budget N). beam_width: M; beam search keeps N/M beams and
     expands each into M; DVTS runs N/M subtrees of M candidates each (N % M must be 0).
     num_iterations: search iterations of beam search / DVTS; the last one generates every
@@ -69,6 +71,14 @@ class SearchConfig:
     max_steps: int = 64
     max_wall_s: float | None = None
     max_policy_tokens: int | None = None
+    # dynamic compute (ponder.search.adaptive; docs/adaptive.md): early_stop: None (off), a
+    # threshold in (0.5, 1] or a ponder.search.stopping.EarlyStop, for majority / best_of_n /
+    # weighted_best_of_n. method="auto": budget (an n-equivalent, default n) or budget_tokens
+    # (mean policy tokens per problem), strategy: a strategy.json path (None: the built-in one).
+    early_stop: float | EarlyStop | None = None
+    budget: float | None = None
+    budget_tokens: float | None = None
+    strategy: str | None = None
 
     def validate(self) -> SearchConfig:
         """Raise ValueError naming the first bad field; return self when all are good."""
@@ -91,7 +101,7 @@ class SearchConfig:
                     f"method {self.method!r} always votes {implied!r}; got vote={self.vote!r} "
                     "(vote applies to beam_search and dvts)"
                 )
-        else:
+        elif self.method != "auto":
             if self.n % self.beam_width != 0:
                 raise ValueError(
                     f"{self.method} needs n divisible by beam_width; got n={self.n}, "
@@ -113,6 +123,10 @@ class SearchConfig:
         mpt = self.max_policy_tokens
         if mpt is not None and (not isinstance(mpt, (int, np.integer)) or isinstance(mpt, bool) or mpt < 1):
             raise ValueError(f"max_policy_tokens must be None or an integer >= 1; got {mpt!r}")
+        if self.method == "auto" or any(x is not None for x in (self.early_stop, self.budget, self.budget_tokens)):
+            from .adaptive import validate_adaptive
+
+            validate_adaptive(self)
         return self
 
     @property
@@ -199,6 +213,10 @@ class SearchResult:
     tree: dict[str, np.ndarray]
     budget: Budget
     stopped: str | None = None
+    # dynamic compute (early_stop, method="auto"): the difficulty estimated online from the
+    # first round / probe (strategy.difficulty, in [0, 1]) and what was chosen (method, n, ...)
+    difficulty: float | None = None
+    chosen: dict | None = None
 
 
 def path_score(step_scores, how: str) -> float:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
 
 DEFAULT_THRESHOLD = 0.95
 
@@ -165,3 +166,41 @@ def check_threshold(threshold: float) -> None:
     """ValueError unless threshold is a number in (0.5, 1]."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.5 < threshold <= 1.0:
         raise ValueError(f"early-stop threshold must be a number in (0.5, 1]; got {threshold!r}")
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """``SearchConfig.early_stop`` for majority / best-of-N / weighted best-of-N: sample in
+    rounds of ``round_size`` solutions (every live search's round advances in the same engine
+    steps) and stop once ``should_stop`` holds at ``threshold`` after a round (majority: the
+    answer counts; best-of-N and weighted best-of-N: the PRM-weighted votes), or after n."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    round_size: int = 4
+
+    def validate(self) -> EarlyStop:
+        check_threshold(self.threshold)
+        r = self.round_size
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"early_stop.round_size must be an integer >= 1; got {r!r}")
+        return self
+
+
+def as_early_stop(value) -> EarlyStop | None:
+    """``SearchConfig.early_stop`` as an ``EarlyStop``: None / False: off; True: the
+    defaults; a number: that threshold; a mapping: its fields (a config read back from
+    JSON); an ``EarlyStop``: itself. ValueError for anything else or bad fields."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return EarlyStop()
+    if isinstance(value, EarlyStop):
+        return value.validate()
+    if isinstance(value, (int, float)):
+        return EarlyStop(threshold=float(value)).validate()
+    if isinstance(value, dict):
+        try:
+            return EarlyStop(**value).validate()
+        except TypeError as exc:
+            raise ValueError(f"early_stop: {exc}") from exc
+    raise ValueError(f"early_stop must be None, a threshold in (0.5, 1] or an EarlyStop; got {value!r}")

@@ -1,0 +1,242 @@
+"""``ponder calibrate``: measure a policy + PRM on a calibration set and fit a strategy table.
+
+    ponder calibrate --policy builtin:policy-small --prm builtin:prm --dataset builtin:arith-fresh \\
+                     --budgets 2,4,8,16 --out strategy.json
+
+Per calibration problem (``collect``): S solutions sampled once (weighted best-of-N's search:
+every step scored; each solution's answer, aggregated score and generated tokens kept, in
+order, so every sampling option at n <= S and every probe k are prefixes of one set), and
+beam search and DVTS at each ``--tree-n`` (their answers and tokens). All searches of all
+problems run together in one ``ponder.Engine`` (per-request random streams). The records go
+to ``OUT.records.jsonl`` (refit with ``--from-records`` without sampling again); the table
+(``ponder.search.strategy.fit``) to ``OUT``.
+
+``--dataset builtin:arith-fresh`` draws freshly generated ``builtin:arith`` problems
+(``fresh_arith``: ``--per-level`` per level from ``--seed``, every held-out expression
+skipped), never the held-out set. Any other ``--dataset`` is loaded with
+``ponder.data.load_problems``; do not calibrate on the set you evaluate on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .search.config import SearchConfig
+from .search.strategy import TREES, ProblemRecord, StrategyTable, fit
+
+#: the seed of the shipped built-in table's calibration problems (disjoint from the held-out
+#: set by construction, and from the models' training stream's seed)
+CALIBRATION_SEED = 5_150_151
+
+
+def fresh_arith(per_level: int, seed: int = CALIBRATION_SEED) -> list:
+    """``per_level`` freshly generated ``builtin:arith`` problems per level (1-5) as
+    ``ponder.data.Problem``; expressions of the held-out set and repeats are skipped."""
+    from .data import Problem
+    from .toy import arith
+
+    held_out = arith._eval_expressions()
+    out, seen = [], set()
+    for level in arith.LEVELS:
+        rng = random.Random(seed * 10 + level)
+        count = 0
+        while count < per_level:
+            p = arith.generate_problem(rng, level, id=f"arith-cal-{seed}-{len(out):04d}")
+            if p.expression in held_out or p.expression in seen:
+                continue
+            seen.add(p.expression)
+            out.append(Problem(id=p.id, problem=p.question, answer=str(p.answer), level=level))
+            count += 1
+    return out
+
+
+def _generated_per_completion(result) -> list[int]:
+    """Generated tokens of each completion's path (steps only, root excluded), from the tree."""
+    tree = result.tree
+    parent = dict(zip(tree["node_id"].tolist(), tree["parent"].tolist()))
+    tokens = dict(zip(tree["node_id"].tolist(), tree["num_tokens"].tolist()))
+    out = []
+    for c in result.completions:
+        x, total = c.node_id, 0
+        while parent.get(x, -1) != -1:
+            total += tokens[x]
+            x = parent[x]
+        out.append(total)
+    return out
+
+
+def collect(
+    problems: Sequence,
+    policy,
+    prm,
+    base: SearchConfig,
+    *,
+    samples: int = 16,
+    tree_ns: Sequence[int] = (4, 8),
+    beam_width: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[ProblemRecord]:
+    """Measure every problem (see the module docstring); ``base`` gives the sampling,
+    aggregation and limits. Returns one ``ProblemRecord`` per problem, in order."""
+    from .engine import Engine
+    from .grading import is_equivalent
+
+    engine = Engine(policy, prm)
+    handles = []
+    for i, p in enumerate(problems):
+        s = dataclasses.replace(base, method="weighted_best_of_n", n=samples, vote=None, seed=seed + 1000 * i,
+                                early_stop=None, budget=None, budget_tokens=None)
+        hs = {"samples": engine.submit(p.problem, s)}
+        for m in TREES:
+            for j, n in enumerate(tree_ns):
+                c = dataclasses.replace(base, method=m, n=n, beam_width=min(beam_width, n),
+                                        seed=seed + 1000 * i + 100 * (1 + TREES.index(m)) + j,
+                                        early_stop=None, budget=None, budget_tokens=None)
+                hs[(m, n)] = engine.submit(p.problem, c)
+        handles.append(hs)
+    t0, total = time.perf_counter(), len(handles)
+    while engine.has_work():
+        engine.step()
+        if progress:
+            done = sum(all(h.done() for h in hs.values()) for hs in handles)
+            print(f"\r[calibrate] {done}/{total} problems, {time.perf_counter() - t0:.0f} s", end="", file=sys.stderr)
+    if progress:
+        print(file=sys.stderr)
+    records = []
+    for p, hs in zip(problems, handles):
+        r = hs["samples"].result()
+        toks = _generated_per_completion(r)
+        smp = [
+            {"answer": c.answer, "correct": bool(is_equivalent(c.answer, p.answer)) if c.answer is not None else False,
+             "score": float(c.score), "tokens": int(t)}
+            for c, t in zip(r.completions, toks)
+        ]
+        trees: dict[str, dict[int, dict]] = {}
+        for m in TREES:
+            for n in tree_ns:
+                tr = hs[(m, n)].result()
+                trees.setdefault(m, {})[int(n)] = {
+                    "correct": bool(is_equivalent(tr.answer, p.answer)) if tr.answer is not None else False,
+                    "tokens": int(tr.budget.policy_tokens_generated), "beam_width": min(beam_width, n),
+                }
+        records.append(ProblemRecord(str(p.id), int(r.budget.policy_tokens_prefilled), smp, trees, p.level))
+    return records
+
+
+def save_records(records: Sequence[ProblemRecord], path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def load_records(path: str | Path) -> list[ProblemRecord]:
+    return [ProblemRecord.from_dict(json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not out or any(x < 1 for x in out):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return out
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="ponder calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", default="builtin:policy-small", help="policy (default builtin:policy-small)")
+    p.add_argument("--prm", default="builtin:prm", help="PRM (default builtin:prm)")
+    p.add_argument("--prm-format", default="auto")
+    p.add_argument("--dataset", default="builtin:arith-fresh",
+                   help="calibration problems (default builtin:arith-fresh: freshly generated, never the held-out set)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="first K problems of --dataset")
+    p.add_argument("--per-level", type=int, default=8, help="builtin:arith-fresh problems per level (default 8)")
+    p.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="seed of the fresh problems and of the sampling")
+    p.add_argument("--budgets", type=_ints, default=[2, 4, 8, 16], help="n-equivalent budgets to precompute plans for")
+    p.add_argument("--samples", type=int, default=16, help="solutions sampled per problem (the largest sampling n)")
+    p.add_argument("--tree-n", type=_ints, default=[4, 8], help="n of beam search and DVTS to measure (default 4,8)")
+    p.add_argument("--beam-width", type=int, default=4)
+    p.add_argument("--probes", type=_ints, default=[1, 2, 4], help="probe sizes to fit (default 1,2,4)")
+    p.add_argument("--bins", type=int, default=5, help="difficulty bins (default 5)")
+    p.add_argument("--agg", default="last", choices=("last", "min", "prod", "mean"))
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--max-step-tokens", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--kv-budget", type=int, default=16384)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--from-records", default=None, help="refit from a records file instead of sampling")
+    p.add_argument("--out", default="strategy.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    builtin = str(args.dataset).startswith("builtin:arith")
+    limits = {"num_iterations": 16, "max_steps": 16, "max_step_tokens": 96} if builtin else \
+        {"num_iterations": 40, "max_steps": 64, "max_step_tokens": 256}
+    mst = args.max_step_tokens or limits["max_step_tokens"]
+    steps = args.max_steps or limits["max_steps"]
+    from .protocols import SamplingParams
+
+    base = SearchConfig(beam_width=args.beam_width, num_iterations=min(limits["num_iterations"], steps), max_steps=steps,
+                        agg=args.agg, sampling=SamplingParams(temperature=args.temperature, max_step_tokens=mst))
+    meta = {"policy": args.policy, "prm": args.prm, "dataset": args.dataset, "seed": args.seed,
+            "samples": args.samples, "tree_n": args.tree_n, "beam_width": args.beam_width,
+            "temperature": args.temperature, "max_step_tokens": mst, "max_steps": steps}
+    if args.from_records:
+        records = load_records(args.from_records)
+    else:
+        if args.dataset == "builtin:arith-fresh":
+            problems = fresh_arith(args.per_level, args.seed)
+            meta["per_level"] = args.per_level
+        else:
+            from .data import load_problems
+
+            problems = load_problems(args.dataset, split=args.split, limit=args.limit)
+        from .policy import HFPolicy
+        from .prm import HFPRM
+        from .toy.models import resolve_model
+
+        policy = HFPolicy(resolve_model(args.policy), device=args.device, kv_budget=args.kv_budget)
+        prm = HFPRM(resolve_model(args.prm), format=args.prm_format, device=args.device, kv_budget=args.kv_budget)
+        t0 = time.perf_counter()
+        records = collect(problems, policy, prm, base, samples=args.samples, tree_ns=args.tree_n,
+                          beam_width=args.beam_width, seed=args.seed)
+        meta["collect_s"] = round(time.perf_counter() - t0, 1)
+        rec_path = save_records(records, out.with_name(out.stem + ".records.jsonl"))
+        print(f"records: {rec_path}", file=sys.stderr)
+    meta["problems"] = len(records)
+    table = fit(records, probes=args.probes, bins=args.bins, budgets=args.budgets, beam_width=args.beam_width,
+                agg=args.agg, meta=meta)
+    table.save(out)
+    print(summary(table))
+    print(f"wrote {out}")
+    return 0
+
+
+def summary(table: StrategyTable) -> str:
+    """A few lines: per precomputed budget, the probe, the option of each bin, and the
+    calibration accuracy and tokens."""
+    lines = ["budget  tokens  probe  accuracy  options per difficulty bin (easy -> hard)"]
+    for b, p in sorted(table.plans.items()):
+        lines.append(f"{b:>6}  {p['tokens']:>6.0f}  {p['probe']:>5}  {p['accuracy']:>8.3f}  " + ", ".join(p["labels"]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
