@@ -219,7 +219,7 @@ def test_a_request_that_cannot_fit_waits_and_preemption_keeps_results():
     assert engine.stats()["queued"] >= 1  # admission control held some back
     engine.run_until_done()
     st = engine.stats()
-    assert [signature(h.result()) for h in handles] == want
+    assert [rounded(h.result()) for h in handles] == want
     assert st["kv_full_errors"] == 0 and st["finished"] == 4
     assert st["preemptions"] >= 1 and st["kv_full_caught"] == policy.full_errors >= 1
     assert not policy.live
@@ -291,3 +291,69 @@ def test_stats_and_validation():
     assert r.stopped is None and all(math.isnan(c.score) for c in r.completions)
     assert Counter(c.finished for c in r.completions)[True] >= 1
     assert np.all(r.tree["problem"] == h.id)
+
+
+# ----------------------------------------------------------------------------- HFPolicy / HFPRM
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    from test_policy_prm import save_causal
+
+    mk = tmp_path_factory.mktemp
+    return {"llama": save_causal(mk("pol_llama"), "llama", "llama", boost=True), "prm": save_causal(mk("prm_ms"), "ms", "llama")}
+
+
+def _hf(hf_models, policy_tokens=4096, prm_tokens=4096):
+    from ponder import HFPRM, HFPolicy
+
+    return HFPolicy(hf_models["llama"], kv_budget=policy_tokens, block_size=4), HFPRM(hf_models["prm"], kv_budget=prm_tokens, block_size=4)
+
+
+def _hf_config(method, seed, n=4):
+    return _config(method=method, n=n, beam_width=2, num_iterations=3, max_steps=4, seed=seed,
+                   sampling=SamplingParams(temperature=1.5, max_step_tokens=8))
+
+
+HF_MIX = [("What is 2 + 3?", "beam_search", 1), ("Compute 4 * 6 - 5.", "dvts", 2), ("If x + 7 = 12, what is x?", "majority", 3),
+          ("What is 9 - 4?", "best_of_n", 4), ("What is 3 * 3 + 1?", "weighted_best_of_n", 5), ("Compute 20 / 4.", "beam_search", 6)]
+
+
+def rounded(r):
+    """``signature`` with PRM scores to 6 decimals: the samples of a search are bit-identical
+    whatever shares its batch, but the PRM's float32 forward over a batch of another shape may
+    differ in the last bit (seen: 6e-8)."""
+    problem, answer, stopped, comps, budget = signature(r)
+    comps = [(t, steps, tuple(round(x, 6) for x in sc), repr(round(float(score), 6)), a, f, tr) for t, steps, sc, score, a, f, tr in comps]
+    return problem, answer, stopped, comps, budget
+
+
+def test_hf_engine_search_alone_equals_search_in_a_mix(hf_models):
+    policy, prm = _hf(hf_models)
+    target = ("What is 9 - 4?", _hf_config("dvts", seed=8, n=8))
+    want = rounded(Engine(policy, prm).submit(*target).result())
+    engine = Engine(policy, prm)
+    others = [engine.submit(q, _hf_config(m, s)) for q, m, s in HF_MIX[:3]]
+    engine.step()
+    h = engine.submit(*target)
+    others += [engine.submit(q, _hf_config(m, s)) for q, m, s in HF_MIX[3:]]
+    engine.run_until_done()
+    assert engine.stats()["mean_policy_batch"] > 8
+    assert rounded(h.result()) == want
+    assert all(o.result().stopped is None for o in others)
+
+
+def test_hf_engine_small_pool_preempts_keeps_results_and_returns_every_block(hf_models):
+    big = Engine(*_hf(hf_models))
+    want = [rounded(big.submit(q, _hf_config(m, s)).result()) for q, m, s in HF_MIX]
+    policy, prm = _hf(hf_models, policy_tokens=200, prm_tokens=4096)
+    free0 = (policy.kv_free_blocks(), prm.kv_free_blocks())
+    engine = Engine(policy, prm)
+    handles = [engine.submit(q, _hf_config(m, s)) for q, m, s in HF_MIX]
+    engine.run_until_done()
+    st = engine.stats()
+    assert st["kv_full_errors"] == 0 and st["preemptions"] + st["kv_full_caught"] >= 1
+    assert [rounded(h.result()) for h in handles] == want
+    assert (policy.kv_free_blocks(), prm.kv_free_blocks()) == free0
+    assert policy.stats()["live_nodes"] == prm.stats()["live_nodes"] == 0
+    assert policy.kv.stats()["blocks_in_use"] == prm.kv.stats()["blocks_in_use"] == 0
