@@ -18,7 +18,8 @@ cell (probe k, bin, option) holds the measured accuracy and mean policy tokens o
 on the calibration problems of that bin. A *plan* for a budget picks one option per bin so
 that the mean tokens over the calibration distribution of bins stay within the budget and the
 mean accuracy is the largest (a multiple-choice knapsack, solved exactly on a grid of 1/400
-of the budget, costs rounded up so the plan never exceeds it). Compute moves from easy bins
+of the budget, costs rounded up so the plan never exceeds it; of equally accurate plans the
+cheapest). Compute moves from easy bins
 (settled by the probe) and hopeless ones to the bins where more samples change the answer.
 
 Budgets are in mean policy tokens per problem (prompt + generated). An n-equivalent budget B
@@ -194,7 +195,7 @@ class StrategyTable:
     """The fitted table (see the module docstring). Fields, all JSON-able:
 
     probes: the probe sizes fitted. bin_edges[k]: the inner quantile edges of the
-    difficulty at probe k (bins: ``bisect_right(edges, d)``). bin_fractions[k]: the share of
+    difficulty at probe k (bin of d: the number of edges below d, so bin b is (e[b-1], e[b]]). bin_fractions[k]: the share of
     calibration problems per bin. cells: every (probe, bin, option) measured: dicts with
     probe, bin, method, n, beam_width, accuracy, tokens, count. reference_tokens: {n: mean
     policy tokens of best-of-N at n} (n-equivalent budgets). plans: precomputed plans
@@ -261,7 +262,7 @@ class StrategyTable:
     # -------------------------------------------------------------- use
 
     def bin_of(self, probe: int, d: float) -> int:
-        return bisect.bisect_right(self.bin_edges[probe], d)
+        return bisect.bisect_left(self.bin_edges[probe], d)
 
     def num_bins(self, probe: int) -> int:
         return len(self.bin_edges[probe]) + 1
@@ -328,7 +329,7 @@ def _knapsack(table: StrategyTable, k: int, budget: float, grid: int = 400) -> P
                 opts.append((Option(c["method"], int(c["n"]), int(c.get("beam_width", 0))), c["accuracy"], c["tokens"]))
         # cheaper first: equal accuracy goes to the cheaper option
         opts.sort(key=lambda t: (t[2], OPTION_METHODS.index(t[0].method), t[0].n))
-        per_bin.append(opts)
+        per_bin.append(opts or [(Option("stop", k), 0.0, 0.0)])  # a bin no calibration problem fell in
     unit = max(budget, 1e-9) / grid
     neg = -math.inf
     dp = [0.0] * (grid + 1)  # dp[j]: the best accuracy of the bins so far within j units
@@ -340,7 +341,8 @@ def _knapsack(table: StrategyTable, k: int, budget: float, grid: int = 400) -> P
             w = math.ceil(fractions[b] * tok / unit - 1e-9)
             if w > grid:
                 continue
-            gain = fractions[b] * acc
+            # equal accuracy: the cheaper plan (a tie-break far below any accuracy difference)
+            gain = fractions[b] * (acc - 1e-7 * tok / max(budget, 1e-9))
             for j in range(w, grid + 1):
                 v = dp[j - w] + gain
                 if v > new[j] + 1e-12:
@@ -360,7 +362,7 @@ def _knapsack(table: StrategyTable, k: int, budget: float, grid: int = 400) -> P
         options.reverse()
     acc = tokens = 0.0
     for b, o in enumerate(options):
-        c = table.cell(k, b, o)
+        c = table.cell(k, b, o) or {"accuracy": 0.0, "tokens": 0.0}
         acc += fractions[b] * c["accuracy"]
         tokens += fractions[b] * c["tokens"]
     return Plan(float(budget), k, options, acc, tokens)
@@ -380,13 +382,14 @@ def plan_to_dict(plan: Plan) -> dict:
 # ----------------------------------------------------------------------------- fitting
 
 
-def default_options(max_samples: int, tree_ns: dict[str, list[int]], beam_width: int) -> list[Option]:
+def default_options(max_samples: int, tree_ns: dict[str, dict[int, int]]) -> list[Option]:
     """The options a fit considers: stop; the three sampling votes at n = 2, 3, 4, 6, 8, 12,
-    16, 24, 32, ... up to ``max_samples``; each tree method at the n it was measured."""
+    16, 24, 32, ... up to ``max_samples``; each tree method at the n it was measured
+    (``tree_ns[method][n]``: its beam width)."""
     ns = sorted({n for n in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n <= max_samples})
     out = [Option("stop", 0)]
     out += [Option(m, n) for m in SAMPLING for n in ns]
-    out += [Option(m, n, min(beam_width, n)) for m in TREES for n in sorted(tree_ns.get(m, []))]
+    out += [Option(m, n, w) for m in TREES for n, w in sorted(tree_ns.get(m, {}).items())]
     return out
 
 
@@ -411,23 +414,24 @@ def fit(
     if not records:
         raise ValueError("fit needs at least one calibration record")
     smax = min(len(r.samples) for r in records)
-    tree_ns: dict[str, list[int]] = {}
+    tree_ns: dict[str, dict[int, int]] = {}
     for m in TREES:
         common = None
         for r in records:
             have = set(r.trees.get(m, {}))
             common = have if common is None else common & have
-        tree_ns[m] = sorted(common or ())
+        first = records[0].trees.get(m, {})
+        tree_ns[m] = {n: int(first[n].get("beam_width", min(beam_width, n))) for n in sorted(common or ())}
     probes = [k for k in probes if 1 <= k <= smax]
     if not probes:
         raise ValueError(f"no probe size fits the {smax} samples per record")
-    options = default_options(smax, tree_ns, beam_width)
+    options = default_options(smax, tree_ns)
     edges, fractions, cells = {}, {}, []
     for k in probes:
         ds = sorted(r.probe_difficulty(k) for r in records)
         e = sorted({_quantile(ds, q / bins) for q in range(1, bins)})
         edges[k] = e
-        which = [bisect.bisect_right(e, r.probe_difficulty(k)) for r in records]
+        which = [bisect.bisect_left(e, r.probe_difficulty(k)) for r in records]
         nb = len(e) + 1
         fractions[k] = [which.count(b) / len(records) for b in range(nb)]
         for b in range(nb):
@@ -436,7 +440,7 @@ def fit(
                 if o.method in SAMPLING and o.n <= k:
                     continue
                 got = [x for x in (r.outcome(k, Option(o.method, k) if o.method == "stop" else o) for r in members) if x]
-                if not got and members:
+                if not got:
                     continue
                 cells.append({
                     "probe": k, "bin": b, "method": o.method, "n": k if o.method == "stop" else o.n,

@@ -1,0 +1,147 @@
+"""ponder.search.strategy and ponder.calibrate: difficulty, votes, fitting, plans, strategy.json."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaptive_models import GOLD, VotePolicy, VotePRM
+from ponder import SamplingParams, SearchConfig
+from ponder.calibrate import collect, fresh_arith, load_records, save_records
+from ponder.data import Problem
+from ponder.search import strategy
+from ponder.search.strategy import Option, StrategyTable, fit
+
+BASE = SearchConfig(beam_width=2, num_iterations=2, max_steps=4, sampling=SamplingParams(max_step_tokens=64))
+
+
+def test_difficulty_from_agreement_and_scores():
+    assert strategy.difficulty(["7", "7"], [1.0, 1.0]) == 0.0
+    assert strategy.difficulty(["7", "7"], [0.5, 0.5]) == 0.5
+    assert strategy.difficulty([None, None], [0.9, 0.9]) == 1.0
+    assert strategy.difficulty(["1", "2", "1", "3"], None) == 0.5  # plain agreement
+    assert strategy.difficulty(["1,000", "1000"], [1.0, 1.0]) == 0.0  # one answer, written two ways
+    assert strategy.difficulty([], []) == 1.0
+
+
+def test_votes_follow_the_forest_rules():
+    answers, scores = ["1", "2", "2", None, "1"], [0.9, 0.2, 0.3, 1.0, 0.1]
+    assert strategy.vote(answers, scores, "majority") == 0  # 2 each: the first seen wins
+    assert strategy.vote(answers, scores, "best") == 0  # the unanswered 1.0 abstains
+    assert strategy.vote(answers, scores, "weighted") == 0  # 1.0 vs 0.5
+    assert strategy.vote([None], [1.0], "weighted") == -1
+
+
+def _records():
+    """Scripted calibration data: 'easy' problems always right with score 0.9; 'hard' ones
+    right 30% of the time but the PRM knows (0.95 vs 0.05): majority loses, the PRM votes win."""
+    problems = [Problem(id=f"{k}{i}", problem=k, answer=GOLD[k]) for k in ("easy", "hard") for i in range(12)]
+    return collect(problems, VotePolicy(1), VotePRM(), BASE, samples=8, tree_ns=(2, 4), beam_width=2, seed=3,
+                    progress=False)
+
+
+def test_a_fit_on_scripted_models_picks_what_the_script_makes_best(tmp_path):
+    records = _records()
+    assert all(len(r.samples) == 8 and set(r.trees) == {"beam_search", "dvts"} for r in records)
+    table = fit(records, probes=(2,), bins=2, budgets=(8,))
+    plan = table.plan(table.tokens_for_n(8))
+    low = [r for r in records if table.bin_of(2, r.probe_difficulty(2)) == 0]
+    high = [r for r in records if table.bin_of(2, r.probe_difficulty(2)) == 1]
+    assert {r.id[:4] for r in low} >= {"easy"} and high and all(r.id.startswith("hard") for r in high)
+    # a probe that agrees and that the PRM trusts is right here: the cheapest perfect option, stop
+    assert plan.options[0].method == "stop" and table.cell(2, 0, plan.options[0])["accuracy"] == 1.0
+    # on a probe the PRM doubts majority loses (the wrong answer is the common one): a PRM vote
+    # or a PRM-guided search wins, at least as accurate as every majority cell of the bin
+    chosen = table.cell(2, 1, plan.options[1])
+    assert chosen["method"] not in ("majority", "stop")
+    majority = [c["accuracy"] for c in table.cells if c["bin"] == 1 and c["method"] == "majority"]
+    assert chosen["accuracy"] > max(majority)
+    # the tree cells carry the beam width the records were measured with
+    assert {c["beam_width"] for c in table.cells if c["method"] in ("beam_search", "dvts")} == {2}
+    assert plan.tokens <= table.tokens_for_n(8) + 1e-9
+    # round trip: records and table
+    path = save_records(records, tmp_path / "r.jsonl")
+    assert [r.to_dict() for r in load_records(path)] == [r.to_dict() for r in records]
+    table.save(tmp_path / "strategy.json")
+    back = StrategyTable.load(tmp_path / "strategy.json")
+    assert back == table
+    assert back.plan(back.tokens_for_n(8)) == plan
+    assert json.loads((tmp_path / "strategy.json").read_text())["version"] == strategy.VERSION
+
+
+def test_every_cell_is_the_mean_of_its_bin():
+    records = _records()
+    table = fit(records, probes=(1, 2), bins=3, budgets=(4,))
+    for c in table.cells:
+        members = [r for r in records if table.bin_of(c["probe"], r.probe_difficulty(c["probe"])) == c["bin"]]
+        o = Option(c["method"], c["n"], c["beam_width"])
+        got = [r.outcome(c["probe"], o) for r in members]
+        assert c["count"] == len(got)
+        assert c["accuracy"] == pytest.approx(sum(x[0] for x in got) / len(got))
+        assert c["tokens"] == pytest.approx(sum(x[1] for x in got) / len(got))
+    for k in (1, 2):
+        assert sum(table.bin_fractions[k]) == pytest.approx(1.0)
+
+
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(1, 100)), min_size=2, max_size=5), st.floats(1, 150))
+@settings(max_examples=60, deadline=None)
+def test_the_plan_is_the_best_within_budget(options, budget):
+    """Exhaustive check of the knapsack on two equally likely bins."""
+    cells = [{"probe": 1, "bin": b, "method": "best_of_n", "n": 2 + i, "beam_width": 0, "count": 1,
+              "accuracy": acc, "tokens": tok} for b in (0, 1) for i, (acc, tok) in enumerate(options)]
+    table = StrategyTable([1], {1: [0.5]}, {1: [0.5, 0.5]}, cells, {1: 1.0})
+    plan = table.plan(budget)
+    feasible = [
+        (0.5 * a[0] + 0.5 * b[0], 0.5 * a[1] + 0.5 * b[1]) for a, b in itertools.product(options, options)
+        if 0.5 * a[1] + 0.5 * b[1] <= budget
+    ]
+    if feasible:
+        assert plan.tokens <= budget + 1e-9
+        # the grid rounds each bin's cost up by less than one unit (budget / 400)
+        slack = [a for a, t in feasible if t <= budget * (1 - 2 / 400)]
+        assert plan.accuracy >= max(slack, default=0.0) - 1e-9
+        assert plan.accuracy <= max(a for a, _ in feasible) + 1e-9
+    else:
+        assert plan.tokens > budget
+
+
+def test_tokens_for_n_interpolates_the_reference():
+    t = StrategyTable([1], {1: []}, {1: [1.0]}, [], {1: 10.0, 2: 20.0, 4: 40.0})
+    assert t.tokens_for_n(2) == 20.0 and t.tokens_for_n(4) == 40.0
+    assert 20.0 < t.tokens_for_n(3) < 40.0
+    assert t.tokens_for_n(8) == pytest.approx(80.0)
+
+
+def test_bad_files_are_refused(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="not a strategy table"):
+        StrategyTable.load(p)
+    p.write_text(json.dumps({"version": 99}))
+    with pytest.raises(ValueError, match="version"):
+        StrategyTable.load(p)
+
+
+def test_fresh_calibration_problems_never_touch_the_held_out_set():
+    from ponder.toy import arith
+
+    held = {p.question for p in arith.eval_problems()}
+    fresh = fresh_arith(6)
+    assert len(fresh) == 30 and not held & {p.problem for p in fresh}
+    assert sorted({p.level for p in fresh}) == [1, 2, 3, 4, 5]
+
+
+def test_the_shipped_table_loads_and_plans_every_budget():
+    if not strategy.BUILTIN_PATH.is_file():
+        pytest.skip("no shipped strategy.json in this checkout")
+    table = strategy.load_cached(None)
+    assert table.meta.get("dataset") == "builtin:arith-fresh"
+    for b in (2, 4, 8, 16):
+        plan = table.plan(table.tokens_for_n(b))
+        assert len(plan.options) == table.num_bins(plan.probe)
+        assert plan.tokens <= table.tokens_for_n(b) + 1e-6
+        assert plan.accuracy == pytest.approx(table.plans[b]["accuracy"])
