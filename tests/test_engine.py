@@ -219,7 +219,7 @@ def test_a_request_that_cannot_fit_waits_and_preemption_keeps_results():
     assert engine.stats()["queued"] >= 1  # admission control held some back
     engine.run_until_done()
     st = engine.stats()
-    assert [rounded(h.result()) for h in handles] == want
+    assert [signature(h.result()) for h in handles] == want
     assert st["kv_full_errors"] == 0 and st["finished"] == 4
     assert st["preemptions"] >= 1 and st["kv_full_caught"] == policy.full_errors >= 1
     assert not policy.live
