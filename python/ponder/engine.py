@@ -100,6 +100,7 @@ class Handle:
         self._results: dict[str, SearchResult] = {}
         self._error: BaseException | None = None
         self._listeners: list[Callable[[Event], None]] = []
+        self._cancel_requested = False
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -191,6 +192,7 @@ class Engine:
         return handle
 
     def _cancel(self, handle: Handle) -> None:
+        handle._cancel_requested = True  # seen by the next step even if it is being admitted now
         with self._lock:
             for i, r in enumerate(self._queue):
                 if r.handle is handle:
@@ -292,7 +294,8 @@ class Engine:
         self._admit_limit = None
         for r, rs in zip(new, roots):
             r.method.start(rs)
-            self._live.append(r)
+        with self._lock:
+            self._live.extend(new)
 
     def _fits(self, candidates: list[_Request]) -> bool:
         """Admission control: the first expansion of every candidate fits the free KV blocks of
@@ -310,7 +313,9 @@ class Engine:
         now = time.perf_counter()
         for r in list(self._live):
             cfg = r.search.config
-            if cfg.max_wall_s is not None and now - r.search.t0 >= cfg.max_wall_s:
+            if r.handle._cancel_requested:
+                self._finish(r, "cancelled")
+            elif cfg.max_wall_s is not None and now - r.search.t0 >= cfg.max_wall_s:
                 self._finish(r, "timeout")
             elif cfg.max_policy_tokens is not None and r.search.generated >= cfg.max_policy_tokens:
                 self._finish(r, "budget")
@@ -391,7 +396,8 @@ class Engine:
                 self._fail(r, KVCacheFull(f"search {r.handle.id} alone does not fit the KV cache"))
                 return True  # retry: nothing is live now
             return False
-        r = self._live.pop()
+        with self._lock:
+            r = self._live.pop()
         self.tree.drop(r.search)
         self._close_stream(r)
         r.method = None
@@ -414,8 +420,9 @@ class Engine:
                 h._emit(Event("completion", h.id, [x], [tree.solution_text(x)], answer=node.answer))
 
     def _finish(self, r: _Request, stopped: str | None) -> None:
-        if r in self._live:
-            self._live.remove(r)
+        with self._lock:
+            if r in self._live:
+                self._live.remove(r)
         cfg = r.search.config
         if r.method is None:  # never admitted
             pool, how, agg = [], cfg.final_vote, cfg.vote_agg
@@ -443,8 +450,9 @@ class Engine:
         r.handle._emit(Event("end", r.handle.id, result=next(iter(results.values()))))
 
     def _fail(self, r: _Request, exc: BaseException) -> None:
-        if r in self._live:
-            self._live.remove(r)
+        with self._lock:
+            if r in self._live:
+                self._live.remove(r)
         self.tree.drop(r.search, strict=False)
         self._close_stream(r)
         r.handle._error = exc
