@@ -363,7 +363,11 @@ def fake_models(monkeypatch) -> list:
         asked.append(("prm", path, fmt))
         if reference is not None or beta is not None:
             asked.append(("prm-reference", reference, beta))
-        return scripted_prm()
+        prm = scripted_prm()
+        # what HFPRM reports after loading: the format (auto: as if detected) and beta
+        prm.format = "math-shepherd" if fmt == "auto" else fmt
+        prm.beta = beta if beta is not None or fmt != "implicit-prm" else 0.001
+        return prm
 
     monkeypatch.setattr(cli, "_build_policy", policy)
     monkeypatch.setattr(cli, "_build_prm", prm)
@@ -372,11 +376,11 @@ def fake_models(monkeypatch) -> list:
 
 def model_dir(path: Path, weights: bytes = b"weights") -> str:
     """A directory that passes the CLI's is-it-a-model check (config, weights, tokenizer files;
-    the scripted models of the ``models`` fixture never read them)."""
+    the scripted models of the ``models`` fixture never read them); files already there stay."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text("{}")
-    (path / "model.safetensors").write_bytes(weights)
-    (path / "tokenizer.json").write_text("{}")
+    for name, content in (("config.json", b"{}"), ("model.safetensors", weights), ("tokenizer.json", b"{}")):
+        if not (path / name).exists():  # an existing directory keeps its files
+            (path / name).write_bytes(content)
     return str(path)
 
 

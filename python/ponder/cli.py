@@ -412,10 +412,15 @@ def _slice(problems: list, args: argparse.Namespace) -> list:
     return kept
 
 
-def _model_record(ref: str | None, path: str | None, revision: str | None = None, **extra) -> dict:
+def _model_record(ref: str | None, path: str | None, **known) -> dict:
+    """A model's manifest entry: its reference as given, its revision (content hash or hub
+    commit) when known, and ``known`` settings that are not None (unknown ones are left out,
+    so run.json keeps what an earlier run knew)."""
     from .evaluate import model_revision
 
-    return {"ref": ref, "revision": revision if revision is not None else model_revision(path), **extra}
+    revision = model_revision(path)
+    record = {"ref": ref} if revision is None else {"ref": ref, "revision": revision}
+    return {**record, **{k: v for k, v in known.items() if v is not None}}
 
 
 def _loaded_path(model) -> str | None:
@@ -564,14 +569,17 @@ def _evaluate(args: argparse.Namespace) -> int:
             args.prm, args.prm_format, args.device, args.dtype, kv_budget=_kv_budget(args, problems, n_max),
             reference=args.prm_reference, beta=args.prm_beta))
         # what the PRM resolved: its format, beta and (implicit PRMs) the reference it reads
-        found = {"format": getattr(prm, "format", None), "beta": getattr(prm, "beta", None)}
+        fmt = getattr(prm, "format", None)
+        if fmt is not None:
+            models["prm"]["format"] = fmt
+            models["prm"]["beta"] = getattr(prm, "beta", None)  # None: a PRM format without beta
         ref_model = getattr(prm, "ref_model", None)
-        models["prm"].update({k: v for k, v in found.items() if v is not None})
         if ref_model is not None:
             path = getattr(ref_model, "name_or_path", None)
             models["prm_reference"] = _model_record(labels.get("prm_reference", "(the PRM's config)"), path)
     revision = evaluate.model_revision(_loaded_path(policy) or args.policy)
-    models["policy"]["revision"] = revision or models["policy"]["revision"]
+    if revision is not None:  # a hub model's commit, known once it is downloaded
+        models["policy"]["revision"] = revision
     try:  # the loaded models (hub commits now cached, the PRM's resolved settings) against run.json
         manifest = evaluate.check_manifest(
             out_dir, evaluate.run_manifest(problems, base, dataset=dataset, models=models, execution=execution), True)
@@ -590,6 +598,14 @@ def _evaluate(args: argparse.Namespace) -> int:
             del policy, prm
             reference = _load("--reference-policy", labels["reference_policy"], lambda: _build_policy(
                 args.reference_policy, args.device, args.dtype, kv_budget=_kv_budget(args, problems, 1)))
+            revision = evaluate.model_revision(_loaded_path(reference) or args.reference_policy)
+            if revision is not None and "revision" not in models["reference_policy"]:
+                models["reference_policy"]["revision"] = revision
+                try:
+                    common["manifest"] = evaluate.check_manifest(out_dir, evaluate.run_manifest(
+                        problems, base, dataset=dataset, models=models, execution=execution), True)
+                except ValueError as exc:
+                    raise _Refused(exc) from None
             # the same directory: its rows are told apart by their policy label
             rows += evaluate.run_evaluation(
                 problems, reference, None, methods=[evaluate.GREEDY], ns=[1], resume=True,

@@ -280,12 +280,12 @@ def _flatten(record: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _merge(old: dict, new: dict) -> dict:
-    """``new`` with what only ``old`` knows kept (a value None in ``new`` is unknown)."""
+    """``new`` with the keys only ``old`` has kept (a key missing from ``new`` is unknown there)."""
     out = dict(old)
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(old.get(key), dict):
             out[key] = _merge(old[key], value)
-        elif value is not None or key not in old:
+        else:
             out[key] = value
     return out
 
@@ -298,15 +298,16 @@ def _short(value: Any) -> str:
 
 
 def manifest_difference(old: dict, new: dict) -> str | None:
-    """The first setting both manifests know (value not None) with different values, as
-    ``"<setting>: <old> in run.json, <new> now"`` (settings named by their ``ponder run``
-    option where they have one); None when they agree. Sections in ``UNCHECKED_SECTIONS`` and
-    keys one side lacks are not compared."""
+    """The first setting both manifests have with different values (None is a value), as
+    ``"<setting> differs: <old> in run.json, <new> now"`` (settings named by their ``ponder
+    run`` option where they have one); None when they agree. Keys one side lacks (not known
+    there, e.g. a hub model's commit before its download) and the sections in
+    ``UNCHECKED_SECTIONS`` are not compared."""
     a, b = _flatten(old), _flatten(new)
-    for key in list(b) + [k for k in a if k not in b]:
-        if key.split(".", 1)[0] in UNCHECKED_SECTIONS or key not in a or key not in b:
+    for key in b:
+        if key.split(".", 1)[0] in UNCHECKED_SECTIONS or key not in a:
             continue
-        if a[key] is None or b[key] is None or a[key] == b[key]:
+        if a[key] == b[key]:
             continue
         name = _SETTING_NAMES.get(key)
         if name is None:
@@ -322,8 +323,8 @@ def run_manifest(problems: Sequence[Problem], base_config: SearchConfig, **secti
     whatever ``sections["dataset"]`` adds: source, split, field names, slice), ``search`` (the
     base ``SearchConfig`` minus method and n, which may change on resume) and any further
     ``sections`` (``models``: each model's ``ref`` and ``revision`` (:func:`model_revision`),
-    ``dtype``; ``execution``: recorded, never compared). A value None means unknown: it is not
-    compared and an earlier known value is kept."""
+    ``dtype``; ``execution``: recorded, never compared). Leave out what is not known (yet): a
+    missing key is not compared and the value run.json has for it is kept."""
     from . import __version__
 
     dataset = {**sections.pop("dataset", {}), "num_problems": len(problems), "content_hash": dataset_hash(problems)}
