@@ -22,10 +22,8 @@ import json
 import sys
 import time
 
-import torch
-import transformers
-
-import ponder.kv as pkv
+# torch, transformers and ponder.kv are imported in main(): --help answers without them.
+torch = transformers = pkv = None
 
 VOCAB = 97
 BLOCK_SIZE = 5  # not a power of two: slots straddle blocks unevenly
@@ -41,13 +39,11 @@ def configs():
     }
 
 
-@torch.inference_mode()
 def full_logits(model, tokens, device):
     """The model's own forward over the whole sequence (no cache): float32 [len(tokens), vocab]."""
     return model(input_ids=torch.tensor([list(tokens)], device=device)).logits[0].float()
 
 
-@torch.inference_mode()
 def run_paged(model, device, prompt, chunks, decode_steps, gen):
     """Logits rows from the paged cache and the token lists they belong to: [(tokens, logits[V])]."""
     cache = pkv.PagedKVCache.for_model(model, block_size=BLOCK_SIZE, num_blocks=64)
@@ -109,6 +105,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="llama only, 2 decode steps")
     args = p.parse_args(argv)
+    global torch, transformers, pkv
+    import torch
+    import transformers
+
+    import ponder.kv as pkv
+
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -117,8 +119,9 @@ def main(argv=None) -> int:
     if args.quick:
         families = {"llama": families["llama"]}
     results = []
-    for name, config in families.items():
-        results += check_family(name, config, device, decode_steps=2 if args.quick else 4)
+    with torch.inference_mode():
+        for name, config in families.items():
+            results += check_family(name, config, device, decode_steps=2 if args.quick else 4)
     print(f"{'family':8} {'dtype':9} {'rows':>4} {'max|err|':>10} {'bound':>8} {'cow':>4} {'s':>6}  ok")
     for r in results:
         print(f"{r['family']:8} {r['dtype']:9} {r['rows']:>4} {r['max_abs_err']:>10.2e} {r['bound']:>8.2e} "

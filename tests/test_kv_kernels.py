@@ -544,22 +544,171 @@ def test_decode_cuda_head_dim_limit():
 
 
 @needs_cuda
-def test_cuda_kernels_use_the_current_stream():
+def test_cuda_kernels_are_ordered_on_the_current_stream():
+    """Work enqueued on a side stream (torch's current stream there) runs in order with ponder's
+    kernels: k_new is filled behind a long sleep on that stream, so a kernel launched on any
+    other stream (e.g. the legacy default one) would read k_new before the fill (zeros)."""
     gen = torch.Generator().manual_seed(12)
     kc = rand((8, 16, 2, 64), torch.float16, gen, "cuda")
     vc = rand((8, 16, 2, 64), torch.float16, gen, "cuda")
     q = rand((2, 4, 64), torch.float16, gen, "cuda")
     bt = torch.arange(8, dtype=torch.int32, device="cuda").view(2, 4)
     lens = torch.tensor([60, 33], device="cuda")
-    expected = K.paged_decode_attention(q, kc, vc, bt, lens)
+    before = K.paged_decode_attention(q, kc, vc, bt, lens)
+    src = rand((1, 2, 64), torch.float16, gen, "cuda") * 4
+    k_new = torch.zeros_like(src)
+    slot = torch.tensor([5], device="cuda")
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        k_new = torch.randn((1, 2, 64), device="cuda").half()  # produced on the side stream
-        K.write_kv(kc, vc, k_new, k_new, torch.tensor([5], device="cuda"), check_indices=False)
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on the side stream
+        k_new.copy_(src)
+        K.write_kv(kc, vc, k_new, k_new, slot, check_indices=False)
         got = K.paged_decode_attention(q, kc, vc, bt, lens, check_indices=False)
+        gathered, _ = K.gather_kv(kc, vc, bt, lens, max_len=64, check_indices=False)
+    assert not side.query(), "the side stream finished before the sleep could order anything"
     torch.cuda.synchronize()
-    assert torch.equal(kc.view(-1, 2, 64)[5], k_new[0])
-    assert got.shape == expected.shape
+    assert torch.equal(kc.view(-1, 2, 64)[5], src[0]) and torch.equal(vc.view(-1, 2, 64)[5], src[0])
+    assert torch.equal(gathered[0, 5], src[0])
+    after = K.paged_decode_attention(q, kc, vc, bt, lens)
+    assert torch.equal(got, after) and not torch.equal(got, before)
+
+
+# ============================================================================ shapes the CUDA paths branch on
+# f16/bf16 head_dims that are not a multiple of the 8-element vector (VEC=1 decode, 8/4-byte copy
+# units), pools one element off a 16-byte boundary (the VEC=1 variants for every head_dim), GQA
+# 8:1, block sizes that are not powers of two, 16k+ token contexts and (CUDA only: 8.6 GB) pools
+# over 2^31 elements. Every case runs on the CPU twin too, except the last.
+
+
+def _write_gather_decode(kc, vc, lengths, hq, gen, device, dtype):
+    """Fill the sequences' slots with write_kv, then gather and decode; compare with references."""
+    nb, bs, hkv, d = kc.shape
+    bt = make_tables(lengths, bs, nb, gen).to(device)
+    slots = torch.cat([bt[b, torch.arange(n) // bs].long() * bs + torch.arange(n, device=device) % bs
+                       for b, n in enumerate(lengths)]) if sum(lengths) else torch.zeros(0, dtype=torch.int64)
+    slots = slots.to(device)
+    k_new = rand((len(slots), hkv, d), dtype, gen, device)
+    v_new = rand((len(slots), hkv, d), dtype, gen, device)
+    ref_k, ref_v = ref_write_kv(kc, vc, k_new, v_new, slots)
+    K.write_kv(kc, vc, k_new, v_new, slots)
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+    lens = torch.tensor(lengths, device=device)
+    out_k, out_v = K.gather_kv(kc, vc, bt, lens)
+    L = max(lengths)
+    assert torch.equal(out_k, ref_gather(kc, bt, lens, L)) and torch.equal(out_v, ref_gather(vc, bt, lens, L))
+    q = rand((len(lengths), hq, d), dtype, gen, device)
+    scale = 1.0 / math.sqrt(d)
+    assert_decode_close(K.paged_decode_attention(q, kc, vc, bt, lens, scale), q, kc, vc, bt, lens, scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("placement", ["aligned", "misaligned"])
+@pytest.mark.parametrize("head_dim", [100, 200, 300])  # not multiples of 8: VEC=1 decode on CUDA
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_head_dims_off_the_vector_width(dtype, head_dim, placement, device):
+    gen = torch.Generator().manual_seed(head_dim + len(placement))
+    lengths, bs, hkv = [37, 1, 16], 16, 2
+    make = rand if placement == "aligned" else misaligned
+    kc = make((8, bs, hkv, head_dim), dtype, gen, device)
+    vc = make((8, bs, hkv, head_dim), dtype, gen, device)
+    _write_gather_decode(kc, vc, lengths, 4, gen, device, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim", [8, 64, 128, 256])  # one VEC=1 layout per lanes-per-token / NV choice
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_misaligned_pools_take_the_vec1_kernels(dtype, head_dim, device):
+    gen = torch.Generator().manual_seed(head_dim + 3)
+    kc = misaligned((6, 8, 2, head_dim), dtype, gen, device)
+    vc = misaligned((6, 8, 2, head_dim), dtype, gen, device)
+    assert kc.data_ptr() % 16 != 0
+    _write_gather_decode(kc, vc, [13, 8, 20], 4, gen, device, dtype)
+    src = torch.tensor([0, 2], device=device)
+    dst = torch.tensor([5, 4], device=device)
+    ref_k, ref_v = ref_copy_blocks([kc], [vc], src, dst)
+    K.copy_blocks([kc], [vc], src, dst)
+    assert torch.equal(kc, ref_k[0]) and torch.equal(vc, ref_v[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads", [(8, 1), (16, 2), (32, 4)], ids=["gqa8-hq8", "gqa8-hq16", "gqa8-hq32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_decode_gqa_8_to_1(dtype, heads, device):
+    hq, hkv = heads
+    gen = torch.Generator().manual_seed(hq)
+    kc = rand((12, 16, hkv, 128), dtype, gen, device)
+    vc = rand((12, 16, hkv, 128), dtype, gen, device)
+    _write_gather_decode(kc, vc, [70, 1, 33], hq, gen, device, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [3, 5, 12, 24])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_block_sizes_not_powers_of_two(dtype, block_size, device):
+    gen = torch.Generator().manual_seed(block_size)
+    lengths = [1, block_size, 2 * block_size + 1, 41]
+    nb = sum(math.ceil(n / block_size) for n in lengths) + 3
+    kc = rand((nb, block_size, 2, 24), dtype, gen, device)
+    vc = rand((nb, block_size, 2, 24), dtype, gen, device)
+    _write_gather_decode(kc, vc, lengths, 4, gen, device, dtype)
+    src = torch.tensor([0, 1], device=device)
+    dst = torch.tensor([nb - 1, nb - 2], device=device)
+    ref_k, ref_v = ref_copy_blocks([kc], [vc], src, dst)
+    K.copy_blocks([kc], [vc], src, dst)
+    assert torch.equal(kc, ref_k[0]) and torch.equal(vc, ref_v[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_decode_contexts_of_16k_tokens_and_more(dtype, device):
+    gen = torch.Generator().manual_seed(16384)
+    lengths, bs = [16384 + 7, 20000, 1], 16
+    nb = sum(math.ceil(n / bs) for n in lengths) + 1
+    kc = rand((nb, bs, 1, 64), dtype, gen, device)
+    vc = rand((nb, bs, 1, 64), dtype, gen, device)
+    q = rand((3, 8, 64), dtype, gen, device) * 3  # sharp enough that a few keys dominate
+    bt = make_tables(lengths, bs, nb, gen).to(device)
+    lens = torch.tensor(lengths, device=device)
+    out = K.paged_decode_attention(q, kc, vc, bt, lens)
+    assert_decode_close(out, q, kc, vc, bt, lens, 1.0 / 8.0)
+
+
+@needs_cuda
+def test_cuda_pool_over_2_31_elements():
+    """Element offsets past 2^31 - 1 (a 32-bit overflow would write/read the wrong rows)."""
+    bs, hkv, d = 16, 8, 128
+    nb = 2**31 // (bs * hkv * d) + 8  # 131080 blocks: 2^31 + 131072 elements per pool
+    try:
+        kc = torch.empty((nb, bs, hkv, d), dtype=torch.float16, device="cuda")
+        vc = torch.empty_like(kc)
+    except torch.OutOfMemoryError:
+        pytest.fail("a 2 x 4.3 GB pool must fit on the test GPU")
+    try:
+        assert kc.numel() > 2**31
+        gen = torch.Generator().manual_seed(31)
+        high = torch.arange(nb - 6, nb, device="cuda")  # blocks past element 2^31
+        low = torch.tensor([0, 1], device="cuda")
+        for blocks in (high, low):
+            kc[blocks] = rand((len(blocks), bs, hkv, d), torch.float16, gen, "cuda")
+            vc[blocks] = rand((len(blocks), bs, hkv, d), torch.float16, gen, "cuda")
+        slots = torch.tensor([(nb - 1) * bs + 15, (nb - 2) * bs, 3], device="cuda")
+        k_new = rand((3, hkv, d), torch.float16, gen, "cuda")
+        K.write_kv(kc, vc, k_new, k_new * 2, slots)
+        flat_k, flat_v = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
+        assert torch.equal(flat_k[slots], k_new) and torch.equal(flat_v[slots], k_new * 2)
+        K.copy_blocks([kc], [vc], torch.tensor([0, nb - 3], device="cuda"), torch.tensor([nb - 4, 1], device="cuda"))
+        assert torch.equal(kc[nb - 4], kc[0]) and torch.equal(vc[1], vc[nb - 3])
+        bt = torch.tensor([[nb - 6, nb - 5, nb - 4, nb - 3], [nb - 2, nb - 1, 0, 1]], dtype=torch.int32, device="cuda")
+        lens = torch.tensor([64, 50], device="cuda")
+        out_k, out_v = K.gather_kv(kc, vc, bt, lens)
+        assert torch.equal(out_k, ref_gather(kc, bt, lens, 64)) and torch.equal(out_v, ref_gather(vc, bt, lens, 64))
+        q = rand((2, 16, d), torch.float16, gen, "cuda")
+        out = K.paged_decode_attention(q, kc, vc, bt, lens)
+        assert_decode_close(out, q, kc, vc, bt, lens, 1.0 / math.sqrt(d))
+    finally:
+        del kc, vc
+        torch.cuda.empty_cache()
 
 
 # ============================================================================ DLPack inputs beyond torch
