@@ -663,6 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_toy_train)
     toy.set_defaults(func=lambda _a: _print_help(toy))
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible server with test-time search (see: ponder serve --help)",
+                           add_help=False)
+    serve.add_argument("rest", nargs=argparse.REMAINDER, help="see: ponder serve --help")
+
     info = sub.add_parser("info", help="build and CUDA information as JSON")
     info.set_defaults(func=_info)
     return parser
@@ -685,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_core(argparse.Namespace(rest=argv[2:]))
         if argv[:2] == ["toy", "train"]:
             return _toy_train(argparse.Namespace(rest=argv[2:]))
+        if argv[:1] == ["serve"]:  # ponder serve: python/ponder/serve/cli.py
+            from .serve.cli import main as serve_main
+
+            return serve_main(argv[1:])
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
