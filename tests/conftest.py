@@ -263,3 +263,70 @@ def int_input(data, values):
     if form == "reversed":
         return np.array(values[::-1], dtype=np.int32)[::-1]
     return np.array(values, dtype=form)
+
+
+# ---------------------------------------------------------------- ponder serve (tests/test_serve*.py)
+SERVE_KEY = "test-key"
+# Small limits keep every request the fuzz can make cheap on the built-in models.
+SERVE_ARGS = ("--max-queue", "3", "--max-choices", "4", "--max-search-n", "8", "--max-iterations", "8",
+              "--max-steps", "8", "--max-step-tokens", "48", "--request-timeout", "60", "--grace", "3",
+              "--kv-budget", "8192")
+
+
+def start_serve(args=SERVE_ARGS, log_dir=None, timeout_s: float = 300.0):
+    """Start ``python -m ponder serve`` on a free loopback port (the built-in models) and wait
+    until ``/health`` answers; returns a namespace with ``proc``, ``port``, ``url``, ``log``."""
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = os.path.join(log_dir or tempfile.mkdtemp(prefix="ponder-serve-"), "serve.log")
+    cmd = [sys.executable, "-m", "ponder", "serve", "--port", str(port), "--api-key", SERVE_KEY, *args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ponder serve exited with {proc.returncode}: {open(log).read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"ponder serve did not start in {timeout_s} s: {open(log).read()[-2000:]}")
+        time.sleep(0.5)
+    return SimpleNamespace(proc=proc, port=port, url=url, log=log, key=SERVE_KEY)
+
+
+def stop_serve(server, timeout_s: float = 60.0) -> int | None:
+    """SIGTERM the server (if still running) and wait; its exit status."""
+    import signal
+    import subprocess
+
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+    return server.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def serve_server(tmp_path_factory):
+    """One live ``ponder serve`` (built-in models, SERVE_ARGS) for the whole session."""
+    for mod in ("fastapi", "uvicorn", "prometheus_client", "httpx", "openai"):
+        pytest.importorskip(mod)
+    server = start_serve(log_dir=str(tmp_path_factory.mktemp("serve")))
+    yield server
+    stop_serve(server)
