@@ -60,3 +60,20 @@ def test_cli_info_prints_build_info():
     info = json.loads(out.stdout)
     assert info["version"] == ponder.__version__
     assert info["cuda_available"] == ponder.cuda_available()
+
+
+def test_only_the_binding_files_know_python():
+    """csrc/bindings/ marshals; the core (and the kernels' dispatch) never includes pybind11 or
+    Python, and the kernel bindings leave validate -> check -> dispatch to kernels/dispatch.h."""
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    for path in csrc.rglob("*"):
+        if path.suffix in (".h", ".cpp", ".cu") and path.parent.name != "bindings":
+            text = path.read_text()
+            assert "pybind11" not in text and "Python.h" not in text, path
+    kernels = (csrc / "bindings" / "kernels.cpp").read_text()
+    assert kernels.count("kern::run_") == 4
+    assert "validate_" not in kernels and "check_" not in kernels.replace("check_indices", "")
+    assert {p.name for p in (csrc / "bindings").glob("*.cpp")} == {
+        "module.cpp", "tree.cpp", "kv.cpp", "kernels.cpp", "numpy_args.cpp", "dlpack_args.cpp"}

@@ -23,7 +23,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 def dry_run(tmp_path, *args, **env):
     """Run the dry run into tmp_path/out with this interpreter; (returncode, output, gpu_check.json or None)."""
     out = tmp_path / "out"
-    full_env = {**os.environ, "PYTHON": sys.executable, **env}
+    full_env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work"), **env}
     p = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out), *args], capture_output=True, text=True,
                        env=full_env, timeout=300)
     result = out / "gpu_check.json"
@@ -43,12 +43,14 @@ def fake_wheel(folder: Path, dist: str, module: str) -> Path:
 def test_dry_run_plans_every_step_within_the_budget(tmp_path):
     rc, output, res = dry_run(tmp_path)
     assert rc == 0, output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.json", "gpu_check.log"]  # <= 8 files
+    assert (tmp_path / "work" / "preflight.json").exists()
     assert res["dry_run"] and res["ok"] and res["budget_s"] <= 480  # an 8-minute slot
     assert [s["step"] for s in res["steps"]] == ["preflight", "wheels", "dry-run"]
     assert res["preflight"]["python"] == sys.executable and res["preflight"]["missing"] in ([], ["nvcc (PATH or /usr/local/cuda/bin)"])
     for step in ("build", "tests", "hf", "run", "bench", "sanitizer"):
         assert f"plan: {step} (cap " in output
-    assert "-k cuda" in output and "--tool memcheck" in output and "--device cuda" in output
+    assert "-k cuda and not without_usable_cuda" in output and "--tool memcheck" in output and "--device cuda" in output
     # the wheel list: every module of benchmarks/gpu_wheels.txt was looked up
     mods = {m["module"]: m for m in res["wheels"]["modules"]}
     assert {"math_verify", "matplotlib", "safetensors", "tqdm"} <= set(mods)
@@ -107,21 +109,25 @@ def test_help_describes_the_steps():
         assert word in p.stdout
 
 
-def test_prepare_script_lists_every_requirement_for_python_3_12(tmp_path):
-    """The prepare script's pip command (recorded by a stand-in pip): no deps, 3.12, manylinux x86_64."""
+@pytest.mark.parametrize("everything", [False, True])
+def test_prepare_script_downloads_the_requirements_for_python_3_12(tmp_path, everything):
+    """The prepare script's pip command (recorded by a stand-in pip): no deps, CPython 3.12, manylinux
+    x86_64; the requirements the H200 image lacks (all of them with GPU_WHEELS_ALL=1)."""
     log = tmp_path / "pip-args"
     fake_pip = tmp_path / "pip"
     fake_pip.write_text(f"#!/bin/sh\necho \"$@\" > {log}\n")
     fake_pip.chmod(0o755)
+    env = {**os.environ, "PIP": str(fake_pip), "GPU_WHEELS_ALL": "1" if everything else "0"}
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_prepare_wheels.sh"), str(tmp_path / "w")],
-                       capture_output=True, text=True, timeout=30, env={**os.environ, "PIP": str(fake_pip)})
+                       capture_output=True, text=True, timeout=30, env=env)
+    assert p.returncode == 1 and "no wheels" in p.stderr  # the stand-in fetched nothing
     args = log.read_text().split()
     assert "--no-deps" in args and "--only-binary=:all:" in args and args[args.index("--python-version") + 1] == "3.12"
     assert "manylinux_2_17_x86_64" in args
-    reqs = [line.split()[1] for line in (ROOT / "benchmarks" / "gpu_wheels.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
-    assert reqs and all(r in args for r in reqs)
-    assert p.returncode == 1  # the stand-in fetched nothing: the final count finds no wheel
+    lines = [line.split() for line in (ROOT / "benchmarks" / "gpu_wheels.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    want = [f[1] for f in lines if everything or "h200" not in f[2:]]
+    assert "math-verify==0.9.0" in want and [a for a in args if "==" in a] == want
 
 
 def test_compare_runs_pairs_rows_and_reports_differences(tmp_path):
