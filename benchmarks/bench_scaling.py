@@ -13,6 +13,7 @@ the summary table and what it shows, measured on this run only:
     python benchmarks/bench_scaling.py                 # the default slice (as `ponder run`)
     python benchmarks/bench_scaling.py --full --json   # all 500 problems, JSON on stdout
     python benchmarks/bench_scaling.py --from runs/x   # report an existing run directory
+    python benchmarks/bench_scaling.py --quick --json  # a smoke run in seconds (CI)
 
 Nothing here is asserted: the numbers are what the run measured.
 """
@@ -104,7 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="all 500 problems of builtin:arith")
     parser.add_argument("--per-level", type=int, help=f"problems per level (default {cli.DEFAULT_PER_LEVEL})")
     parser.add_argument("--json", action="store_true", help="print one JSON object (summary + report) on stdout")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in seconds: 2 problems, greedy, majority and best_of_n at n = 1, 2, "
+                             "short steps (numbers meaningless; CI runs it)")
     args, rest = parser.parse_known_args(argv)
+    if args.quick:
+        rest = ["--limit", "2", "--methods", "greedy,majority,best_of_n", "--n", "1,2", "--max-steps", "4",
+                "--num-iterations", "4", "--max-step-tokens", "24", "--no-progress", *rest]
     if args.source:
         out = Path(args.source)
     else:

@@ -19,6 +19,7 @@ policy it is compared with.
 
     python benchmarks/bench_verifier.py                       # levels 2-4, 30 problems each
     python benchmarks/bench_verifier.py --levels 3 --json     # JSON on stdout
+    python benchmarks/bench_verifier.py --quick --json        # a smoke run in seconds (CI)
 
 Nothing here is asserted: the numbers are what the run measured.
 """
@@ -130,13 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in seconds: level 2, 2 problems, n = 2 (numbers meaningless; CI runs it)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.levels, args.per_level, args.n = "2", 2, 2
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     large_path = builtin_model_path("policy-large")
-    policy = HFPolicy(builtin_model_path("policy-small"), kv_budget=1 << 17)
-    prm = HFPRM(builtin_model_path("prm"), kv_budget=1 << 17)
+    budget = 1 << (12 if args.quick else 17)
+    policy = HFPolicy(builtin_model_path("policy-small"), device="cpu", kv_budget=budget)
+    prm = HFPRM(builtin_model_path("prm"), device="cpu", kv_budget=budget)
     large = LlamaForCausalLM.from_pretrained(large_path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(large_path)
     t0 = time.time()

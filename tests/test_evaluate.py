@@ -530,3 +530,31 @@ def test_cli_help_documents_the_options(capsys):
                    "--device", "--batch-size", "--prm-format", "--prm-reference", "--prm-beta", "implicit-prm",
                    "control-plane benchmark"):
         assert option in out, option
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_progress_advances_per_finished_problem_within_a_batch(tmp_path, monkeypatch):
+    """One batch of all 5 problems: the bar moves by one problem at a time, and the first
+    problems count before the batch's last policy call (when the engine releases their trees)."""
+    calls, updates = [0], []
+
+    class Bar:
+        def update(self, k):
+            updates.append((k, calls[0]))
+
+        def close(self):
+            pass
+
+    class Counting(Fresh):
+        def sample_steps(self, *a, **k):
+            calls[0] += 1
+            return self.inner.sample_steps(*a, **k)
+
+    monkeypatch.setattr(evaluate, "_progress", lambda total, initial, desc, enabled: Bar())
+    evaluate.run_evaluation(PROBLEMS, Counting(ScriptedPolicy), scripted_prm(), methods=["majority"], ns=[4],
+                            base_config=_base(), out_dir=tmp_path, resume=False, batch_size=5, progress=True)
+    steps = [k for k, _ in updates if k]
+    assert steps == [1] * len(PROBLEMS) and sum(k for k, _ in updates) == len(PROBLEMS)
+    assert updates[0][1] < calls[0]  # a problem counted while others were still being sampled

@@ -1,0 +1,69 @@
+"""Every benchmark script runs, in its --quick form, with --json: the JSON object it prints has
+the keys its docstring promises (so a benchmark that crashes, e.g. on an API change, fails CI).
+
+Each script runs in a subprocess exactly as a user runs it (``python benchmarks/X.py --quick
+--json``), offline; a benchmark added to benchmarks/ without an entry here fails
+``test_every_benchmark_is_covered``. The quick forms take seconds each on 2 CPU cores; their
+numbers are not checked (they are measurements), only their shape and the checks the scripts
+make themselves (e.g. that ponder and the baseline agree).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
+
+# script -> (extra arguments on top of --quick --json, keys its JSON object must have)
+EXPECTED = {
+    "bench_core.py": ([], {"workloads", "all_equivalent", "config", "environment"}),
+    "bench_kernels.py": ([], {"device", "dtype", "results", "all_agree"}),
+    "bench_kv.py": ([], {"prefix_index_speedup", "tokens_computed_over_unique", "decode", "quick"}),
+    "bench_scaling.py": ([], {"out", "summary", "report"}),
+    "bench_search.py": ([], {"policy_tokens_over_unique", "prm_tokens_over_unique", "sides_agree", "methods", "quick",
+                             "wall_time_ratio_vs_baseline"}),
+    "bench_verifier.py": ([], {"levels", "n", "temperature", "seconds"}),
+}
+
+
+def test_every_benchmark_is_covered():
+    assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == sorted(EXPECTED)
+
+
+def _run(name: str, tmp_path) -> dict:
+    extra, _keys = EXPECTED[name]
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), "--quick", "--json", *extra], capture_output=True,
+                          text=True, env=ENV, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_benchmark_quick_json(name, tmp_path):
+    report = _run(name, tmp_path)
+    _extra, keys = EXPECTED[name]
+    assert isinstance(report, dict) and keys <= set(report), sorted(keys - set(report))
+    if name == "bench_search.py":
+        assert report["quick"] is True and report["sides_agree"] is True  # same trees and answers both ways
+        assert set(report["methods"]) == {"beam_search", "dvts"}
+    elif name == "bench_core.py":
+        assert report["config"]["quick"] is True and report["all_equivalent"] is True  # C++ core == reference
+    elif name == "bench_kernels.py":
+        assert report["results"] and report["all_agree"] is True  # every kernel matches torch
+    elif name == "bench_kv.py":
+        assert report["quick"] is True and report["tokens_computed_over_unique"] >= 1.0
+    elif name == "bench_scaling.py":
+        methods = {(e["method"], e["n"]) for e in report["summary"]}
+        assert {("greedy", 1), ("majority", 2), ("best_of_n", 2)} <= methods
+        assert all(0.0 <= e["accuracy"] <= 1.0 and e["count"] == 2 for e in report["summary"])
+    elif name == "bench_verifier.py":
+        assert report["n"] == 2 and [row["level"] for row in report["levels"]] == [2]
+        assert {"oracle", "majority", "prm_last", "prm_first_error_auc"} <= set(report["levels"][0])
