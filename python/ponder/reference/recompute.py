@@ -217,7 +217,7 @@ class RecomputePRM:
         if len(root_ids) != len(problems):
             raise ValueError(f"root_ids has {len(root_ids)} entries but problems has {len(problems)}")
         for r, q in zip(root_ids, problems):
-            n = len(self.inner.encode_full(self.inner._root_text(q)))
+            n = len(self.inner.encode_full(self.inner._fmt.root_text(q)))
             self._nodes[int(r)] = (q, (), n)
             if q not in self._questions_seen:
                 self._questions_seen.add(q)
