@@ -692,12 +692,18 @@ class HFPRM:
     # ---------------------------------------------------------------- model
     @staticmethod
     def _batches(new_tokens: list[list[int]], limit: int = _PREFILL_BATCH_TOKENS):
-        """(i, j) row ranges of at most ``limit`` new tokens (one row at least)."""
+        """(i, j) row ranges of at most ``limit`` new tokens (one row at least). A range also
+        ends before a row that would make its padded size (rows x longest row) more than 1.25x
+        its tokens + 64: rows are padded to the longest, so mixed lengths waste compute
+        (callers that sort rows by length get few ranges)."""
         i = 0
         while i < len(new_tokens):
-            j, total = i, 0
-            while j < len(new_tokens) and (j == i or total + len(new_tokens[j]) <= limit):
-                total += len(new_tokens[j])
+            j, total, longest = i, 0, 0
+            while j < len(new_tokens):
+                m = len(new_tokens[j])
+                if j > i and (total + m > limit or (j - i + 1) * max(longest, m) > 1.25 * (total + m) + 64):
+                    break
+                total, longest = total + m, max(longest, m)
                 j += 1
             yield i, j
             i = j

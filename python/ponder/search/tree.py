@@ -253,6 +253,9 @@ class SearchTree:
         """Stage 4: one ``score_steps`` call for the rows of every scored search."""
         scores = np.zeros(len(batch.searches), dtype=np.float64)  # the forest needs a number
         rows = [i for i, s in enumerate(batch.searches) if s.scored]
+        # shortest steps first: the PRM pads a forward's rows to the longest, and rows of
+        # similar length batch with little padding (the scores do not depend on row order)
+        rows.sort(key=lambda i: len(batch.steps[i].tokens))
         batch.prm_rows = len(rows)
         if rows and self.prm is not None:
             parents, children = batch.parents.tolist(), batch.children.tolist()
