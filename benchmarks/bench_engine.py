@@ -12,14 +12,18 @@ Poisson process (``--rate`` requests/s). Served three ways:
 * engine: one ``ponder.Engine``; requests are submitted when they arrive and the engine steps.
 
 Time is a virtual clock driven by measured compute: each search call / engine step advances it
-by its measured wall time, an idle server jumps to the next arrival. So arrivals never wait on
-``sleep`` and the three are compared on the same arrival times. Latency = finish - arrival.
+by the CPU time it took in this thread (``time.thread_time``; torch runs single-threaded, so
+that is all of its compute, and other processes on a shared machine do not inflate it;
+``--clock wall`` uses wall time), an idle server jumps to the next arrival. So arrivals never
+wait on ``sleep`` and the three are compared on the same arrival times. Latency = finish -
+arrival.
 
-Memory: the engine first runs with a large KV pool and records the peak KV blocks in use of the
-policy and the PRM (what the workload needs at once); then it runs again with pools of a quarter
-of that (``--pool-fraction``), where admission control and preemption must keep every request
-from failing: ``preemptions`` and ``kv_full_errors`` (requests that failed with ``KVCacheFull``)
-come from that run. ``same_answers``: the fraction of requests whose engine answer equals their
+Memory: the sequential run records each request's peak KV blocks (policy, PRM) when searched
+alone; their sum is what the workload needs at once (every request live together). The engine
+runs first with large pools (``--pool-tokens``), then again with pools of a quarter of that need
+(``--pool-fraction``), where admission control and preemption must keep every request from
+failing: ``preemptions`` and ``kv_full_errors`` (requests that failed with ``KVCacheFull``) come
+from that run. ``same_answers``: the fraction of requests whose engine answer equals their
 sequential answer (per-request random streams: equal up to batch-composition numerics).
 
 ``--json`` prints one JSON object; ``--quick`` runs a reduced version (under ~60 s).
@@ -42,6 +46,8 @@ except ImportError:  # running from a checkout without an install
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 import numpy as np
+
+CLOCK = time.thread_time
 
 METHODS = ["majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts"]
 GOAL_THROUGHPUT = 3.0
@@ -93,19 +99,42 @@ def summarize(name, arrivals, finish, generated, extra=None):
     return out
 
 
+class PeakKV:
+    """Forwards to a model and records the peak KV blocks in use after each batched call."""
+
+    def __init__(self, inner, calls):
+        self.inner, self.peak = inner, 0
+        for name in calls:
+            setattr(self, name, self._tracked(getattr(inner, name)))
+
+    def _tracked(self, fn):
+        def call(*a, **kw):
+            out = fn(*a, **kw)
+            self.peak = max(self.peak, self.inner.kv.stats()["blocks_in_use"])
+            return out
+        return call
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def run_sequential(policy, prm, arrivals, problems, configs):
+    """Also returns each request's peak KV blocks (policy, PRM) when searched alone."""
     import ponder
 
-    clock, finish, generated, answers = 0.0, [], [], []
+    pol, rm = PeakKV(policy, ["start", "sample_steps", "rollout"]), PeakKV(prm, ["start", "score_steps"])
+    clock, finish, generated, answers, peaks = 0.0, [], [], [], []
     for a, p, c in zip(arrivals, problems, configs):
         clock = max(clock, a)
-        t = time.perf_counter()
-        (r,) = ponder.search([p], policy, prm if c.method != "majority" else None, c)
-        clock += time.perf_counter() - t
+        pol.peak = rm.peak = 0
+        t = CLOCK()
+        (r,) = ponder.search([p], pol, rm if c.method != "majority" else None, c)
+        clock += CLOCK() - t
         finish.append(clock)
         generated.append(r.budget.policy_tokens_generated)
         answers.append(r.answer)
-    return summarize("sequential", arrivals, finish, generated), answers
+        peaks.append((pol.peak, rm.peak))
+    return summarize("sequential", arrivals, finish, generated), answers, peaks
 
 
 def run_static(policy, prm, arrivals, problems, configs):
@@ -119,9 +148,9 @@ def run_static(policy, prm, arrivals, problems, configs):
     for ids in order:
         clock = max(clock, arrivals[ids[-1]])
         cfg = configs[ids[0]]
-        t = time.perf_counter()
+        t = CLOCK()
         rs = ponder.search([problems[i] for i in ids], policy, prm if cfg.method != "majority" else None, cfg)
-        clock += time.perf_counter() - t
+        clock += CLOCK() - t
         for i, r in zip(ids, rs):
             finish[i] = clock
             generated[i] = r.budget.policy_tokens_generated
@@ -141,14 +170,15 @@ def run_engine(policy, prm, arrivals, problems, configs, name="engine"):
         while nxt < len(arrivals) and arrivals[nxt] <= clock:
             handles.append(engine.submit(problems[nxt], configs[nxt]))
             nxt += 1
-        t = time.perf_counter()
+        t = CLOCK()
         engine.step()
-        clock += time.perf_counter() - t
+        clock += CLOCK() - t
         for h in handles:
             if h.done() and h.id not in finish:
                 finish[h.id] = clock
         peak["policy"] = max(peak["policy"], policy.kv.stats()["blocks_in_use"])
         peak["prm"] = max(peak["prm"], prm.kv.stats()["blocks_in_use"])
+        peak["live"] = max(peak.get("live", 0), engine.stats()["live"])
     errors = [h for h in handles if h._error is not None]
     kv_full = sum(1 for h in errors if isinstance(h._error, ponder.KVCacheFull))
     if len(errors) > kv_full:
@@ -164,6 +194,7 @@ def run_engine(policy, prm, arrivals, problems, configs, name="engine"):
         "kv_full_errors": kv_full,
         "peak_policy_blocks": peak["policy"],
         "peak_prm_blocks": peak["prm"],
+        "peak_live_requests": peak["live"],
     }
     answers = [h.result().answer if h._error is None else None for h in handles]
     assert len(ok) + len(errors) == len(handles)
@@ -177,28 +208,33 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="number of requests (default 64; quick 16)")
     ap.add_argument("--rate", type=float, default=200.0, help="Poisson arrival rate, requests/s (default 200)")
     ap.add_argument("--pool-fraction", type=float, default=0.25, help="small pool / peak need (default 0.25)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="what advances the virtual clock (default cpu: this thread's CPU time)")
+    ap.add_argument("--pool-tokens", type=int, default=1 << 14, help="KV pool of each model in the large-pool runs (default 16384 tokens)")
     args = ap.parse_args(argv)
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
+    torch.set_num_threads(1)
     import ponder
     from ponder.toy.models import resolve_model
 
     num = args.requests or (16 if args.quick else 64)
     ns = [4, 8] if args.quick else [4, 16]
     arrivals, problems, configs = workload(num, ns, args.rate, seed=0)
-    big = 1 << 16
+    big = args.pool_tokens
     t0 = time.perf_counter()
     policy = ponder.HFPolicy(resolve_model("builtin:policy-small"), kv_budget=big)
     prm = ponder.HFPRM(resolve_model("builtin:prm"), kv_budget=big)
     load_s = time.perf_counter() - t0
 
-    seq, seq_answers = run_sequential(policy, prm, arrivals, problems, configs)
+    seq, seq_answers, peaks = run_sequential(policy, prm, arrivals, problems, configs)
     static = run_static(policy, prm, arrivals, problems, configs)
     eng, eng_answers = run_engine(policy, prm, arrivals, problems, configs)
-    need = {"policy": eng["peak_policy_blocks"], "prm": eng["peak_prm_blocks"]}
+    # what the workload needs at once: every request live together, each at its own peak
+    need = {"policy": sum(p for p, _ in peaks), "prm": sum(r for _, r in peaks)}
+    largest = {"policy": max(p for p, _ in peaks), "prm": max(r for _, r in peaks)}
     small = {k: max(1, int(v * args.pool_fraction)) for k, v in need.items()}
     set_pool(policy, small["policy"] * policy.kv.block_size)
     set_pool(prm, small["prm"] * prm.kv.block_size)
@@ -210,6 +246,7 @@ def main(argv=None) -> int:
         "requests": num,
         "ns": ns,
         "rate": args.rate,
+        "clock": args.clock,
         "load_s": load_s,
         "runs": [seq, static, eng, tight],
         "throughput_over_sequential": eng["requests_per_s"] / seq["requests_per_s"],
@@ -217,7 +254,8 @@ def main(argv=None) -> int:
         "p99_latency_s": eng["p99_latency_s"],
         "p99_latency_sequential_s": seq["p99_latency_s"],
         "pool_blocks": small,
-        "peak_blocks_needed": need,
+        "blocks_needed_at_once": need,
+        "largest_request_blocks": largest,
         "preemptions": tight["preemptions"],
         "kv_full_errors": tight["kv_full_errors"],
         "same_answers": float(np.mean([a == b for a, b in zip(seq_answers, eng_answers)])),
@@ -236,7 +274,7 @@ def main(argv=None) -> int:
     print(f"throughput over sequential: {out['throughput_over_sequential']:.2f}x (goal >= {GOAL_THROUGHPUT}x); "
           f"over static: {out['throughput_over_static']:.2f}x")
     print(f"p99 latency: engine {out['p99_latency_s']:.2f} s, sequential {out['p99_latency_sequential_s']:.2f} s")
-    print(f"quarter pool ({small} blocks of peak {need}): {out['preemptions']} preemptions, "
+    print(f"quarter pool ({small} blocks of {need} needed at once; largest request {largest}): {out['preemptions']} preemptions, "
           f"{out['kv_full_errors']} KVCacheFull errors; same answers as sequential: {out['same_answers']:.0%}")
     return 0
 
