@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 
 from ponder import AsyncEngine
 from test_engine import MIX, SeededScriptedPolicy, alone, signature
@@ -54,14 +55,20 @@ def test_stream_yields_events_then_end_and_threads_submit_too():
         assert signature(r) == signature(alone("gamma", dataclasses.replace(cfg, seed=k)))
 
 
+class SlowPolicy(SeededScriptedPolicy):
+    def sample_steps_seeded(self, *a):
+        time.sleep(0.02)  # a search of several steps outlives the cancelling task's first await
+        return super().sample_steps_seeded(*a)
+
+
 def test_a_cancelled_task_cancels_its_search():
-    policy = SeededScriptedPolicy()
+    policy = SlowPolicy()
 
     async def main():
         engine = AsyncEngine(policy, ScriptedPRM())
         long = _config(method="dvts", n=8, beam_width=2, seed=1, num_iterations=8, max_steps=8)
         task = asyncio.create_task(engine.search("beta", long))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.03)
         task.cancel()
         try:
             await task
@@ -76,5 +83,5 @@ def test_a_cancelled_task_cancels_its_search():
 
     other, stats = asyncio.run(main())
     assert other.stopped is None
-    assert stats["finished"] == 2 and stats["live"] == 0
+    assert stats["finished"] == 2 and stats["cancelled"] == 1 and stats["live"] == 0
     assert policy.released == set(policy.paths)  # the cancelled search freed its nodes

@@ -163,6 +163,7 @@ class Engine:
         self._counters = dict(
             steps=0, policy_calls=0, policy_rows=0, prm_calls=0, prm_rows=0,
             preemptions=0, kv_full_caught=0, kv_full_errors=0, submitted=0, finished=0,
+            cancelled=0, timeout=0, budget=0,
         )
 
     # ------------------------------------------------------------------ submitting
@@ -446,6 +447,8 @@ class Engine:
         self._close_stream(r)
         r.handle._results = results
         self._counters["finished"] += 1
+        if stopped is not None:
+            self._counters[stopped] += 1
         r.handle._done.set()
         r.handle._emit(Event("end", r.handle.id, result=next(iter(results.values()))))
 
@@ -470,7 +473,8 @@ class Engine:
         """live / queued searches, preempted (searches in the queue that were preempted),
         preemptions, kv_full_caught (handled by preemption), kv_full_errors (searches failed with
     it: one alone did not fit), steps, policy_calls, prm_calls, mean
-        policy and PRM batch sizes (rows per call), submitted, finished, and the KV blocks in
+        policy and PRM batch sizes (rows per call), submitted, finished (of which ended early:
+    cancelled, timeout, budget), and the KV blocks in
         use of the policy and PRM when their ``stats()`` report them."""
         with self._lock:
             c = dict(self._counters)
