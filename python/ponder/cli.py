@@ -302,7 +302,8 @@ def _load(flag: str, ref: str, build):
         return build()
     except (OSError, ValueError, ImportError) as exc:
         text = " ".join(str(exc).split())
-        offline = ("couldn't connect", "offline", "outgoing traffic has been disabled", "connection", "resolve")
+        offline = ("couldn't connect", "offline", "outgoing traffic has been disabled", "connection error",
+                   "max retries exceeded", "name resolution", "network is unreachable")
         if any(k in text.lower() for k in offline) and not _is_local(ref):
             raise _Refused(f"{flag} {ref}: could not download it (no network, or the hub cannot be reached) and it "
                            f"is not in the local Hugging Face cache; download it first (huggingface-cli download "
