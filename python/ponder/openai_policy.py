@@ -188,7 +188,10 @@ class OpenAIPolicy:
         self.max_steps_per_rollout = int(max_steps_per_rollout)
         self.num_parameters = int(num_parameters) if num_parameters is not None else _safetensors_parameters(source)
         if client is None:
-            import openai
+            try:
+                import openai
+            except ImportError as exc:
+                raise ImportError(f"OpenAIPolicy needs the openai client ({exc}): pip install 'ponder[remote]'") from exc
 
             client = openai.OpenAI(
                 base_url=self.base_url,
