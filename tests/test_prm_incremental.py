@@ -20,6 +20,8 @@ import warnings
 import pytest
 import torch
 import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from ponder.prm import HFPRM, MATH_SHEPHERD_TAG, QWEN_STEP_SEP
@@ -121,63 +123,70 @@ class FullPath:
         self.plus, self.minus = (self.tok.convert_tokens_to_ids(t) for t in ("+", "-"))
 
     @torch.inference_mode()
-    def __call__(self, question: str, steps: list[str]) -> list[float]:
+    def __call__(self, question: str, steps: list[str]) -> float:
+        """The score of the last of ``steps`` (steps before it are its path)."""
+        text = self.prm.render(question, steps)
         enc = self.tok.encode
-        if self.format in ("math-shepherd", "qwen-prm"):  # one rendering, scored at every marker
-            ids = enc(self.prm.render(question, steps), add_special_tokens=True)
+        if self.format in ("math-shepherd", "qwen-prm"):  # the whole rendering, read at the last marker
+            ids = enc(text, add_special_tokens=True)
             marker = self.tok.convert_tokens_to_ids(MATH_SHEPHERD_TAG if self.format == "math-shepherd" else QWEN_STEP_SEP)
             pos = [i for i, t in enumerate(ids) if t == marker]
             assert len(pos) == len(steps)
-            logits = self.model(input_ids=torch.tensor([ids])).logits[0, pos]
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0, pos[-1]]
             if self.format == "math-shepherd":
-                return logits[:, [self.plus, self.minus]].softmax(-1)[:, 0].tolist()
-            return logits.softmax(-1)[:, 1].tolist()
-        out = []
-        for k in range(1, len(steps) + 1):
-            text = self.prm.render(question, steps[:k])
-            if self.format == "rlhflow":  # the turns of k steps, read at the position predicting the last "+"
-                ids = enc(text, add_special_tokens=False)
-                assert ids[-2] == self.plus
-                logits = self.model(input_ids=torch.tensor([ids])).logits[0, -3, [self.plus, self.minus]]
-                out.append(logits.softmax(-1)[0].item())
-                continue
-            probe = self.prm.render(question, ["PONDERSTEPSENTINEL"])
-            start = len(enc(probe[: probe.find("PONDERSTEPSENTINEL")].rstrip(), add_special_tokens=False))
-            x = torch.tensor([enc(text[: text.rfind(self.tok.eos_token)], add_special_tokens=False)])
-            ratio = (self.model(input_ids=x).logits[0].log_softmax(-1) - self.ref(input_ids=x).logits[0].log_softmax(-1)).double()
-            per_token = ratio[:-1].gather(-1, x[0, 1:, None]).squeeze(-1)
-            out.append(1.0 / (1.0 + math.exp(-BETA * per_token[start - 1 :].sum().item())))
-        return out
+                return logits[[self.plus, self.minus]].softmax(-1)[0].item()
+            return logits.softmax(-1)[1].item()
+        if self.format == "rlhflow":  # the turns of all steps, read at the position predicting the last "+"
+            ids = enc(text, add_special_tokens=False)
+            last = max(i for i, t in enumerate(ids) if t == self.plus)  # only the end of turn follows it
+            return self.model(input_ids=torch.tensor([ids])).logits[0, last - 1, [self.plus, self.minus]].softmax(-1)[0].item()
+        # implicit-prm: every token after the question part, up to the end of the assistant's text
+        probe = self.prm.render(question, ["PONDERSTEPSENTINEL"])
+        start = len(enc(probe[: probe.find("PONDERSTEPSENTINEL")].rstrip(), add_special_tokens=False))
+        x = torch.tensor([enc(text[: text.rfind(self.tok.eos_token)], add_special_tokens=False)])
+        ratio = (self.model(input_ids=x).logits[0].log_softmax(-1) - self.ref(input_ids=x).logits[0].log_softmax(-1)).double()
+        per_token = ratio[:-1].gather(-1, x[0, 1:, None]).squeeze(-1)
+        return 1.0 / (1.0 + math.exp(-BETA * per_token[start - 1 :].sum().item()))
 
 
 _DIR = {"math-shepherd": "causal", "rlhflow": "causal", "qwen-prm": "token", "implicit-prm": "implicit"}
-_CACHE: dict[tuple[str, str], tuple[HFPRM, FullPath]] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The models are tiny: one thread is fastest (and unaffected by a busy machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
+def prms(tmp_path_factory):
+    """(kind, format) -> (a new HFPRM with the default settings, so no example inherits another's
+    state; the oracle, built once)."""
     root = tmp_path_factory.mktemp("prm_incremental")
-    return {kind: save_models(root, kind) for kind in KINDS}
+    dirs = {kind: save_models(root, kind) for kind in KINDS}
+    oracles: dict[tuple[str, str], FullPath] = {}
 
+    def get(kind: str, fmt: str) -> tuple[HFPRM, FullPath]:
+        prm = HFPRM(dirs[kind][_DIR[fmt]], format=fmt, kv_budget=16384)
+        if (kind, fmt) not in oracles:
+            oracles[kind, fmt] = FullPath(prm, dirs[kind])
+        oracles[kind, fmt].prm = prm
+        return prm, oracles[kind, fmt]
 
-def prm_and_oracle(model_dirs, kind: str, fmt: str) -> tuple[HFPRM, FullPath]:
-    """One PRM (default settings) and its oracle per (kind, format), shared by the examples."""
-    key = (kind, fmt)
-    if key not in _CACHE:
-        dirs = model_dirs[kind]
-        prm = HFPRM(dirs[_DIR[fmt]], format=fmt, kv_budget=16384)
-        _CACHE[key] = (prm, FullPath(prm, dirs))
-    return _CACHE[key]
+    return get
 
 
 # ----------------------------------------------------------------------------- the seen bug
 
 
-def test_implicit_prm_step_after_an_empty_step_reads_its_left_context(model_dirs):
+def test_implicit_prm_step_after_an_empty_step_reads_its_left_context(prms):
     """Llama-3 style: "So 5." then an empty step adds no text, so the next step's "\\n\\n" merges
     with the "." before it (".\\n\\n" is one token). A later child of the call must still be
     tokenized with that context, not as if its text stood alone."""
-    prm, full = prm_and_oracle(model_dirs, "llama3", "implicit-prm")
+    prm, full = prms("llama3", "implicit-prm")
     q = QUESTIONS[0]
     prm.start([0], [q])
     try:
@@ -186,7 +195,59 @@ def test_implicit_prm_step_after_an_empty_step_reads_its_left_context(model_dirs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # lost reuse may be reported; scores must not change
             got = prm.score_steps([0, 2], [3, 4], ["So the answer is 5.", "The answer is \\boxed{5}."])
-        want = [full(q, ["So the answer is 5."])[-1], full(q, ["Add 2 and 3 to get 5.", "", "The answer is \\boxed{5}."])[-1]]
+        want = [full(q, ["So the answer is 5."]), full(q, ["Add 2 and 3 to get 5.", "", "The answer is \\boxed{5}."])]
         assert got == pytest.approx(want, abs=ATOL)
     finally:
         prm.release(range(5))
+
+
+# ----------------------------------------------------------------------------- any step text
+
+_CHARS = "abxyz ABZ 0123456789 .,;:!?+-=*/^()[]{}$\\ \n\t éπ√∑≈中文😀\u0301"
+_PAD = st.sampled_from(["", " ", "  ", "\n", "\n\n", " \n\n", "\n\n\n", "\t", "\u3000"])
+_END = st.sampled_from(["", ".", "?", ":", "!", ".\n", ". ", ",", "\u0301", "…", "5", ")"])
+# Steps as a solver writes them (the corpus's words, so BPE merges them), ends that merge with
+# what follows (". " and ".\n\n" are single pre-tokens; NFC joins a combining accent to the
+# letter before it), and text made of anything.
+_WORDS = st.sampled_from(["So 5", "Add 2 and 3 to get 5", "The answer is \\boxed{5}", "x = 12 - 7", "Café", "π ≈ 3",
+                          "中文 数学", "e", "😀", "\u0301 accent", "5"])
+STEP_TEXT = st.one_of(
+    st.just(""),
+    _PAD,
+    st.builds(lambda a, body, end, b: a + body + end + b, _PAD, _WORDS, _END, _PAD),
+    st.builds(lambda a, body, end, b: a + body + end + b, _PAD, st.text(_CHARS, max_size=24), _END, _PAD),
+    st.builds(lambda a, body, end: a + body + end, _PAD, st.text(_CHARS, min_size=80, max_size=240), _END),
+)
+_IDS = iter(range(10**9))  # node ids are never reused across examples
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_incremental_scores_equal_full_path_scores(prms, kind, fmt, data):
+    """Random trees of random step texts, scored a few children per call (lookahead on some):
+    every score equals the full-path score of the node's path (plus its lookahead)."""
+    prm, full = prms(kind, fmt)
+    roots = data.draw(st.lists(st.sampled_from(QUESTIONS), min_size=1, max_size=2), label="questions")
+    paths = {next(_IDS): (q, []) for q in roots}
+    prm.start(list(paths), [q for q, _ in paths.values()])
+    try:
+        for _ in range(data.draw(st.integers(1, 5), label="calls")):
+            nodes = list(paths)
+            # later nodes more often, so paths get deep
+            pick = st.one_of(st.sampled_from(nodes), st.sampled_from(nodes[-4:]))
+            level = data.draw(st.lists(st.tuples(pick, STEP_TEXT), min_size=1, max_size=5), label="children")
+            ahead = data.draw(st.lists(st.lists(STEP_TEXT, max_size=2), min_size=len(level), max_size=len(level)),
+                              label="lookahead")
+            children = [next(_IDS) for _ in level]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # lost reuse may be reported; scores must not change
+                got = prm.score_steps([p for p, _ in level], children, [s for _, s in level], lookahead=ahead)
+            for (p, step), c, extra, g in zip(level, children, ahead, got):
+                q, prev = paths[p]
+                paths[c] = (q, prev + [step])
+                assert g == pytest.approx(full(q, prev + [step] + extra), abs=ATOL), (q, prev + [step] + extra)
+    finally:
+        prm.release(list(paths))
+    assert prm.stats()["live_nodes"] == 0 and prm.stats()["kv_blocks_in_use"] == 0
