@@ -150,7 +150,8 @@ def build_run_parser() -> argparse.ArgumentParser:
 
     search = p.add_argument_group("search")
     search.add_argument("--methods", type=_csv, default=_csv(DEFAULT_METHODS), metavar="M1,M2",
-                        help="comma-separated methods: greedy, majority, best_of_n, weighted_best_of_n, beam_search, dvts (default all)")
+                        help="comma-separated methods: greedy, majority, best_of_n, weighted_best_of_n, beam_search, dvts, "
+                             "auto (per-problem choice within the budget n) (default all but auto)")
     search.add_argument("--n", type=_csv_ints, default=_csv_ints(DEFAULT_NS), metavar="N1,N2",
                         help=f"comma-separated budgets N, e.g. 1,4,16,64 (default {DEFAULT_NS})")
     search.add_argument("--beam-width", type=int, default=4, metavar="M", help="beam width M of beam_search/dvts (default 4); every n above M must be a multiple of it, an n below M runs one tree n wide")
@@ -163,6 +164,12 @@ def build_run_parser() -> argparse.ArgumentParser:
     search.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p (default 1.0)")
     search.add_argument("--max-step-tokens", type=int, default=None, help="most tokens per step (default 256; 96 on builtin:arith)")
     search.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    search.add_argument("--budget", type=_csv_ints, default=None, metavar="B1,B2",
+                        help="n-equivalent budgets of --methods auto (they replace --n: every method runs at each)")
+    search.add_argument("--budget-tokens", type=float, default=None, metavar="T",
+                        help="auto: mean policy tokens per problem instead of an n-equivalent (docs/adaptive.md)")
+    search.add_argument("--strategy", default=None, metavar="PATH",
+                        help="auto: strategy.json from `ponder calibrate` (default: the built-in models' table)")
     search.add_argument("--compat-search-and-learn", action="store_true", help="reproduce search-and-learn where ponder deliberately differs")
 
     out = p.add_argument_group("output")
@@ -488,7 +495,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     # --- every option, before any work
     methods = _validate(args)
-    ns = sorted(set(args.n))
+    ns = sorted(set(args.budget or args.n))  # dynamic compute: budgets are n-equivalents
     needs_prm = [m for m in methods if m not in evaluate.PRM_FREE_METHODS]
     if needs_prm and not args.prm:
         raise _Refused(f"method {needs_prm[0]} needs --prm PATH (only greedy and majority run without a PRM)")
@@ -500,6 +507,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         lookahead=args.lookahead, agg=args.agg, vote=args.vote, seed=args.seed, max_steps=args.max_steps,
         compat_search_and_learn=args.compat_search_and_learn,
         sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, max_step_tokens=args.max_step_tokens),
+        budget_tokens=args.budget_tokens, strategy=args.strategy,
     )
     try:
         for method, n in evaluate.plan(methods, ns):
@@ -668,6 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False)
     serve.add_argument("rest", nargs=argparse.REMAINDER, help="see: ponder serve --help")
 
+    calibrate = sub.add_parser("calibrate", help="fit a strategy table for --methods auto (see: ponder calibrate --help)",
+                               add_help=False)
+    calibrate.add_argument("rest", nargs=argparse.REMAINDER, help="see: ponder calibrate --help")
+
     info = sub.add_parser("info", help="build and CUDA information as JSON")
     info.set_defaults(func=_info)
     return parser
@@ -690,6 +702,10 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_core(argparse.Namespace(rest=argv[2:]))
         if argv[:2] == ["toy", "train"]:
             return _toy_train(argparse.Namespace(rest=argv[2:]))
+        if argv[:1] == ["calibrate"]:  # ponder calibrate: python/ponder/calibrate.py
+            from .calibrate import main as calibrate_main
+
+            return calibrate_main(argv[1:])
         if argv[:1] == ["serve"]:  # ponder serve: python/ponder/serve/cli.py
             from .serve.cli import main as serve_main
 

@@ -67,6 +67,8 @@ def method_config(base_config: SearchConfig, method: str, n: int) -> SearchConfi
         # so a sweep like --n 1,4,16 runs every method at every n.
         width = min(base_config.beam_width, n) if method in TREE_METHODS else base_config.beam_width
         config = dataclasses.replace(base_config, method=method, n=n, vote=vote, beam_width=width)
+    if method != "auto":  # budget_tokens / strategy belong to auto (dynamic compute)
+        config = dataclasses.replace(config, budget=None, budget_tokens=None)
     return config.validate()
 
 
@@ -609,6 +611,8 @@ def _row(
         "beam_width": config.beam_width if method in TREE_METHODS else None,
         "seed": config.seed,
         "shared_samples": shared,
+        "difficulty": result.difficulty,  # dynamic compute (auto): estimated online, and what it chose
+        "chosen": result.chosen,
     }
 
 
