@@ -160,6 +160,7 @@ class Engine:
         self._cancels: list[_Request] = []
         self._background = False
         self._admit_limit: int | None = None  # after a start hit KVCacheFull: admit at most this many
+        self._hold = False  # after a preemption: admit nothing until a live search ends
         self._counters = dict(
             steps=0, policy_calls=0, policy_rows=0, prm_calls=0, prm_rows=0,
             preemptions=0, kv_full_caught=0, kv_full_errors=0, submitted=0, finished=0,
@@ -256,6 +257,9 @@ class Engine:
 
     def _admit(self) -> None:
         new: list[_Request] = []
+        if self._hold and self._live:
+            return
+        self._hold = False
         with self._lock:
             while self._queue and (self.max_live is None or len(self._live) + len(new) < self.max_live):
                 if self._admit_limit is not None and len(new) >= self._admit_limit:
@@ -405,6 +409,7 @@ class Engine:
         r.preemptions += 1
         r.search.generated = r.search.prm_scored = 0
         self._counters["preemptions"] += 1
+        self._hold = True
         with self._lock:
             self._queue.insert(0, r)
         return True
@@ -445,6 +450,7 @@ class Engine:
             raise
         self.tree.drop(r.search)
         self._close_stream(r)
+        self._hold = False  # its blocks are free: admission may resume
         r.handle._results = results
         self._counters["finished"] += 1
         if stopped is not None:
@@ -458,6 +464,7 @@ class Engine:
                 self._live.remove(r)
         self.tree.drop(r.search, strict=False)
         self._close_stream(r)
+        self._hold = False
         r.handle._error = exc
         r.handle._done.set()
         r.handle._emit(Event("end", r.handle.id, error=exc))
