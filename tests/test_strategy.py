@@ -145,3 +145,16 @@ def test_the_shipped_table_loads_and_plans_every_budget():
         assert len(plan.options) == table.num_bins(plan.probe)
         assert plan.tokens <= table.tokens_for_n(b) + 1e-6
         assert plan.accuracy == pytest.approx(table.plans[b]["accuracy"])
+
+
+def test_ponder_calibrate_refits_from_records(tmp_path, capsys):
+    from ponder.cli import main
+
+    rec = save_records(_records(), tmp_path / "cal.records.jsonl")
+    out = tmp_path / "strategy.json"
+    assert main(["calibrate", "--from-records", str(rec), "--probes", "2", "--bins", "2", "--budgets", "4,8",
+                 "--beam-width", "2", "--out", str(out)]) == 0
+    table = StrategyTable.load(out)
+    assert sorted(table.plans) == [4, 8] and table.meta["problems"] == 24
+    assert "options per difficulty bin" in capsys.readouterr().out
+    assert table == fit(load_records(rec), probes=(2,), bins=2, budgets=(4, 8), beam_width=2, meta=table.meta)

@@ -107,7 +107,9 @@ def collect(
         engine.step()
         if progress:
             done = sum(all(h.done() for h in hs.values()) for hs in handles)
-            print(f"\r[calibrate] {done}/{total} problems, {time.perf_counter() - t0:.0f} s", end="", file=sys.stderr)
+            st = engine.stats()
+            print(f"\r[calibrate] {done}/{total} problems, {time.perf_counter() - t0:.0f} s, "
+                  f"{st['live']:.0f} live, {st['preemptions']:.0f} preemptions", end="", file=sys.stderr)
     if progress:
         print(file=sys.stderr)
     records = []

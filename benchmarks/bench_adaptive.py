@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""Dynamic compute on the held-out builtin:arith: accuracy against mean policy tokens per problem.
+
+Built-in models (``builtin:policy-small`` + ``builtin:prm``), CPU. On the held-out problems
+(``--per-level K`` of each level, or ``--full``: all 500):
+
+* fixed methods: majority, best-of-N and weighted best-of-N at n = 1, 2, 4, ... up to
+  ``--samples`` (the first n of one set of ``--samples`` solutions per problem: i.i.d. samples,
+  so a prefix is an n-sample run), beam search and DVTS at each ``--tree-n`` (beam width 4, or
+  n when smaller) -- measured by ``ponder.calibrate.collect``;
+* early-stopped majority and weighted best-of-N (cap n = ``--ref-n``, threshold 0.95, rounds
+  of 4), and ``method="auto"`` at each ``--budgets`` (n-equivalents) with ``--strategy`` (default:
+  the shipped ``ponder/toy/strategy.json``, calibrated on freshly generated problems) -- real
+  engine runs of those state machines.
+
+Policy tokens = prompt (once per problem) + generated, as ``ponder run`` rows count them.
+Figures (``--json`` keys): ``auto_tokens_to_match_best16_ratio`` (the fewest mean tokens of an
+``auto`` budget whose accuracy reaches the best fixed method's at n = ``--ref-n``, over that
+method's tokens; null when none reaches it), ``auto_gain_at_n16_tokens`` (the auto frontier's
+accuracy at the best fixed method's tokens, linearly interpolated between auto budgets, minus
+that method's accuracy), ``early_stop_token_ratio`` and ``early_stop_accuracy_delta``
+(early-stopped majority vs majority at n = ``--ref-n``). Accuracies are fractions (0.005 =
+half a point). Targets (issue 15): ratio <= 0.5, gain >= 0.02, token ratio <= 0.4 with delta
+>= -0.005. ``--plot`` writes the frontier (docs/adaptive.png).
+
+``--quick``: 1 problem per level, 4 samples, tree n 4, budgets 2 and 4, ref n 4 (~1 minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+try:
+    import ponder  # noqa: F401
+except ImportError:  # running from a checkout without an install
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+from ponder.calibrate import collect, load_records, save_records
+from ponder.protocols import SamplingParams
+from ponder.search.config import SearchConfig
+from ponder.search.strategy import OPTION_VOTE, SAMPLING, TREES, load_cached
+
+BENCH_SEED = 777_001  # the sampling seed (the held-out problems are fixed)
+TARGETS = {"auto_tokens_to_match_best16_ratio": 0.5, "auto_gain_at_n16_tokens": 0.02,
+           "early_stop_token_ratio": 0.4, "early_stop_accuracy_delta": -0.005}
+
+
+def log(msg: str) -> None:
+    print(f"[bench_adaptive] {msg}", file=sys.stderr, flush=True)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def base_config() -> SearchConfig:
+    """``ponder run``'s settings for builtin:arith (temperature 0.8, 96-token steps, 16 steps)."""
+    return SearchConfig(beam_width=4, num_iterations=16, max_steps=16, agg="last",
+                        sampling=SamplingParams(temperature=0.8, max_step_tokens=96))
+
+
+def fixed_rows(records, samples: int, tree_ns: list[int]) -> list[dict]:
+    rows = []
+    n = 1
+    while n <= samples:
+        for m in SAMPLING:
+            got = [r.sampled_outcome(OPTION_VOTE[m], n) for r in records]
+            rows.append(_row(m, n, got))
+        n *= 2
+    for m in TREES:
+        for n in tree_ns:
+            got = [(r.trees[m][n]["correct"], r.prompt_tokens + r.trees[m][n]["tokens"]) for r in records]
+            rows.append(_row(m, n, got))
+    return rows
+
+
+def _row(method: str, n, got, **extra) -> dict:
+    return {"method": method, "n": n, "problems": len(got), "accuracy": sum(c for c, _ in got) / len(got),
+            "mean_policy_tokens": sum(t for _, t in got) / len(got), **extra}
+
+
+def engine_runs(problems, policy, prm, base: SearchConfig, ref_n: int, budgets: list[int], strategy: str | None):
+    """Early-stopped majority / weighted best-of-N and auto at every budget, all problems of
+    all of them in one engine."""
+    from ponder.engine import Engine
+    from ponder.grading import is_equivalent
+
+    engine = Engine(policy, prm)
+    kinds = [("majority+early_stop", dataclasses.replace(base, method="majority", n=ref_n, early_stop=0.95))]
+    kinds.append(("weighted_best_of_n+early_stop",
+                  dataclasses.replace(base, method="weighted_best_of_n", n=ref_n, early_stop=0.95)))
+    for b in budgets:
+        kinds.append((f"auto@{b}", dataclasses.replace(base, method="auto", n=b, budget=b, strategy=strategy)))
+    handles = {name: [engine.submit(p.problem, dataclasses.replace(cfg, seed=BENCH_SEED + 7 + 1000 * i))
+                      for i, p in enumerate(problems)] for name, cfg in kinds}
+    t0 = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+    log(f"early stop + auto runs: {time.perf_counter() - t0:.0f} s")
+    out = {}
+    for name, hs in handles.items():
+        per = []
+        for p, h in zip(problems, hs):
+            r = h.result()
+            per.append({
+                "id": str(p.id), "level": p.level,
+                "correct": bool(is_equivalent(r.answer, p.answer)) if r.answer is not None else False,
+                "tokens": r.budget.policy_tokens_generated + r.budget.policy_tokens_prefilled,
+                "difficulty": r.difficulty, "chosen": r.chosen,
+            })
+        out[name] = per
+    return out
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> tuple[float, str]:
+    """The accuracy of a frontier (tokens, accuracy) at x tokens: linear between the points;
+    beyond the ends, the end point's (and a note saying so)."""
+    pts = sorted(points)
+    if x <= pts[0][0]:
+        return pts[0][1], "below the smallest auto budget: its accuracy"
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1, "interpolated"
+    return pts[-1][1], "beyond the largest auto budget: its accuracy (extrapolation not attempted)"
+
+
+def figures(fixed: list[dict], runs: dict, ref_n: int, budgets: list[int], table) -> dict:
+    at_ref = [r for r in fixed if r["n"] == ref_n]
+    best = max(at_ref, key=lambda r: (r["accuracy"], -r["mean_policy_tokens"]))
+    auto = []
+    for b in budgets:
+        per = runs[f"auto@{b}"]
+        row = _row("auto", b, [(x["correct"], x["tokens"]) for x in per])
+        row["budget_tokens"] = table.tokens_for_n(b)
+        chosen: dict[str, int] = {}
+        for x in per:
+            c = x["chosen"] or {}
+            label = c.get("method", "?") + ("" if c.get("method") == "stop" else f"@{c.get('n')}")
+            chosen[label] = chosen.get(label, 0) + 1
+        row["chosen"] = chosen
+        auto.append(row)
+    reach = [a for a in auto if a["accuracy"] >= best["accuracy"]]
+    ratio = min(a["mean_policy_tokens"] for a in reach) / best["mean_policy_tokens"] if reach else None
+    acc_at, how = interpolate([(a["mean_policy_tokens"], a["accuracy"]) for a in auto], best["mean_policy_tokens"])
+    maj = next(r for r in at_ref if r["method"] == "majority")
+    es = _row("majority+early_stop", ref_n, [(x["correct"], x["tokens"]) for x in runs["majority+early_stop"]])
+    wes = _row("weighted_best_of_n+early_stop", ref_n,
+               [(x["correct"], x["tokens"]) for x in runs["weighted_best_of_n+early_stop"]])
+    wbon = next(r for r in at_ref if r["method"] == "weighted_best_of_n")
+    out = {
+        "ref_n": ref_n,
+        "best_fixed_at_ref_n": best,
+        "auto_tokens_to_match_best16_ratio": ratio,
+        "auto_gain_at_n16_tokens": acc_at - best["accuracy"],
+        "auto_accuracy_at_best16_tokens": acc_at,
+        "auto_accuracy_at_best16_tokens_how": how,
+        "early_stop_token_ratio": es["mean_policy_tokens"] / maj["mean_policy_tokens"],
+        "early_stop_accuracy_delta": es["accuracy"] - maj["accuracy"],
+        "weighted_early_stop_token_ratio": wes["mean_policy_tokens"] / wbon["mean_policy_tokens"],
+        "weighted_early_stop_accuracy_delta": wes["accuracy"] - wbon["accuracy"],
+        "auto": auto,
+        "early_stop": [es, wes],
+    }
+    out["targets_met"] = {
+        "auto_tokens_to_match_best16_ratio": ratio is not None and ratio <= TARGETS["auto_tokens_to_match_best16_ratio"],
+        "auto_gain_at_n16_tokens": out["auto_gain_at_n16_tokens"] >= TARGETS["auto_gain_at_n16_tokens"],
+        "early_stop": out["early_stop_token_ratio"] <= TARGETS["early_stop_token_ratio"]
+        and out["early_stop_accuracy_delta"] >= TARGETS["early_stop_accuracy_delta"],
+    }
+    return out
+
+
+def plot(fixed: list[dict], figs: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for m in (*SAMPLING, *TREES):
+        pts = sorted((r["mean_policy_tokens"], r["accuracy"]) for r in fixed if r["method"] == m)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=m)
+    auto = sorted((a["mean_policy_tokens"], a["accuracy"], a["n"]) for a in figs["auto"])
+    ax.plot([a[0] for a in auto], [a[1] for a in auto], marker="*", ms=10, lw=2, color="black", label="auto (budget B)")
+    for x, y, b in auto:
+        ax.annotate(f"B={b}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for r, mk in zip(figs["early_stop"], ("s", "D")):
+        ax.plot([r["mean_policy_tokens"]], [r["accuracy"]], marker=mk, ms=8, ls="", label=r["method"])
+    ax.set_xscale("log")
+    ax.set_xlabel("mean policy tokens per problem (log)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table_md(fixed: list[dict], figs: dict) -> str:
+    lines = ["| method | n / budget | accuracy | policy tokens / problem |", "|---|---|---|---|"]
+    for r in fixed + figs["early_stop"] + figs["auto"]:
+        lines.append(f"| {r['method']} | {r['n']} | {r['accuracy']:.3f} | {r['mean_policy_tokens']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--per-level", type=int, default=20, help="held-out problems per level (default 20)")
+    ap.add_argument("--full", action="store_true", help="all 500 held-out problems")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--tree-n", type=_ints, default=[4, 8, 16])
+    ap.add_argument("--budgets", type=_ints, default=[2, 4, 8, 16])
+    ap.add_argument("--ref-n", type=int, default=16)
+    ap.add_argument("--strategy", default=None, help="strategy.json (default: the shipped one)")
+    ap.add_argument("--records", default=None, help="cache of the fixed-method measurements (read if present)")
+    ap.add_argument("--plot", default=None, help="write the frontier plot here (e.g. docs/adaptive.png)")
+    ap.add_argument("--kv-budget", type=int, default=16384)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.per_level, args.samples, args.tree_n, args.budgets, args.ref_n = 1, 4, [4], [2, 4], 4
+    import ponder
+    from ponder.data import load_problems
+
+    problems = load_problems("builtin:arith", limit=None if args.full else 5 * args.per_level)
+    t0 = time.perf_counter()
+    policy = ponder.HFPolicy("builtin:policy-small", device="cpu", kv_budget=args.kv_budget)
+    prm = ponder.HFPRM("builtin:prm", device="cpu", kv_budget=args.kv_budget)
+    base = base_config()
+    if args.records and os.path.exists(args.records):
+        records = load_records(args.records)
+        log(f"fixed-method records read from {args.records}")
+    else:
+        records = collect(problems, policy, prm, base, samples=args.samples, tree_ns=args.tree_n, beam_width=4,
+                          seed=BENCH_SEED, progress=not args.json)
+        if args.records:
+            save_records(records, args.records)
+    t_fixed = time.perf_counter() - t0
+    fixed = fixed_rows(records, args.samples, args.tree_n)
+    table = load_cached(args.strategy)
+    t1 = time.perf_counter()
+    runs = engine_runs(problems, policy, prm, base, args.ref_n, args.budgets, args.strategy)
+    figs = figures(fixed, runs, args.ref_n, args.budgets, table)
+    out = {
+        "slice": "all 500" if args.full else f"first {args.per_level} per level ({len(problems)} problems)",
+        "problems": len(problems),
+        "samples": args.samples, "tree_n": args.tree_n, "budgets": args.budgets,
+        "strategy": args.strategy or "ponder/toy/strategy.json",
+        "strategy_meta": table.meta,
+        "wall_s": {"fixed": round(t_fixed, 1), "early_stop_and_auto": round(time.perf_counter() - t1, 1)},
+        "fixed": fixed,
+        **figs,
+        "per_problem": runs,
+    }
+    if args.plot:
+        plot(fixed, figs, args.plot, f"builtin:arith held-out, {out['slice']}; policy-small + prm, CPU")
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(table_md(fixed, figs))
+        for k in ("auto_tokens_to_match_best16_ratio", "auto_gain_at_n16_tokens", "early_stop_token_ratio",
+                  "early_stop_accuracy_delta"):
+            print(f"{k}: {out[k]}")
+        print(f"best fixed at n={args.ref_n}: {figs['best_fixed_at_ref_n']}")
+        print("targets met:", figs["targets_met"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
