@@ -154,30 +154,33 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="ponder calibrate", description=__doc__.split("\n\n")[0])
+    p = parser or argparse.ArgumentParser(
+        prog="ponder calibrate",
+        description="Measure a policy + PRM on calibration problems and fit the strategy table of --methods auto "
+                    "(difficulty bins x budget -> method and settings; docs/adaptive.md).")
     p.add_argument("--policy", default="builtin:policy-small", help="policy (default builtin:policy-small)")
     p.add_argument("--prm", default="builtin:prm", help="PRM (default builtin:prm)")
-    p.add_argument("--prm-format", default="auto")
+    p.add_argument("--prm-format", default="auto", help="PRM format (default auto: read from the checkpoint)")
     p.add_argument("--dataset", default="builtin:arith-fresh",
                    help="calibration problems (default builtin:arith-fresh: freshly generated, never the held-out set)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split of --dataset (default test)")
     p.add_argument("--limit", type=int, default=None, help="first K problems of --dataset")
     p.add_argument("--per-level", type=int, default=8, help="builtin:arith-fresh problems per level (default 8)")
     p.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="seed of the fresh problems and of the sampling")
     p.add_argument("--budgets", type=_ints, default=[2, 4, 8, 16], help="n-equivalent budgets to precompute plans for")
     p.add_argument("--samples", type=int, default=16, help="solutions sampled per problem (the largest sampling n)")
     p.add_argument("--tree-n", type=_ints, default=[4, 8], help="n of beam search and DVTS to measure (default 4,8)")
-    p.add_argument("--beam-width", type=int, default=4)
+    p.add_argument("--beam-width", type=int, default=4, help="beam width of beam search and DVTS (default 4)")
     p.add_argument("--probes", type=_ints, default=[1, 2, 4], help="probe sizes to fit (default 1,2,4)")
     p.add_argument("--bins", type=int, default=5, help="difficulty bins (default 5)")
-    p.add_argument("--agg", default="last", choices=("last", "min", "prod", "mean"))
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--max-step-tokens", type=int, default=None)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--kv-budget", type=int, default=16384)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--agg", default="last", choices=("last", "min", "prod", "mean"), help="step-score aggregation (default last)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    p.add_argument("--max-step-tokens", type=int, default=None, help="most tokens per step (default 256; 96 on builtin:arith)")
+    p.add_argument("--max-steps", type=int, default=None, help="most steps per solution (default 64; 16 on builtin:arith)")
+    p.add_argument("--kv-budget", type=int, default=65536, help="KV pool of each model in tokens (default 65536)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--from-records", default=None, help="refit from a records file instead of sampling")
-    p.add_argument("--out", default="strategy.json")
+    p.add_argument("--out", default="strategy.json", help="where to write the table (default strategy.json; records beside it)")
     return p
 
 

@@ -169,7 +169,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     search.add_argument("--budget-tokens", type=float, default=None, metavar="T",
                         help="auto: mean policy tokens per problem instead of an n-equivalent (docs/adaptive.md)")
     search.add_argument("--strategy", default=None, metavar="PATH",
-                        help="auto: strategy.json from `ponder calibrate` (default: the built-in models' table)")
+                        help="auto: a strategy.json fit by ponder calibrate (default: the built-in models' table)")
     search.add_argument("--compat-search-and-learn", action="store_true", help="reproduce search-and-learn where ponder deliberately differs")
 
     out = p.add_argument_group("output")
