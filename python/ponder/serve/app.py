@@ -43,7 +43,10 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..search.config import IMPLIED_VOTE, SearchConfig, SearchResult
 from .metrics import CONTENT_TYPE, Metrics
@@ -108,10 +111,6 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
     close_engine: close the engine when the app shuts down (lifespan). ``app.state.drain(grace_s)``
     starts a graceful shutdown: new requests get 503 and searches still running after
     ``grace_s - 1`` seconds are cancelled (their requests answer with what they have)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     settings = settings or ServeSettings()
     if settings.auto_available is None:
         settings.auto_available = auto_available()

@@ -128,7 +128,6 @@ def _validate(args) -> str | None:
 
 def make_server(args):
     """Load the models and build (uvicorn config, app, engine) from parsed arguments."""
-    import uvicorn
 
     from ..engine import AsyncEngine
     from ..policy import HFPolicy
@@ -144,7 +143,12 @@ def make_server(args):
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_choices=args.max_choices, max_search_n=args.max_search_n,
                     max_iterations=args.max_iterations, max_steps=args.max_steps, max_step_tokens=args.max_step_tokens,
                     max_lookahead=args.max_lookahead)
-    defaults = dict(BUILTIN_DEFAULTS) if args.policy == DEFAULT_POLICY else {}
+    defaults: dict = {}
+    if args.policy == DEFAULT_POLICY:  # the task's step limits, within this server's limits
+        steps = min(BUILTIN_DEFAULTS["max_steps"], args.max_steps)
+        defaults = {"max_steps": steps, "num_iterations": min(BUILTIN_DEFAULTS["num_iterations"], args.max_iterations, steps),
+                    "sampling": {"max_step_tokens": min(BUILTIN_DEFAULTS["sampling"]["max_step_tokens"],
+                                                        args.max_step_tokens)}}
     if args.strategy is not None:
         defaults["strategy"] = args.strategy
     settings = ServeSettings(
@@ -153,9 +157,47 @@ def make_server(args):
         auto_available=auto_available(args.strategy),
     )
     app = create_app(engine, settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.grace, lifespan="on")
-    return config, app, engine
+    return server_config(app, args.host, args.port, args.grace, args.log_level), app, engine
+
+
+def server_config(app, host: str, port: int, grace: float, log_level: str = "warning"):
+    """uvicorn's config for ``app``: graceful shutdown after ``grace`` seconds, lifespan on."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace,
+                          lifespan="on")
+
+
+def run_server(app, config, grace: float, banner: str | None = None) -> bool:
+    """Serve ``app`` (from ``create_app``) until SIGTERM / SIGINT; returns whether it started.
+
+    On the signal uvicorn stops accepting connections and waits up to ``grace`` seconds for
+    in-flight requests; the app's drain cancels the searches still running after ``grace - 1``
+    seconds so that their requests answer (``ponder.stopped = "cancelled"``) before uvicorn's
+    deadline; then the lifespan closes the engine."""
+    import asyncio
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame):
+            loop = getattr(self, "loop", None)
+            if loop is not None and not self.should_exit:
+                loop.call_soon_threadsafe(app.state.drain, grace)
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started and banner:
+                print(banner, file=sys.stderr, flush=True)
+
+    server = Server(config)
+    server.run()
+    return bool(server.started)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,10 +217,6 @@ def main(argv: list[str] | None = None) -> int:
         problem = f"--strategy {args.strategy}: no such file"
     if problem is not None:
         return _fail(problem)
-    import asyncio
-
-    import uvicorn
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         import transformers
@@ -191,25 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, ImportError) as exc:
         return _fail(f"could not load the models: {exc}"[:500])
 
-    class Server(uvicorn.Server):
-        """uvicorn's server; SIGTERM / SIGINT also start the app's drain (cancel after --grace)."""
-
-        async def serve(self, sockets=None):
-            self.loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
-        def handle_exit(self, sig, frame):
-            loop = getattr(self, "loop", None)
-            if loop is not None and not self.should_exit:
-                loop.call_soon_threadsafe(app.state.drain, args.grace)
-            super().handle_exit(sig, frame)
-
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            if self.started:
-                print(f"ponder serve: serving {app.state.settings.model_name} on http://{args.host}:{args.port}/v1 "
-                      f"(policy {args.policy}, prm {args.prm}, device {args.device})", file=sys.stderr, flush=True)
-
-    server = Server(config)
-    server.run()
-    return 0 if server.started else 1
+    started = run_server(app, config, args.grace, f"ponder serve: serving {app.state.settings.model_name} on "
+                         f"http://{args.host}:{args.port}/v1 (policy {args.policy}, prm {args.prm}, device {args.device})")
+    return 0 if started else 1
