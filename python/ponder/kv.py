@@ -162,10 +162,27 @@ class PagedBatch:
             "input_ids": self.input_ids,
             "position_ids": self.position_ids,
             "attention_mask": self.attention_mask,
-            "cache": self.cache,
+            _cache_kwarg(): self.cache,
             "use_cache": True,
             "ponder_batch": self,
         }
+
+
+def _cache_kwarg() -> str:
+    """The model keyword that takes the cache: ``cache`` since transformers renamed it,
+    ``past_key_values`` before (e.g. 5.17, the GPU machine's): an older release silently ignores
+    ``cache=``, so the pool would never be written and the logits would be wrong."""
+    global _CACHE_KWARG
+    if _CACHE_KWARG is None:
+        import inspect
+
+        from transformers import LlamaModel
+
+        _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+    return _CACHE_KWARG
+
+
+_CACHE_KWARG: str | None = None
 
 
 # ----------------------------------------------------------------------------- the cache
