@@ -8,6 +8,8 @@ no cache (the ponder_paged attention falls back to SDPA without a PagedBatch).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -180,10 +182,192 @@ def test_for_model_sizing_and_errors(model_dir, monkeypatch):
 
 
 def test_unsupported_layouts_are_rejected_with_a_clear_error():
+    # Sliding-window layers are held (the attention applies the window); recurrent ones are not.
     cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
-    with pytest.raises(ValueError, match="sliding"):
+    assert pkv.kv_spec_of(cfg).num_layers == 2
+    cfg = transformers.Qwen3NextConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    with pytest.raises(ValueError, match="linear_attention"):
         pkv.kv_spec_of(cfg)
+    cfg = transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
+                                    attention_types=[[["global", "local"], 1]])
+    with pytest.raises(ValueError, match="local-attention"):
+        pkv.kv_spec_of(cfg)
+
+
+def test_sliding_window_is_applied_from_the_pool():
+    """Mistral with a 5-token window, prompts and chunks much longer than it: paged == full."""
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    kv = pkv.PagedKVCache.for_model(model, block_size=4, num_blocks=64)
+    rng = np.random.default_rng(3)
+    prompt = rng_tokens(rng, 19)
+    seq, _ = kv.new_sequence(prompt)
+    kv.forward(model, [seq], [prompt])
+    kids = kv.fork(seq, 2)
+    paths = [prompt + rng_tokens(rng, 9), prompt + rng_tokens(rng, 1)]
+    got = kv.forward(model, kids, [p[len(prompt):] for p in paths], logits="all")
+    torch.testing.assert_close(got[0, :9], full_logits(model, paths[0])[-9:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[1, :1], full_logits(model, paths[1])[-1:], atol=1e-4, rtol=0)
+    for _ in range(3):  # decode steps: the window is applied there too
+        step = [rng_tokens(rng, 1) for _ in kids]
+        got = kv.forward(model, kids, step)
+        for i in range(2):
+            paths[i] += step[i]
+            torch.testing.assert_close(got[i], full_logits(model, paths[i])[-1], atol=1e-4, rtol=0)
+
+
+def _tiny(cls_name, **extra):
+    torch.manual_seed(0)
+    config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    cfg = config_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, **extra)
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["DiffLlamaForCausalLM", "JetMoeForCausalLM", "DogeForCausalLM"])
+def test_self_check_refuses_models_the_pool_would_get_wrong(arch):
+    """These models change K/V after cache.update; the paged attention would read the pool and
+    be wrong by O(1). for_model refuses them naming the class; self_check=False trusts it."""
+    model = _tiny(arch)
+    reason = pkv.paged_refusal(model)
+    assert reason is not None and reason.startswith(arch) and "\n" not in reason
+    with pytest.raises(ValueError, match=f"^{arch}: .*kv_fallback.cache_for_model"):
+        pkv.PagedKVCache.for_model(model, num_blocks=8)
+    assert pkv.PagedKVCache.for_model(model, num_blocks=8, self_check=False).num_blocks == 8
+    # the refused model is back on its own attention: its plain forward is unchanged
+    assert model.config._attn_implementation != pkv.ATTN_IMPLEMENTATION
+
+
+def test_self_check_turns_paged_path_exceptions_into_refusals(monkeypatch):
+    model = _tiny("LlamaForCausalLM")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in the paged path")
+
+    monkeypatch.setattr(pkv.PagedKVCache, "update", broken)
+    reason = pkv.paged_refusal(model)
+    assert reason == "LlamaForCausalLM: the paged KV path fails on a probe (RuntimeError: boom in the paged path)"
+    assert pkv.paged_refusal(model) is reason  # once per model
+
+
+def test_cache_for_model_falls_back_once_with_a_warning_and_stays_exact():
+    from ponder.kv_fallback import FallbackKVCache, cache_for_model
+
+    model = _tiny("DiffLlamaForCausalLM")
+    with pytest.warns(RuntimeWarning, match="DiffLlamaForCausalLM: the paged KV path does not reproduce"):
+        kv = cache_for_model(model, block_size=4, token_budget=64)
+    assert isinstance(kv, FallbackKVCache) and kv.mode == "cache"
+    st = kv.stats()
+    assert st["backend"] == "fallback" and st["reason"].startswith("DiffLlamaForCausalLM")
+    rng = np.random.default_rng(5)
+    prompt = rng_tokens(rng, 9)
+    seq, cached = kv.new_sequence(prompt)
+    assert cached == 0
+    kv.forward(model, [seq], [prompt])
+    kids = kv.fork(seq, 3)
+    paths = [prompt + rng_tokens(rng, n) for n in (1, 4, 2)]
+    got = kv.forward(model, kids, [p[9:] for p in paths], logits="all")
+    for i, p in enumerate(paths):
+        n = len(p) - 9
+        torch.testing.assert_close(got[i, :n], full_logits(model, p)[-n:], atol=1e-4, rtol=0)
+    kv.free(kids)
+    kv.free([seq])
+    assert kv.stats()["blocks_in_use"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second cache for the same model does not warn again
+        cache_for_model(model, token_budget=64)
+
+
+def _save_with_tokenizer(path, arch, seed=0):
+    from test_policy_prm import make_tokenizer
+
+    tok = make_tokenizer("llama" if arch != "ms" else "ms")
+    torch.manual_seed(seed)
+    cls = "DiffLlamaForCausalLM" if arch in ("diffllama", "ms") else "LlamaForCausalLM"
+    cfg = getattr(transformers, cls.replace("ForCausalLM", "Config"))(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, eos_token_id=tok.eos_token_id, pad_token_id=2, tie_word_embeddings=False)
+    model = getattr(transformers, cls)(cfg)
+    with torch.no_grad():  # make EOS and blank lines likely so steps end both ways
+        for t in {tok.eos_token_id, *tok.encode("\n\n", add_special_tokens=False)}:
+            model.lm_head.weight[t] *= 8
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, tok
+
+
+def test_policy_on_a_refused_model_searches_exactly_on_the_fallback(tmp_path):
+    """HFPolicy on DiffLlama: greedy steps (forks, decode, rollout) equal the argmax of the
+    model's cache-free forward over each path, and stats() reports the fallback."""
+    from ponder.policy import HFPolicy
+    from ponder.protocols import SamplingParams
+
+    path, tok = _save_with_tokenizer(tmp_path / "diff", "diffllama")
+    with pytest.warns(RuntimeWarning, match="DiffLlamaForCausalLM"):
+        pol = HFPolicy(path, device="cpu", kv_budget=1024, block_size=4)
+    st = pol.stats()
+    assert st["kv_backend"] == "fallback" and st["kv_reason"].startswith("DiffLlamaForCausalLM")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    greedy = SamplingParams(temperature=0.0, max_step_tokens=5)
+    prompts = pol.start([0, 1], ["What is 2 + 3?", "Compute 4 * 6 - 5."])
+    steps = pol.sample_steps([0, 0, 1], [2, 3, 4], greedy)
+    more = pol.sample_steps([2, 4], [5, 6], greedy)
+    rolled = pol.rollout([5], 2, greedy)
+    walks = [(prompts[0], [steps[0]]), (prompts[0], [steps[1]]), (prompts[1], [steps[2]]),
+             (prompts[0], [steps[0], more[0]]), (prompts[1], [steps[2], more[1]]),
+             (prompts[0], [steps[0], more[0], *rolled[0]])]
+    checked = 0
+    for prompt, chain in walks:
+        seq = list(prompt)
+        for step in chain:
+            for t in step.tokens:
+                assert int(full_logits(ref, seq)[-1].argmax()) == t
+                seq.append(t)
+                checked += 1
+    assert checked >= 10
+    pol.release(range(7))
+    assert pol.stats()["kv_blocks_in_use"] == 0
+
+
+def test_prms_on_refused_models_score_exactly_on_the_fallback(tmp_path):
+    """A math-shepherd PRM that is a DiffLlama, and an implicit PRM whose model is a DiffLlama
+    over a Llama reference (the companion goes to the fallback with it): scores equal the
+    published full-path usage."""
+    from ponder.prm import HFPRM
+    from test_policy_prm import QUESTIONS, STEPS, ref_implicit, ref_math_shepherd
+
+    ms, ms_tok = _save_with_tokenizer(tmp_path / "ms", "ms")
+    with pytest.warns(RuntimeWarning, match="DiffLlamaForCausalLM"):
+        prm = HFPRM(ms, format="math-shepherd", device="cpu", kv_budget=1024, block_size=4)
+    assert prm.stats()["kv_backend"] == "fallback"
+    model = transformers.AutoModelForCausalLM.from_pretrained(ms, local_files_only=True).eval()
+    prm.start([0], [QUESTIONS[1]])
+    s1 = prm.score_steps([0, 0], [1, 2], [STEPS[1], STEPS[5]])
+    s2 = prm.score_steps([1], [3], [STEPS[2]], lookahead=[[STEPS[7]]])
+    with torch.inference_mode():
+        want = [ref_math_shepherd(model, ms_tok, QUESTIONS[1], [STEPS[1]])[-1],
+                ref_math_shepherd(model, ms_tok, QUESTIONS[1], [STEPS[5]])[-1],
+                ref_math_shepherd(model, ms_tok, QUESTIONS[1], [STEPS[1], STEPS[2], STEPS[7]])[-1]]
+    np.testing.assert_allclose(s1 + s2, want, atol=1e-4, rtol=0)
+
+    reference, _ = _save_with_tokenizer(tmp_path / "ref", "llama", seed=1)
+    implicit, tok = _save_with_tokenizer(tmp_path / "implicit", "diffllama", seed=2)
+    with pytest.warns(RuntimeWarning, match="DiffLlamaForCausalLM"):
+        prm = HFPRM(implicit, format="implicit-prm", reference=reference, beta=0.5, device="cpu",
+                    kv_budget=1024, block_size=4)
+    assert prm.stats()["kv_backend"] == "fallback" and prm.ref_kv.group is prm.kv.group
+    prm.start([0], [QUESTIONS[0]])
+    got = prm.score_steps([0, 0], [1, 2], [STEPS[0], STEPS[3]])
+    got += prm.score_steps([1], [3], [STEPS[4]])
+    m = transformers.AutoModelForCausalLM.from_pretrained(implicit, local_files_only=True).eval()
+    r = transformers.AutoModelForCausalLM.from_pretrained(reference, local_files_only=True).eval()
+    with torch.inference_mode():
+        want = [ref_implicit(m, r, tok, QUESTIONS[0], [STEPS[0]])[-1], ref_implicit(m, r, tok, QUESTIONS[0], [STEPS[3]])[-1],
+                ref_implicit(m, r, tok, QUESTIONS[0], [STEPS[0], STEPS[4]])[-1]]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
 def test_update_without_batch_explains_what_to_do(model_dir):

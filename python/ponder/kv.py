@@ -29,9 +29,12 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +56,7 @@ __all__ = [
     "PagedBatch",
     "PagedKVCache",
     "kv_spec_of",
+    "paged_refusal",
     "use_paged_attention",
 ]
 
@@ -75,8 +79,10 @@ class KVSpec:
 def kv_spec_of(config: Any) -> KVSpec:
     """Read the KV shape of a decoder-only transformers config; reject layouts the pool cannot hold.
 
-    Raises ValueError for encoder-decoder models, sliding-window / hybrid / linear-attention
-    layers and latent-attention (MLA) models, which keep other state than full K/V per layer.
+    Raises ValueError for encoder-decoder models, hybrid / recurrent / linear-attention layers,
+    GPT-Neo's local layers and latent-attention (MLA) models, which keep other state than full
+    K/V per layer. Sliding-window layers are accepted: the pool keeps every token and the
+    ponder_paged attention applies the window (the ``sliding_window`` its layer passes).
     """
     name = getattr(config, "model_type", type(config).__name__)
     if getattr(config, "is_encoder_decoder", False):
@@ -84,13 +90,14 @@ def kv_spec_of(config: Any) -> KVSpec:
     if getattr(config, "kv_lora_rank", None):
         raise ValueError(f"{name}: latent attention (MLA) is not supported by PagedKVCache")
     layer_types = getattr(config, "layer_types", None)
-    if layer_types and any(t != "full_attention" for t in layer_types):
+    attention = {"full_attention", "sliding_attention"}  # sliding: the window is applied when attending
+    if layer_types and any(t not in attention for t in layer_types):
         raise ValueError(
-            f"{name}: layers of types {sorted(set(layer_types) - {'full_attention'})} are not supported; "
-            "PagedKVCache holds full-attention layers only"
+            f"{name}: layers of types {sorted(set(layer_types) - attention)} are not supported; "
+            "PagedKVCache holds full- and sliding-window attention layers only"
         )
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        raise ValueError(f"{name}: sliding-window attention is not supported by PagedKVCache")
+    if "local" in (getattr(config, "attention_layers", None) or ()):
+        raise ValueError(f"{name}: local-attention layers (GPT-Neo) are not supported by PagedKVCache")
     layers = getattr(config, "num_hidden_layers", None)
     heads = getattr(config, "num_attention_heads", None)
     hidden = getattr(config, "hidden_size", None)
@@ -115,6 +122,14 @@ def _gib(n: float) -> str:
 
 
 # ----------------------------------------------------------------------------- one forward pass
+
+# The batch of the forward pass running in this thread (set by PagedBatch.run only).
+_ACTIVE = threading.local()
+
+
+def _active_batch(kwargs: dict | None = None) -> PagedBatch | None:
+    batch = (kwargs or {}).get("ponder_batch")
+    return batch if batch is not None else getattr(_ACTIVE, "batch", None)
 
 
 @dataclass
@@ -156,6 +171,19 @@ class PagedBatch:
                                                                  "slot_mapping", "block_tables", "kv_lens", "q_lens")}
         return dataclasses.replace(self, cache=cache, **moved)
 
+    def run(self, model: torch.nn.Module, **extra: Any):
+        """``model(**self.model_kwargs(), **extra)`` with this batch *active*: attention layers
+        that do not forward ``**kwargs`` to ``cache.update`` / the attention function (GPT-NeoX,
+        StableLM, MPT, ...) and models that ask the cache for its length (Falcon, OPT, BLOOM)
+        find it there. Returns the model's output."""
+        use_paged_attention(model)
+        previous = getattr(_ACTIVE, "batch", None)
+        _ACTIVE.batch = self
+        try:
+            return model(**self.model_kwargs(), **extra)
+        finally:
+            _ACTIVE.batch = previous
+
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``model(**batch.model_kwargs())``."""
         return {
@@ -195,6 +223,12 @@ def _check_fits(what: str, num_blocks: int, block_size: int, per_block: int, fre
             f"{what} does not fit: {num_blocks} blocks x {block_size} tokens need "
             f"{_gib(num_blocks * per_block)} but {_gib(free)} is free on {device}; {hint}"
         )
+
+
+def _refuse(model: torch.nn.Module, self_check: bool) -> None:
+    reason = paged_refusal(model, self_check=self_check)
+    if reason is not None:
+        raise ValueError(f"{reason}; ponder.kv_fallback.cache_for_model(model) runs it exactly on transformers' own cache")
 
 
 class PagedKVCache:
@@ -244,14 +278,21 @@ class PagedKVCache:
         token_budget: int | None = None,
         memory_fraction: float | None = None,
         num_blocks: int | None = None,
+        self_check: bool = True,
     ) -> PagedKVCache:
         """A cache shaped for ``model`` (its dtype and device).
+
+        ``self_check``: first prove on a short probe that the model's logits on the pool equal
+        its own cache-free forward (:func:`paged_refusal`, once per model); a model that fails
+        raises ValueError naming its class (:func:`ponder.kv_fallback.cache_for_model` runs such
+        models exactly on transformers' own cache instead).
 
         Size: ``num_blocks`` if given, else ``token_budget`` tokens, else ``memory_fraction`` of the
         free memory of the model's device, else ``DEFAULT_TOKEN_BUDGET`` tokens. Raises ValueError
         naming the sizes when the pool does not fit in free memory.
         """
         spec = kv_spec_of(model.config)
+        _refuse(model, self_check)
         param = next(model.parameters())
         dtype, device = param.dtype, param.device
         per_block = spec.bytes_per_token(dtype) * block_size
@@ -276,7 +317,7 @@ class PagedKVCache:
                     "lower token_budget / num_blocks or use memory_fraction")
         return cls(spec, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=device)
 
-    def companion(self, model: torch.nn.Module) -> PagedKVCache:
+    def companion(self, model: torch.nn.Module, *, self_check: bool = True) -> PagedKVCache:
         """K/V pools for a second model that runs over *the same sequences* as this cache (an
         implicit PRM's reference model reads exactly the PRM's tokens).
 
@@ -289,6 +330,7 @@ class PagedKVCache:
         if self._primary is not None:
             raise ValueError("a companion cache cannot have companions of its own: call companion() on the primary")
         spec = kv_spec_of(model.config)
+        _refuse(model, self_check)
         param = next(model.parameters())
         _check_fits("the companion KV cache", self.num_blocks, self.block_size,
                     spec.bytes_per_token(param.dtype) * self.block_size, _free_bytes(param.device), param.device,
@@ -398,19 +440,18 @@ class PagedKVCache:
             raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
         use_paged_attention(model)
         batch = self.prepare(seq_ids, tokens)
-        kwargs = batch.model_kwargs()
         if logits == "last":
             last = batch.q_lens - 1
             keep, where = torch.unique(last, return_inverse=True)
-            out = model(**kwargs, logits_to_keep=keep).logits  # [B, len(keep), V]
+            out = batch.run(model, logits_to_keep=keep).logits  # [B, len(keep), V]
             return out[torch.arange(len(last), device=out.device), where]
-        return model(**kwargs).logits
+        return batch.run(model).logits
 
     # ---- transformers Cache API (duck-typed: transformers' own paged cache is not a Cache either)
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs=None, **_):
         """Called by every attention layer with this step's K/V [B, Hkv, T, D]: write them into
         their slots. Returns them unchanged (the ponder_paged attention reads the pool)."""
-        batch = (kwargs or {}).get("ponder_batch") or _.get("ponder_batch")
+        batch = _active_batch(kwargs) or _.get("ponder_batch")
         if batch is None or batch.cache is not self:
             raise ValueError(
                 "PagedKVCache.update got no PagedBatch: run the model with "
@@ -427,15 +468,27 @@ class PagedKVCache:
         )
         return key_states, value_states
 
-    # transformers asks a cache for its length and mask sizes only when a call lacks
-    # position_ids or a ready 4-D mask, i.e. when it was not built by prepare().
-    def _needs_batch(self, *_args, **_kwargs):
-        raise ValueError(
-            "PagedKVCache holds many sequences of different lengths: run the model with "
-            "model(**cache.prepare(seq_ids, tokens).model_kwargs()) (a PagedBatch), or cache.forward(model, ...)"
-        )
+    # Most models ask a cache for its length only when a call lacks position_ids or a ready 4-D
+    # mask. Some (Falcon, OPT, BLOOM, MPT, ...) always do: during PagedBatch.run the answer is
+    # the batch's past length L - T, which keeps their mask sizes equal to the batch's mask (the
+    # true positions ride in position_ids). Outside a batch there is no single length.
+    def _batch_or_raise(self) -> PagedBatch:
+        batch = getattr(_ACTIVE, "batch", None)
+        if batch is None or batch.cache is not self:
+            raise ValueError(
+                "PagedKVCache holds many sequences of different lengths: run the model with "
+                "cache.prepare(seq_ids, tokens).run(model) (a PagedBatch), or cache.forward(model, ...)"
+            )
+        return batch
 
-    get_seq_length = get_query_offset = get_mask_sizes = _needs_batch
+    def get_seq_length(self, *_args, **_kwargs) -> int:
+        batch = self._batch_or_raise()
+        return int(batch.attention_mask.shape[-1] - batch.input_ids.shape[1])
+
+    get_query_offset = get_seq_length
+
+    def get_mask_sizes(self, *_args, **_kwargs) -> tuple[int, int]:
+        return int(self._batch_or_raise().attention_mask.shape[-1]), 0
 
 
 # ----------------------------------------------------------------------------- attention
@@ -449,11 +502,18 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     """
     batch: PagedBatch | None = kwargs.pop("ponder_batch", None)
     if batch is None:
+        batch = getattr(_ACTIVE, "batch", None)
+    if batch is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     cache, layer = batch.cache, module.layer_idx
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    window = kwargs.get("sliding_window") or None
+    softcap = kwargs.get("softcap") or None
+    sinks = kwargs.get("s_aux")
+    if window is not None or softcap is not None or sinks is not None:
+        return _windowed_attention(batch, cache, layer, query, scale, window, softcap, sinks), None
     if batch.decode:
         out = kernels.paged_decode_attention(
             query[:, :, 0, :], cache.k[layer], cache.v[layer], batch.block_tables, batch.kv_lens, scale,
@@ -474,12 +534,173 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.transpose(1, 2), None
 
 
+def _windowed_attention(batch, cache, layer, query, scale, window, softcap, sinks) -> torch.Tensor:
+    """Gather + explicit softmax for the variants SDPA and the decode kernel lack: a sliding
+    window (key j is seen from position p when p - window < j <= p, transformers' convention),
+    tanh soft-capping of the scores (Gemma 2) and per-head attention sinks (``s_aux``, GPT-OSS).
+    query [B, Hq, T, D] -> [B, T, Hq, D]."""
+    mask = batch.attention_mask  # [B, 1, T, L]
+    L = mask.shape[-1]
+    k, v = kernels.gather_kv(cache.k[layer], cache.v[layer], batch.block_tables, batch.kv_lens, max_len=L,
+                             check_indices=not batch.indices_checked)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D]
+    if k.shape[1] != query.shape[1]:
+        k = k.repeat_interleave(query.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(query.shape[1] // v.shape[1], dim=1)
+    if window is not None:
+        keys = torch.arange(L, device=mask.device)
+        mask = mask & (keys[None, None, None, :] > batch.position_ids[:, None, :, None] - int(window))
+        # a padding query whose window excludes key 0 still needs one visible key
+        mask = mask | (~mask.any(-1, keepdim=True) & (keys == 0))
+    scores = torch.matmul(query, k.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
+    return torch.matmul(probs.to(v.dtype), v).transpose(1, 2)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------- the self-check
+
+# Largest |paged - reference| accepted, relative to the reference's largest |logit|.
+_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+_PROBE_WINDOW = 5  # sliding windows are shrunk to this during the probe so that it crosses them
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> refusal (None: exact)
+
+
+def paged_refusal(model: torch.nn.Module, *, self_check: bool = True) -> str | None:
+    """Why ``model`` cannot run on :class:`PagedKVCache`, as one line naming its class, or None
+    when it can.
+
+    The reason is a layout :func:`kv_spec_of` rejects or, with ``self_check``, a failed probe:
+    two sequences of different lengths are prefilled in one batch, one is forked twice, then
+    two steps run (one token per row; then 3, 1 and 2 tokens) on a small pool of 4-token
+    blocks (so forks copy on write), with sliding windows shrunk to 5 tokens; every logit
+    must equal the model's own cache-free forward within ``1e-4`` (float32; 2e-2 float16,
+    5e-2 bfloat16) of the reference's largest |logit|, and no step may raise. The probe runs
+    once per model object (the answer is remembered); afterwards the model uses
+    ``ponder_paged`` attention when it passed and its own attention otherwise.
+    """
+    name = type(model).__name__
+    try:
+        kv_spec_of(model.config)
+    except ValueError as exc:
+        return f"{name}: {exc}"
+    if not self_check:
+        return None
+    if model not in _CHECKED:
+        _CHECKED[model] = _probe(model)
+    return _CHECKED[model]
+
+
+def _own_attention(model: torch.nn.Module) -> str:
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl and impl != ATTN_IMPLEMENTATION:
+        return impl
+    return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+
+
+def _set_attention(model: torch.nn.Module, impl: str) -> None:
+    if getattr(model.config, "_attn_implementation", None) != impl:
+        model.set_attn_implementation(impl)
+
+
+@contextlib.contextmanager
+def _small_windows(model: torch.nn.Module, window: int):
+    """Shrink every integer ``sliding_window`` of the model's configs and modules to ``window``."""
+    saved = []
+    configs = [model.config]
+    text = getattr(model.config, "get_text_config", None)
+    if callable(text) and text() is not model.config:
+        configs.append(text())
+    for obj in (*configs, *model.modules()):
+        value = getattr(obj, "sliding_window", None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > window:
+            saved.append((obj, value))
+            setattr(obj, "sliding_window", window)
+    try:
+        yield
+    finally:
+        for obj, value in reversed(saved):
+            setattr(obj, "sliding_window", value)
+
+
+def _probe_tokens(model: torch.nn.Module, generator: torch.Generator, n: int) -> list[int]:
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        vocab = min(vocab, int(emb.weight.shape[0])) if vocab else int(emb.weight.shape[0])
+    low = min(3, max(vocab - 1, 0))
+    special = {getattr(model.config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    out = []
+    while len(out) < n:
+        t = int(torch.randint(low, max(vocab, low + 1), (1,), generator=generator))
+        if t not in special or vocab - low <= len(special):
+            out.append(t)
+    return out
+
+
+@torch.inference_mode()
+def _probe(model: torch.nn.Module) -> str | None:
+    name = type(model).__name__
+    own = _own_attention(model)
+    param = next(model.parameters())
+    g = torch.Generator().manual_seed(20240611)
+    paths: dict[int, list[int]] = {}
+    got: list[tuple[int, int, torch.Tensor]] = []  # (seq, length after the step, logits [n, V])
+    passed = False
+    try:
+        with _small_windows(model, _PROBE_WINDOW):
+            try:
+                use_paged_attention(model)
+                cache = PagedKVCache(kv_spec_of(model.config), num_blocks=32, block_size=4,
+                                     dtype=param.dtype, device=param.device)
+                a, b = _probe_tokens(model, g, 7), _probe_tokens(model, g, 5)
+                sa, _ = cache.new_sequence(a)
+                sb, _ = cache.new_sequence(b)
+                paths = {sa: list(a), sb: list(b)}
+                out = cache.forward(model, [sa, sb], [a, b], logits="all")
+                got += [(sa, 7, out[0, :7]), (sb, 5, out[1, :5])]
+                kids = [int(k) for k in cache.fork(sa, 2)]
+                rows = [kids[0], kids[1], sb]
+                for chunk, mode in (((1, 1, 1), "last"), ((3, 1, 2), "all")):
+                    new = [_probe_tokens(model, g, n) for n in chunk]
+                    for s, t in zip(rows, new):
+                        paths[s] = paths.get(s, paths[sa]) + t
+                    out = cache.forward(model, rows, new, logits=mode)
+                    for i, (s, n) in enumerate(zip(rows, chunk)):
+                        got.append((s, len(paths[s]), out[i][None] if mode == "last" else out[i, :n]))
+            except Exception as exc:  # any failure of the paged path is a refusal
+                first = (str(exc).strip().splitlines() or [""])[0][:160]
+                return f"{name}: the paged KV path fails on a probe ({type(exc).__name__}: {first})"
+            _set_attention(model, own)
+            err = scale = 0.0
+            for s, length, logits in got:
+                ref = model(input_ids=torch.tensor([paths[s][:length]], device=param.device),
+                            use_cache=False).logits[0, length - logits.shape[0]: length].float()
+                err = max(err, float((logits.float() - ref).abs().max()))
+                scale = max(scale, float(ref.abs().max()))
+        tol = _TOLERANCE.get(param.dtype, 5e-2) * max(scale, 1e-6)
+        if not math.isfinite(err) or err > tol:
+            return (f"{name}: the paged KV path does not reproduce the model's own logits "
+                    f"(max error {err:.3g} > tolerance {tol:.3g})")
+        passed = True
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            _set_attention(model, ATTN_IMPLEMENTATION if passed else own)
 
 
 def use_paged_attention(model: torch.nn.Module) -> None:

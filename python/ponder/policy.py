@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .kv import ATTN_IMPLEMENTATION, PagedKVCache
+from .kv_fallback import cache_for_model
 from .protocols import SamplingParams, Step
 
 __all__ = ["HFPolicy", "load_tokenizer", "resolve_dtype", "sample_step_batch"]
@@ -276,8 +276,14 @@ class HFPolicy:
         max_steps_per_rollout: the largest ``num_steps`` :meth:`rollout` accepts (a guard against
             runaway lookahead budgets).
 
-    Models run with ``attn_implementation="ponder_paged"`` (Llama, Qwen2, Mistral without a
-    sliding window, GPT-2, ... -- whatever :func:`ponder.kv.kv_spec_of` accepts).
+        self_check: prove on a short probe, once per model, that the paged KV path reproduces
+            the model's own logits (:func:`ponder.kv.paged_refusal`); False trusts it.
+
+    Models the check accepts run with ``attn_implementation="ponder_paged"`` on the paged,
+    prefix-shared pool; the others (and hybrid / recurrent layouts) run exactly on
+    transformers' own cache per sequence (:mod:`ponder.kv_fallback`; one warning,
+    ``stats()["kv_backend"] == "fallback"`` and ``stats()["kv_reason"]``). docs/kv_compat.md
+    lists which families take which path.
 
     Sampling: one ``torch.Generator`` on the model's device, (re)seeded whenever a call brings a
     ``params.seed`` different from the last one, so a stream runs on across calls: the same seed
@@ -298,6 +304,7 @@ class HFPolicy:
         use_chat_template: bool = True,
         max_steps_per_rollout: int = 32,
         trust_remote_code: bool = False,
+        self_check: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -308,10 +315,10 @@ class HFPolicy:
         self.model = AutoModelForCausalLM.from_pretrained(
             os.fspath(model_id_or_path),
             dtype=self.dtype,
-            attn_implementation=ATTN_IMPLEMENTATION,
             **_hub_kwargs(model_id_or_path, trust_remote_code),
         ).to(self.device).eval()
-        self.kv = PagedKVCache.for_model(self.model, block_size=block_size, token_budget=kv_budget)
+        # paged when the model passes the self-check, else transformers' own cache (ponder.kv_fallback)
+        self.kv = cache_for_model(self.model, block_size=block_size, token_budget=kv_budget, self_check=self_check)
         self.system_prompt = system_prompt
         self.use_chat_template = bool(use_chat_template) and bool(getattr(self.tokenizer, "chat_template", None))
         self.max_steps_per_rollout = int(max_steps_per_rollout)
@@ -588,7 +595,8 @@ def _model_stats(own: dict[str, int], live_nodes: int, num_parameters: int, kv: 
     ``live_nodes``, ``num_parameters`` and the KV cache's counters prefixed ``kv_``."""
     out = {k: int(v) for k, v in own.items()}
     out.update(live_nodes=int(live_nodes), num_parameters=int(num_parameters))
-    out.update({f"kv_{k}": int(v) for k, v in kv.items()})
+    out.update({f"kv_{k}": v if isinstance(v, str) else int(v) for k, v in kv.items()})
+    out.setdefault("kv_backend", "paged")
     return out
 
 

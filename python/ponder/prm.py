@@ -81,7 +81,8 @@ from typing import Any
 
 import torch
 
-from .kv import ATTN_IMPLEMENTATION, PagedKVCache, use_paged_attention
+from .kv import ATTN_IMPLEMENTATION
+from .kv_fallback import cache_for_model, with_companion
 from .policy import (
     _PREFILL_BATCH_TOKENS,
     _check_new_ids,
@@ -536,6 +537,8 @@ class HFPRM:
         system_prompt: the system message of qwen-prm (None: Qwen's default; "" for none) and of
             implicit-prm (None or "": none, as EurusPRM's usage; the chat template may add its own).
         trust_remote_code: load a checkpoint's own model class (qwen-prm only).
+        self_check: as :class:`ponder.policy.HFPolicy` (paged KV cache when exact, else
+            transformers' own cache; ``stats()["kv_backend"]`` says which).
         reference: implicit-prm only: the reference causal LM (directory or hub id; None: the
             checkpoint's ``implicit_prm.reference``). It must share the PRM's vocabulary.
         beta: implicit-prm only: the log-ratio coefficient (None: the checkpoint's
@@ -555,6 +558,7 @@ class HFPRM:
         trust_remote_code: bool = False,
         reference: str | os.PathLike | None = None,
         beta: float | None = None,
+        self_check: bool = True,
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -573,16 +577,15 @@ class HFPRM:
         if format == "qwen-prm":
             self.model = _load_token_head_model(path, config, self.dtype, self.device, hub)
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION, **hub
-            ).to(self.device).eval()
-        self.kv = PagedKVCache.for_model(self.model, block_size=block_size, token_budget=kv_budget)
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **hub).to(self.device).eval()
+        # paged when the model passes the self-check, else transformers' own cache (ponder.kv_fallback)
+        self.kv = cache_for_model(self.model, block_size=block_size, token_budget=kv_budget, self_check=self_check)
         self.ref_model = None
         self.beta = None
         if format == "implicit-prm":
             self.ref_model, self.beta = self._load_reference(path, config, reference, beta, trust_remote_code)
             # one set of block tables: every fork / new sequence / free of self.kv holds for both
-            self.ref_kv = self.kv.companion(self.ref_model)
+            self.kv, self.ref_kv = with_companion(self.kv, self.model, self.ref_model, self_check=self_check)
             vocab = self.model.get_output_embeddings().weight.shape[0]
             self._logratio_batch_tokens = min(_PREFILL_BATCH_TOKENS, max(1, _LOGRATIO_ELEMENTS // vocab))
         elif reference is not None or beta is not None:
@@ -616,7 +619,7 @@ class HFPRM:
         if not math.isfinite(beta) or beta <= 0:
             raise ValueError(f"beta must be a finite number > 0, got {beta}")
         model = AutoModelForCausalLM.from_pretrained(
-            ref, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION, **_hub_kwargs(ref, trust_remote_code)
+            ref, dtype=self.dtype, **_hub_kwargs(ref, trust_remote_code)
         ).to(self.device).eval()
         ours, theirs = self.model.get_output_embeddings(), model.get_output_embeddings()
         if ours is None or theirs is None or ours.weight.shape[0] != theirs.weight.shape[0]:
@@ -716,11 +719,9 @@ class HFPRM:
         gathered: list[torch.Tensor] = []
         tails: list[torch.Tensor] = []
         for i, j in self._batches(new_tokens, self._logratio_batch_tokens):
-            use_paged_attention(self.model)
-            use_paged_attention(self.ref_model)
             batch = self.kv.prepare(seqs[i:j], new_tokens[i:j])
-            ratio = self.model(**batch.model_kwargs()).logits.float().log_softmax(-1)
-            ratio -= self.ref_model(**batch.on(self.ref_kv).model_kwargs()).logits.float().log_softmax(-1)
+            ratio = batch.run(self.model).logits.float().log_softmax(-1)
+            ratio -= batch.on(self.ref_kv).run(self.ref_model).logits.float().log_softmax(-1)
             for r, toks in enumerate(new_tokens[i:j]):
                 m = len(toks)
                 nxt = torch.tensor(toks[1:], dtype=torch.long, device=ratio.device)
@@ -748,13 +749,12 @@ class HFPRM:
         each row's new tokens. Returns float32 [B] (CPU). Rows go in batches of bounded size."""
         out = []
         for i, j in self._batches(new_tokens):
-            use_paged_attention(self.model)
             batch = self.kv.prepare(seqs[i:j], new_tokens[i:j])
             pos = torch.tensor(positions[i:j], dtype=torch.long)
             keep, where = torch.unique(pos, return_inverse=True)
             # Only the scored positions get logits (a vocabulary-sized row per new token would
             # dominate memory for large vocabularies).
-            logits = self.model(**batch.model_kwargs(), logits_to_keep=keep.to(self.device)).logits
+            logits = batch.run(self.model, logits_to_keep=keep.to(self.device)).logits
             rows = logits[torch.arange(j - i, device=self.device), where.to(self.device)]  # [b, V or 2]
             if self._columns is not None:
                 rows = rows[:, self._columns]
