@@ -196,6 +196,9 @@ def test_errors_as_openai_exceptions(serve_server, client):
         ({"search": {"n": 64}}, "search.n"),  # above --max-search-n
         ({"search": {"max_steps": 100}}, "search.max_steps"),
         ({"search": {"agg": 3}}, "search.agg"),
+        ({"search": {"sampling": None}}, "search.sampling"),
+        ({"search": {"seed": -1}}, "search.seed"),
+        ({"search": {"method": "beam_search", "early_stop": 0.9}}, "search.early_stop"),
         ({"reasoning_effort": "extreme"}, "reasoning_effort"),
         ({"stop": ["\n"]}, "stop"),
         ({"n": 5}, "n"),  # above --max-choices

@@ -284,6 +284,9 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
             if limit is not None:
                 fields["max_policy_tokens"] = limit
         base = SearchConfig(strategy=settings.defaults.get("strategy"))
+        if fields.get("method") == "auto" and not settings.auto_available and "strategy" not in fields:
+            raise ApiError(400, "method 'auto' needs a strategy table and this server has none (ponder serve --strategy)",
+                           param="search.method")
         cfg = search_config(fields, base, settings.limits, prompt_tokens(problem))
         wall = settings.request_timeout_s
         cfg.max_wall_s = wall if cfg.max_wall_s is None else min(cfg.max_wall_s, wall)
@@ -369,7 +372,11 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
                 if req.stream:
                     streaming = True
                     gen = stream_search(request, req, problem, cfg, searched, endpoint, t0)
-                    return StreamingResponse(gen, media_type="text/event-stream",
+                    # Start it here (it submits the search and owns the slot from now on): a
+                    # started generator is closed, running its cleanup, even if the response
+                    # never starts sending.
+                    first = await gen.__anext__()
+                    return StreamingResponse(_prepend(first, gen), media_type="text/event-stream",
                                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                 result = await run_search(request, problem, cfg)
             finally:
@@ -425,7 +432,11 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
             return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
 
         try:
-            h = submit(problem, cfg, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+            try:
+                h = submit(problem, cfg, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+            except ApiError as exc:
+                status = exc.status
+                raise
             watcher = asyncio.ensure_future(wait_disconnect(request))
             deadline = time.monotonic() + settings.request_timeout_s + settings.hard_timeout_slack_s
             yield chunk([piece(0, "", role=True)])
@@ -496,6 +507,12 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
             metrics.observe(endpoint, status, time.perf_counter() - t0)
 
     return app
+
+
+async def _prepend(first: str, rest):
+    yield first
+    async for item in rest:
+        yield item
 
 
 def _merge(into: dict, layer: dict, strict: bool = False) -> None:

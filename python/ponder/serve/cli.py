@@ -176,6 +176,7 @@ def run_server(app, config, grace: float, banner: str | None = None) -> bool:
     seconds so that their requests answer (``ponder.stopped = "cancelled"``) before uvicorn's
     deadline; then the lifespan closes the engine."""
     import asyncio
+    import contextlib
 
     import uvicorn
 
@@ -189,6 +190,18 @@ def run_server(app, config, grace: float, banner: str | None = None) -> bool:
             if loop is not None and not self.should_exit:
                 loop.call_soon_threadsafe(app.state.drain, grace)
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises a captured SIGTERM / SIGINT after its graceful shutdown (the
+            # process then dies of the signal); a shutdown that completed exits normally here.
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    captured = getattr(self, "_captured_signals", None)
+                    if isinstance(captured, list):
+                        captured.clear()
 
         async def startup(self, sockets=None):
             await super().startup(sockets)
