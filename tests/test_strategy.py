@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -158,3 +159,31 @@ def test_ponder_calibrate_refits_from_records(tmp_path, capsys):
     assert sorted(table.plans) == [4, 8] and table.meta["problems"] == 24
     assert "options per difficulty bin" in capsys.readouterr().out
     assert table == fit(load_records(rec), probes=(2,), bins=2, budgets=(4, 8), beam_width=2, meta=table.meta)
+
+
+def test_auto_keeps_the_mean_budget_on_the_calibration_distribution(tmp_path):
+    """The global budget: a plan fit on calibration records spends, run by the engine on
+    problems of the same distribution, about its planned mean tokens (and no more than the
+    budget, up to sampling noise); each row's tokens are what its tree holds."""
+    from ponder import Engine
+
+    records = _records()
+    table = fit(records, probes=(2,), bins=2, budgets=(4,), beam_width=2)
+    path = table.save(tmp_path / "strategy.json")
+    budget = table.tokens_for_n(4)
+    plan = table.plan(budget)
+    cfg = dataclasses.replace(BASE, method="auto", budget_tokens=budget, strategy=str(path))
+    engine = Engine(VotePolicy(1), VotePRM())
+    names = [k for k in ("easy", "hard") for _ in range(12)]
+    handles = [engine.submit(p, dataclasses.replace(cfg, seed=100 + i)) for i, p in enumerate(names)]
+    engine.run_until_done()
+    spent = []
+    for h in handles:
+        r = h.result()
+        t = r.tree
+        assert r.budget.policy_tokens_generated == int(t["num_tokens"][t["parent"] != -1].sum())
+        spent.append(r.budget.policy_tokens_generated + r.budget.policy_tokens_prefilled)
+    mean = sum(spent) / len(spent)
+    assert plan.tokens <= budget + 1e-9
+    assert mean <= 1.15 * budget, (mean, budget, plan.tokens)
+    assert abs(mean - plan.tokens) <= 0.25 * plan.tokens
