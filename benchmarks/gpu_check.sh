@@ -27,7 +27,7 @@
 # missing), 2 bad arguments.
 # Env: PYTHON (interpreter; default /opt/torch/.venv/bin/python if present, else python3),
 #      GPU_WHEELS (wheel folder), GPU_SITE (unpack folder), GPU_WHEEL_LIST, JOBS, CUDA_ARCH (e.g. 90),
-#      GPU_CHECK_DIRECT=1 (build with nvcc/g++ even when cmake is there),
+#      GPU_CHECK_DIRECT=1 (build with nvcc/g++ even when cmake is there), GPU_CHECK_NVCC (nvcc path),
 #      GPU_CHECK_CAP_<step>=SECONDS (a step's cap, e.g. GPU_CHECK_CAP_build=900 on a small machine),
 #      GPU_CHECK_REHEARSE=1 (no GPU here: the steps after the build run on the CPU, to try the script).
 set -uo pipefail
@@ -149,6 +149,7 @@ if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then NVCC=$CUDA_HOME
 elif [ -x /usr/local/cuda/bin/nvcc ]; then NVCC=/usr/local/cuda/bin/nvcc
 else NVCC=$(command -v nvcc || true)
 fi
+[ -n "${GPU_CHECK_NVCC+set}" ] && NVCC=$GPU_CHECK_NVCC  # an explicit nvcc ("" = none)
 CMAKE=$(command -v cmake || true)
 [ "${GPU_CHECK_DIRECT:-0}" = 1 ] && CMAKE=""  # force the build without CMake
 [ -z "$CMAKE" ] && [ "${GPU_CHECK_DIRECT:-0}" != 1 ] && [ -x "$(dirname "$PY")/cmake" ] && CMAKE=$(dirname "$PY")/cmake
@@ -160,13 +161,15 @@ if ! "$PY" -c "import sys" >/dev/null 2>&1; then
   PY=python3
   finish
 fi
-timeout 60 "$PY" - "$WORK/preflight.json" "$NVCC" "$CMAKE" "$SANITIZER" >"$WORK/preflight.log" 2>&1 <<'EOF'
+timeout 60 "$PY" - "$WORK/preflight.json" "$NVCC" "$CMAKE" "$SANITIZER" "$DRY" >"$WORK/preflight.log" 2>&1 <<'EOF'
 import importlib.util, json, os, subprocess, sys, sysconfig
-out, nvcc, cmake, sanitizer = sys.argv[1:5]
-info = dict(python=sys.executable, python_version=sys.version.split()[0], missing=[], notes=[])
-for mod in ("torch", "numpy", "pytest", "pybind11", "transformers"):
+out, nvcc, cmake, sanitizer, dry = sys.argv[1:6]
+info = dict(python=sys.executable, python_version=sys.version.split()[0], missing=[], build_missing=[], notes=[])
+for mod in ("torch", "numpy", "pytest", "transformers"):
     if importlib.util.find_spec(mod) is None:
         info["missing"].append(mod)
+if importlib.util.find_spec("pybind11") is None:
+    info["build_missing"].append("pybind11")
 info["pytest_timeout"] = importlib.util.find_spec("pytest_timeout") is not None
 if "torch" not in info["missing"]:
     import torch
@@ -176,7 +179,7 @@ if "torch" not in info["missing"]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["compute_capability"] = "%d%d" % torch.cuda.get_device_capability(0)
-if "pybind11" not in info["missing"]:
+if "pybind11" not in info["build_missing"]:
     import pybind11
     info["pybind11_cmake_dir"] = pybind11.get_cmake_dir()
     info["pybind11_include"] = pybind11.get_include()
@@ -184,14 +187,19 @@ inc = sysconfig.get_paths()["include"]
 info["python_include"] = inc
 info["python_h"] = os.path.exists(os.path.join(inc, "Python.h"))
 if not info["python_h"]:
-    info["missing"].append(f"Python.h (in {inc})")
+    info["build_missing"].append(f"Python.h (in {inc})")
 info["ext_suffix"] = sysconfig.get_config_var("EXT_SUFFIX")
 info["nvcc"] = nvcc or None
 if nvcc:
     v = [x for x in subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.splitlines() if "release" in x]
     info["nvcc_version"] = v[0].strip() if v else "?"
 else:
-    info["missing"].append("nvcc (PATH or /usr/local/cuda/bin)")
+    info["build_missing"].append("nvcc (PATH or /usr/local/cuda/bin)")
+# A dry run needs no build: what the build would lack is a note there, a failure otherwise.
+if dry == "1":
+    info["notes"] += [f"the build would need: {m}" for m in info["build_missing"]]
+else:
+    info["missing"] += info["build_missing"]
 info["cmake"] = cmake or None
 if not cmake:
     info["notes"].append("no cmake: the build step compiles with nvcc/g++ directly")
