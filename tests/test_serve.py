@@ -484,3 +484,31 @@ def test_sigterm_cancels_in_flight_within_grace(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _serve_examples() -> list[tuple[str, str]]:
+    """The openai client examples: docs/serve.md's first python block, and README.md's
+    "Serve it" section's python block once the README has one."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    block = re.compile(r"```python\n(.*?)```", re.S)
+    out = [("docs/serve.md", block.search((root / "docs" / "serve.md").read_text()).group(1))]
+    readme = (root / "README.md").read_text()
+    if "## Serve it" in readme:
+        section = readme.split("## Serve it", 1)[1].split("\n## ", 1)[0]
+        m = block.search(section)
+        if m:
+            out.append(("README.md", m.group(1)))
+    return out
+
+
+def test_client_examples_run(serve_server, capsys):
+    for where, code in _serve_examples():
+        assert "http://127.0.0.1:8000/v1" in code, where
+        code = code.replace("http://127.0.0.1:8000/v1", serve_server.url + "/v1").replace(
+            'api_key="none"', f'api_key="{SERVE_KEY}"')
+        exec(compile(code, f"{where} serve example", "exec"), {"__name__": "example"})
+        printed = capsys.readouterr().out
+        assert "\\boxed{" in printed, (where, printed)
