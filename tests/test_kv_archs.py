@@ -77,6 +77,10 @@ def tiny_model(model_type: str):
             raise ValueError(f"{size} parameters with the tiny sizes (sub-models keep their defaults)")
         torch.manual_seed(0)
         model = model_cls(config).eval()
+        with torch.no_grad():  # like trained weights: no parameter left at a constant init
+            for p in model.parameters():
+                if p.is_floating_point():
+                    p.add_(torch.randn_like(p) * 0.05)
         full(model, list(range(3, 15)))  # the model's own forward must run at this size
     except Exception as exc:  # noqa: BLE001 - the reason is the skip message
         first = (str(exc).strip().splitlines() or [""])[-1][:200]

@@ -224,7 +224,11 @@ def _tiny(cls_name, **extra):
     config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
     cfg = config_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, **extra)
-    return getattr(transformers, cls_name)(cfg).eval()
+    model = getattr(transformers, cls_name)(cfg).eval()
+    with torch.no_grad():  # like trained weights: no parameter left at a constant init (Doge's A is 0)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
 
 
 @pytest.mark.parametrize("arch", ["DiffLlamaForCausalLM", "JetMoeForCausalLM", "DogeForCausalLM"])

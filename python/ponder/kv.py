@@ -504,6 +504,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     if batch is None:
         batch = getattr(_ACTIVE, "batch", None)
     if batch is None:
+        if kwargs.get("softcap") or kwargs.get("s_aux") is not None:  # SDPA has neither
+            return _plain_attention(query, key, value, attention_mask, scaling, kwargs.get("softcap"), kwargs.get("s_aux"))
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -534,6 +536,37 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.transpose(1, 2), None
 
 
+def _softmax_attention(query, k, v, mask, scale, softcap, sinks) -> torch.Tensor:
+    """softmax(softcap(q k^T * scale) masked, [sinks]) v. query [B, Hq, T, D], k / v [B, Hkv, L, D],
+    mask bool [B, 1, T, L] (True = attend) or additive float -> [B, T, Hq, D]."""
+    if k.shape[1] != query.shape[1]:
+        k = k.repeat_interleave(query.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(query.shape[1] // v.shape[1], dim=1)
+    scores = torch.matmul(query, k.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask.float()
+    if sinks is not None:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
+    return torch.matmul(probs.to(v.dtype), v).transpose(1, 2).contiguous()
+
+
+def _plain_attention(query, key, value, attention_mask, scaling, softcap, sinks):
+    """Attention without a PagedBatch for the variants SDPA lacks (soft-capping, sinks)."""
+    T, L = query.shape[2], key.shape[2]
+    scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    mask = attention_mask
+    if mask is None:  # causal, queries aligned to the last T keys
+        mask = torch.ones(T, L, dtype=torch.bool, device=query.device).tril(L - T)[None, None]
+    return _softmax_attention(query, key, value, mask[..., :L], scale, softcap, sinks), None
+
+
 def _windowed_attention(batch, cache, layer, query, scale, window, softcap, sinks) -> torch.Tensor:
     """Gather + explicit softmax for the variants SDPA and the decode kernel lack: a sliding
     window (key j is seen from position p when p - window < j <= p, transformers' convention),
@@ -543,25 +576,12 @@ def _windowed_attention(batch, cache, layer, query, scale, window, softcap, sink
     L = mask.shape[-1]
     k, v = kernels.gather_kv(cache.k[layer], cache.v[layer], batch.block_tables, batch.kv_lens, max_len=L,
                              check_indices=not batch.indices_checked)
-    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D]
-    if k.shape[1] != query.shape[1]:
-        k = k.repeat_interleave(query.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(query.shape[1] // v.shape[1], dim=1)
     if window is not None:
         keys = torch.arange(L, device=mask.device)
         mask = mask & (keys[None, None, None, :] > batch.position_ids[:, None, :, None] - int(window))
         # a padding query whose window excludes key 0 still needs one visible key
         mask = mask | (~mask.any(-1, keepdim=True) & (keys == 0))
-    scores = torch.matmul(query, k.transpose(-1, -2)).float() * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    if sinks is not None:
-        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
-        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
-    else:
-        probs = scores.softmax(-1)
-    return torch.matmul(probs.to(v.dtype), v).transpose(1, 2)
+    return _softmax_attention(query, k.transpose(1, 2), v.transpose(1, 2), mask, scale, softcap, sinks)
 
 
 def _register() -> None:
@@ -587,7 +607,8 @@ def paged_refusal(model: torch.nn.Module, *, self_check: bool = True) -> str | N
     The reason is a layout :func:`kv_spec_of` rejects or, with ``self_check``, a failed probe:
     two sequences of different lengths are prefilled in one batch, one is forked twice, then
     two steps run (one token per row; then 3, 1 and 2 tokens) on a small pool of 4-token
-    blocks (so forks copy on write), with sliding windows shrunk to 5 tokens; every logit
+    blocks (so forks copy on write), with sliding windows (and Doge's dynamic-mask window)
+    shrunk to 5 tokens; every logit
     must equal the model's own cache-free forward within ``1e-4`` (float32; 2e-2 float16,
     5e-2 bfloat16) of the reference's largest |logit|, and no step may raise. The probe runs
     once per model object (the answer is remembered); afterwards the model uses
@@ -617,24 +638,30 @@ def _set_attention(model: torch.nn.Module, impl: str) -> None:
         model.set_attn_implementation(impl)
 
 
+# Window sizes a short probe would never reach: sliding windows, Doge's dynamic-mask window.
+_WINDOW_ATTRS = ("sliding_window", "keep_window_size")
+
+
 @contextlib.contextmanager
 def _small_windows(model: torch.nn.Module, window: int):
-    """Shrink every integer ``sliding_window`` of the model's configs and modules to ``window``."""
+    """Shrink every integer window (``_WINDOW_ATTRS``) of the model's configs and modules to
+    ``window``, so that the probe crosses it."""
     saved = []
     configs = [model.config]
     text = getattr(model.config, "get_text_config", None)
     if callable(text) and text() is not model.config:
         configs.append(text())
     for obj in (*configs, *model.modules()):
-        value = getattr(obj, "sliding_window", None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > window:
-            saved.append((obj, value))
-            setattr(obj, "sliding_window", window)
+        for attr in _WINDOW_ATTRS:
+            value = getattr(obj, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > window:
+                saved.append((obj, attr, value))
+                setattr(obj, attr, window)
     try:
         yield
     finally:
-        for obj, value in reversed(saved):
-            setattr(obj, "sliding_window", value)
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
 
 
 def _probe_tokens(model: torch.nn.Module, generator: torch.Generator, n: int) -> list[int]:
@@ -685,13 +712,17 @@ def _probe(model: torch.nn.Module) -> str | None:
             except Exception as exc:  # any failure of the paged path is a refusal
                 first = (str(exc).strip().splitlines() or [""])[0][:160]
                 return f"{name}: the paged KV path fails on a probe ({type(exc).__name__}: {first})"
-            _set_attention(model, own)
             err = scale = 0.0
-            for s, length, logits in got:
-                ref = model(input_ids=torch.tensor([paths[s][:length]], device=param.device),
-                            use_cache=False).logits[0, length - logits.shape[0]: length].float()
-                err = max(err, float((logits.float() - ref).abs().max()))
-                scale = max(scale, float(ref.abs().max()))
+            try:
+                _set_attention(model, own)
+                for s, length, logits in got:
+                    ref = model(input_ids=torch.tensor([paths[s][:length]], device=param.device),
+                                use_cache=False).logits[0, length - logits.shape[0]: length].float()
+                    err = max(err, float((logits.float() - ref).abs().max()))
+                    scale = max(scale, float(ref.abs().max()))
+            except Exception as exc:  # no reference, no proof: refuse
+                first = (str(exc).strip().splitlines() or [""])[0][:160]
+                return f"{name}: the model's own cache-free forward fails on a probe ({type(exc).__name__}: {first})"
         tol = _TOLERANCE.get(param.dtype, 5e-2) * max(scale, 1e-6)
         if not math.isfinite(err) or err > tol:
             return (f"{name}: the paged KV path does not reproduce the model's own logits "
