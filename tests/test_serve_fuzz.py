@@ -73,6 +73,9 @@ def bodies(draw):
     return json.dumps(body, allow_nan=True).encode()
 
 
+STATUSES: dict[int, int] = {}  # what the fuzz got, to check it reached both answers and refusals
+
+
 def _idle(url: str, timeout_s: float = 90.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -90,6 +93,7 @@ def _fuzz_once(url: str, body: bytes, endpoint: str) -> None:
                       timeout=120) as r:
         raw = r.read()
     assert r.status_code < 500, (r.status_code, body, raw[:500])
+    STATUSES[r.status_code] = STATUSES.get(r.status_code, 0) + 1
     if r.headers.get("content-type", "").startswith("text/event-stream"):
         assert raw.rstrip().endswith(b"data: [DONE]"), raw[-200:]
         for line in raw.decode().splitlines():
@@ -106,7 +110,9 @@ def _fuzz_once(url: str, body: bytes, endpoint: str) -> None:
 
 
 def test_fuzz_bodies_never_500_and_server_survives(serve_server):
+    STATUSES.clear()
     _fuzz_once(serve_server.url)
+    assert STATUSES.get(200, 0) >= 5 and sum(v for k, v in STATUSES.items() if 400 <= k < 500) >= 10, STATUSES
     h = _idle(serve_server.url)
     assert (h["live"], h["queued"], h["in_flight"]) == (0, 0, 0), h
     assert (h["policy_kv_blocks_in_use"], h["prm_kv_blocks_in_use"]) == (0, 0), h
