@@ -40,6 +40,14 @@ def _health(server) -> dict:
     return httpx.get(server.url + "/health", timeout=10).json()
 
 
+def _hung_up(server) -> float:
+    """Chat requests the server saw the client hang up on (status 499 in /metrics)."""
+    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith('ponder_requests_total{endpoint="chat",status="499"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def _wait_idle(server, start: dict, timeout_s: float = 90.0) -> dict:
     """Poll /health until no search is live or queued, no request in flight, and both models'
     KV blocks in use are back at ``start``'s."""
@@ -244,6 +252,8 @@ def test_disconnect_mid_search_frees_every_kv_block(serve_server):
     # a non-streamed request whose client hangs up once its search holds KV blocks
     import socket
 
+    hung = _hung_up(serve_server)
+
     body = json.dumps(SLOW).encode()
     sock = socket.create_connection(("127.0.0.1", serve_server.port))
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -258,7 +268,8 @@ def test_disconnect_mid_search_frees_every_kv_block(serve_server):
     sock.close()
     cancelled_before = h["finished"]
     after = _wait_idle(serve_server, start)
-    assert after["finished"] == cancelled_before + 1  # it ended (cancelled), not still running
+    assert after["finished"] == cancelled_before + 1  # it ended, not still running
+    assert _hung_up(serve_server) == hung + 1  # because the server saw the hang-up (and cancelled it)
     assert (after["live"], after["in_flight"], after["policy_kv_blocks_in_use"], after["prm_kv_blocks_in_use"]) == (
         0, 0, 0, 0), after
     assert after["policy_kv_blocks_free"] == start["policy_kv_blocks_free"]
@@ -268,6 +279,7 @@ def test_disconnect_mid_search_frees_every_kv_block(serve_server):
 def test_full_queue_429_then_stream_disconnects_free_kv(serve_server, client):
     start = _wait_idle(serve_server, {"policy_kv_blocks_in_use": 0, "prm_kv_blocks_in_use": 0})
     streams, contexts = [], []
+    hung = _hung_up(serve_server)
     try:
         for _ in range(3):  # --max-queue 3
             cm = httpx.stream("POST", serve_server.url + "/v1/chat/completions", json=SLOW | {"stream": True},
@@ -291,6 +303,7 @@ def test_full_queue_429_then_stream_disconnects_free_kv(serve_server, client):
             cm.__exit__(None, None, None)
     after = _wait_idle(serve_server, start)
     assert (after["live"], after["queued"], after["in_flight"]) == (0, 0, 0), after
+    assert _hung_up(serve_server) == hung + 3  # each stream's search was cancelled on the hang-up
     assert (after["policy_kv_blocks_in_use"], after["prm_kv_blocks_in_use"]) == (0, 0), after
     # and the server still answers
     ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": EASY}])
