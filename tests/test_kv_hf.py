@@ -431,3 +431,29 @@ def test_companion_cache_runs_a_second_model_over_the_same_sequences(model_dir):
     # a cache built on another's manager must have its shape
     with pytest.raises(ValueError, match="64 blocks of 4 tokens, not 8 of 4"):
         pkv.PagedKVCache(pkv.kv_spec_of(other.config), num_blocks=8, block_size=4, manager=kv.manager)
+
+
+def test_gpt_neo_loads_as_ponder_paged_and_is_refused_not_wrong(tmp_path):
+    """GPT-Neo picks its attention class by name (a KeyError for ponder_paged before): it loads,
+    the self-check refuses it (local layers; its eager attention ignores the pool) and the
+    fallback reproduces its own logits."""
+    from ponder.kv_fallback import FallbackKVCache, cache_for_model
+
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, window_size=4,
+                                    attention_types=[[["global", "local"], 1]], max_position_embeddings=128)
+    transformers.GPTNeoForCausalLM(cfg).save_pretrained(tmp_path)
+    model = load(tmp_path)
+    assert "local-attention" in pkv.paged_refusal(model)
+    with pytest.warns(RuntimeWarning, match="GPTNeoForCausalLM"):
+        kv = cache_for_model(model, block_size=4, token_budget=64)
+    assert isinstance(kv, FallbackKVCache)
+    rng = np.random.default_rng(2)
+    prompt = rng_tokens(rng, 9)
+    seq, _ = kv.new_sequence(prompt)
+    kv.forward(model, [seq], [prompt])
+    kids = kv.fork(seq, 2)
+    paths = [prompt + rng_tokens(rng, 3), prompt + rng_tokens(rng, 1)]
+    got = kv.forward(model, kids, [p[9:] for p in paths], logits="all")
+    torch.testing.assert_close(got[0, :3], full_logits(model, paths[0])[-3:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[1, :1], full_logits(model, paths[1])[-1:], atol=1e-4, rtol=0)

@@ -590,6 +590,14 @@ def _register() -> None:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    try:  # GPT-Neo picks its attention class by name: loading it as ponder_paged gets its eager
+        # class (the self-check then refuses the paged path and it runs on the fallback)
+        from transformers.models.gpt_neo import modeling_gpt_neo
+
+        classes = modeling_gpt_neo.GPT_NEO_ATTENTION_CLASSES
+        classes.setdefault(ATTN_IMPLEMENTATION, classes["eager"])
+    except (ImportError, AttributeError, KeyError):  # pragma: no cover - other transformers layouts
+        pass
 
 
 # ----------------------------------------------------------------------------- the self-check
