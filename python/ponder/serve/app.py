@@ -34,6 +34,7 @@ Contract of a completion request (docs/serve.md has the details):
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
 import math
@@ -228,11 +229,20 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
         except RecursionError:
             raise ApiError(400, "the body is nested too deeply", code="invalid_json") from None
 
+    # The prompt length check tokenizes on the event loop while the engine thread uses the
+    # policy's tokenizer: a copy of it, so that no Rust tokenizer is shared between threads.
+    try:
+        own_tokenizer = copy.deepcopy(policy.tokenizer) if callable(getattr(policy, "format_prompt", None)) else None
+    except Exception:  # noqa: BLE001 - no copy: estimate
+        own_tokenizer = None
+
     def prompt_tokens(problem: str) -> int:
-        enc = getattr(policy, "prompt_tokens", None)
-        if callable(enc):
+        """The policy's prompt length for ``problem`` (an estimate when it cannot be counted)."""
+        if own_tokenizer is not None:
             try:
-                return len(enc(problem))
+                text = policy.format_prompt(problem)
+                special = not getattr(policy, "use_chat_template", False)
+                return len(own_tokenizer.encode(text, add_special_tokens=special))
             except Exception:  # noqa: BLE001 - the engine's own start reports real failures
                 pass
         return len(problem) // 2 + 64
