@@ -187,3 +187,19 @@ def test_auto_keeps_the_mean_budget_on_the_calibration_distribution(tmp_path):
     assert plan.tokens <= budget + 1e-9
     assert mean <= 1.15 * budget, (mean, budget, plan.tokens)
     assert abs(mean - plan.tokens) <= 0.25 * plan.tokens
+
+
+def test_replaying_a_plan_on_its_own_records_gives_its_figures():
+    records = _records()
+    table = fit(records, probes=(1, 2, 4), bins=3, budgets=(), beam_width=2)
+    for b in (2, 4, 8):
+        budget = table.tokens_for_n(b)
+        plan = table.plan(budget)
+        acc, tokens = strategy.simulate(table, records, budget)
+        assert acc == pytest.approx(plan.accuracy) and tokens == pytest.approx(plan.tokens)
+    smooth = fit(records, probes=(2,), bins=2, budgets=(), beam_width=2, prior=4.0)
+    for c in smooth.cells:  # shrunk toward the option's accuracy over all bins, never past it
+        pooled = [x for x in smooth.cells if (x["method"], x["n"]) == (c["method"], c["n"])]
+        mean = sum(x["accuracy"] * x["count"] for x in pooled) / sum(x["count"] for x in pooled)
+        lo, hi = sorted((c["accuracy"], mean))
+        assert lo - 1e-12 <= c["planning_accuracy"] <= hi + 1e-12

@@ -326,7 +326,8 @@ def _knapsack(table: StrategyTable, k: int, budget: float, grid: int = 400) -> P
         opts = []
         for c in table.cells:
             if c["probe"] == k and c["bin"] == b and c["count"] > 0:
-                opts.append((Option(c["method"], int(c["n"]), int(c.get("beam_width", 0))), c["accuracy"], c["tokens"]))
+                acc = c.get("planning_accuracy", c["accuracy"])
+                opts.append((Option(c["method"], int(c["n"]), int(c.get("beam_width", 0))), acc, c["tokens"]))
         # cheaper first: equal accuracy goes to the cheaper option
         opts.sort(key=lambda t: (t[2], OPTION_METHODS.index(t[0].method), t[0].n))
         per_bin.append(opts or [(Option("stop", k), 0.0, 0.0)])  # a bin no calibration problem fell in
@@ -402,6 +403,7 @@ def fit(
     beam_width: int = 4,
     agg: str = "last",
     meta: dict | None = None,
+    prior: float = 0.0,
 ) -> StrategyTable:
     """Fit a ``StrategyTable`` on calibration records (never the evaluation set).
 
@@ -410,7 +412,11 @@ def fit(
     (``default_options``; sampling options with n > k only) the mean correctness and mean
     policy tokens over the bin's records that have it. ``reference_tokens``: best-of-N's mean
     tokens at n = 1, 2, 4, ... (up to the samples). ``plans``: the plan of every budget in
-    ``budgets`` (n-equivalents)."""
+    ``budgets`` (n-equivalents).
+
+    ``prior`` > 0: plans use each cell's accuracy shrunk toward the same option's accuracy over
+    all bins, ``(correct + prior * pooled) / (count + prior)`` (``planning_accuracy``; empirical
+    Bayes against the noise of small bins); ``accuracy`` stays the measured one."""
     if not records:
         raise ValueError("fit needs at least one calibration record")
     smax = min(len(r.samples) for r in records)
@@ -448,15 +454,44 @@ def fit(
                     "accuracy": sum(c for c, _ in got) / len(got) if got else 0.0,
                     "tokens": sum(t for _, t in got) / len(got) if got else 0.0,
                 })
+    if prior > 0:
+        pooled: dict = {}
+        for c in cells:
+            key = (c["probe"], c["method"], c["n"], c["beam_width"])
+            a = pooled.setdefault(key, [0.0, 0])
+            a[0] += c["accuracy"] * c["count"]
+            a[1] += c["count"]
+        for c in cells:
+            right, total = pooled[(c["probe"], c["method"], c["n"], c["beam_width"])]
+            c["planning_accuracy"] = (c["accuracy"] * c["count"] + prior * right / total) / (c["count"] + prior)
     reference = {}
     n = 1
     while n <= smax:
         reference[n] = sum(r.sampled_outcome("best", n)[1] for r in records) / len(records)
         n *= 2
-    table = StrategyTable(list(probes), edges, fractions, cells, reference, {}, agg, dict(meta or {}))
+    meta = dict(meta or {})
+    meta["prior"] = prior
+    table = StrategyTable(list(probes), edges, fractions, cells, reference, {}, agg, meta)
     for b in budgets:
         table.plans[int(b)] = plan_to_dict(table.plan(table.tokens_for_n(b)))
     return table
+
+
+def simulate(table: StrategyTable, records: Sequence[ProblemRecord], budget_tokens: float) -> tuple[float, float]:
+    """(accuracy, mean policy tokens) of ``auto`` at ``budget_tokens`` replayed on measured
+    records (what the engine's ``Auto`` would do with these samples: the probe is the first k
+    samples, the option's outcome as ``ProblemRecord.outcome``). For cross-validating a fit;
+    records without an option's data count as wrong at the probe's cost."""
+    plan = table.plan(budget_tokens)
+    right = tokens = 0.0
+    for r in records:
+        _, o = plan.option_for(table, r.probe_difficulty(plan.probe))
+        got = r.outcome(plan.probe, Option(o.method, plan.probe) if o.method == "stop" else o)
+        if got is None:
+            got = (False, r.sampled_outcome("weighted", plan.probe)[1])
+        right += got[0]
+        tokens += got[1]
+    return right / len(records), tokens / len(records)
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
