@@ -109,6 +109,12 @@ def build_run_parser() -> argparse.ArgumentParser:
     models = p.add_argument_group("models")
     models.add_argument("--policy", metavar="PATH", default=DEFAULT_POLICY,
                         help=f"policy: local directory, Hugging Face hub id (owner/name) or builtin:<name> (default {DEFAULT_POLICY})")
+    models.add_argument("--policy-url", metavar="URL", default=None,
+                        help="sample the policy on this OpenAI-compatible server (vLLM, SGLang, ponder serve), e.g. "
+                             "http://127.0.0.1:8000/v1; --policy is then the model name it serves (docs/remote_policy.md)")
+    models.add_argument("--policy-tokenizer", metavar="PATH", default=None,
+                        help="with --policy-url: the policy's tokenizer (local directory or hub id) for its chat template "
+                             "(default: --policy, when that is a local directory or builtin:<name>)")
     models.add_argument("--prm", metavar="PATH", default=DEFAULT_PRM,
                         help=f"process reward model: local directory, hub id or builtin:prm (default {DEFAULT_PRM}; unused by greedy/majority)")
     models.add_argument("--reference-policy", metavar="PATH", default=None,
@@ -177,6 +183,15 @@ def build_run_parser() -> argparse.ArgumentParser:
     out.add_argument("--resume", action="store_true", help="complete the run in --out, skipping finished rows")
     out.add_argument("--batch-size", type=int, default=16, help="problems per search call (default 16)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars (model loading included)")
+
+    dist = p.add_argument_group("Ray (docs/ray.md)")
+    dist.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                      help="search the batches on a Ray cluster: ADDRESS (auto, host:port, ray://host:10001), or none given: "
+                           "RAY_ADDRESS, else a new local cluster; needs pip install \"ponder[ray]\"")
+    dist.add_argument("--workers", type=int, default=2, metavar="K", help="with --ray: worker actors, each loads the models once (default 2)")
+    dist.add_argument("--gpus-per-worker", type=float, default=0, metavar="G", help="with --ray: GPUs per worker (default 0; above 0 the models run on cuda)")
+    dist.add_argument("--cpus-per-worker", type=int, default=None, metavar="C",
+                      help="with --ray: CPUs per worker, also its torch threads (default: the cluster's CPUs / K)")
     return p
 
 
@@ -193,6 +208,13 @@ def _build_policy(path: str, device: str, dtype: str | None, kv_budget: int | No
     from .policy import HFPolicy
 
     return HFPolicy(path, device=device, dtype=dtype, kv_budget=kv_budget)
+
+
+def _build_remote_policy(args: argparse.Namespace):
+    """--policy-url: ``OpenAIPolicy`` on that server, serving the model named --policy."""
+    from .openai_policy import OpenAIPolicy
+
+    return OpenAIPolicy(args.policy_url, args.policy, tokenizer=args.policy_tokenizer)
 
 
 def _build_prm(path: str, fmt: str, device: str, dtype: str | None, kv_budget: int | None = None,
@@ -258,6 +280,10 @@ def _resolve_models(args: argparse.Namespace, needs_prm: bool) -> str | None:
             path = resolve_model(ref)
         except (ValueError, FileNotFoundError) as exc:
             return f"{flag} {ref}: {exc}"
+        if attr == "policy" and args.policy_url:  # the name the server serves: no local model to check
+            args.labels[attr] = ref
+            setattr(args, attr, path)
+            continue
         if not _plausible_model_ref(path):
             return f"{flag} {ref!r}: no such local path, and not a Hugging Face hub id (owner/name)"
         problem = _model_source_problem(flag, ref, path)
@@ -484,7 +510,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     """The body of `ponder run`. Order: every option, the models' sources (without loading
     them), the device, --out (created and written to), the dataset, run.json against a resumed
     run, then the models are loaded and searched. Mistakes raise _Refused (one line, exit 2)."""
-    import os
     import time
     from pathlib import Path
 
@@ -495,6 +520,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     # --- every option, before any work
     methods = _validate(args)
+    if args.ray is not None:  # Ray installed, --workers etc. (python/ponder/distributed.py)
+        from .distributed import check_cli_args
+
+        error = check_cli_args(args)
+        if error:
+            raise _Refused(error)
     ns = sorted(set(args.budget or args.n))  # dynamic compute: budgets are n-equivalents
     needs_prm = [m for m in methods if m not in evaluate.PRM_FREE_METHODS]
     if needs_prm and not args.prm:
@@ -546,7 +577,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     # --- what defines the rows, against the run being resumed (before any model loads)
     labels = args.labels
     models: dict = {"dtype": args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
-                    "policy": _model_record(labels["policy"], args.policy)}
+                    "policy": _model_record(labels["policy"], args.policy, url=args.policy_url)}
     if needs_prm:
         models["prm"] = _model_record(labels["prm"], args.prm, format=None if args.prm_format == "auto" else args.prm_format,
                                       beta=args.prm_beta)
@@ -569,9 +600,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     # --- the work
     if args.no_progress:
         _quiet_loading()
+    if args.ray is not None:  # the models load on the Ray workers, which search the batches
+        from .distributed import evaluate_cli
+
+        rows = evaluate_cli(args, problems, methods, ns, base, dict(dataset=dataset, models=models, execution=execution),
+                            out_dir, bool(needs_prm))
+        return _report(rows, out_dir)
     n_max = max(ns)
     policy = _load("--policy", labels["policy"],
-                   lambda: _build_policy(args.policy, args.device, args.dtype, kv_budget=_kv_budget(args, problems, n_max)))
+                   lambda: _build_remote_policy(args) if args.policy_url else
+                   _build_policy(args.policy, args.device, args.dtype, kv_budget=_kv_budget(args, problems, n_max)))
     prm = None
     if needs_prm:
         prm = _load("--prm", labels["prm"], lambda: _build_prm(
@@ -624,6 +662,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise _Refused(exc) from None
     except KVCacheFull as exc:  # even a single problem did not fit: the message names --kv-budget
         raise _Refused(f"KVCacheFull: {exc}") from None
+    return _report(rows, out_dir)
+
+
+def _report(rows: list, out_dir) -> int:
+    """The end of `ponder run`: summary.csv / summary.md / scaling.png, the table, the files."""
+    import os
+
+    from . import evaluate
+
     summary = evaluate.write_summary(rows, out_dir)
     print(evaluate.markdown_table(summary), end="")
     files = [out_dir / evaluate.RESULTS_FILE, out_dir / "summary.csv", out_dir / "summary.md"]

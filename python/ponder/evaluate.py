@@ -251,6 +251,7 @@ _SETTING_NAMES = {
     "dataset.content_hash": "the dataset's content (hash of ids, questions, answers, levels)",
     "models.dtype": "--dtype",
     "models.policy.ref": "--policy",
+    "models.policy.url": "--policy-url",
     "models.policy.revision": "--policy's weights (content hash / hub commit)",
     "models.prm.ref": "--prm",
     "models.prm.revision": "--prm's weights (content hash / hub commit)",
