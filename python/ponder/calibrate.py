@@ -173,6 +173,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--beam-width", type=int, default=4, help="beam width of beam search and DVTS (default 4)")
     p.add_argument("--probes", type=_ints, default=[1, 2, 4], help="probe sizes to fit (default 1,2,4)")
     p.add_argument("--bins", type=int, default=5, help="difficulty bins (default 5)")
+    p.add_argument("--prior", type=float, default=0.0,
+                   help="plan with cell accuracies shrunk toward each option's accuracy over all bins, this many pseudo-problems (default 0: none)")
     p.add_argument("--agg", default="last", choices=("last", "min", "prod", "mean"), help="step-score aggregation (default last)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
     p.add_argument("--max-step-tokens", type=int, default=None, help="most tokens per step (default 256; 96 on builtin:arith)")
@@ -227,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"records: {rec_path}", file=sys.stderr)
     meta["problems"] = len(records)
     table = fit(records, probes=args.probes, bins=args.bins, budgets=args.budgets, beam_width=args.beam_width,
-                agg=args.agg, meta=meta)
+                agg=args.agg, meta=meta, prior=args.prior)
     table.save(out)
     print(summary(table))
     print(f"wrote {out}")
