@@ -201,6 +201,37 @@ def test_implicit_prm_step_after_an_empty_step_reads_its_left_context(prms):
         prm.release(range(5))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_steps_that_add_no_text_keep_the_left_context(prms, kind, fmt):
+    """The seen structure for every format and tokenizer, at every child position of a call:
+    a step that is empty, whitespace or a combining accent after steps ending in punctuation
+    (".\n\n" and "e" + U+0301 merge across the boundary), then ordinary steps below it."""
+    prm, full = prms(kind, fmt)
+    q = QUESTIONS[1]
+    prm.start([0], [q])
+    paths = {0: []}
+    calls = [
+        [(0, "So 5."), (0, "Café"), (0, "e")],
+        [(1, ""), (2, "  \n\n"), (3, "\u0301 accent."), (1, "\n\n")],
+        [(2, "x = 12 - 7."), (4, "The answer is \\boxed{5}."), (5, "So 5."), (6, "π ≈ 3."), (7, "")],
+        [(4, ""), (8, "5"), (11, "e\u0301."), (12, "Add 2 and 3 to get 5.")],
+    ]
+    try:
+        nxt = 1
+        for level in calls:
+            children = list(range(nxt, nxt + len(level)))
+            nxt += len(level)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # lost reuse may be reported; scores must not change
+                got = prm.score_steps([p for p, _ in level], children, [s for _, s in level])
+            for (p, step), c, g in zip(level, children, got):
+                paths[c] = paths[p] + [step]
+                assert g == pytest.approx(full(q, paths[c]), abs=ATOL), paths[c]
+    finally:
+        prm.release(list(paths))
+
+
 # ----------------------------------------------------------------------------- any step text
 
 _CHARS = "abxyz ABZ 0123456789 .,;:!?+-=*/^()[]{}$\\ \n\t éπ√∑≈中文😀\u0301"
