@@ -281,7 +281,7 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
         for layer in (defaults, preset or {}, suffix or {}):
             _merge(fields, layer)
         if req.search is not None:
-            _merge(fields, req.search, strict=True)
+            _merge(fields, req.search)
         sampling = {k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k))
                     if v is not None}
         if isinstance(fields.get("sampling", {}), dict):
@@ -525,8 +525,8 @@ async def _prepend(first: str, rest):
         yield item
 
 
-def _merge(into: dict, layer: dict, strict: bool = False) -> None:
-    """Merge ``search`` fields; ``sampling`` / ``early_stop`` objects merge key by key."""
+def _merge(into: dict, layer: dict) -> None:
+    """Merge ``search`` fields into ``into``; ``sampling`` objects merge key by key."""
     for k, v in layer.items():
         if k in ("sampling",) and isinstance(v, dict) and isinstance(into.get(k), dict):
             into[k] = {**into[k], **v}
