@@ -255,6 +255,15 @@ class _Format(abc.ABC):
         return k + len(self.marker)
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 def _need(value: int | None, what: str, fmt: str) -> int:
     if value is None:
         raise ValueError(f"format {fmt!r}: {what} is not a single token of this tokenizer")
@@ -507,6 +516,10 @@ class _Path:
     answer_start: int = 0
     q: float = 0.0
     tail: torch.Tensor | None = field(default=None, repr=False)
+    # implicit-prm: float64 [len(tokens) - answer_start] (CPU), cum[i] = the unscaled log-ratio
+    # sum of tokens answer_start .. answer_start + i (None: empty); a child that cannot fork
+    # takes its sums up to the prefix it shares with this path
+    cum: torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -734,12 +747,19 @@ class HFPRM:
         gathered, tails = self._logratios(seqs, rows)
         qs = []
         for plan, g, tail, start, row in zip(plans, gathered, tails, starts, rows):
+            g, a = g.double(), plan.path.answer_start
+            parent_cum = plan.parent.cum if plan.parent.cum is not None else torch.zeros(0, dtype=torch.float64)
             if plan.base is not None:  # the parent's tail scores the first new token
-                total = float(plan.parent.tail[row[0]]) + float(g.double().sum())
-                q = plan.parent.q + self.beta * total
+                prefix = parent_cum
+                new = torch.cat([torch.tensor([float(plan.parent.tail[row[0]])], dtype=torch.float64), g])
+            elif start >= a:  # tokens a..start are the parent's (token start is in the shared prefix)
+                prefix, new = parent_cum[: start - a + 1], g
             else:  # recomputed from the question part: count the tokens from answer_start on
-                q = self.beta * float(g[plan.path.answer_start - start - 1 :].double().sum())
-            plan.path.q, plan.path.tail = q, tail
+                prefix, new = parent_cum[:0], g[a - start - 1 :]
+            offset = float(prefix[-1]) if len(prefix) else 0.0
+            cum = torch.cat([prefix, offset + torch.cumsum(new, 0)])
+            q = self.beta * (float(cum[-1]) if len(cum) else 0.0)
+            plan.path.q, plan.path.tail, plan.path.cum = q, tail, cum
             qs.append(q)
         return torch.sigmoid(torch.tensor(qs, dtype=torch.float64)).float()
 
@@ -775,9 +795,11 @@ class HFPRM:
                     (seq,) = self.kv.fork(plan.base, 1)
                     start = plan.base_len
                 elif self.ref_model is not None:
-                    # Every token from answer_start on is scored, so the cache may give at most
-                    # the question part minus its last token (whose log-ratio row scores the first).
-                    seq, start = self.kv.new_sequence(toks[: plan.path.answer_start])
+                    # Every token from answer_start on is scored: the cache may give the question
+                    # part, or the prefix shared with the parent (whose sums cover it), minus its
+                    # last token (whose log-ratio row scores the next).
+                    shared = _common_prefix(toks, plan.parent.tokens)
+                    seq, start = self.kv.new_sequence(toks[: max(plan.path.answer_start, shared)])
                 else:
                     # At most pos tokens come from the cache: the scored position is computed.
                     seq, start = self.kv.new_sequence(toks[: plan.pos + 1])
