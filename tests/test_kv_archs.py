@@ -41,7 +41,13 @@ SIZES = dict(
 # Per-type sizes the generic ones above get wrong.
 OVERRIDES = {
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], num_heads=4),
-    "mamba2": dict(num_heads=8, head_dim=16, n_groups=1),
+    "mamba2": dict(num_heads=8, head_dim=16, n_groups=1, state_size=8, chunk_size=16),
+    "falcon_h1": dict(mamba_d_ssm=128, mamba_n_heads=8, mamba_d_state=8, mamba_chunk_size=16),
+    "nemotron_h": dict(mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=16),
+    "rwkv": dict(context_length=64),
+    "hrm_text": dict(H_cycles=1, L_cycles=1),
+    "prophetnet": dict(num_encoder_layers=1, num_decoder_layers=2, num_encoder_attention_heads=4,
+                       num_decoder_attention_heads=4, encoder_ffn_dim=64),
 }
 # Issue 12: these must run on the paged path.
 PAGED_FAMILIES = {"gpt_neox", "falcon", "opt", "bloom", "gpt_neo", "stablelm", "mpt", "phi", "gemma2", "gemma3_text",
