@@ -41,8 +41,9 @@ Formats (``format=``):
   the checkpoint's ``config.json`` key ``"implicit_prm": {"reference": ..., "beta": ...}``
   (a relative reference path is taken relative to the PRM's directory; beta defaults to
   0.001, the model card's coefficient). The reference model runs over the same KV block
-  tables (:meth:`ponder.kv.PagedKVCache.companion`); each node keeps its q and the log-ratio
-  row of its last position, so a child runs only its new tokens through both models.
+  tables (:meth:`ponder.kv.PagedKVCache.companion`); each node keeps its q, its per-token
+  log-ratio sums and the log-ratio row of its last position, so a child runs only its new
+  tokens through both models (a child whose boundary merged tokens: from the shared prefix on).
 
 How a path is turned into tokens incrementally (and checked):
 
