@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=float, default=200.0, help="Poisson arrival rate, requests/s (default 200)")
     ap.add_argument("--pool-fraction", type=float, default=0.25, help="small pool / peak need (default 0.25)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="what advances the virtual clock (default cpu: this thread's CPU time)")
-    ap.add_argument("--pool-tokens", type=int, default=1 << 14, help="KV pool of each model in the large-pool runs (default 16384 tokens)")
+    ap.add_argument("--pool-tokens", type=int, default=40960, help="KV pool of each model in the large-pool runs (default 40960 tokens: 64 requests at once fit)")
     args = ap.parse_args(argv)
 
     import torch
