@@ -223,7 +223,8 @@ def test_missing_ids_and_levels_default(tmp_path):
         {"problem": "B", "answer": "2", "unique_id": None},
     ]
     got = load_problems(write_jsonl(tmp_path / "p.jsonl", rows))
-    assert got == [Problem("0", "A", "1"), Problem("1", "B", "2")]
+    # no field is an id in every row: rows are numbered, and a partial id field stays in meta
+    assert got == [Problem("0", "A", "1"), Problem("1", "B", "2", meta={"unique_id": None})]
     assert got[0].level is None and got[0].meta == {}
 
 

@@ -148,9 +148,9 @@ def _to_problems(
 ) -> list[Problem]:
     from .grading import extract_answer
 
-    if id_field is None:
+    if id_field is None:  # the dataset's own id field, among the rows used
         rows = list(rows)
-        id_field = detect_id_field(rows)
+        id_field = detect_id_field(rows if limit is None else rows[:limit])
     problems: list[Problem] = []
     seen: dict[str, int] = {}
     for index, row in enumerate(rows):
@@ -338,7 +338,7 @@ def load_problems(
     a string; with ``answer_from_solution=True`` the field is a full solution and the answer
     is its last ``\\boxed{}``, as for MATH's ``solution``), ``level_field`` the level
     (optional; ``"Level 3"`` -> 3) and ``id_field`` the id: None (default) takes the dataset's
-    own id field, the first of ``ID_FIELDS`` (``unique_id``, ``id``, ...) that every row has
+    own id field, the first of ``ID_FIELDS`` (``unique_id``, ``id``, ...) that every row used has
     (see :func:`detect_id_field`), and numbers the rows by position only when there is none; a
     named field that a row lacks gives that row its position. Every other field goes into
     ``Problem.meta``. ``limit`` keeps the first rows (a built-in task may choose which; see its
