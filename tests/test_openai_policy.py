@@ -403,6 +403,37 @@ def test_tokenizer_is_required_for_a_remote_name():
         OpenAIPolicy("http://127.0.0.1:1", "meta-llama/Llama-3.2-1B-Instruct")
 
 
+def test_ponder_run_with_policy_url(tokenizer, tmp_path, capsys):
+    """`ponder run --policy-url URL --policy NAME --policy-tokenizer PATH`: the policy is
+    sampled on the server (the scripted one: ``ponder serve`` answers a prompt with a whole
+    search, not a step continuation of token ids), the URL is part of run.json and a resume
+    against another server is refused naming --policy-url."""
+    from ponder.cli import main
+
+    server = ScriptedServer(tokenizer, "vllm")
+    try:
+        out = tmp_path / "run"
+        argv = ["run", "--policy", "scripted-model", "--policy-tokenizer", "builtin:policy-small", "--methods",
+                "greedy,majority", "--n", "2", "--limit", "2", "--reference-policy", "none", "--no-progress",
+                "--out", str(out)]
+        assert main([*argv, "--policy-url", server.url]) == 0
+        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        assert len(rows) == 4
+        assert all(r["answer"] == "7" and r["policy"] == "scripted-model" for r in rows)  # the scripted model's answer
+        sent = list(server.requests)
+        assert sent and {r["model"] for r in sent} == {"scripted-model"}
+        # every token the server generated is counted, once (replayed: the scripted model is deterministic)
+        assert sum(r["policy_tokens_generated"] for r in rows) == sum(server.handle(r)[1]["usage"]["completion_tokens"] for r in sent)
+        manifest = json.loads((out / "run.json").read_text())
+        assert manifest["models"]["policy"] == {"ref": "scripted-model", "url": server.url}
+        capsys.readouterr()
+        assert main([*argv, "--policy-url", "http://127.0.0.1:1/v1", "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--policy-url differs" in err
+    finally:
+        server.close()
+
+
 # ----------------------------------------------------------------------------- (b) real vLLM
 
 
