@@ -6,7 +6,9 @@ Starts ``python -m ponder serve`` (the built-in models, CPU unless --device) on 
 port, then for each concurrency level runs that many clients, each sending requests back to
 back until the level's request count or time bound is reached; requests alternate between
 PRM beam search (n=4, beam width 4) and best-of-N (n=4) on ``builtin:arith`` problems
-(levels 1-3, round robin). Reported per level: requests/s, p50/p99 latency, errors (any
+(levels 1-3, round robin). Levels run in the order 1, 8, 32, 32, 8, 1 with half their budget
+each time (a machine shared with other jobs drifts; this order cancels a steady drift), and
+are pooled. Reported per level: requests/s, p50/p99 latency, errors (any
 non-200 or transport error), engine mean policy batch; overall: the server's RSS when idle
 before the run, after it, and its peak (VmHWM), and the KV blocks still in use once idle
 after the run (``kv_blocks_leaked``; must be 0). Targets (issue 16): 0 errors; throughput at
@@ -131,7 +133,25 @@ async def run_level(url: str, clients: int, max_requests: int, max_s: float, pro
 
     return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_samples": errors[:3],
             "wall_s": wall, "requests_per_s": len(lat) / wall if wall > 0 else 0.0,
-            "p50_latency_s": q(0.50), "p99_latency_s": q(0.99)}
+            "p50_latency_s": q(0.50), "p99_latency_s": q(0.99), "latencies": latencies}
+
+
+def _combine(runs: list[dict]) -> dict:
+    """One level's numbers from its runs: summed requests, errors and wall time (so req/s is
+    the pooled rate); latency percentiles over all its requests."""
+    lat = sorted(x for r in runs for x in r["latencies"])
+
+    def q(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+
+    wall = sum(r["wall_s"] for r in runs)
+    calls = sum(r["policy_calls"] for r in runs)
+    return {"clients": runs[0]["clients"], "requests": len(lat), "errors": sum(r["errors"] for r in runs),
+            "error_samples": [e for r in runs for e in r["error_samples"]][:3], "wall_s": wall,
+            "requests_per_s": len(lat) / wall if wall > 0 else 0.0, "p50_latency_s": q(0.50), "p99_latency_s": q(0.99),
+            "mean_policy_batch": sum(r["policy_rows"] for r in runs) / calls if calls else 0.0,
+            "preemptions": sum(r["preemptions"] for r in runs),
+            "requests_per_s_by_run": [r["requests_per_s"] for r in runs]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,16 +179,19 @@ def main(argv: list[str] | None = None) -> int:
         idle = _wait_idle(url)
         kv_idle = idle.get("policy_kv_blocks_in_use", 0) + idle.get("prm_kv_blocks_in_use", 0)
         rss_idle = _rss_mb(proc.pid)["rss"] if proc else float("nan")
-        results = []
-        for c in levels:
+        # Each level runs twice, in the order 1, 8, 32, 32, 8, 1 (half its budget each time),
+        # so that a machine getting busier or quieter during the run biases no level.
+        parts: dict[int, list[dict]] = {c: [] for c in levels}
+        for c in levels + levels[::-1]:
             before = _health(url)
             n, secs = budget[c]
-            res = asyncio.run(run_level(url, c, n, secs, problems))
+            res = asyncio.run(run_level(url, c, max(c, n // 2), secs / 2, problems))
             after = _wait_idle(url)
-            calls = after["policy_calls"] - before["policy_calls"]
-            res["mean_policy_batch"] = (after["policy_rows"] - before["policy_rows"]) / calls if calls else 0.0
+            res["policy_calls"] = after["policy_calls"] - before["policy_calls"]
+            res["policy_rows"] = after["policy_rows"] - before["policy_rows"]
             res["preemptions"] = after["preemptions"] - before["preemptions"]
-            results.append(res)
+            parts[c].append(res)
+        results = [_combine(parts[c]) for c in levels]
         end = _wait_idle(url)
         kv_end = end.get("policy_kv_blocks_in_use", 0) + end.get("prm_kv_blocks_in_use", 0)
         mem = _rss_mb(proc.pid) if proc else {"rss": float("nan"), "peak": float("nan")}
