@@ -135,6 +135,22 @@ ponder.reference.Forest, whose docstrings define every operation; inputs are 1-D
           },
           py::arg("candidate_ids"), py::arg("how"), "int32 ids: the best candidate per (problem, subtree).")
       .def(
+          "children_counts",
+          [](const Forest& f, py::handle ids, py::handle total, py::handle how, py::handle mode,
+             py::handle temperature, py::handle seed) {
+            Args a;
+            const int64_t t = a.scalar(total, "total_per_problem", 0, kI32Max);
+            py::list one;
+            one.append(temperature);
+            const std::vector<double> temp = to_finite_doubles(a.view(one, "temperature"), "temperature");
+            const int64_t s = a.scalar(seed, "seed", INT64_MIN, kI64Max);
+            return to_numpy(f.children_counts(a.view(ids, "candidate_ids"), t, option(how), option(mode), temp[0], s));
+          },
+          py::arg("candidate_ids"), py::arg("total_per_problem"), py::arg("how"), py::arg("mode") = "proportional",
+          py::arg("temperature") = 1.0, py::arg("seed") = 0,
+          "int32 [n]: per problem, each candidate's share of total_per_problem from softmax(aggregate / "
+          "temperature) (0: raw aggregate); mode proportional | multinomial | systematic.")
+      .def(
           "vote",
           [](const Forest& f, py::handle ids, py::handle how, py::handle agg) {
             Args a;

@@ -725,3 +725,127 @@ VoteResult Forest::vote(const NumView& node_ids, const std::string& how, const s
 }
 
 }  // namespace ponder::tree
+
+// ----------------------------------------------------------------------------- children counts
+
+namespace ponder::tree {
+namespace {
+
+enum class CountMode { Proportional, Multinomial, Systematic };
+
+CountMode parse_count_mode(const std::string& mode) {
+  if (mode == "proportional") return CountMode::Proportional;
+  if (mode == "multinomial") return CountMode::Multinomial;
+  if (mode == "systematic") return CountMode::Systematic;
+  throw std::invalid_argument("mode must be one of proportional, multinomial, systematic; got '" + mode + "'");
+}
+
+// splitmix64 (Steele et al. 2014): state += golden gamma, then the finalizer; uniforms in [0, 1)
+// from the top 53 bits. The twin computes the same integers and the same doubles.
+struct SplitMix64 {
+  uint64_t state;
+  uint64_t next() {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+};
+
+// First index whose cumulative weight exceeds `target`; the last positive-weight index when
+// rounding puts target at or past the total.
+size_t pick(const std::vector<double>& cum, const std::vector<double>& w, double target) {
+  const auto it = std::upper_bound(cum.begin(), cum.end(), target);
+  if (it != cum.end()) return static_cast<size_t>(it - cum.begin());
+  size_t i = w.size() - 1;
+  while (i > 0 && !(w[i] > 0)) --i;
+  return i;
+}
+
+}  // namespace
+
+std::vector<int32_t> Forest::children_counts(const NumView& candidate_ids, int64_t total_per_problem,
+                                             const std::string& how, const std::string& mode, double temperature,
+                                             int64_t seed) const {
+  const Agg agg = parse_agg(how, "how");
+  const CountMode cm = parse_count_mode(mode);
+  if (total_per_problem < 0 || total_per_problem > kInt32Max)
+    throw std::invalid_argument("total_per_problem[0] = " + std::to_string(total_per_problem) +
+                                " is out of range [0, " + std::to_string(kInt32Max) + "]");
+  if (!std::isfinite(temperature) || temperature < 0)
+    throw std::invalid_argument("temperature must be a finite number >= 0, got " + std::to_string(temperature));
+  const std::vector<int32_t> ids = scored_ids(candidate_ids, "candidate_ids", /*allow_pruned=*/false);
+  check_unique(ids, "candidate_ids");
+  std::vector<double> rank(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    rank[i] = rank_of(value(ids[i], agg));
+    if (temperature == 0 && rank[i] < 0 && rank[i] != -kInf)
+      throw std::invalid_argument(at("candidate_ids", i, ids[i]) +
+                                  " has a negative aggregate; temperature 0 (raw weights) needs scores >= 0");
+  }
+  // Group positions (not ids) by problem, first-appearance order.
+  std::vector<int32_t> pos(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) pos[i] = static_cast<int32_t>(i);
+  const Groups groups = group_ids(pos, problems_.size(), [this, &ids](int32_t i) {
+    Ref r = ref(ids[static_cast<size_t>(i)]);
+    return static_cast<size_t>(r.page->problem_slot[r.slot]);
+  });
+  std::vector<int32_t> counts(ids.size(), 0);
+  const int64_t total = total_per_problem;
+  std::vector<double> w, cum;
+  std::vector<size_t> members;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    members.clear();
+    for (int64_t k = groups.offsets[g]; k < groups.offsets[g + 1]; ++k)
+      members.push_back(static_cast<size_t>(groups.members[static_cast<size_t>(k)]));
+    const size_t n = members.size();
+    w.assign(n, 0.0);
+    double top = -kInf;
+    for (size_t k = 0; k < n; ++k) top = std::max(top, rank[members[k]]);
+    for (size_t k = 0; k < n; ++k) {
+      const double r = rank[members[k]];
+      if (top == kInf) w[k] = r == kInf ? 1.0 : 0.0;
+      else if (r == -kInf) w[k] = 0.0;
+      else if (temperature == 0) w[k] = r;
+      else w[k] = std::exp((r - top) / temperature);
+    }
+    double sum = 0;
+    for (size_t k = 0; k < n; ++k) sum += w[k];
+    if (!(sum > 0)) {
+      w.assign(n, 1.0);
+      sum = static_cast<double>(n);
+    }
+    if (cm == CountMode::Proportional) {
+      std::vector<std::pair<double, size_t>> rest;  // (fractional part, k)
+      int64_t given = 0;
+      for (size_t k = 0; k < n; ++k) {
+        const double q = static_cast<double>(total) * w[k] / sum;
+        const double f = std::floor(q);
+        counts[members[k]] = static_cast<int32_t>(f);
+        given += static_cast<int64_t>(f);
+        rest.push_back({q - f, k});
+      }
+      std::stable_sort(rest.begin(), rest.end(), [&](const auto& a, const auto& b) {
+        if (a.first != b.first) return a.first > b.first;
+        return ids[members[a.second]] < ids[members[b.second]];
+      });
+      for (int64_t j = 0; given + j < total; ++j) ++counts[members[rest[static_cast<size_t>(j) % n].second]];
+      continue;
+    }
+    cum.assign(n, 0.0);
+    double c = 0;
+    for (size_t k = 0; k < n; ++k) cum[k] = (c += w[k]);
+    SplitMix64 rng{static_cast<uint64_t>(seed)};
+    if (cm == CountMode::Multinomial) {
+      for (int64_t j = 0; j < total; ++j) ++counts[members[pick(cum, w, rng.uniform() * c)]];
+    } else {
+      const double u = total > 0 ? rng.uniform() : 0.0;
+      for (int64_t j = 0; j < total; ++j)
+        ++counts[members[pick(cum, w, (u + static_cast<double>(j)) / static_cast<double>(total) * c)]];
+    }
+  }
+  return counts;
+}
+
+}  // namespace ponder::tree

@@ -88,6 +88,12 @@ class Forest {
                                    const std::string& how, bool dedupe) const;
   std::vector<int32_t> select_dvts(const NumView& candidate_ids, const std::string& how) const;
   VoteResult vote(const NumView& node_ids, const std::string& how, const std::string& agg) const;
+  // Per problem, how many of `total_per_problem` children (or resampled copies) each candidate
+  // gets, from weights softmax(aggregate / temperature) (temperature 0: the raw aggregate).
+  // mode: proportional (largest remainder) | multinomial | systematic (seeded splitmix64).
+  std::vector<int32_t> children_counts(const NumView& candidate_ids, int64_t total_per_problem,
+                                       const std::string& how, const std::string& mode, double temperature,
+                                       int64_t seed) const;
 
  private:
   struct Page {

@@ -497,6 +497,48 @@ class Forest:
             "weights": np.array(out_w, dtype=np.float32),
         }
 
+    def children_counts(self, candidate_ids, total_per_problem, how: str, mode: str = "proportional",
+                         temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+        """Per problem, how many of ``total_per_problem`` children (or resampled copies) each
+        candidate gets; the selection step of REBASE and particle filtering.
+
+        candidate_ids: int [n], unique, scored, not pruned. how: the aggregation whose float64
+        value scores a path (NaN ranks as -inf). Weights: softmax(score / temperature) per problem
+        (temperature > 0), or the raw score (temperature 0; a negative score is a ValueError);
+        see ``count_weights``. mode: ``proportional`` (each gets floor(total * w / sum), the rest
+        one each to the largest remainders, ties to the lower id; seed unused), ``multinomial``
+        (``total`` independent draws) or ``systematic`` (points (u + j) / total of one draw u).
+        Every problem's draws come from ``SplitMix64(seed)`` restarted for that problem (a caller
+        that wants independent streams per problem passes different calls or seeds).
+        Returns int32 [n]: counts in input order, summing to ``total_per_problem`` per problem.
+        """
+        check_choice(how, "how", AGGREGATIONS)
+        check_choice(mode, "mode", COUNT_MODES)
+        total = int_array([total_per_problem], "total_per_problem", 0, INT32_MAX)[0]
+        temp = float_array([temperature], "temperature")[0]
+        if temp < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temp}")
+        seed_value = int_array([seed], "seed", -(2**63), 2**63 - 1)[0]
+        ids, nodes = self._scored(candidate_ids, "candidate_ids", allow_pruned=False)
+        check_unique(ids, "candidate_ids")
+        ranks = [self._rank(self._value(node, how)) for node in nodes]
+        if temp == 0:
+            for i, r in enumerate(ranks):
+                if r < 0 and r != -math.inf:
+                    raise ValueError(
+                        f"candidate_ids[{i}] = {ids[i]} has a negative aggregate; temperature 0 (raw weights) needs scores >= 0"
+                    )
+        groups: dict[int, list[int]] = {}
+        for i, node in enumerate(nodes):
+            groups.setdefault(node.problem, []).append(i)
+        out = [0] * len(ids)
+        for members in groups.values():
+            w = count_weights([ranks[i] for i in members], temp)
+            counts = counts_from_weights(w, [ids[i] for i in members], total, mode, seed_value)
+            for i, c in zip(members, counts):
+                out[i] = c
+        return np.array(out, dtype=np.int32)
+
     def stats(self) -> dict[str, int]:
         """Counts: live_nodes, ids_given (node ids handed out so far), problems."""
         return {
@@ -504,3 +546,92 @@ class Forest:
             "ids_given": len(self._nodes),
             "problems": len(self._problem_nodes),
         }
+
+
+# ----------------------------------------------------------------------------- children counts
+
+COUNT_MODES = ("proportional", "multinomial", "systematic")
+_MASK64 = 2**64 - 1
+
+
+class SplitMix64:
+    """splitmix64 (Steele et al. 2014), the generator of ``Forest.children_counts``: the state
+    starts at the seed (mod 2**64); each draw adds the golden gamma and mixes; ``uniform`` is
+    the top 53 bits times 2**-53, in [0, 1)."""
+
+    def __init__(self, seed: int) -> None:
+        self.state = seed & _MASK64
+
+    def next(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return z ^ (z >> 31)
+
+    def uniform(self) -> float:
+        return (self.next() >> 11) * 2.0**-53
+
+
+def count_weights(ranks: list[float], temperature: float) -> list[float]:
+    """Unnormalized weights of one problem's candidates from their ranks (aggregate; NaN ->
+    -inf): exp((r - max) / temperature), or r itself when temperature is 0. -inf weighs 0;
+    when some rank is +inf, exactly the +inf ones weigh 1; when all weigh 0, all weigh 1."""
+    top = max(ranks)
+    w = []
+    for r in ranks:
+        if top == math.inf:
+            w.append(1.0 if r == math.inf else 0.0)
+        elif r == -math.inf:
+            w.append(0.0)
+        elif temperature == 0:
+            w.append(r)
+        else:
+            w.append(math.exp((r - top) / temperature))
+    total = 0.0
+    for x in w:
+        total += x
+    return w if total > 0 else [1.0] * len(w)
+
+
+def _pick(cum: list[float], w: list[float], target: float) -> int:
+    """First index whose cumulative weight exceeds ``target`` (the last positive-weight index
+    when rounding puts ``target`` at or past the total)."""
+    for i, c in enumerate(cum):
+        if c > target:
+            return i
+    i = len(w) - 1
+    while i > 0 and not w[i] > 0:
+        i -= 1
+    return i
+
+
+def counts_from_weights(w: list[float], ids: list[int], total: int, mode: str, seed: int) -> list[int]:
+    """One problem's counts (see ``Forest.children_counts``) from its weights ``w``."""
+    n = len(w)
+    s = 0.0
+    cum = []
+    for x in w:
+        s += x
+        cum.append(s)
+    counts = [0] * n
+    if mode == "proportional":
+        rest = []
+        for k in range(n):
+            q = float(total) * w[k] / s
+            f = math.floor(q)
+            counts[k] = int(f)
+            rest.append((-(q - f), ids[k], k))
+        rest.sort()
+        for j in range(total - sum(counts)):
+            counts[rest[j % n][2]] += 1
+        return counts
+    rng = SplitMix64(seed)
+    if mode == "multinomial":
+        for _ in range(total):
+            counts[_pick(cum, w, rng.uniform() * s)] += 1
+    else:  # systematic: one uniform, then evenly spaced points
+        u = rng.uniform() if total > 0 else 0.0
+        for j in range(total):
+            counts[_pick(cum, w, (u + j) / total * s)] += 1
+    return counts
