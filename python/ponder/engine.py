@@ -47,6 +47,8 @@ from .search.config import SearchConfig, SearchResult
 from .search.dvts import DVTS
 from .search.majority import Majority
 from .search.method import Method
+from .search.particle_filtering import ParticleFiltering
+from .search.rebase import Rebase
 from .search.tree import Search, SearchTree
 
 #: method name -> its state machine
@@ -56,6 +58,8 @@ METHODS: dict[str, type[Method]] = {
     "weighted_best_of_n": WeightedBestOfN,
     "beam_search": BeamSearch,
     "dvts": DVTS,
+    "particle_filtering": ParticleFiltering,
+    "rebase": Rebase,
     "auto": Auto,  # dynamic compute; early_stop picks search/adaptive.py's machines (method_class)
 }
 

@@ -15,7 +15,7 @@ import numpy as np
 from ..protocols import SamplingParams
 from .stopping import EarlyStop
 
-METHODS = ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts", "auto")
+METHODS = ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts", "particle_filtering", "rebase", "auto")
 AGGREGATIONS = ("last", "min", "prod", "mean")
 VOTES = ("majority", "weighted", "best")
 
@@ -38,7 +38,7 @@ class SearchConfig:
     lookahead: extra greedy steps rolled out after each sampled step (beam search, DVTS); the
     PRM scores the step *after* them, the search keeps only the step. 0 in the last iteration.
     agg: how step scores make a path score: ``last`` | ``min`` | ``prod`` | ``mean``.
-    vote: final vote of beam search / DVTS over their completions: ``weighted`` (default),
+    vote: final vote of beam search / DVTS / particle_filtering / rebase over their completions: ``weighted`` (default),
     ``majority`` or ``best``. The other methods imply theirs (majority: ``majority``,
     best_of_n: ``best``, weighted_best_of_n: ``weighted``) and reject a different value.
     filter_duplicates: beam search drops candidates whose step repeats a sibling's step.
@@ -79,6 +79,16 @@ class SearchConfig:
     budget: float | None = None
     budget_tokens: float | None = None
     strategy: str | None = None
+    # particle_filtering (search/particle_filtering.py): weights softmax(agg / pf_temperature)
+    # (pf_weights="softmax") or the raw aggregate ("raw", scores >= 0); resample with
+    # pf_resampling ("multinomial" | "systematic") when ESS < pf_ess_threshold * particles
+    # (1.0: every step unless the weights are all equal; 0: never). rebase (search/rebase.py):
+    # children per node proportional to softmax(agg / rebase_temperature).
+    pf_temperature: float = 1.0
+    pf_weights: str = "softmax"
+    pf_resampling: str = "multinomial"
+    pf_ess_threshold: float = 1.0
+    rebase_temperature: float = 0.1
 
     def validate(self) -> SearchConfig:
         """Raise ValueError naming the first bad field; return self when all are good."""
@@ -102,7 +112,7 @@ class SearchConfig:
                     "(vote applies to beam_search and dvts)"
                 )
         elif self.method != "auto":
-            if self.n % self.beam_width != 0:
+            if self.method in ("beam_search", "dvts") and self.n % self.beam_width != 0:
                 raise ValueError(
                     f"{self.method} needs n divisible by beam_width; got n={self.n}, "
                     f"beam_width={self.beam_width}"
@@ -112,6 +122,17 @@ class SearchConfig:
                     f"max_steps ({self.max_steps}) must be >= num_iterations ({self.num_iterations}) "
                     f"for {self.method}: every iteration adds a step to a path"
                 )
+        for name in ("pf_temperature", "rebase_temperature"):
+            t = getattr(self, name)
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+                raise ValueError(f"{name} must be a finite number > 0; got {t!r}")
+        if self.pf_weights not in ("softmax", "raw"):
+            raise ValueError(f"pf_weights must be one of softmax, raw; got {self.pf_weights!r}")
+        if self.pf_resampling not in ("multinomial", "systematic"):
+            raise ValueError(f"pf_resampling must be one of multinomial, systematic; got {self.pf_resampling!r}")
+        e = self.pf_ess_threshold
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 <= e <= 1:
+            raise ValueError(f"pf_ess_threshold must be a number in [0, 1]; got {e!r}")
         if not isinstance(self.sampling, SamplingParams):
             raise ValueError(f"sampling must be a ponder.SamplingParams; got {type(self.sampling).__name__}")  # noqa: TRY004 (every bad field: ValueError)
         if self.sampling.max_step_tokens < 1:

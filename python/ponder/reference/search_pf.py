@@ -1,0 +1,86 @@
+"""Particle filtering and REBASE one problem at a time, with lists of ``Beam``s: the tests' oracle.
+
+Written like ``reference/search.py`` (same ``_Models`` Protocol driver, same ``Beam``, same
+vote), so that ``ponder.search`` with ``method="particle_filtering"`` / ``"rebase"`` can be
+compared with it call for call on deterministic scripted models. The selection arithmetic is
+``reference.forest``'s (``count_weights``, ``counts_from_weights``: the specification of
+``Forest.children_counts``); everything else is here.
+
+Both methods, per problem: the root gets N children; each iteration every frontier path gets
+its count of children (one sampled step each); the finished ones join the completions; the
+budget ``B = N - completions`` is split over the unfinished ones (REBASE: proportionally to
+softmax(score / T); particle filtering: resampled when the ESS of the weights is below
+threshold * B, else one each); the last iteration runs every path to its end. The result:
+completions in finishing order, then the unfinished paths of the last iteration.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .forest import count_weights, counts_from_weights
+from .search import Beam, OracleResult, _final_vote, _Models, _vote, aggregate_scores
+
+
+def _ranks(beams: list[Beam], agg: str) -> list[float]:
+    out = [aggregate_scores(b.all_scores, agg) for b in beams]
+    return [-math.inf if math.isnan(x) else x for x in out]
+
+
+def _rebase_counts(beams, budget, config, iteration, seed) -> list[int]:
+    w = count_weights(_ranks(beams, config.agg), config.rebase_temperature)
+    return counts_from_weights(w, [b.node for b in beams], budget, "proportional", 0)
+
+
+def _pf_counts(beams, budget, config, iteration, seed) -> list[int]:
+    temperature = 0.0 if config.pf_weights == "raw" else config.pf_temperature
+    # the ESS test sees the forest's float32 aggregates, the resampling its float64 ones
+    ranks32 = [float(np.float32(x)) for x in _ranks(beams, config.agg)]
+    w32 = count_weights(ranks32, temperature)
+    ess = sum(w32) ** 2 / sum(x * x for x in w32)
+    if ess >= config.pf_ess_threshold * len(beams):
+        return [1] * len(beams)
+    w = count_weights(_ranks(beams, config.agg), temperature)
+    stream = (int(seed) * 1_000_003 + iteration) % (2**63)
+    return counts_from_weights(w, [b.node for b in beams], budget, config.pf_resampling, stream)
+
+
+def _one(problem: str, models: _Models, config, allocate) -> OracleResult:
+    n = config.n
+    (root,) = models.start(problem, 1)
+    frontier, counts = [Beam(prompt=problem, index=0, node=root)], [n]
+    completed: list[Beam] = []
+    leftover: list[Beam] = []
+    for i in range(config.num_iterations):
+        last = i == config.num_iterations - 1
+        parents = [b for b, c in zip(frontier, counts) for _ in range(c)]  # copies adjacent
+        children = [c[0] for c in models.generate_k_steps(parents, 1, 0)]
+        if last:
+            children = models.run_to_end(children)
+        completed += [b for b in children if b.completed]
+        active = [b for b in children if not b.completed]
+        if last:
+            leftover = active
+            break
+        budget = n - len(completed)
+        if not active or budget <= 0:
+            break
+        got = allocate(active, budget, config, i, models.params.seed)
+        frontier = [b for b, c in zip(active, got) if c > 0]
+        counts = [c for c in got if c > 0]
+    pool = completed + leftover
+    return OracleResult(_vote(pool, *_final_vote(config)), pool)
+
+
+def rebase(problems, policy, prm, config) -> list[OracleResult]:
+    """REBASE (Wu et al. 2024), one problem at a time."""
+    models = _Models(policy, prm, config)
+    return [_one(p, models, config, _rebase_counts) for p in problems]
+
+
+def particle_filtering(problems, policy, prm, config) -> list[OracleResult]:
+    """Particle filtering (Puri et al. 2025), one problem at a time."""
+    models = _Models(policy, prm, config)
+    return [_one(p, models, config, _pf_counts) for p in problems]
