@@ -157,6 +157,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     search = p.add_argument_group("search")
     search.add_argument("--methods", type=_csv, default=_csv(DEFAULT_METHODS), metavar="M1,M2",
                         help="comma-separated methods: greedy, majority, best_of_n, weighted_best_of_n, beam_search, dvts, "
+                             "particle_filtering, rebase, "
                              "auto (per-problem choice within the budget n) (default all but auto)")
     search.add_argument("--n", type=_csv_ints, default=_csv_ints(DEFAULT_NS), metavar="N1,N2",
                         help=f"comma-separated budgets N, e.g. 1,4,16,64 (default {DEFAULT_NS})")
