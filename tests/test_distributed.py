@@ -4,7 +4,8 @@ One local Ray cluster (``ray.init(num_cpus=2)``) serves the whole module. Checke
 the rows of a single-process run with the same seed and batches, the driver alone writes
 results.jsonl (a search in the driver process would fail here), a resume completes a cut
 run without duplicates; a worker process that dies mid-run is restarted and its job retried,
-nothing lost or duplicated; without ray, ``--ray`` is one line naming the install command.
+nothing lost or duplicated; workers sample a remote policy (--policy-url); without ray,
+``--ray`` is one line naming the install command.
 """
 
 from __future__ import annotations
@@ -124,6 +125,28 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_duplicated(
     rows = rows_of(out)
     assert 0 < written_before_death < len(rows) == 8  # it died mid-run, after rows were written
     assert by_key(rows) == single  # nothing lost, nothing duplicated, the same rows
+    capsys.readouterr()
+
+
+def test_workers_sample_a_remote_policy(cluster, tmp_path, capsys):
+    """--ray with --policy-url: each worker builds its own OpenAIPolicy to the server (the
+    scripted one of test_openai_policy.py); the rows are the single-process run's."""
+    from ponder.policy import load_tokenizer
+    from ponder.toy.models import resolve_model
+    from test_openai_policy import ScriptedServer
+
+    server = ScriptedServer(load_tokenizer(resolve_model("builtin:policy-small")), "vllm")
+    try:
+        argv = ["run", "--policy-url", server.url, "--policy", "builtin:policy-small", "--methods", "greedy,majority",
+                "--n", "2", "--limit", "4", "--batch-size", "2", "--reference-policy", "none", "--no-progress"]
+        assert main([*argv, "--out", str(tmp_path / "single")]) == 0
+        sent = len(server.requests)
+        assert main([*argv, "--out", str(tmp_path / "ray"), "--ray", "--workers", "2"]) == 0
+        assert len(server.requests) == 2 * sent  # the workers asked the server the same questions
+        single, on_ray = rows_of(tmp_path / "single"), rows_of(tmp_path / "ray")
+        assert len(on_ray) == 8 and by_key(on_ray) == by_key(single)
+    finally:
+        server.close()
     capsys.readouterr()
 
 
