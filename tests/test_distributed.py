@@ -166,6 +166,13 @@ def test_bad_worker_counts_are_refused_in_one_line(tmp_path, capsys, flag, value
     assert len(err.splitlines()) == 1 and flag in err
 
 
+def test_workers_the_cluster_cannot_hold_are_refused_in_one_line(cluster, tmp_path, capsys):
+    assert main(["run", *RUN, "--out", str(tmp_path / "r"), "--ray", "--workers", "2", "--gpus-per-worker", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs 2 GPUs" in err and "has 0" in err
+    assert not (tmp_path / "r" / evaluate.RESULTS_FILE).exists()
+
+
 def test_jobs_are_the_single_process_batches():
     problems = load_problems("builtin:arith", limit=5)
     base = SearchConfig(beam_width=4)

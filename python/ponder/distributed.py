@@ -393,7 +393,8 @@ def run_evaluation_ray(
 
 def check_cli_args(args) -> str | None:
     """``ponder run --ray``'s options before any work: Ray installed, --workers >= 1,
-    --gpus-per-worker >= 0, --cpus-per-worker >= 1; an error line or None."""
+    --gpus-per-worker >= 0, --cpus-per-worker >= 1; an error line or None. With GPUs per
+    worker and no --dtype, sets ``args.dtype`` to bfloat16 (the default on cuda)."""
     try:
         require_ray()
     except RayMissing as exc:
@@ -404,6 +405,8 @@ def check_cli_args(args) -> str | None:
         return f"--gpus-per-worker must be >= 0; got {args.gpus_per_worker}"
     if args.cpus_per_worker is not None and args.cpus_per_worker < 1:
         return f"--cpus-per-worker must be >= 1; got {args.cpus_per_worker}"
+    if args.gpus_per_worker > 0 and args.dtype is None:
+        args.dtype = "bfloat16"  # the workers' models run on cuda, whatever the driver sees
     return None
 
 
@@ -434,6 +437,11 @@ def evaluate_cli(args, problems: list[Problem], methods: list[str], ns: list[int
     try:
         ray = require_ray()
         cpus = worker_cpus(ray, args.workers, args.cpus_per_worker)
+        have = ray.cluster_resources()
+        for what, each, unit in (("--cpus-per-worker", cpus, "CPU"), ("--gpus-per-worker", args.gpus_per_worker, "GPU")):
+            if each * args.workers > have.get(unit, 0):
+                raise _Refused(f"--workers {args.workers} x {what} {each:g} needs {each * args.workers:g} {unit}s; the Ray "
+                               f"cluster has {have.get(unit, 0):g}: lower --workers or {what}, or add nodes")
         sections["execution"].update(ray=args.ray or "local", workers=args.workers, cpus_per_worker=cpus,
                                      gpus_per_worker=args.gpus_per_worker)
         with Cluster(args.workers, cpus=cpus, gpus=args.gpus_per_worker) as cluster:
