@@ -625,8 +625,8 @@ def paged_refusal(model: torch.nn.Module, *, self_check: bool = True) -> str | N
     name = type(model).__name__
     try:
         kv_spec_of(model.config)
-    except ValueError as exc:
-        return f"{name}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - e.g. per-layer configs that refuse global head_dim
+        return f"{name}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}"
     if not self_check:
         return None
     if model not in _CHECKED:
