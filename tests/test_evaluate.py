@@ -23,14 +23,16 @@ from test_search import ScriptedPolicy, ScriptedPRM, TablePolicy, TablePRM
 class Fresh:
     """A scripted model that, like HFPolicy / HFPRM, can serve one search after another: the
     scripted models of test_search.py serve one forest each (node ids restart at 0 in every
-    ``search`` call), so each ``start`` begins a new one. ``sample_calls`` / ``tokens_*`` add up."""
+    ``search`` call), so a ``start`` of ids already seen begins a new one. ``sample_calls`` / ``tokens_*`` add up."""
 
     def __init__(self, make):
         self.make, self.inner, self.sample_calls = make, None, []
 
     def start(self, root_ids, problems):
-        self.inner = self.make()
-        self.inner.sample_calls = self.sample_calls
+        # The engine starts searches as they are admitted; a new search call restarts ids at 0.
+        if self.inner is None or any(r in self.inner.paths for r in root_ids):
+            self.inner = self.make()
+            self.inner.sample_calls = self.sample_calls
         return self.inner.start(root_ids, problems)
 
     def __getattr__(self, name):
@@ -136,33 +138,43 @@ def test_sampling_methods_share_samples_with_the_same_answers_as_separate_runs(t
 
 
 class SmallCache(Fresh):
-    """A scripted policy whose KV cache holds at most ``limit`` problems' searches at once."""
+    """A scripted policy whose KV cache holds at most ``limit`` live searches' roots at once: a
+    ``start`` that would exceed it raises ``KVCacheFull`` and keeps nothing (as HFPolicy)."""
 
     def __init__(self, limit):
         super().__init__(ScriptedPolicy)
-        self.limit, self.starts, self.released = limit, [], []
+        self.limit, self.starts, self.released, self.live = limit, [], [], set()
 
     def start(self, root_ids, problems):
         from ponder.kv import KVCacheFull
 
         self.starts.append(len(problems))
-        prompts = super().start(root_ids, problems)
-        if len(problems) > self.limit:
+        fresh = self.inner is None or any(r in self.inner.paths for r in root_ids)
+        if fresh:
+            self.live = set()  # a new search call: node ids restart
+        if len(self.live) + len(problems) > self.limit:
             raise KVCacheFull("append needs 9 new blocks but only 0 are free")
+        prompts = super().start(root_ids, problems) if fresh else self.inner.start(root_ids, problems)
+        self.live.update(root_ids)
         return prompts
 
     def release(self, node_ids):
         self.released.extend(node_ids)
+        self.live.difference_update(node_ids)
         return self.inner.release(node_ids)
 
 
-def test_a_batch_the_kv_cache_cannot_hold_is_searched_in_halves(tmp_path):
+def test_a_batch_larger_than_the_kv_cache_is_admitted_as_it_frees(tmp_path):
     policy = SmallCache(limit=2)
     rows = _evaluate(tmp_path, policy=policy, methods=["majority", "best_of_n"], ns=[2], batch_size=5)
     assert len(rows) == 2 * len(PROBLEMS)
-    assert policy.starts[:3] == [5, 2, 3] and max(policy.starts[3:]) <= 2
-    # the failed search handed its nodes back before the retry
+    # the engine tried the whole batch, then admitted searches as roots were released
+    assert policy.starts[0] == 5 and not policy.live
+    assert sum(1 for s in policy.starts if s <= 2) >= 3
     assert set(range(len(PROBLEMS))) <= set(policy.released)
+    # same answers as with a cache that holds everything
+    roomy = _evaluate(tmp_path / "roomy", policy=SmallCache(limit=100), methods=["majority", "best_of_n"], ns=[2], batch_size=5)
+    assert [r["answer"] for r in rows] == [r["answer"] for r in roomy]
     with pytest.raises(Exception, match="--kv-budget"):
         _evaluate(tmp_path / "none", policy=SmallCache(limit=0), methods=["majority"], ns=[2])
 

@@ -549,11 +549,10 @@ def run_evaluation(
 
 def _search_fitting(batch: list[Problem], policy, prm, config: SearchConfig, methods: list[str]) -> dict[str, list]:
     """Search one batch (``search_sampled`` for several sampling methods, else ``search``).
-    When the models' KV cache cannot hold the whole batch (``KVCacheFull``) the batch is
-    searched in halves, down to single problems; a single problem that does not fit is an
-    error naming the fix. A split changes the random draws of the problems involved (each
-    search call runs one seeded random stream over its whole batch), as another ``batch_size``
-    would; greedy results do not change."""
+    The engine under ``search`` admits the batch's searches as the models' KV cache frees
+    blocks and preempts when it runs out, so a batch larger than the cache still completes;
+    ``KVCacheFull`` reaches here only when one problem's search alone does not fit, and is
+    re-raised naming the fix."""
     from .kv import KVCacheFull
 
     try:
@@ -561,15 +560,10 @@ def _search_fitting(batch: list[Problem], policy, prm, config: SearchConfig, met
             return search_sampled([p.problem for p in batch], policy, prm, config, methods)
         return {methods[0]: search([p.problem for p in batch], policy, prm, config)}
     except KVCacheFull as exc:
-        if len(batch) == 1:
-            raise KVCacheFull(
-                f"one problem's search does not fit in the KV cache ({exc}); give the models a larger "
-                f"kv_budget (`ponder run --kv-budget TOKENS`) or lower n / max_steps / max_step_tokens"
-            ) from exc
-        half = len(batch) // 2
-        first = _search_fitting(batch[:half], policy, prm, config, methods)
-        second = _search_fitting(batch[half:], policy, prm, config, methods)
-        return {m: first[m] + second[m] for m in methods}
+        raise KVCacheFull(
+            f"one problem's search does not fit in the KV cache ({exc}); give the models a larger "
+            f"kv_budget (`ponder run --kv-budget TOKENS`) or lower n / max_steps / max_step_tokens"
+        ) from exc
 
 
 def _groups(pairs: list[tuple[str, int]], have_prm: bool) -> list[list[tuple[str, int]]]:
