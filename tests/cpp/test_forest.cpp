@@ -810,6 +810,49 @@ TEST_CASE("forest: select_dvts keeps the best per (problem, subtree)") {
   THROWS_UNCHANGED(f, std::out_of_range, dvts(f, {3, 9}, "last"));
 }
 
+// ================================================================================ children_counts
+
+TEST_CASE("forest: children_counts proportional / multinomial / systematic") {
+  Forest f;
+  CHECK(add_roots(f, {0, 1}, {0, 0}, {{1}, {2}}) == I32{0, 1});
+  CHECK(expand(f, {0, 1}, {3, 3}) == I32{2, 3, 4, 5, 6, 7});
+  set_steps(f, {2, 3, 4, 5, 6, 7}, {{1}, {2}, {3}, {4}, {5}, {6}}, {0.2, 0.3, 0.5, 0.5, 0.5, 0.5}, {0, 0, 0, 0, 0, 0});
+  auto counts = [&](const I32& ids, int64_t total, const char* mode, double t, int64_t seed = 0) {
+    return f.children_counts(N(ids), total, "last", mode, t, seed);
+  };
+  // Raw weights (temperature 0): quotas 2, 3, 5 of 10; 0.8, 1.2, 2 of 4 -> the remainder to 0.8.
+  CHECK(counts({2, 3, 4}, 10, "proportional", 0.0) == I32{2, 3, 5});
+  CHECK(counts({2, 3, 4}, 4, "proportional", 0.0) == I32{1, 1, 2});
+  // Equal softmax weights: remainders tie, the lower id wins; each problem gets its own total.
+  CHECK(counts({5, 6, 7}, 4, "proportional", 1.0) == I32{2, 1, 1});
+  CHECK(counts({7, 2, 6, 3, 5, 4}, 4, "proportional", 0.0) == I32{1, 1, 1, 1, 2, 2});
+  CHECK(counts({2, 3, 4}, 0, "multinomial", 1.0) == I32{0, 0, 0});
+  CHECK(counts({}, 5, "systematic", 1.0).empty());
+  // A very low temperature puts everything on the best; seeds are deterministic.
+  CHECK(counts({2, 3, 4}, 4, "systematic", 1e-3, 1) == I32{0, 0, 4});
+  for (const char* mode : {"multinomial", "systematic"}) {
+    const I32 a = counts({2, 3, 4}, 9, mode, 0.5, 42);
+    CHECK(a == counts({2, 3, 4}, 9, mode, 0.5, 42));
+    CHECK(a[0] + a[1] + a[2] == 9);
+  }
+  // Systematic: every count within one of its quota 1000 * softmax(score / 0.1).
+  const I32 s = counts({2, 3, 4}, 1000, "systematic", 0.1, 3);
+  const double w0 = std::exp(-3.0), w1 = std::exp(-2.0), sum = w0 + w1 + 1.0;
+  CHECK(std::abs(s[0] - 1000 * w0 / sum) < 1.0);
+  CHECK(std::abs(s[1] - 1000 * w1 / sum) < 1.0);
+
+  CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, counts({2}, 3, "stratified", 1.0)), "mode"));
+  THROWS_UNCHANGED(f, std::invalid_argument, f.children_counts(N({2}), 3, "best", "multinomial", 1.0, 0));
+  THROWS_UNCHANGED(f, std::invalid_argument, counts({2}, -1, "multinomial", 1.0));
+  THROWS_UNCHANGED(f, std::invalid_argument, counts({2}, 3, "multinomial", -1.0));
+  THROWS_UNCHANGED(f, std::invalid_argument, counts({2}, 3, "multinomial", kNaN));
+  THROWS_UNCHANGED(f, std::invalid_argument, counts({2, 2}, 3, "multinomial", 1.0));
+  THROWS_UNCHANGED(f, std::invalid_argument, counts({0}, 3, "multinomial", 1.0));  // a root: no step
+  THROWS_UNCHANGED(f, std::out_of_range, counts({2, 99}, 3, "multinomial", 1.0));
+  f.prune(N({3}));
+  CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, counts({2, 3}, 3, "proportional", 1.0)), "pruned"));
+}
+
 // ================================================================================ vote
 
 TEST_CASE("forest: vote majority / weighted / best with ties, abstaining nodes and NO_ANSWER rows") {
