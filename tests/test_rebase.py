@@ -73,3 +73,15 @@ def test_n_need_not_divide_by_beam_width():
     SearchConfig(method="rebase", n=6, beam_width=4).validate()
     with pytest.raises(ValueError, match="divisible"):
         SearchConfig(method="beam_search", n=6, beam_width=4).validate()
+
+
+def test_ponder_run_takes_both_methods():
+    """``ponder run --methods particle_filtering,rebase --n 4,6`` plans and configures them
+    (evaluate takes the method list from SearchConfig's METHODS)."""
+    from ponder import evaluate
+
+    pairs = evaluate.plan(["particle_filtering", "rebase"], [4, 6])
+    assert pairs == [("particle_filtering", 4), ("particle_filtering", 6), ("rebase", 4), ("rebase", 6)]
+    for method, n in pairs:
+        cfg = evaluate.method_config(SearchConfig(beam_width=4, vote="majority"), method, n)
+        assert (cfg.method, cfg.n, cfg.final_vote) == (method, n, "majority")
