@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import threading
@@ -590,6 +591,11 @@ def _register() -> None:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    # Importing GPT-Neo's module probes for flash-attention kernels; offline, the `kernels`
+    # package logs a warning per probe, which must not reach a user who never asked for GPT-Neo.
+    kernels_log = logging.getLogger("kernels")
+    level = kernels_log.level
+    kernels_log.setLevel(logging.ERROR)
     try:  # GPT-Neo picks its attention class by name: loading it as ponder_paged gets its eager
         # class (the self-check then refuses the paged path and it runs on the fallback)
         from transformers.models.gpt_neo import modeling_gpt_neo
@@ -598,6 +604,8 @@ def _register() -> None:
         classes.setdefault(ATTN_IMPLEMENTATION, classes["eager"])
     except (ImportError, AttributeError, KeyError):  # pragma: no cover - other transformers layouts
         pass
+    finally:
+        kernels_log.setLevel(level)
 
 
 # ----------------------------------------------------------------------------- the self-check
