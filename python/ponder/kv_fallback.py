@@ -320,7 +320,7 @@ def _cached_step(model, cache, ids: list[int], past: int, device, has_positions:
         "use_cache": True,
     }
     if cache is not None:
-        kwargs["cache"] = cache
+        kwargs[_kv._cache_kwarg()] = cache  # `past_key_values` on transformers before the rename
     if has_positions:
         kwargs["position_ids"] = torch.arange(past, past + len(ids), device=device)[None]
     out = model(**kwargs)
