@@ -9,12 +9,14 @@ vote(s). ``partial()`` is what it has when it is stopped early (limits, cancel).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
 from .tree import Search, SearchTree
 
 
-class Method:
+class Method(ABC):
     """Base of the per-search state machines (see the module docstring).
 
     subtrees: roots it needs (DVTS: N/M). After ``start(roots)``, each engine step calls
@@ -31,8 +33,9 @@ class Method:
         self.done = False
         self._ends: np.ndarray | None = None  # "to the end" phase: the path ends so far
 
+    @abstractmethod
     def start(self, roots: np.ndarray) -> None:
-        raise NotImplementedError
+        ...
 
     def wants(self) -> tuple[list[int], list[int], int]:
         """(parents, children per parent, lookahead) of the next expansion; ([], [], 0) when
@@ -42,8 +45,9 @@ class Method:
             return [int(self._ends[i]) for i in open_], [1] * len(open_), 0
         return self.expansion()
 
+    @abstractmethod
     def expansion(self) -> tuple[list[int], list[int], int]:
-        raise NotImplementedError
+        ...
 
     def scored(self, children: np.ndarray) -> None:
         if self._ends is not None:
@@ -52,8 +56,9 @@ class Method:
         else:
             self.expanded(children)
 
+    @abstractmethod
     def expanded(self, children: np.ndarray) -> None:
-        raise NotImplementedError
+        ...
 
     # "Generate to EOS": every unfinished leaf takes one step per engine step (no lookahead)
     # until it ends or has max_steps steps; then ``ended(ends)`` (input order kept).
@@ -69,16 +74,19 @@ class Method:
             ends, self._ends = self._ends, None
             self.ended(ends)
 
+    @abstractmethod
     def ended(self, ends: np.ndarray) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def final(self) -> tuple[list[int], str, str]:
         """(completions, vote, agg) once done."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def partial(self) -> list[int]:
         """The completions it has now (stopped early): finished or not, they stand in."""
-        raise NotImplementedError
+        ...
 
     @property
     def ends_so_far(self) -> list[int]:
