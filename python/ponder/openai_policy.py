@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .protocols import SamplingParams, Step
+from .protocols import SamplingParams, Step, check_sampling_params
 
 __all__ = ["LocalVLLMServer", "OpenAIPolicy", "RemotePolicyError", "derive_seed"]
 
@@ -81,19 +81,6 @@ def _eos_ids_of(tokenizer, source: str | None) -> set[int]:
             if value is not None:
                 ids.update(int(x) for x in (value if isinstance(value, list) else [value]))
     return ids
-
-
-def _check_params(params: SamplingParams) -> None:
-    if params.max_step_tokens < 1:
-        raise ValueError(f"max_step_tokens must be >= 1, got {params.max_step_tokens}")
-    if params.temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {params.temperature}")
-    if params.temperature > 0 and not 0.0 < params.top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
-    if params.top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {params.top_k}")
-    if not params.step_delimiter:
-        raise ValueError("step_delimiter must be a non-empty string")
 
 
 class OpenAIPolicy:
@@ -247,7 +234,7 @@ class OpenAIPolicy:
     def sample_steps(self, parent_ids: Sequence[int], child_ids: Sequence[int], params: SamplingParams) -> list[Step]:
         """One step per child: one request per distinct parent (``n`` = its number of children),
         the requests concurrent; row order as given."""
-        _check_params(params)
+        check_sampling_params(params)
         parent_ids = [int(p) for p in parent_ids]
         child_ids = [int(c) for c in child_ids]
         if len(parent_ids) != len(child_ids):
@@ -281,7 +268,7 @@ class OpenAIPolicy:
     def rollout(self, node_ids: Sequence[int], num_steps: int, params: SamplingParams) -> list[list[Step]]:
         """Up to ``num_steps`` steps after each node (greedy at temperature 0), one request per
         node and step, the nodes concurrent; a row stops early at EOS. Nothing is kept."""
-        _check_params(params)
+        check_sampling_params(params)
         node_ids = [int(n) for n in node_ids]
         if num_steps > self.max_steps_per_rollout:
             raise ValueError(f"num_steps = {num_steps} exceeds max_steps_per_rollout = {self.max_steps_per_rollout}")

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .kv_fallback import cache_for_model
-from .protocols import SamplingParams, Step
+from .protocols import SamplingParams, Step, check_sampling_params
 
 __all__ = ["HFPolicy", "load_tokenizer", "resolve_dtype", "sample_step_batch"]
 
@@ -144,19 +144,6 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
             out[idx] = torch.multinomial(probs[idx], 1, generator=generator[rows[0]]).squeeze(-1)
         return out
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _check_params(params: SamplingParams) -> None:
-    if params.max_step_tokens < 1:
-        raise ValueError(f"max_step_tokens must be >= 1, got {params.max_step_tokens}")
-    if params.temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {params.temperature}")
-    if params.temperature > 0 and not 0.0 < params.top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
-    if params.top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {params.top_k}")
-    if not params.step_delimiter:
-        raise ValueError("step_delimiter must be a non-empty string")
 
 
 def sample_step_batch(
@@ -402,7 +389,7 @@ class HFPolicy:
         return self._sample_steps(parent_ids, child_ids, params, None)
 
     def _sample_steps(self, parent_ids, child_ids, params: SamplingParams, gens: list | None) -> list[Step]:
-        _check_params(params)
+        check_sampling_params(params)
         parent_ids = [int(p) for p in parent_ids]
         child_ids = [int(c) for c in child_ids]
         if len(parent_ids) != len(child_ids):
@@ -471,7 +458,7 @@ class HFPolicy:
     def rollout(self, node_ids: Sequence[int], num_steps: int, params: SamplingParams) -> list[list[Step]]:
         """Up to ``num_steps`` steps after each node on temporary forks (freed before returning),
         stopping a row early at EOS; the nodes' own sequences only gain their pending token."""
-        _check_params(params)
+        check_sampling_params(params)
         node_ids = [int(n) for n in node_ids]
         if num_steps > self.max_steps_per_rollout:
             raise ValueError(f"num_steps = {num_steps} exceeds max_steps_per_rollout = {self.max_steps_per_rollout}")

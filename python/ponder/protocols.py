@@ -156,3 +156,19 @@ def check_score_steps_args(
         )
     if lookahead is not None and len(lookahead) != len(steps):
         raise ValueError(f"lookahead has {len(lookahead)} entries but steps has {len(steps)}")
+
+
+def check_sampling_params(params: SamplingParams) -> None:
+    """The checks every :meth:`Policy.sample_steps` implementation starts with: ValueError naming
+    the field for ``max_step_tokens < 1``, a negative temperature, ``top_p`` outside (0, 1] when
+    sampling, a negative ``top_k`` or an empty ``step_delimiter``."""
+    if params.max_step_tokens < 1:
+        raise ValueError(f"max_step_tokens must be >= 1, got {params.max_step_tokens}")
+    if params.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+    if params.temperature > 0 and not 0.0 < params.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {params.top_k}")
+    if not params.step_delimiter:
+        raise ValueError("step_delimiter must be a non-empty string")

@@ -38,9 +38,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..policy import HFPolicy, SeededStream, _check_params, sample_step_batch
+from ..policy import HFPolicy, SeededStream, sample_step_batch
 from ..prm import HFPRM
-from ..protocols import SamplingParams, Step, check_score_steps_args
+from ..protocols import SamplingParams, Step, check_sampling_params, check_score_steps_args
 
 __all__ = ["RecomputePRM", "RecomputePolicy"]
 
@@ -94,7 +94,7 @@ class RecomputePolicy:
 
     def sample_steps(self, parent_ids: Sequence[int], child_ids: Sequence[int], params: SamplingParams) -> list[Step]:
         """One step per child: re-encode the parent's whole path, then decode the step."""
-        _check_params(params)
+        check_sampling_params(params)
         if len(parent_ids) != len(child_ids):
             raise ValueError(f"parent_ids has {len(parent_ids)} entries but child_ids has {len(child_ids)}")
         if not child_ids:
@@ -107,7 +107,7 @@ class RecomputePolicy:
 
     def rollout(self, node_ids: Sequence[int], num_steps: int, params: SamplingParams) -> list[list[Step]]:
         """Lookahead the search-and-learn way: one full re-encode + decode per lookahead step."""
-        _check_params(params)
+        check_sampling_params(params)
         out: list[list[Step]] = [[] for _ in node_ids]
         if num_steps <= 0 or not node_ids:
             return out
