@@ -83,7 +83,9 @@ def test_benchmark_quick_json(name, tmp_path):
     elif name == "bench_ray.py":
         assert report["same_rows"] is True  # workers give the single-process rows
     elif name == "bench_remote.py":
-        assert report["hf"]["accuracy"] >= 0.0
+        sides = [report["hf"]] + ([report["remote"]] if report["remote"] else [])
+        assert all(0.0 <= row["accuracy"] <= 1.0 for side in sides for row in side.values())
+        assert set(report["hf"]) == {"beam_search", "best_of_n", "weighted_best_of_n"}
     elif name == "bench_verifier.py":
         assert report["n"] == 2 and [row["level"] for row in report["levels"]] == [2]
         assert {"oracle", "majority", "prm_last", "prm_first_error_auc"} <= set(report["levels"][0])
