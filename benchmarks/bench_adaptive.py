@@ -45,9 +45,9 @@ except ImportError:  # running from a checkout without an install
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 from ponder.calibrate import collect, load_records, save_records
+from ponder.methods.config import SearchConfig
+from ponder.methods.strategy import OPTION_VOTE, SAMPLING, TREES, load_cached
 from ponder.protocols import SamplingParams
-from ponder.search.config import SearchConfig
-from ponder.search.strategy import OPTION_VOTE, SAMPLING, TREES, load_cached
 
 BENCH_SEED = 777_001  # the sampling seed (the held-out problems are fixed)
 TARGETS = {"auto_tokens_to_match_best16_ratio": 0.5, "auto_gain_at_n16_tokens": 0.02,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the search-forest control plane: ``ponder._core.Forest`` (C++) vs ``ponder.reference.Forest``.
+"""Benchmark the search-forest control plane: ``ponder._core.Forest`` (C++) vs ``ponder.twins.Forest``.
 
 Runs beam search and DVTS with synthetic steps and PRM scores (no model), times every
 forest operation with both implementations, checks that they return identical results,

@@ -75,7 +75,7 @@ def workload(num: int, ns: list[int], rate: float, seed: int):
 
 def set_pool(model, tokens: int) -> None:
     """Give an idle HFPolicy / HFPRM a fresh KV pool of ``tokens`` tokens."""
-    from ponder.kv import PagedKVCache
+    from ponder.hf.kv import PagedKVCache
 
     assert model.stats()["live_nodes"] == 0
     block = model.kv.block_size
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(1)
     import ponder
-    from ponder.toy.models import resolve_model
+    from ponder.toy.builtin import resolve_model
 
     num = args.requests or (16 if args.quick else 64)
     ns = [4, 8] if args.quick else [4, 16]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the paged KV-cache kernels (ponder.kernels) against plain torch equivalents.
+"""Benchmark the paged KV-cache kernels (ponder.hf.kernels) against plain torch equivalents.
 
 For each of write_kv, copy_blocks, gather_kv and paged_decode_attention it times ponder's
 kernel and a vectorised torch implementation of the same operation on the same inputs, checks

@@ -3,11 +3,11 @@
 
 1. PrefixIndex match + insert on a beam-search-shaped trace (every path of every beam of every
    problem is looked up and then inserted, as a prefix cache sees requests), C++
-   ``ponder._core.PrefixIndex`` vs the pure-Python radix tree ``ponder.reference.PrefixIndex``
+   ``ponder._core.PrefixIndex`` vs the pure-Python radix tree ``ponder.twins.PrefixIndex``
    (block-granular radix tree with SGLang's semantics), same trace, same process.
 2. N forks of a prompt decoded for S steps of T tokens (beam-search shaped: after each step the
    best N/M beams are kept and forked M ways) on a tiny random Llama:
-   - paged: ``ponder.kv.PagedKVCache`` (prompt computed once, every shared step once);
+   - paged: ``ponder.hf.kv.PagedKVCache`` (prompt computed once, every shared step once);
    - recompute: what search-and-learn does without a prefix cache: every step re-prefills every
      beam's whole path with a fresh ``DynamicCache`` and decodes the step's T tokens.
    Both are fed the same pre-drawn tokens (teacher forcing), so they do the same model work per
@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from ponder import (
     _core,  # noqa: E402
-    reference,  # noqa: E402
+    twins,  # noqa: E402
 )
 
 
@@ -94,9 +94,9 @@ def bench_prefix_index(args) -> dict:
     core_s, core_hits, core_blocks = min(
         (run_index(_core.PrefixIndex, trace, args.block_size) for _ in range(3)), key=lambda r: r[0]
     )
-    ref_s, ref_hits, ref_blocks = run_index(reference.PrefixIndex, trace, args.block_size)
+    ref_s, ref_hits, ref_blocks = run_index(twins.PrefixIndex, trace, args.block_size)
     if (core_hits, core_blocks) != (ref_hits, ref_blocks):
-        raise SystemExit(f"prefix index mismatch: core {(core_hits, core_blocks)} vs reference {(ref_hits, ref_blocks)}")
+        raise SystemExit(f"prefix index mismatch: core {(core_hits, core_blocks)} vs twin {(ref_hits, ref_blocks)}")
     return {
         "requests": len(trace),
         "tokens": tokens,
@@ -117,7 +117,7 @@ def tiny_llama(seed: int):
     import torch
     import transformers
 
-    import ponder.kv as pkv
+    import ponder.hf.kv as pkv
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
@@ -136,7 +136,7 @@ def draw_tokens(args, rng):
 
 
 def decode_paged(model, args, prompt, steps, keeps):
-    import ponder.kv as pkv
+    import ponder.hf.kv as pkv
 
     need = args.prompt_len + args.beams * args.steps * args.step_len + 4 * args.beams * args.block_size
     kv = pkv.PagedKVCache.for_model(model, block_size=args.block_size, token_budget=need)

@@ -64,9 +64,10 @@ class TimedPolicy:
 
 
 def run_side(name: str, make_policy, prm, problems, args) -> dict:
+    from ponder.batch import search, search_sampled
     from ponder.grading import is_equivalent
+    from ponder.methods import SearchConfig
     from ponder.protocols import SamplingParams
-    from ponder.search import SearchConfig, search, search_sampled
 
     sampling = SamplingParams(temperature=args.temperature, max_step_tokens=96, seed=args.seed)
     base = dict(n=args.n, beam_width=4, num_iterations=16, max_steps=16, sampling=sampling, seed=args.seed)
@@ -122,10 +123,10 @@ def main(argv=None) -> int:
     import torch
 
     from ponder.data import load_problems
+    from ponder.hf.policy import HFPolicy
+    from ponder.hf.prm import HFPRM
     from ponder.openai_policy import LocalVLLMServer, OpenAIPolicy
-    from ponder.policy import HFPolicy
-    from ponder.prm import HFPRM
-    from ponder.toy.models import resolve_model
+    from ponder.toy.builtin import resolve_model
 
     torch.set_num_threads(args.threads)
     policy_dir = resolve_model("builtin:policy-small")

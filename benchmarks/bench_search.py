@@ -12,7 +12,7 @@ Each method runs the same problems with the same ``SearchConfig`` twice:
 
 * ponder: ``HFPolicy`` + ``HFPRM`` (paged KV caches shaped like the search tree: every token of
   the tree is computed at most once, by the policy and by the PRM);
-* baseline: ``ponder.reference.recompute.RecomputePolicy`` / ``RecomputePRM`` wrapping the same
+* baseline: ``ponder.baselines.recompute.RecomputePolicy`` / ``RecomputePRM`` wrapping the same
   models (search-and-learn's way: every iteration re-encodes every full path from scratch with a
   fresh ``DynamicCache`` and rescores every full path with the PRM).
 
@@ -182,11 +182,11 @@ def compare(a, b) -> dict:
 
 
 def run_method(method: str, args, policy_dir: str, prm_dir: str) -> dict:
-    from ponder.policy import HFPolicy
-    from ponder.prm import HFPRM
+    from ponder import SearchConfig, search
+    from ponder.baselines.recompute import RecomputePolicy, RecomputePRM
+    from ponder.hf.policy import HFPolicy
+    from ponder.hf.prm import HFPRM
     from ponder.protocols import SamplingParams
-    from ponder.reference.recompute import RecomputePolicy, RecomputePRM
-    from ponder.search import SearchConfig, search
 
     problems = PROBLEMS[: args.problems]
     sampling = SamplingParams(temperature=args.temperature, max_step_tokens=args.max_step_tokens, seed=args.seed)

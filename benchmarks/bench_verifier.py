@@ -42,10 +42,10 @@ except ImportError:  # running from a checkout without an install
 import torch
 
 from ponder import SamplingParams, SearchConfig, search
-from ponder.policy import HFPolicy
-from ponder.prm import HFPRM
+from ponder.hf.policy import HFPolicy
+from ponder.hf.prm import HFPRM
 from ponder.toy import arith
-from ponder.toy.models import builtin_model_path
+from ponder.toy.builtin import builtin_model_path
 
 
 def likelihood_step_scores(model, tokenizer, question: str, steps: list[str]) -> list[float]:

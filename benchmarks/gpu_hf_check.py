@@ -22,7 +22,7 @@ import json
 import sys
 import time
 
-# torch, transformers and ponder.kv are imported in main(): --help answers without them.
+# torch, transformers and ponder.hf.kv are imported in main(): --help answers without them.
 torch = transformers = pkv = None
 
 VOCAB = 97
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    import ponder.kv as pkv
+    import ponder.hf.kv as pkv
 
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -1,7 +1,7 @@
 """Shared fixtures and helpers for the Forest tests.
 
 Every Forest test runs against both implementations through the ``impl`` fixture:
-``ponder.reference.Forest`` (the pure-Python specification) and ``ponder._core.Forest``
+``ponder.twins.Forest`` (the pure-Python specification) and ``ponder._core.Forest``
 (the compiled core). The helpers below build small forests, take snapshots of a forest's
 whole observable state and compare them, so that tests can check "a call that raises
 changes nothing".
@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 import ponder._core
-import ponder.reference
+import ponder.twins
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-IMPLS = {"reference": ponder.reference.Forest, "core": ponder._core.Forest}
+IMPLS = {"reference": ponder.twins.Forest, "core": ponder._core.Forest}
 ACTIVE, FINISHED, PRUNED, NO_ANSWER = 0, 1, 2, -(2**63)
 AGGREGATIONS = ("last", "min", "prod", "mean")
 VOTES = ("majority", "weighted", "best")

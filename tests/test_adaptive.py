@@ -11,9 +11,9 @@ import pytest
 from adaptive_models import GOLD, VotePolicy, VotePRM
 from ponder import Engine, SamplingParams, SearchConfig
 from ponder.engine import METHODS
-from ponder.search import adaptive, stopping
-from ponder.search.majority import Majority
-from ponder.search.strategy import StrategyTable
+from ponder.methods import adaptive, stopping
+from ponder.methods.majority import Majority
+from ponder.methods.strategy import StrategyTable
 
 BASE = SearchConfig(n=16, beam_width=2, num_iterations=2, max_steps=4, sampling=SamplingParams(max_step_tokens=64))
 

@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from ponder import distributed, evaluate
+from ponder import SearchConfig, distributed, evaluate
 from ponder.cli import main
 from ponder.data import load_problems
-from ponder.search import SearchConfig
 
 # the built-in models, 4 problems, batches of 2: 4 jobs (greedy, beam_search n=4), 8 rows
 RUN = ["--limit", "4", "--methods", "greedy,beam_search", "--n", "4", "--reference-policy", "none",
@@ -131,8 +130,8 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_duplicated(
 def test_workers_sample_a_remote_policy(cluster, tmp_path, capsys):
     """--ray with --policy-url: each worker builds its own OpenAIPolicy to the server (the
     scripted one of test_openai_policy.py); the rows are the single-process run's."""
-    from ponder.policy import load_tokenizer
-    from ponder.toy.models import resolve_model
+    from ponder.hf.policy import load_tokenizer
+    from ponder.toy.builtin import resolve_model
     from test_openai_policy import ScriptedServer
 
     server = ScriptedServer(load_tokenizer(resolve_model("builtin:policy-small")), "vllm")

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ponder import Engine, KVCacheFull, SamplingParams, search
-from ponder.reference import search as oracle
+from ponder.baselines import oracle as oracle
 from test_search import LIMIT, PROBLEMS, ScriptedPolicy, ScriptedPRM, _assert_matches_oracle, _config
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ponder import cli, evaluate
+from ponder import SearchConfig, cli, evaluate
 from ponder.data import Problem
 from ponder.protocols import SamplingParams
-from ponder.search import SearchConfig
 from test_search import ScriptedPolicy, ScriptedPRM, TablePolicy, TablePRM
 
 
@@ -146,7 +145,7 @@ class SmallCache(Fresh):
         self.limit, self.starts, self.released, self.live = limit, [], [], set()
 
     def start(self, root_ids, problems):
-        from ponder.kv import KVCacheFull
+        from ponder.hf.kv import KVCacheFull
 
         self.starts.append(len(problems))
         fresh = self.inner is None or any(r in self.inner.paths for r in root_ids)
@@ -513,7 +512,7 @@ def test_cli_rejects_prm_method_without_prm_and_missing_dataset(tmp_path, models
 def test_cli_defaults_are_the_builtin_models_and_task(tmp_path, models, capsys):
     """Every option has a default: the shipped models on a per-level slice of builtin:arith,
     every method at n=1,4,16, and the larger shipped policy's greedy accuracy next to them."""
-    from ponder.toy.models import builtin_model_path
+    from ponder.toy.builtin import builtin_model_path
 
     out = tmp_path / "o"
     assert _main(["run", "--out", str(out), "--no-progress", "--num-iterations", "3", "--max-steps", "6",

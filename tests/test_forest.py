@@ -1,7 +1,7 @@
 """Unit tests of every Forest operation, run against the reference twin and the compiled core.
 
 Expected values are worked out by hand from the specification in
-``ponder/reference/forest.py``; scores are mostly dyadic (0.25, 0.5, ...) so that float32
+``ponder/twins/forest.py``; scores are mostly dyadic (0.25, 0.5, ...) so that float32
 results are exact.
 """
 
@@ -15,7 +15,7 @@ import pytest
 
 import ponder
 import ponder._core
-import ponder.reference
+import ponder.twins
 from conftest import (
     ACTIVE,
     AGGREGATIONS,
@@ -70,14 +70,14 @@ def check_vote(out, problems, answers, nodes, weights):
 
 
 def test_module_constants():
-    for module in (ponder._core, ponder.reference, ponder):
+    for module in (ponder._core, ponder.twins, ponder):
         assert (module.ACTIVE, module.FINISHED, module.PRUNED) == (ACTIVE, FINISHED, PRUNED)
         assert module.NO_ANSWER == NO_ANSWER == -(2**63)
     assert ponder.Forest is ponder._core.Forest
 
 
 def test_impl_fixture_gives_a_forest_class(impl):
-    assert impl in (ponder.reference.Forest, ponder._core.Forest)
+    assert impl in (ponder.twins.Forest, ponder._core.Forest)
     assert isinstance(impl(), impl)
 
 

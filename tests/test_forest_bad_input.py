@@ -1,6 +1,6 @@
 """Bad inputs for every Forest entry point.
 
-The specification (``ponder/reference/forest.py``): ids that were never given out or whose
+The specification (``ponder/twins/forest.py``): ids that were never given out or whose
 problem was released raise ``IndexError``; every other bad argument raises ``ValueError``
 whose message names the argument; a call that raises changes nothing. Every case here runs
 against the standard forest of ``conftest.build_standard_forest`` on both implementations,

@@ -1,7 +1,7 @@
 """Property tests of the Forest.
 
 1. ``ForestTwins``: a hypothesis state machine drives the same random sequence of operations,
-   valid and occasionally invalid, into ``ponder.reference.Forest`` and ``ponder._core.Forest``
+   valid and occasionally invalid, into ``ponder.twins.Forest`` and ``ponder._core.Forest``
    and requires identical results (dtypes, shapes, values; float32 outputs exactly equal, NaN
    in the same places), the same exception types, and identical forests after every step.
 2. Invariants that hold for any forest built by valid operations, checked on each
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import ponder._core
-import ponder.reference
+import ponder.twins
 from conftest import (
     ACTIVE,
     AGGREGATIONS,
@@ -104,7 +104,7 @@ class ForestTwins(RuleBasedStateMachine):
 
     @initialize(data=st.data())
     def start(self, data):
-        self.ref = ponder.reference.Forest()
+        self.ref = ponder.twins.Forest()
         self.core = ponder._core.Forest()
         self.calls = 0
         self.raised = 0
@@ -576,7 +576,7 @@ def test_vote_winners(impl, data):
 def test_twins_agree_on_overflowing_aggregates(data):
     """Huge scores make path products overflow to +-inf and then NaN (inf * 0): the twins must
     still agree everywhere, including how NaN ranks in selections and votes."""
-    ref, core = ponder.reference.Forest(), ponder._core.Forest()
+    ref, core = ponder.twins.Forest(), ponder._core.Forest()
 
     def both(method, *args):
         expected = getattr(ref, method)(*args)
@@ -611,7 +611,7 @@ def test_twins_agree_on_overflowing_aggregates(data):
 def test_twins_agree_on_a_long_fixed_run(seed):
     """A long deterministic run without hypothesis: bigger forests than the state machine builds."""
     rng = np.random.default_rng(seed)
-    ref, core = ponder.reference.Forest(), ponder._core.Forest()
+    ref, core = ponder.twins.Forest(), ponder._core.Forest()
     for _ in range(300):
         v = view(ref)
         op = rng.choice(["roots", "expand", "steps", "steps", "answers", "query", "prune", "release"])

@@ -1,7 +1,7 @@
 """Forest.children_counts: the selection step of REBASE (proportional allocation) and particle
 filtering (multinomial / systematic resampling).
 
-1. Twins: random forests built the same way in ``ponder.reference.Forest`` and
+1. Twins: random forests built the same way in ``ponder.twins.Forest`` and
    ``ponder._core.Forest`` give bit-identical counts (or the same exception type) for random
    candidates, totals, aggregations, modes, temperatures and seeds.
 2. Properties on each implementation: counts sum to the total per problem; proportional
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import IMPLS, add_roots, assert_unchanged_after_raise, children_with_scores, expand, set_steps
-from ponder.reference.forest import SplitMix64, count_weights
+from ponder.twins.forest import SplitMix64, count_weights
 
 MODES = ("proportional", "multinomial", "systematic")
 AGGS = ("last", "min", "prod", "mean")

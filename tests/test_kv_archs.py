@@ -2,7 +2,7 @@
 
 For each model type AutoModelForCausalLM knows, a random-weight model is built from its own
 config class with tiny sizes (2 layers, hidden 64, vocabulary 100, sliding windows of 6 so
-that the probes cross them). ``ponder.kv_fallback.cache_for_model`` then gives either the
+that the probes cross them). ``ponder.hf.kv_fallback.cache_for_model`` then gives either the
 paged cache (the self-check accepted the model) or the fallback (refused), and a workload of
 its own (two prompts of different lengths in one batch, a fork, a one-token decode step and
 a step of 3 / 1 / 2 tokens) must reproduce the model's cache-free forward on every path:
@@ -24,8 +24,8 @@ import transformers
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-import ponder.kv as pkv
-from ponder.kv_fallback import FallbackKVCache, cache_for_model
+import ponder.hf.kv as pkv
+from ponder.hf.kv_fallback import FallbackKVCache, cache_for_model
 
 VOCAB = 100
 SIZES = dict(

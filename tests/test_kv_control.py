@@ -1,7 +1,7 @@
 """Unit tests of the KV-cache control plane (BlockPool, PrefixIndex, KVCacheManager), run against
-the reference twin (ponder.reference.kv) and the compiled core (ponder._core).
+the reference twin (ponder.twins.kv) and the compiled core (ponder._core).
 
-Expected values are worked out by hand from the specification in ``ponder/reference/kv.py``.
+Expected values are worked out by hand from the specification in ``ponder/twins/kv.py``.
 Every bad-input test checks the exact exception type and that the failing call changed nothing.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import ponder._core
-import ponder.reference
+import ponder.twins
 from conftest import assert_same
 
 INT32_MAX = 2**31 - 1
@@ -21,10 +21,10 @@ INT32_MAX = 2**31 - 1
 IMPLS = {
     "reference": SimpleNamespace(
         name="reference",
-        BlockPool=ponder.reference.BlockPool,
-        PrefixIndex=ponder.reference.PrefixIndex,
-        KVCacheManager=ponder.reference.KVCacheManager,
-        KVCacheFull=ponder.reference.KVCacheFull,
+        BlockPool=ponder.twins.BlockPool,
+        PrefixIndex=ponder.twins.PrefixIndex,
+        KVCacheManager=ponder.twins.KVCacheManager,
+        KVCacheFull=ponder.twins.KVCacheFull,
     ),
     "core": SimpleNamespace(
         name="core",

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-import ponder.kv as pkv
+import ponder.hf.kv as pkv
 
 VOCAB = 97
 
@@ -258,7 +258,7 @@ def test_self_check_turns_paged_path_exceptions_into_refusals(monkeypatch):
 
 
 def test_cache_for_model_falls_back_once_with_a_warning_and_stays_exact():
-    from ponder.kv_fallback import FallbackKVCache, cache_for_model
+    from ponder.hf.kv_fallback import FallbackKVCache, cache_for_model
 
     model = _tiny("DiffLlamaForCausalLM")
     with pytest.warns(RuntimeWarning, match="DiffLlamaForCausalLM: the paged KV path does not reproduce"):
@@ -306,7 +306,7 @@ def _save_with_tokenizer(path, arch, seed=0):
 def test_policy_on_a_refused_model_searches_exactly_on_the_fallback(tmp_path):
     """HFPolicy on DiffLlama: greedy steps (forks, decode, rollout) equal the argmax of the
     model's cache-free forward over each path, and stats() reports the fallback."""
-    from ponder.policy import HFPolicy
+    from ponder.hf.policy import HFPolicy
     from ponder.protocols import SamplingParams
 
     path, tok = _save_with_tokenizer(tmp_path / "diff", "diffllama")
@@ -340,7 +340,7 @@ def test_prms_on_refused_models_score_exactly_on_the_fallback(tmp_path):
     """A math-shepherd PRM that is a DiffLlama, and an implicit PRM whose model is a DiffLlama
     over a Llama reference (the companion goes to the fallback with it): scores equal the
     published full-path usage."""
-    from ponder.prm import HFPRM
+    from ponder.hf.prm import HFPRM
     from test_policy_prm import QUESTIONS, STEPS, ref_implicit, ref_math_shepherd
 
     ms, ms_tok = _save_with_tokenizer(tmp_path / "ms", "ms")
@@ -437,7 +437,7 @@ def test_gpt_neo_loads_as_ponder_paged_and_is_refused_not_wrong(tmp_path):
     """GPT-Neo picks its attention class by name (a KeyError for ponder_paged before): it loads,
     the self-check refuses it (local layers; its eager attention ignores the pool) and the
     fallback reproduces its own logits."""
-    from ponder.kv_fallback import FallbackKVCache, cache_for_model
+    from ponder.hf.kv_fallback import FallbackKVCache, cache_for_model
 
     torch.manual_seed(0)
     cfg = transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, window_size=4,

@@ -1,4 +1,4 @@
-"""Tests of the paged KV-cache data-plane kernels (ponder.kernels / ponder._core).
+"""Tests of the paged KV-cache data-plane kernels (ponder.hf.kernels / ponder._core).
 
 Every kernel is compared with a readable torch reference defined at the top of this file:
 write/copy/gather must match exactly (they only move bits); decode attention must match the
@@ -23,7 +23,7 @@ import torch  # noqa: E402  (a test dependency: pip install ".[test]")
 
 import ponder  # noqa: E402
 from ponder import _core  # noqa: E402
-from ponder import kernels as K  # noqa: E402
+from ponder.hf import kernels as K  # noqa: E402
 
 CUDA_OK = ponder.cuda_available()
 DEVICES = [
@@ -753,7 +753,7 @@ def test_legacy_dlpack_producers_work():
 
 
 def test_import_ponder_does_not_import_torch():
-    code = "import sys, ponder, ponder.kernels; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, ponder, ponder.hf.kernels; assert 'torch' not in sys.modules, 'torch was imported'"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(ponder.__file__))] + sys.path)
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
@@ -1012,11 +1012,11 @@ def test_wrapper_argument_errors():
         K.write_kv([1], None, None, None, None)
 
 
-# ============================================================================ callers: ponder.kv
+# ============================================================================ callers: ponder.hf.kv
 
 
 def _spy(monkeypatch, name, calls, run=True):
-    """Replace ponder.kernels.<name> by a recorder (and, if run, the real kernel)."""
+    """Replace ponder.hf.kernels.<name> by a recorder (and, if run, the real kernel)."""
     real = getattr(K, name)
 
     def spy(*args, **kwargs):
@@ -1030,7 +1030,7 @@ def _spy(monkeypatch, name, calls, run=True):
 def _forked_cache(device):
     """A 1-layer cache with one 6-token sequence (blocks of 4) forked twice: the next append of
     each fork copies the shared partial block (copy-on-write)."""
-    from ponder.kv import KVSpec, PagedKVCache
+    from ponder.hf.kv import KVSpec, PagedKVCache
 
     cache = PagedKVCache(KVSpec(num_layers=2, num_kv_heads=2, head_dim=8), num_blocks=8, block_size=4, device=device)
     seq, _ = cache.new_sequence([1, 2, 3, 4, 5, 6])
@@ -1060,7 +1060,7 @@ def test_copy_on_write_indices_follow_the_pools_device(monkeypatch):
 def test_copy_on_write_runs_on_cpu_pools_and_companions():
     """The same path with real CPU pools: the forks' partial block is copied in every pool."""
     cache, seq = _forked_cache("cpu")
-    from ponder.kv import KVSpec
+    from ponder.hf.kv import KVSpec
 
     twin = cache.__class__(KVSpec(2, 2, 8), num_blocks=8, block_size=4, manager=cache.manager)
     cache._companions.append(twin)  # what companion(model) does, without a model
@@ -1084,7 +1084,7 @@ def test_forward_pass_checks_indices_once_per_batch(monkeypatch):
     """prepare() checks the batch's indices on the host; update() and paged attention then run
     every layer's kernel without check_indices (no host copy + sync per layer on CUDA), with
     index tensors on the pools' device."""
-    from ponder.kv import paged_attention
+    from ponder.hf.kv import paged_attention
 
     calls = []
     for name in ("write_kv", "gather_kv", "paged_decode_attention"):

@@ -3,7 +3,7 @@
 1. ``ManagerTwins``: a hypothesis state machine drives the same random sequence of operations
    (new_sequence with prompts that share prefixes over a tiny alphabet, fork, append, free,
    evict, block_table, seq_len; valid and occasionally invalid) into
-   ``ponder.reference.KVCacheManager`` and ``ponder._core.KVCacheManager`` and requires identical
+   ``ponder.twins.KVCacheManager`` and ``ponder._core.KVCacheManager`` and requires identical
    results, identical exception types and identical state after every step. It also keeps a
    simulated KV pool (one token id per slot; copy-on-write copies applied before the writes)
    and checks invariants on it:
@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import ponder._core as core
-import ponder.reference as ref
+import ponder.twins as ref
 from conftest import assert_same, int_input
 
 TOKENS = st.integers(0, 2)  # a tiny alphabet, so that prompts and blocks repeat

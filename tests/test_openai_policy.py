@@ -28,7 +28,7 @@ import pytest
 
 from ponder.openai_policy import LocalVLLMServer, OpenAIPolicy, RemotePolicyError, derive_seed
 from ponder.protocols import Policy, SamplingParams
-from ponder.toy.models import resolve_model
+from ponder.toy.builtin import resolve_model
 
 POLICY_DIR = resolve_model("builtin:policy-small")
 DELIM = "\n\n"
@@ -165,7 +165,7 @@ class ScriptedServer:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from ponder.policy import load_tokenizer
+    from ponder.hf.policy import load_tokenizer
 
     return load_tokenizer(POLICY_DIR)
 
@@ -196,7 +196,7 @@ GREEDY = SamplingParams(temperature=0.0, max_step_tokens=32)
 
 
 def test_is_a_policy_and_prompts_match_hfpolicy(server, tokenizer):
-    from ponder.policy import HFPolicy
+    from ponder.hf.policy import HFPolicy
 
     policy = make_policy(server)
     assert isinstance(policy, Policy)
@@ -382,7 +382,7 @@ def test_rollout_keeps_nothing(server):
 
 
 def test_search_end_to_end_from_a_background_thread(server):
-    from ponder.search import SearchConfig, search
+    from ponder import SearchConfig, search
 
     policy = make_policy(server)
     config = SearchConfig(method="majority", n=3, sampling=SamplingParams(temperature=0.8, max_step_tokens=32), seed=1)
@@ -485,9 +485,9 @@ def test_vllm_greedy_search_matches_hfpolicy(vllm_url, arith_problems, method):
     built-in PRM in-process) sends each kept beam's 2 children as one request."""
     import torch
 
-    from ponder.policy import HFPolicy
-    from ponder.prm import HFPRM
-    from ponder.search import SearchConfig, search
+    from ponder import SearchConfig, search
+    from ponder.hf.policy import HFPolicy
+    from ponder.hf.prm import HFPRM
 
     sampling = SamplingParams(temperature=0.0, max_step_tokens=96)
     if method == "majority":

@@ -8,10 +8,9 @@ import itertools
 
 import pytest
 
-from ponder import SamplingParams
-from ponder.reference import search_pf as oracle
-from ponder.search import SearchConfig, search
-from ponder.search.particle_filtering import ess, resample_seed
+from ponder import SamplingParams, SearchConfig, search
+from ponder.baselines import oracle_pf as oracle
+from ponder.methods.particle_filtering import ess, resample_seed
 from test_search import PROBLEMS, ScriptedPolicy, ScriptedPRM, _assert_matches_oracle, _config
 
 GRID = list(itertools.product(["multinomial", "systematic"], ["softmax", "raw"], [0.0, 0.5, 1.0]))

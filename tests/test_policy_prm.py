@@ -22,8 +22,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from ponder.policy import HFPolicy, sample_next
-from ponder.prm import HFPRM, detect_format
+from ponder.hf.policy import HFPolicy, sample_next
+from ponder.hf.prm import HFPRM, detect_format
 from ponder.protocols import PRM, Policy, SamplingParams
 
 ATOL = 1e-4

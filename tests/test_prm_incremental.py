@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from ponder.prm import HFPRM, MATH_SHEPHERD_TAG, QWEN_STEP_SEP
+from ponder.hf.prm import HFPRM, MATH_SHEPHERD_TAG, QWEN_STEP_SEP
 
 # fp32 forward passes over different batch shapes: scores agree to well within this
 ATOL = 2e-5

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from ponder.reference import search_pf as oracle
-from ponder.search import SearchConfig, search
+from ponder import SearchConfig, search
+from ponder.baselines import oracle_pf as oracle
 from test_search import PROBLEMS, ScriptedPolicy, ScriptedPRM, _assert_matches_oracle, _config
 
 

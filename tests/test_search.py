@@ -1,5 +1,5 @@
 """ponder.search: every method over the C++ forest, checked against hand-computed cases and
-against ``ponder.reference.search`` (search-and-learn's beam search and DVTS, written its way).
+against ``ponder.baselines.oracle`` (search-and-learn's beam search and DVTS, written its way).
 
 The models here are real Protocol implementations, scripted: a step is a deterministic
 function of the path's content (problem + solution text so far), the sample's index among the
@@ -20,10 +20,9 @@ import numpy as np
 import pytest
 
 import ponder
-from ponder import grading
+from ponder import Budget, Completion, SearchConfig, SearchResult, grading, search
+from ponder.baselines import oracle as oracle
 from ponder.protocols import PRM, Policy, SamplingParams, Step
-from ponder.reference import search as oracle
-from ponder.search import Budget, Completion, SearchConfig, SearchResult, search
 
 ACTIVE, FINISHED, PRUNED = ponder.ACTIVE, ponder.FINISHED, ponder.PRUNED
 

@@ -23,11 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from ponder import cli
-from ponder.policy import HFPolicy
-from ponder.prm import HFPRM, MATH_SHEPHERD_TAG
+from ponder import SearchConfig, cli, search
+from ponder.hf.policy import HFPolicy
+from ponder.hf.prm import HFPRM, MATH_SHEPHERD_TAG
 from ponder.protocols import SamplingParams
-from ponder.search import SearchConfig, search
 from test_policy_prm import QUESTIONS, save_causal
 
 METHODS = ["majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts"]

@@ -1,4 +1,4 @@
-"""ponder.search.stopping: the Beta stopping rule and its stated error bound."""
+"""ponder.methods.stopping: the Beta stopping rule and its stated error bound."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ponder.search import stopping
+from ponder.methods import stopping
 
 thresholds = st.floats(min_value=0.5001, max_value=0.999)
 counts = st.lists(st.integers(min_value=0, max_value=30), min_size=0, max_size=6)

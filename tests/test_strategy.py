@@ -1,4 +1,4 @@
-"""ponder.search.strategy and ponder.calibrate: difficulty, votes, fitting, plans, strategy.json."""
+"""ponder.methods.strategy and ponder.calibrate: difficulty, votes, fitting, plans, strategy.json."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from adaptive_models import GOLD, VotePolicy, VotePRM
 from ponder import SamplingParams, SearchConfig
 from ponder.calibrate import collect, fresh_arith, load_records, save_records
 from ponder.data import Problem
-from ponder.search import strategy
-from ponder.search.strategy import Option, StrategyTable, fit
+from ponder.methods import strategy
+from ponder.methods.strategy import Option, StrategyTable, fit
 
 BASE = SearchConfig(beam_width=2, num_iterations=2, max_steps=4, sampling=SamplingParams(max_step_tokens=64))
 

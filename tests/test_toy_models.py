@@ -1,4 +1,4 @@
-"""The built-in models (ponder.toy.models / ponder.toy.train): the tokenizer, the shipped
+"""The built-in models (ponder.toy.builtin / ponder.toy.train): the tokenizer, the shipped
 checkpoints (offline loading, sizes, well-formed steps, the README's greedy accuracy), the
 main job on them, and the training script end to end on a tiny budget."""
 
@@ -14,10 +14,10 @@ import transformers
 
 from ponder import SamplingParams, SearchConfig, search
 from ponder.cli import main as cli_main
-from ponder.policy import HFPolicy
-from ponder.prm import HFPRM, detect_format
+from ponder.hf.policy import HFPolicy
+from ponder.hf.prm import HFPRM, detect_format
 from ponder.toy import arith
-from ponder.toy.models import (
+from ponder.toy.builtin import (
     BUILTIN_MODELS,
     MODELS_DIR,
     build_tokenizer,
@@ -107,7 +107,7 @@ def test_grow_keeps_the_small_models_function():
     noise; a shape it cannot grow into is refused."""
     from transformers import LlamaForCausalLM
 
-    from ponder.toy.models import model_config
+    from ponder.toy.builtin import model_config
     from ponder.toy.train import grow
 
     tok = build_tokenizer()

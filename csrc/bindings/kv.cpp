@@ -16,7 +16,7 @@ void bind_kv(py::module_& m) {
 
   py::class_<kvc::BlockPool>(m, "BlockPool", R"doc(
 Reference counts and a LIFO free list of num_blocks KV blocks of block_size tokens (C++).
-Same API and results as ponder.reference.BlockPool, whose docstrings define every operation.
+Same API and results as ponder.twins.BlockPool, whose docstrings define every operation.
 A new pool hands out blocks 0, 1, 2, ...; a freed block is the next one handed out.)doc")
       .def(py::init([](py::handle num_blocks, py::handle block_size) {
              Args a;
@@ -75,7 +75,7 @@ A new pool hands out blocks 0, 1, 2, ...; a freed block is the next one handed o
   };
   py::class_<kvc::PrefixIndex>(m, "PrefixIndex", R"doc(
 A radix tree of full KV blocks (block_size tokens each) named by block id, with lock counts and
-LRU eviction of unlocked leaves (C++). Same API and results as ponder.reference.PrefixIndex.)doc")
+LRU eviction of unlocked leaves (C++). Same API and results as ponder.twins.PrefixIndex.)doc")
       .def(py::init([](py::handle block_size) {
              Args a;
              return std::make_unique<kvc::PrefixIndex>(a.scalar(block_size, "block_size", 1, kI32Max));
@@ -147,7 +147,7 @@ LRU eviction of unlocked leaves (C++). Same API and results as ponder.reference.
   py::class_<kvc::KVCacheManager>(m, "KVCacheManager", R"doc(
 Sequences (block tables) over one pool of num_blocks KV blocks of block_size tokens, with
 prefix caching, fork with shared blocks, copy-on-write of shared partial blocks and LRU
-eviction of unused cached blocks (C++). Same API and results as ponder.reference.KVCacheManager,
+eviction of unused cached blocks (C++). Same API and results as ponder.twins.KVCacheManager,
 whose docstrings define every operation.)doc")
       .def(py::init([](py::handle num_blocks, py::handle block_size) {
              Args a;

@@ -100,7 +100,7 @@ void bind_module(py::module_& m) {
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "ponder's compiled core. Semantics: ponder.reference (the pure-Python twins).";
+  m.doc() = "ponder's compiled core. Semantics: ponder.twins (the pure-Python twins).";
   m.attr("__version__") = PONDER_VERSION;
   bind_module(m);
   ponder::bindings::bind_tree(m);

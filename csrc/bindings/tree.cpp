@@ -16,7 +16,7 @@ void bind_tree(py::module_& m) {
 
   py::class_<Forest>(m, "Forest", R"doc(
 Search trees of many problems in one node arena (C++). Same API and results as
-ponder.reference.Forest, whose docstrings define every operation; inputs are 1-D array-likes
+ponder.twins.Forest, whose docstrings define every operation; inputs are 1-D array-likes
 (numpy arrays of any integer/float/bool dtype and stride are read without copying).)doc")
       .def(py::init<>())
       .def(

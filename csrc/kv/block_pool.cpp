@@ -1,4 +1,4 @@
-// The block pool. See block_pool.h; the semantics are python/ponder/reference/kv.py.
+// The block pool. See block_pool.h; the semantics are python/ponder/twins/kv.py.
 #include "kv/block_pool.h"
 
 #include <algorithm>

@@ -1,7 +1,7 @@
 // The block pool of the paged KV cache: reference counts and a LIFO free list of fixed-size
 // blocks (block_size tokens each). Only metadata lives here; the K/V tensors are the caller's.
 //
-// Semantics are defined by the pure-Python twin, python/ponder/reference/kv.py; this class
+// Semantics are defined by the pure-Python twin, python/ponder/twins/kv.py; this class
 // returns bit-identical results and throws the same error kinds:
 //   std::invalid_argument -> ValueError, std::out_of_range -> IndexError,
 //   std::overflow_error -> OverflowError, KVCacheFull -> ponder._core.KVCacheFull (a RuntimeError).

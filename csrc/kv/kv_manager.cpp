@@ -1,4 +1,4 @@
-// The KV-cache manager. See kv_manager.h; the semantics are python/ponder/reference/kv.py.
+// The KV-cache manager. See kv_manager.h; the semantics are python/ponder/twins/kv.py.
 #include "kv/kv_manager.h"
 
 #include <algorithm>

@@ -16,7 +16,7 @@
 // stamps the nodes it reuses, append stamps the nodes it inserts. A partial last block is
 // copied on write only by an append that writes at least one token to that sequence.
 //
-// Semantics are defined by python/ponder/reference/kv.py (KVCacheManager); errors:
+// Semantics are defined by python/ponder/twins/kv.py (KVCacheManager); errors:
 //   std::invalid_argument -> ValueError, std::out_of_range -> IndexError,
 //   std::overflow_error -> OverflowError, KVCacheFull -> ponder._core.KVCacheFull.
 // Every entry point validates all of its inputs (and the capacity) before it mutates

@@ -1,4 +1,4 @@
-// The prefix index. See prefix_index.h; the semantics are python/ponder/reference/kv.py.
+// The prefix index. See prefix_index.h; the semantics are python/ponder/twins/kv.py.
 #include "kv/prefix_index.h"
 
 #include <algorithm>

@@ -20,7 +20,7 @@
 // paths). A node is "evictable" when its whole subtree has lock count 0; the count of such
 // nodes is kept incrementally: each node counts its children whose subtree holds a lock.
 //
-// Semantics are defined by python/ponder/reference/kv.py (PrefixIndex); errors:
+// Semantics are defined by python/ponder/twins/kv.py (PrefixIndex); errors:
 //   std::invalid_argument -> ValueError, std::overflow_error -> OverflowError.
 // Every entry point validates all of its inputs before it mutates anything.
 #pragma once

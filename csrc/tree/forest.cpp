@@ -1,5 +1,5 @@
 // The search forest. See forest.h for the storage model and
-// python/ponder/reference/forest.py for the semantics this file reproduces exactly.
+// python/ponder/twins/forest.py for the semantics this file reproduces exactly.
 #include "tree/forest.h"
 
 #include <algorithm>

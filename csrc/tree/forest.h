@@ -1,6 +1,6 @@
 // The search forest: the trees of many problems in one struct-of-arrays node arena.
 //
-// Semantics are defined by the pure-Python twin, python/ponder/reference/forest.py; this
+// Semantics are defined by the pure-Python twin, python/ponder/twins/forest.py; this
 // class returns bit-identical results and throws the same error kinds:
 //   std::invalid_argument -> ValueError, std::out_of_range -> IndexError,
 //   std::overflow_error -> OverflowError.

@@ -1,6 +1,6 @@
 """ponder: test-time compute scaling for LLM reasoning (search over steps with a process reward model).
 
-The compiled core is ``ponder._core`` (C++, optional CUDA); ``ponder.reference`` holds its
+The compiled core is ``ponder._core`` (C++, optional CUDA); ``ponder.twins`` holds its
 pure-Python twin, the readable specification of every operation.
 """
 
@@ -18,13 +18,14 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
     ) from exc
 
 from ._core import ACTIVE, FINISHED, NO_ANSWER, PRUNED, Forest, KVCacheFull, build_info
+from .batch import search
 from .engine import AsyncEngine, Engine, Event, Handle
+from .methods import Budget, Completion, SearchConfig, SearchResult
 from .protocols import PRM, Policy, SamplingParams, Step
-from .search import Budget, Completion, SearchConfig, SearchResult, search
 
 # The Hugging Face implementations import torch/transformers: load them on first use so that
 # `import ponder` stays light (the control plane needs neither).
-_LAZY = {"HFPolicy": ("policy", "HFPolicy"), "HFPRM": ("prm", "HFPRM")}
+_LAZY = {"HFPolicy": ("hf.policy", "HFPolicy"), "HFPRM": ("hf.prm", "HFPRM")}
 # OpenAIPolicy imports the optional `openai` client (pip install "ponder[remote]") only when used.
 _LAZY["OpenAIPolicy"] = ("openai_policy", "OpenAIPolicy")
 

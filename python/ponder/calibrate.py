@@ -9,7 +9,7 @@ order, so every sampling option at n <= S and every probe k are prefixes of one 
 beam search and DVTS at each ``--tree-n`` (their answers and tokens). All searches of all
 problems run together in one ``ponder.Engine`` (per-request random streams). The records go
 to ``OUT.records.jsonl`` (refit with ``--from-records`` without sampling again); the table
-(``ponder.search.strategy.fit``) to ``OUT``.
+(``ponder.methods.strategy.fit``) to ``OUT``.
 
 ``--dataset builtin:arith-fresh`` draws freshly generated ``builtin:arith`` problems
 (``fresh_arith``: ``--per-level`` per level from ``--seed``, every held-out expression
@@ -28,8 +28,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .search.config import SearchConfig
-from .search.strategy import TREES, ProblemRecord, StrategyTable, fit
+from .methods.config import SearchConfig
+from .methods.strategy import TREES, ProblemRecord, StrategyTable, fit
 
 #: the seed of the shipped built-in table's calibration problems (disjoint from the held-out
 #: set by construction, and from the models' training stream's seed)
@@ -215,9 +215,9 @@ def run(args: argparse.Namespace) -> int:
             from .data import load_problems
 
             problems = load_problems(args.dataset, split=args.split, limit=args.limit)
-        from .policy import HFPolicy
-        from .prm import HFPRM
-        from .toy.models import resolve_model
+        from .hf.policy import HFPolicy
+        from .hf.prm import HFPRM
+        from .toy.builtin import resolve_model
 
         policy = HFPolicy(resolve_model(args.policy), device=args.device, kv_budget=args.kv_budget)
         prm = HFPRM(resolve_model(args.prm), format=args.prm_format, device=args.device, kv_budget=args.kv_budget)

@@ -103,7 +103,7 @@ def _csv_ints(value: str) -> list[int]:
 
 def build_run_parser() -> argparse.ArgumentParser:
     """The parser of `ponder run` (the evaluation; see ``RUN_DESCRIPTION``)."""
-    from .search.config import AGGREGATIONS, VOTES
+    from .methods.config import AGGREGATIONS, VOTES
 
     p = _RunParser(prog="ponder run", description=RUN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     models = p.add_argument_group("models")
@@ -206,7 +206,7 @@ def _plausible_model_ref(ref: str) -> bool:
 
 
 def _build_policy(path: str, device: str, dtype: str | None, kv_budget: int | None = None):
-    from .policy import HFPolicy
+    from .hf.policy import HFPolicy
 
     return HFPolicy(path, device=device, dtype=dtype, kv_budget=kv_budget)
 
@@ -220,7 +220,7 @@ def _build_remote_policy(args: argparse.Namespace):
 
 def _build_prm(path: str, fmt: str, device: str, dtype: str | None, kv_budget: int | None = None,
                reference: str | None = None, beta: float | None = None):
-    from .prm import HFPRM
+    from .hf.prm import HFPRM
 
     return HFPRM(path, format=fmt, device=device, dtype=dtype, kv_budget=kv_budget, reference=reference, beta=beta)
 
@@ -264,7 +264,7 @@ def _run(rest: list[str]) -> int:
 def _resolve_models(args: argparse.Namespace, needs_prm: bool) -> str | None:
     """Turn builtin:<name> model references into the shipped folders and check the others
     look like paths or hub ids; returns an error message or None."""
-    from .toy.models import resolve_model
+    from .toy.builtin import resolve_model
 
     if args.reference_policy is None:
         args.reference_policy = DEFAULT_REFERENCE if args.policy == DEFAULT_POLICY else "none"
@@ -306,7 +306,7 @@ def _model_source_problem(flag: str, ref: str, path: str) -> str | None:
     import os
 
     from .evaluate import model_revision
-    from .policy import _offline
+    from .hf.policy import _offline
 
     local = os.path.expanduser(path)
     if os.path.isdir(local):
@@ -515,9 +515,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import evaluate
-    from .kv import KVCacheFull
+    from .hf.kv import KVCacheFull
+    from .methods import SearchConfig
     from .protocols import SamplingParams
-    from .search import SearchConfig
 
     # --- every option, before any work
     methods = _validate(args)

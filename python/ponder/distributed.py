@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from . import evaluate
 from .data import Problem
-from .search import SearchConfig
+from .methods import SearchConfig
 
 INSTALL_HINT = 'pip install "ponder[ray]" (or: pip install "ray>=2.9")'
 
@@ -97,12 +97,12 @@ class ModelLoader:
 
             policy = OpenAIPolicy(self.policy_url, self.policy, tokenizer=self.policy_tokenizer)
         else:
-            from .policy import HFPolicy
+            from .hf.policy import HFPolicy
 
             policy = HFPolicy(self.policy, device=device, dtype=self.dtype, kv_budget=self.kv_budget)
         prm = None
         if self.prm is not None:
-            from .prm import HFPRM
+            from .hf.prm import HFPRM
 
             prm = HFPRM(self.prm, format=self.prm_format, device=device, dtype=self.dtype, kv_budget=self.kv_budget,
                         reference=self.prm_reference, beta=self.prm_beta)
@@ -418,7 +418,7 @@ def evaluate_cli(args, problems: list[Problem], methods: list[str], ns: list[int
     evaluation and the reference policy's greedy pass on the same workers; returns the rows.
     Mistakes and load failures raise ``ponder.cli._Refused`` (one line)."""
     from .cli import _kv_budget, _model_record, _Refused
-    from .kv import KVCacheFull
+    from .hf.kv import KVCacheFull
 
     models, labels = sections["models"], args.labels
     device = "cuda" if args.gpus_per_worker > 0 else args.device

@@ -6,9 +6,9 @@
     print(h.result().answer)
 
 Every submitted problem is a *search* with its own ``SearchConfig`` (method, n, beam width,
-sampling, seed, limits). The engine owns one forest (``ponder.search.tree.SearchTree``) and
+sampling, seed, limits). The engine owns one forest (``ponder.methods.tree.SearchTree``) and
 advances every live search by one stage per ``step()``: the searches' state machines
-(``ponder.search.method.Method``) say what they want expanded, the tree expands all of it in
+(``ponder.methods.method.Method``) say what they want expanded, the tree expands all of it in
 one ``Forest.expand``, samples it with one policy call per distinct sampling setting (the
 seed is not part of the setting when the policy has per-request streams), rolls out lookahead,
 scores every row with one PRM call, records, and hands each search its scored children.
@@ -40,16 +40,16 @@ from typing import Any
 import numpy as np
 
 from ._core import KVCacheFull
-from .search.adaptive import Auto, method_class
-from .search.beam_search import BeamSearch
-from .search.best_of_n import BestOfN, WeightedBestOfN
-from .search.config import SearchConfig, SearchResult
-from .search.dvts import DVTS
-from .search.majority import Majority
-from .search.method import Method
-from .search.particle_filtering import ParticleFiltering
-from .search.rebase import Rebase
-from .search.tree import Search, SearchTree
+from .methods.adaptive import Auto, method_class
+from .methods.beam_search import BeamSearch
+from .methods.best_of_n import BestOfN, WeightedBestOfN
+from .methods.config import SearchConfig, SearchResult
+from .methods.dvts import DVTS
+from .methods.majority import Majority
+from .methods.method import Method
+from .methods.particle_filtering import ParticleFiltering
+from .methods.rebase import Rebase
+from .methods.tree import Search, SearchTree
 
 #: method name -> its state machine
 METHODS: dict[str, type[Method]] = {
@@ -179,7 +179,7 @@ class Engine:
         return self._submit(problem, config, None, (), **kw)
 
     def _submit(self, problem, config, votes, prm_free, on_event: Callable[[Event], None] | None = None) -> Handle:
-        from .search import problem_text
+        from .batch import problem_text
 
         config = SearchConfig() if config is None else config
         config.validate()
@@ -507,7 +507,7 @@ class Engine:
 
 
 def _vote_of(cfg: SearchConfig) -> tuple[str, str]:
-    from .search.config import IMPLIED_VOTE
+    from .methods.config import IMPLIED_VOTE
 
     how = IMPLIED_VOTE.get(cfg.method) or cfg.vote or "weighted"
     agg = cfg.agg if cfg.method == "majority" else cfg.vote_agg

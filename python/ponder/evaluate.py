@@ -26,11 +26,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .batch import SAMPLING_METHODS, search, search_sampled
 from .data import Problem
 from .grading import is_equivalent
-from .search import SAMPLING_METHODS, SearchConfig, search, search_sampled
-from .search.config import IMPLIED_VOTE
-from .search.config import METHODS as SEARCH_METHODS
+from .methods import SearchConfig
+from .methods.config import IMPLIED_VOTE
+from .methods.config import METHODS as SEARCH_METHODS
 
 GREEDY = "greedy"
 #: every method ``run_evaluation`` accepts, in the order tables and plots list them
@@ -553,7 +554,7 @@ def _search_fitting(batch: list[Problem], policy, prm, config: SearchConfig, met
     blocks and preempts when it runs out, so a batch larger than the cache still completes;
     ``KVCacheFull`` reaches here only when one problem's search alone does not fit, and is
     re-raised naming the fix."""
-    from .kv import KVCacheFull
+    from .hf.kv import KVCacheFull
 
     try:
         if len(methods) > 1:

@@ -137,8 +137,8 @@ class OpenAIPolicy:
         trust_remote_code: bool = False,
         client: Any = None,
     ) -> None:
-        from .policy import load_tokenizer
-        from .toy.models import resolve_model
+        from .hf.policy import load_tokenizer
+        from .toy.builtin import resolve_model
 
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -336,7 +336,7 @@ class OpenAIPolicy:
             raise KeyError(f"nodes {missing[:8]} are not held by this policy (never started/sampled, or released)")
 
     def _check_new(self, ids: Sequence[int]) -> None:
-        from .policy import _check_new_ids
+        from .hf.policy import _check_new_ids
 
         _check_new_ids(ids, self._nodes, "policy")
 
@@ -542,7 +542,7 @@ class LocalVLLMServer:
 
     def __init__(self, python: str, model: str, port: int | None = None, *, log_path: str | None = None,
                  timeout: float = 300.0, extra_args: Sequence[str] = ()) -> None:
-        from .toy.models import resolve_model
+        from .toy.builtin import resolve_model
 
         self.python = python
         self.model = resolve_model(model)

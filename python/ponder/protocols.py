@@ -4,7 +4,7 @@ Paths are named by the ids of the search forest's nodes (``ponder.Forest``): a r
 problem's prompt, every other node one reasoning step. Because both models see the tree's
 structure (which node extends which), an implementation can keep one KV-cache sequence per
 live node and compute every shared prefix once (``ponder.HFPolicy`` / ``ponder.HFPRM`` do, on
-``ponder.kv.PagedKVCache``); a scripted or remote implementation is free to ignore it.
+``ponder.hf.kv.PagedKVCache``); a scripted or remote implementation is free to ignore it.
 
 The data path, stage by stage::
 

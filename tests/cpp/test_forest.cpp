@@ -1,6 +1,6 @@
 // Tests of csrc/tree/forest.{h,cpp}: every Forest operation with hand-computed expectations,
 // error kinds (and that a throwing call changes nothing), page reuse, and a seeded random
-// stress run checked against a small model of python/ponder/reference/forest.py.
+// stress run checked against a small model of python/ponder/twins/forest.py.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -1206,7 +1206,7 @@ TEST_CASE("forest: the spare page pool is bounded") {
 
 namespace {
 
-// A small model of the reference semantics (python/ponder/reference/forest.py).
+// A small model of the reference semantics (python/ponder/twins/forest.py).
 struct MNode {
   int32_t parent = -1;
   int64_t problem = 0;

@@ -1,4 +1,4 @@
-"""Control-plane benchmark: ``ponder._core.Forest`` (C++) against ``ponder.reference.Forest``.
+"""Control-plane benchmark: ``ponder._core.Forest`` (C++) against ``ponder.twins.Forest``.
 
 What is measured
 ----------------
@@ -91,7 +91,7 @@ OPS = (
 )
 OP_HEADERS = {"add_roots": "roots", "set_steps": "steps", "aggregate": "agg", "set_answers": "answers"}
 METHODS = ("beam", "dvts")
-AGGREGATIONS = ("last", "min", "prod", "mean")  # == ponder.reference.AGGREGATIONS
+AGGREGATIONS = ("last", "min", "prod", "mean")  # == ponder.twins.AGGREGATIONS
 VOTE_KINDS = ("weighted", "majority")
 
 DEFAULT = {"problems": 500, "beams": (16, 64, 256), "iterations": 40, "beam_width": 4}
@@ -541,7 +541,7 @@ def environment() -> dict:
     """Machine, Python, NumPy and ponder build information for the JSON report."""
     import ponder
     from ponder import _core
-    from ponder.reference import Forest as ReferenceForest
+    from ponder.twins import Forest as ReferenceForest
 
     info = dict(_core.build_info())
     try:
@@ -768,7 +768,7 @@ def build_parser(prog: str = "bench_core") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Time the search-forest control plane (beam search and DVTS with synthetic "
-                    "steps) with ponder._core.Forest and ponder.reference.Forest, and check that "
+                    "steps) with ponder._core.Forest and ponder.twins.Forest, and check that "
                     "both give identical results.",
     )
     return add_arguments(parser)
@@ -792,7 +792,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark for parsed ``args``; print tables or JSON. Returns the exit status
     (1 when the implementations disagree)."""
     import ponder
-    from ponder.reference import Forest as ReferenceForest
+    from ponder.twins import Forest as ReferenceForest
 
     try:
         workloads = workloads_from_args(args)
@@ -852,7 +852,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         render(report)
     if report["all_equivalent"] is False:
-        print("bench_core: FAIL: ponder._core.Forest and ponder.reference.Forest gave different "
+        print("bench_core: FAIL: ponder._core.Forest and ponder.twins.Forest gave different "
               "results (see 'mismatches')", file=sys.stderr)
         return 1
     if checked and not args.json:

@@ -49,7 +49,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..search.config import IMPLIED_VOTE, SearchConfig, SearchResult
+from ..methods.config import IMPLIED_VOTE, SearchConfig, SearchResult
 from .metrics import CONTENT_TYPE, Metrics
 from .presets import effort_preset, listed_models, parse_model
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, Limits, config_dict, search_config
@@ -85,7 +85,7 @@ class ServeSettings:
 def auto_available(strategy: str | None = None) -> bool:
     """Whether ``method="auto"`` can load its strategy table (``strategy`` path or built-in)."""
     try:
-        from ..search.strategy import load_cached
+        from ..methods.strategy import load_cached
 
         load_cached(strategy)
         return True

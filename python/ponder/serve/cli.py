@@ -130,8 +130,8 @@ def make_server(args):
     """Load the models and build (uvicorn config, app, engine) from parsed arguments."""
 
     from ..engine import AsyncEngine
-    from ..policy import HFPolicy
-    from ..prm import HFPRM
+    from ..hf.policy import HFPolicy
+    from ..hf.prm import HFPRM
     from .app import ServeSettings, auto_available, create_app
     from .protocol import Limits
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..search.config import METHODS
+from ..methods.config import METHODS
 
 EFFORTS = ("none", "minimal", "low", "medium", "high")
 

@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..methods.config import SearchConfig
 from ..protocols import SamplingParams
-from ..search.config import SearchConfig
 
 # OpenAI request fields ponder does not implement; a request that sets one to anything but
 # null / false / its default is refused (400) rather than silently ignored.

@@ -4,7 +4,7 @@
   (``ponder.toy.arith``).
 
 Its models ship in ``models/`` (``builtin:policy-small``, ``builtin:policy-large``,
-``builtin:prm``; see ``ponder.toy.models``) and are retrained by ``ponder toy train``
+``builtin:prm``; see ``ponder.toy.builtin``) and are retrained by ``ponder toy train``
 (``ponder.toy.train``).
 
 ``ponder.data`` imports this package on the first ``builtin:`` look-up. The task modules are

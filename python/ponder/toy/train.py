@@ -4,7 +4,7 @@ The data path, one stage per function, each written to ``OUT/<stage>`` and skipp
 once finished (so an interrupted run resumes; a stage in flight restarts from its last
 checkpoint):
 
-1. ``policy-small`` / ``policy-large``: Llama causal LMs (``ponder.toy.models``) trained on
+1. ``policy-small`` / ``policy-large``: Llama causal LMs (``ponder.toy.builtin``) trained on
    reference solutions of generated training problems (:func:`ponder.toy.arith.train_stream`'s
    generator, evaluation expressions excluded), loss on the solution tokens only. The small one
    starts from scratch; the large one is *grown* from the trained small one (:func:`grow`:
@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from . import arith
-from .models import ARCHITECTURES, MODELS_DIR, build_tokenizer, model_config
+from .builtin import ARCHITECTURES, MODELS_DIR, build_tokenizer, model_config
 
 __all__ = ["TrainConfig", "train_all", "main"]
 
@@ -169,8 +169,8 @@ def policy_batch(tokenizer, seed: int, stage: str, k: int, tokens_per_batch: int
 def prm_example(tokenizer, question: str, steps: list[str], labels: list[bool]) -> tuple[list[int], int, list[int], list[bool]]:
     """(token ids of the implicit-PRM rendering of the path, index of its first scored token,
     per step the index of its last token, the step labels). The rendering and the cuts are
-    ``ponder.prm``'s own (format ``implicit-prm``), so training and scoring agree."""
-    from ..prm import _ImplicitPRM
+    ``ponder.hf.prm``'s own (format ``implicit-prm``), so training and scoring agree."""
+    from ..hf.prm import _ImplicitPRM
 
     ids, answer_start, ends = _ImplicitPRM(tokenizer).spans(question, steps)
     if len(ends) != len(labels):
@@ -347,9 +347,10 @@ def sample_solutions(config: TrainConfig, out_dir: Path, policy_dir: Path) -> Pa
     """Stage ``samples``: ``sample_n`` solutions per problem from the saved small policy via
     ``ponder.search`` (majority, temperature ``sample_temperature``), labelled with
     ``label_steps``; one JSONL row per problem, appended per batch (a rerun continues)."""
-    from ..policy import HFPolicy
+    from ..batch import search
+    from ..hf.policy import HFPolicy
+    from ..methods import SearchConfig
     from ..protocols import SamplingParams
-    from ..search import SearchConfig, search
 
     path = out_dir / "samples.jsonl"
     done_marker = out_dir / "samples.done"
@@ -399,7 +400,7 @@ def sample_solutions(config: TrainConfig, out_dir: Path, policy_dir: Path) -> Pa
 
 def _prm_examples(samples_path: Path, tokenizer) -> tuple[list, dict]:
     """Every sampled solution as a :func:`prm_example`, and what was kept / dropped."""
-    from .models import MAX_POSITIONS
+    from .builtin import MAX_POSITIONS
 
     rows = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
     examples = []

@@ -71,8 +71,8 @@ class SearchConfig:
     max_steps: int = 64
     max_wall_s: float | None = None
     max_policy_tokens: int | None = None
-    # dynamic compute (ponder.search.adaptive; docs/adaptive.md): early_stop: None (off), a
-    # threshold in (0.5, 1] or a ponder.search.stopping.EarlyStop, for majority / best_of_n /
+    # dynamic compute (ponder.methods.adaptive; docs/adaptive.md): early_stop: None (off), a
+    # threshold in (0.5, 1] or a ponder.methods.stopping.EarlyStop, for majority / best_of_n /
     # weighted_best_of_n. method="auto": budget (an n-equivalent, default n) or budget_tokens
     # (mean policy tokens per problem), strategy: a strategy.json path (None: the built-in one).
     early_stop: float | EarlyStop | None = None

@@ -1,8 +1,8 @@
 """Exact search on models the paged KV path refuses: transformers' own cache, one per sequence.
 
-:func:`cache_for_model` is what :class:`ponder.policy.HFPolicy` and :class:`ponder.prm.HFPRM`
-build their cache with. It returns a :class:`ponder.kv.PagedKVCache` when
-:func:`ponder.kv.paged_refusal` accepts the model (the fast path: prefix sharing, one batched
+:func:`cache_for_model` is what :class:`ponder.hf.policy.HFPolicy` and :class:`ponder.hf.prm.HFPRM`
+build their cache with. It returns a :class:`ponder.hf.kv.PagedKVCache` when
+:func:`ponder.hf.kv.paged_refusal` accepts the model (the fast path: prefix sharing, one batched
 forward), and otherwise a :class:`FallbackKVCache` with the same interface (``new_sequence`` /
 ``fork`` / ``free`` / ``seq_lens`` / ``prepare`` -> batch ``.run(model)`` / ``.on(companion)`` /
 ``forward`` / ``companion`` / ``stats``), warning once per model.
@@ -48,10 +48,10 @@ def cache_for_model(
     token_budget: int | None = None,
     self_check: bool = True,
 ) -> PagedKVCache | FallbackKVCache:
-    """The paged cache when ``model`` runs exactly on it (see :func:`ponder.kv.paged_refusal`),
+    """The paged cache when ``model`` runs exactly on it (see :func:`ponder.hf.kv.paged_refusal`),
     else a :class:`FallbackKVCache` (one ``RuntimeWarning`` per model naming the reason).
     ``self_check=False`` skips the probe (the paged path is then trusted for every layout
-    :func:`ponder.kv.kv_spec_of` accepts). Sizes as :meth:`PagedKVCache.for_model`; errors: its
+    :func:`ponder.hf.kv.kv_spec_of` accepts). Sizes as :meth:`PagedKVCache.for_model`; errors: its
     ValueError when the pool does not fit in memory."""
     reason = paged_refusal(model, self_check=self_check)
     if reason is None:
@@ -246,7 +246,7 @@ class FallbackKVCache:
     @torch.inference_mode()
     def forward(self, model: torch.nn.Module, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]],
                 logits: str = "last") -> torch.Tensor:
-        """As :meth:`ponder.kv.PagedKVCache.forward`: ``"last"`` -> [B, V], ``"all"`` -> [B, T, V]."""
+        """As :meth:`ponder.hf.kv.PagedKVCache.forward`: ``"last"`` -> [B, V], ``"all"`` -> [B, T, V]."""
         if logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
         batch = self.prepare(seq_ids, tokens)

@@ -1,7 +1,7 @@
 """``HFPolicy``: a Hugging Face causal LM as the search's policy, on ponder's paged KV cache.
 
 The search tree's structure is the KV cache's structure: every live node owns one
-:class:`ponder.kv.PagedKVCache` sequence holding its path (prompt + steps). Expanding a node
+:class:`ponder.hf.kv.PagedKVCache` sequence holding its path (prompt + steps). Expanding a node
 forks its sequence once per child (blocks are shared, only a partial tail block is copied on
 write), and all children of all problems decode together, one batched forward per token.
 
@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
+from ..protocols import SamplingParams, Step, check_sampling_params
 from .kv_fallback import cache_for_model
-from .protocols import SamplingParams, Step, check_sampling_params
 
 __all__ = ["HFPolicy", "load_tokenizer", "resolve_dtype", "sample_step_batch"]
 
@@ -69,7 +69,7 @@ def default_device() -> torch.device:
 def resolve_model_ref(model_id_or_path: str | os.PathLike) -> str:
     """A model reference as ``from_pretrained`` takes it: ``builtin:<name>`` (``policy-small``,
     ``policy-large``, ``prm``) becomes the shipped directory; others are returned unchanged."""
-    from .toy.models import resolve_model
+    from ..toy.builtin import resolve_model
 
     return resolve_model(model_id_or_path)
 
@@ -253,7 +253,7 @@ class HFPolicy:
             cache is read) or ``builtin:<name>`` (the shipped models: ``builtin:policy-small``, ...).
         device, dtype: where and in what precision the model runs (``device=None``: cuda when
             torch sees a GPU, else cpu; ``dtype=None``: float32 on CPU, bfloat16 elsewhere).
-        kv_budget: KV pool size in tokens (default: :data:`ponder.kv.DEFAULT_TOKEN_BUDGET`, see
+        kv_budget: KV pool size in tokens (default: :data:`ponder.hf.kv.DEFAULT_TOKEN_BUDGET`, see
             :meth:`PagedKVCache.for_model`); it must hold every live path's unshared blocks.
         block_size: tokens per KV block (small blocks waste less on the private tail of each branch).
         system_prompt: system message of the chat template (None: no system message).
@@ -264,11 +264,11 @@ class HFPolicy:
             runaway lookahead budgets).
 
         self_check: prove on a short probe, once per model, that the paged KV path reproduces
-            the model's own logits (:func:`ponder.kv.paged_refusal`); False trusts it.
+            the model's own logits (:func:`ponder.hf.kv.paged_refusal`); False trusts it.
 
     Models the check accepts run with ``attn_implementation="ponder_paged"`` on the paged,
     prefix-shared pool; the others (and hybrid / recurrent layouts) run exactly on
-    transformers' own cache per sequence (:mod:`ponder.kv_fallback`; one warning,
+    transformers' own cache per sequence (:mod:`ponder.hf.kv_fallback`; one warning,
     ``stats()["kv_backend"] == "fallback"`` and ``stats()["kv_reason"]``). docs/kv_compat.md
     lists which families take which path.
 
@@ -304,7 +304,7 @@ class HFPolicy:
             dtype=self.dtype,
             **_hub_kwargs(model_id_or_path, trust_remote_code),
         ).to(self.device).eval()
-        # paged when the model passes the self-check, else transformers' own cache (ponder.kv_fallback)
+        # paged when the model passes the self-check, else transformers' own cache (ponder.hf.kv_fallback)
         self.kv = cache_for_model(self.model, block_size=block_size, token_budget=kv_budget, self_check=self_check)
         self.system_prompt = system_prompt
         self.use_chat_template = bool(use_chat_template) and bool(getattr(self.tokenizer, "chat_template", None))

@@ -2,7 +2,7 @@
 
 The three popular PRM input formats (``/work/shared/design.md``) are all causal: the score of
 step k depends only on the tokens up to step k's tag. So the PRM keeps one
-:class:`ponder.kv.PagedKVCache` sequence per node holding *the PRM's input* for that node's path,
+:class:`ponder.hf.kv.PagedKVCache` sequence per node holding *the PRM's input* for that node's path,
 and scoring a child runs only the new step's tokens on a fork of the parent's sequence (the
 reference implementation, search-and-learn, rescores the whole prefix every step: O(depth^2)).
 
@@ -41,7 +41,7 @@ Formats (``format=``):
   the checkpoint's ``config.json`` key ``"implicit_prm": {"reference": ..., "beta": ...}``
   (a relative reference path is taken relative to the PRM's directory; beta defaults to
   0.001, the model card's coefficient). The reference model runs over the same KV block
-  tables (:meth:`ponder.kv.PagedKVCache.companion`); each node keeps its q, its per-token
+  tables (:meth:`ponder.hf.kv.PagedKVCache.companion`); each node keeps its q, its per-token
   log-ratio sums and the log-ratio row of its last position, so a child runs only its new
   tokens through both models (a child whose boundary merged tokens: from the shared prefix on).
 
@@ -82,6 +82,7 @@ from typing import Any
 
 import torch
 
+from ..protocols import check_score_steps_args
 from .kv import ATTN_IMPLEMENTATION
 from .kv_fallback import cache_for_model, with_companion
 from .policy import (
@@ -94,7 +95,6 @@ from .policy import (
     resolve_dtype,
     resolve_model_ref,
 )
-from .protocols import check_score_steps_args
 
 __all__ = [
     "FORMATS",
@@ -544,14 +544,14 @@ class HFPRM:
         format: ``"auto"`` (see :func:`detect_format`), ``"math-shepherd"``, ``"rlhflow"``,
             ``"qwen-prm"`` or ``"implicit-prm"`` (see the module docstring for what each one
             writes and reads).
-        device, dtype: as :class:`ponder.policy.HFPolicy` (device None: cuda when torch sees a
+        device, dtype: as :class:`ponder.hf.policy.HFPolicy` (device None: cuda when torch sees a
             GPU, else cpu; dtype None: float32 on CPU, bf16 else).
         kv_budget, block_size: the PRM's own KV pool (tokens; default
-            :data:`ponder.kv.DEFAULT_TOKEN_BUDGET`) and its block size.
+            :data:`ponder.hf.kv.DEFAULT_TOKEN_BUDGET`) and its block size.
         system_prompt: the system message of qwen-prm (None: Qwen's default; "" for none) and of
             implicit-prm (None or "": none, as EurusPRM's usage; the chat template may add its own).
         trust_remote_code: load a checkpoint's own model class (qwen-prm only).
-        self_check: as :class:`ponder.policy.HFPolicy` (paged KV cache when exact, else
+        self_check: as :class:`ponder.hf.policy.HFPolicy` (paged KV cache when exact, else
             transformers' own cache; ``stats()["kv_backend"]`` says which).
         reference: implicit-prm only: the reference causal LM (directory or hub id; None: the
             checkpoint's ``implicit_prm.reference``). It must share the PRM's vocabulary.
@@ -592,7 +592,7 @@ class HFPRM:
             self.model = _load_token_head_model(path, config, self.dtype, self.device, hub)
         else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **hub).to(self.device).eval()
-        # paged when the model passes the self-check, else transformers' own cache (ponder.kv_fallback)
+        # paged when the model passes the self-check, else transformers' own cache (ponder.hf.kv_fallback)
         self.kv = cache_for_model(self.model, block_size=block_size, token_budget=kv_budget, self_check=self_check)
         self.ref_model = None
         self.beta = None

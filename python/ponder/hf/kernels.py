@@ -23,7 +23,7 @@ them; callers passing ``check_indices=False`` must rule them out (``KVCacheManag
 
 Hot loops check once per batch on the host instead (:func:`check_batch_indices`, on the numpy
 arrays before they are copied to the device) and then call the kernels with
-``check_indices=False`` (``ponder.kv.PagedKVCache`` does this for every forward pass).
+``check_indices=False`` (``ponder.hf.kv.PagedKVCache`` does this for every forward pass).
 
 torch is imported on first use only; ``import ponder`` does not import it.
 """
@@ -34,7 +34,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from . import _core
+from .. import _core
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -5,7 +5,7 @@ This module is the specification of the KV-cache bookkeeping. The C++ classes (`
 must return exactly what these classes return for every sequence of calls and raise the same
 exception types for the same bad inputs; ``tests/test_kv_property.py`` holds them to that.
 Only metadata lives here: which KV *block* (``block_size`` token slots of every layer's K/V
-pool) holds which tokens. The K/V tensors belong to the caller (``ponder.kv``).
+pool) holds which tokens. The K/V tensors belong to the caller (``ponder.hf.kv``).
 
 Model
 -----

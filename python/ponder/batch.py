@@ -1,38 +1,11 @@
-"""Search methods that turn test-time compute into accuracy.
+"""One static batch through a fresh engine: ``ponder.search`` and ``search_sampled``.
 
-    results = ponder.search.search(problems, policy, prm, SearchConfig(method="dvts", n=16))
+    results = ponder.search(problems, policy, prm, SearchConfig(method="dvts", n=16))
 
-``search`` submits every problem to a fresh ``ponder.Engine`` and runs it to the end: every
-engine step is one batched ``Policy.sample_steps`` and one batched ``PRM.score_steps`` across
-all problems and paths. One module per method, each a per-search state machine
-(``method.Method``): ``majority``, ``best_of_n`` (vanilla and weighted), ``beam_search``,
-``dvts``; ``tree.SearchTree`` holds the forest and the stages they share. The methods follow
-huggingface/search-and-learn (``ponder.reference.search`` is a readable per-problem
-re-implementation written its way, the tests' oracle), except where ponder deliberately
-differs:
-
-* A step cut off by ``max_step_tokens`` is truncated, not finished: the path continues from
-  it, and it never counts as an answer unless it holds a boxed answer (search-and-learn:
-  vLLM reports a length stop like EOS, so the step is a finished solution). Compat: finished.
-* A boxed answer ends a path in every method (search-and-learn: DVTS only; beam search goes on
-  until EOS).
-* The final vote aggregates with the search's ``agg`` (search-and-learn: always ``last``).
-  Compat: ``last``.
-* DVTS returns each subtree's final path, N/M per problem (search-and-learn: the M candidates
-  of each subtree's last expansion, unfinished ones included, all voting). Compat: the M.
-* Completions without a boxed answer abstain from every vote, best-of-N included
-  (search-and-learn: their empty answer can win).
-* Beam search runs all problems of a batch together (search-and-learn: one at a time, since
-  its top-k is taken across the batch). Lookahead scores count in beam search too
-  (search-and-learn generates them but scores beam search paths without them). Generated
-  and scored tokens are counted for every method (``Budget``).
-* "Generate to EOS" in the last iteration is done step by step (the Protocol samples steps),
-  every step scored, up to ``max_steps`` steps (search-and-learn: one call of up to 2048
-  tokens without the step delimiter).
-* Ties: search-and-learn's ``np.argsort`` leaves equal scores in an undefined order; here ties
-  go to the earlier beam (lower node id), and M copies of a kept beam are adjacent instead of
-  interleaved (``(beams * M)[:N]``): the same beams, numbered in the order the forest numbers
-  children. Padding copies of completions are voted once.
+Every problem is submitted to a fresh ``ponder.Engine`` which runs to the end: every engine
+step is one batched ``Policy.sample_steps`` and one batched ``PRM.score_steps`` across all
+problems and paths. Where the methods differ from huggingface/search-and-learn on purpose:
+``docs/search_and_learn_differences.md``.
 """
 
 from __future__ import annotations
@@ -41,7 +14,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .config import METHODS, Budget, Completion, SearchConfig, SearchResult
+from .methods.config import SearchConfig, SearchResult
 
 
 def problem_text(problem: Any) -> str:
@@ -79,7 +52,7 @@ def _run_batch(policy, prm, requests, name):
     """Submit every (problem, config, votes, prm_free) to a fresh engine whose searches share
     the policy's random stream (as one batch always did), run it, return each result
     ``name`` (or the dict of all when name is None); the first error is raised."""
-    from ..engine import Engine
+    from .engine import Engine
 
     engine = Engine(policy, prm, per_request_streams=False)
     handles = [engine._submit(t, c, v, f) for t, c, v, f in requests]
@@ -135,13 +108,4 @@ def search_sampled(
     return {m: [res[m] for res in per_problem] for m in methods}
 
 
-__all__ = [
-    "METHODS",
-    "SAMPLING_METHODS",
-    "Budget",
-    "Completion",
-    "SearchConfig",
-    "SearchResult",
-    "search",
-    "search_sampled",
-]
+__all__ = ["SAMPLING_METHODS", "problem_text", "search", "search_sampled"]

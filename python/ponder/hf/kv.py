@@ -10,7 +10,7 @@ How a Hugging Face model runs on it, through transformers' own extension points 
 
 * the cache is passed as ``cache=`` and transformers calls ``cache.update(k, v, layer_idx,
   kwargs=...)`` in every attention layer: ``update`` scatters the new tokens' K/V into their
-  slots of the pool (``ponder.kernels.write_kv``);
+  slots of the pool (``ponder.hf.kernels.write_kv``);
 * the attention function ``"ponder_paged"`` is registered in ``transformers.AttentionInterface``
   (and its mask function in ``AttentionMaskInterface``); load the model with
   ``attn_implementation="ponder_paged"`` or call :func:`use_paged_attention`. With a
@@ -44,7 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _core, kernels
+from .. import _core
+from . import kernels
 
 KVCacheFull = _core.KVCacheFull
 ATTN_IMPLEMENTATION = "ponder_paged"
@@ -229,7 +230,7 @@ def _check_fits(what: str, num_blocks: int, block_size: int, per_block: int, fre
 def _refuse(model: torch.nn.Module, self_check: bool) -> None:
     reason = paged_refusal(model, self_check=self_check)
     if reason is not None:
-        raise ValueError(f"{reason}; ponder.kv_fallback.cache_for_model(model) runs it exactly on transformers' own cache")
+        raise ValueError(f"{reason}; ponder.hf.kv_fallback.cache_for_model(model) runs it exactly on transformers' own cache")
 
 
 class PagedKVCache:
@@ -285,7 +286,7 @@ class PagedKVCache:
 
         ``self_check``: first prove on a short probe that the model's logits on the pool equal
         its own cache-free forward (:func:`paged_refusal`, once per model); a model that fails
-        raises ValueError naming its class (:func:`ponder.kv_fallback.cache_for_model` runs such
+        raises ValueError naming its class (:func:`ponder.hf.kv_fallback.cache_for_model` runs such
         models exactly on transformers' own cache instead).
 
         Size: ``num_blocks`` if given, else ``token_budget`` tokens, else ``memory_fraction`` of the

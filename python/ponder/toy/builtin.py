@@ -45,7 +45,7 @@ BUILTIN_MODELS = {
     "policy-large": "the larger policy (~5x the small one)",
     "prm": "the implicit PRM (format implicit-prm, reference policy-large; fitted on policy-small's samples)",
 }
-# The Math-Shepherd step tag (ponder.prm.MATH_SHEPHERD_TAG): a token of the vocabulary the shipped
+# The Math-Shepherd step tag (ponder.hf.prm.MATH_SHEPHERD_TAG): a token of the vocabulary the shipped
 # models were trained with (an earlier PRM used that format), so it stays.
 STEP_TAG = " ки"
 

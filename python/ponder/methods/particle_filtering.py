@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..reference.forest import count_weights
+from ..twins.forest import count_weights
 from .rebase import Rebase
 
 

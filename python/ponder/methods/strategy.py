@@ -1,6 +1,6 @@
 """Compute-optimal strategy tables: difficulty bin x budget -> method and settings.
 
-``method="auto"`` (``ponder.search.adaptive.Auto``) first samples a *probe* of ``k`` full
+``method="auto"`` (``ponder.methods.adaptive.Auto``) first samples a *probe* of ``k`` full
 solutions, scores them with the PRM, and estimates the problem's difficulty from them
 (``difficulty``: agreement and PRM confidence; never the gold answer). The difficulty falls in
 one of a few bins (quantiles on a calibration set). The table says, for the bin and the

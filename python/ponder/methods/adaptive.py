@@ -5,7 +5,7 @@
   starts from its own root (a node is expanded once: the policy frees a parent after its
   children are sampled, so round j expands root j; the roots share the prompt, which a
   prefix-sharing policy computes once and the budget counts once). After every round the
-  stopping rule of ``ponder.search.stopping`` decides: majority on the answer counts, the
+  stopping rule of ``ponder.methods.stopping`` decides: majority on the answer counts, the
   best-of-N variants on the PRM-weighted votes (``vote_agg``). The vote is the method's own.
 * ``Auto`` (``method="auto"``): a probe of k solutions (k from the plan), the difficulty
   estimate from them (``strategy.difficulty``), then the option the strategy table's plan

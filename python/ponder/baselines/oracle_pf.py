@@ -3,7 +3,7 @@
 Written like ``reference/search.py`` (same ``_Models`` Protocol driver, same ``Beam``, same
 vote), so that ``ponder.search`` with ``method="particle_filtering"`` / ``"rebase"`` can be
 compared with it call for call on deterministic scripted models. The selection arithmetic is
-``reference.forest``'s (``count_weights``, ``counts_from_weights``: the specification of
+``twins.forest``'s (``count_weights``, ``counts_from_weights``: the specification of
 ``Forest.children_counts``); everything else is here.
 
 Both methods, per problem: the root gets N children; each iteration every frontier path gets
@@ -20,8 +20,8 @@ import math
 
 import numpy as np
 
-from .forest import count_weights, counts_from_weights
-from .search import Beam, OracleResult, _final_vote, _Models, _vote, aggregate_scores
+from ..twins.forest import count_weights, counts_from_weights
+from .oracle import Beam, OracleResult, _final_vote, _Models, _vote, aggregate_scores
 
 
 def _ranks(beams: list[Beam], agg: str) -> list[float]:
