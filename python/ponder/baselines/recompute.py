@@ -10,7 +10,7 @@ each token of the tree once.
 ``RecomputePolicy`` and ``RecomputePRM`` implement :class:`ponder.protocols.Policy` /
 :class:`ponder.protocols.PRM` that way, *wrapping an existing* :class:`ponder.HFPolicy` /
 :class:`ponder.HFPRM`: the same model, tokenizer, prompt formatting, PRM input formatting,
-stopping rules and sampling loop (``ponder.hf.policy.sample_step_batch``), and the same seeding rule. The one
+stopping rules and sampling loop (``ponder.hf.sampling.sample_step_batch``), and the same seeding rule. The one
 difference is caching:
 
 * ``RecomputePolicy.sample_steps``: each row (one per child) re-encodes its parent's full path
@@ -38,8 +38,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..hf.policy import HFPolicy, SeededStream, sample_step_batch
+from ..hf.policy import HFPolicy
 from ..hf.prm import HFPRM
+from ..hf.sampling import SeededStream, sample_step_batch
 from ..protocols import SamplingParams, Step, check_sampling_params, check_score_steps_args
 
 __all__ = ["RecomputePRM", "RecomputePolicy"]

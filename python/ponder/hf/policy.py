@@ -30,175 +30,25 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ..protocols import SamplingParams, Step, check_sampling_params
+from ._loading import (
+    PREFILL_BATCH_TOKENS,
+    _check_new_ids,
+    _eos_ids,
+    _hub_kwargs,
+    _model_stats,
+    default_device,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_ref,
+)
 from .kv_fallback import cache_for_model
+from .sampling import SeededStream, sample_step_batch
 
-__all__ = ["HFPolicy", "load_tokenizer", "resolve_dtype", "sample_step_batch"]
-
-# How many tokens a prefill batch may hold: bounds the gathered K/V and the [B, 1, T, L] mask.
-_PREFILL_BATCH_TOKENS = 16384
-# Delimiter detection decodes only the last few tokens of a step (the delimiter cannot occur
-# earlier: the row would have stopped there). The window covers the delimiter plus tokens that
-# decode to partial UTF-8 characters (byte-level BPE splits a character over up to 4 tokens).
-_DELIM_WINDOW_EXTRA = 8
-
-
-# ----------------------------------------------------------------------------- loading helpers
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _hub_kwargs(model_id_or_path: str | os.PathLike, trust_remote_code: bool) -> dict[str, Any]:
-    """from_pretrained keyword arguments: local directories and HF_HUB_OFFLINE never touch the
-    network (``local_files_only``)."""
-    local = os.path.isdir(os.fspath(model_id_or_path))
-    return {"local_files_only": local or _offline(), "trust_remote_code": trust_remote_code}
-
-
-def default_device() -> torch.device:
-    """``cuda`` when torch sees a CUDA GPU, else ``cpu`` (the default ``device`` of HFPolicy / HFPRM)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_model_ref(model_id_or_path: str | os.PathLike) -> str:
-    """A model reference as ``from_pretrained`` takes it: ``builtin:<name>`` (``policy-small``,
-    ``policy-large``, ``prm``) becomes the shipped directory; others are returned unchanged."""
-    from ..toy.builtin import resolve_model
-
-    return resolve_model(model_id_or_path)
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """``None`` -> float32 on CPU (fast and exact there), bfloat16 on accelerators; strings such as
-    ``"bfloat16"`` name a torch dtype."""
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if isinstance(dtype, str):
-        value = getattr(torch, dtype, None)
-        if not isinstance(value, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
-        return value
-    return dtype
-
-
-def load_tokenizer(model_id_or_path: str | os.PathLike, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(os.fspath(model_id_or_path), **_hub_kwargs(model_id_or_path, trust_remote_code))
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a solution: the generation config's eos ids (chat models list several,
-    e.g. <|eot_id|> and <|end_of_text|>) plus the tokenizer's eos token."""
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    for source in (getattr(gen, "eos_token_id", None), getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
-        if source is None:
-            continue
-        ids.update(int(x) for x in (source if isinstance(source, (list, tuple)) else [source]))
-    return ids
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row. logits: float [B, V] -> int64 [B] (on the logits' device).
-
-    temperature 0 is greedy (argmax, first index on ties); otherwise temperature scaling, then
-    the top-k filter (k > 0), then the nucleus (top-p < 1) filter, then one multinomial draw per
-    row from ``generator`` (rows in order, so a seed reproduces the batch). ``generator`` may
-    also be a list with one generator per row: each row draws from its own (rows sharing a
-    generator draw in row order), so a row's token depends only on its generator and logits.
-    """
-    logits = logits.float()
-    if params.temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    V = logits.shape[-1]
-    if 0 < params.top_k < V:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        ordered, order = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass; the most
-        # likely token always stays.
-        drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
-        ordered = ordered.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
-    probs = logits.softmax(dim=-1)
-    if isinstance(generator, list):
-        out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-        groups: dict[int, list[int]] = {}
-        for i, g in enumerate(generator):
-            groups.setdefault(id(g), []).append(i)
-        for rows in groups.values():
-            idx = torch.tensor(rows, device=probs.device)
-            out[idx] = torch.multinomial(probs[idx], 1, generator=generator[rows[0]]).squeeze(-1)
-        return out
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def sample_step_batch(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-    tokenizer,
-    eos_ids: set[int],
-    advance,
-) -> list[Step]:
-    """Sample one step for each of B rows, token by token, with the stopping rules every
-    ponder policy shares: a row stops at an EOS id (``eos``), once its decoded tail holds
-    ``params.step_delimiter`` (the delimiter stays in the step), or at ``max_step_tokens``
-    (``truncated``); a stopped row leaves the batch at once.
-
-    logits: float [B, V], the next-token logits of each row. advance(rows, positions, last):
-    run the models one token further for the rows still going (``rows``: their indices in
-    0..B-1, ``positions``: their positions in the previous live batch, ``last``: each one's
-    newly sampled token) and return their next-token logits [len(rows), V]. Step texts are
-    decoded without the EOS ids.
-    """
-    delim = params.step_delimiter
-    window = len(delim) + _DELIM_WINDOW_EXTRA
-    B = logits.shape[0]
-    tokens: list[list[int]] = [[] for _ in range(B)]
-    eos = [False] * B
-    truncated = [False] * B
-    active = list(range(B))
-    while active:
-        gen = [generator[i] for i in active] if isinstance(generator, list) else generator
-        nxt = sample_next(logits, params, gen).tolist()
-        for i, t in zip(active, nxt):
-            tokens[i].append(int(t))
-        tails = tokenizer.batch_decode(
-            [tokens[i][-window:] for i in active], skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
-        keep: list[int] = []  # positions in the live batch of the rows that go on
-        for j, (i, tail) in enumerate(zip(active, tails)):
-            if tokens[i][-1] in eos_ids:
-                eos[i] = True
-            elif delim in tail:
-                pass  # the step ends with its delimiter
-            elif len(tokens[i]) >= params.max_step_tokens:
-                truncated[i] = True
-            else:
-                keep.append(j)
-        active = [active[j] for j in keep]
-        if active:
-            logits = advance(active, keep, [tokens[i][-1] for i in active])
-    texts = tokenizer.batch_decode(
-        [[t for t in toks if t not in eos_ids] for toks in tokens],
-        skip_special_tokens=False,
-        clean_up_tokenization_spaces=False,
-    )
-    return [Step(tokens[i], texts[i], eos[i], truncated[i]) for i in range(B)]
+__all__ = ["HFPolicy", "SeededStream", "load_tokenizer", "resolve_dtype", "sample_step_batch"]
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -216,33 +66,6 @@ class _Node:
     seq: int
     pending: int | None = None
     logits: torch.Tensor | None = None
-
-
-class SeededStream:
-    """The random stream steps are sampled from. It is (re)seeded from ``params.seed`` when the
-    seed changes and after :meth:`restart` (a new search), and otherwise runs on across calls,
-    so the same seed and the same calls give the same steps. ``params.seed=None`` seeds from
-    the OS. Greedy sampling (temperature 0) needs no generator."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._generator: torch.Generator | None = None
-        self._seed: int | None = None
-
-    def restart(self) -> None:
-        self._generator = None
-
-    def generator(self, params: SamplingParams) -> torch.Generator | None:
-        if params.temperature <= 0:
-            return None
-        if self._generator is None or (params.seed is not None and params.seed != self._seed):
-            self._generator = torch.Generator(device=self.device)
-            if params.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(int(params.seed))
-            self._seed = params.seed
-        return self._generator
 
 
 class HFPolicy:
@@ -538,12 +361,12 @@ class HFPolicy:
         return self.kv.forward(self.model, seqs, tokens, logits="last")
 
     def _prefill(self, rows: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
-        """Prefill (seq, tokens) rows in batches of at most _PREFILL_BATCH_TOKENS tokens."""
+        """Prefill (seq, tokens) rows in batches of at most PREFILL_BATCH_TOKENS tokens."""
         out: list[torch.Tensor] = []
         i = 0
         while i < len(rows):
             j, total = i, 0
-            while j < len(rows) and (j == i or total + len(rows[j][1]) <= _PREFILL_BATCH_TOKENS):
+            while j < len(rows) and (j == i or total + len(rows[j][1]) <= PREFILL_BATCH_TOKENS):
                 total += len(rows[j][1])
                 j += 1
             logits = self._forward([s for s, _ in rows[i:j]], [t for _, t in rows[i:j]])
@@ -575,23 +398,3 @@ class HFPolicy:
         steps = sample_step_batch(logits, params, rng, self.tokenizer, self.eos_ids, advance)
         self._tokens_generated += sum(len(s.tokens) for s in steps)
         return steps
-
-
-def _model_stats(own: dict[str, int], live_nodes: int, num_parameters: int, kv: dict[str, int]) -> dict[str, int]:
-    """The ``stats()`` dict of an HF model wrapper (HFPolicy, HFPRM): its own counters, then
-    ``live_nodes``, ``num_parameters`` and the KV cache's counters prefixed ``kv_``."""
-    out = {k: int(v) for k, v in own.items()}
-    out.update(live_nodes=int(live_nodes), num_parameters=int(num_parameters))
-    out.update({f"kv_{k}": v if isinstance(v, str) else int(v) for k, v in kv.items()})
-    out.setdefault("kv_backend", "paged")
-    return out
-
-
-def _check_new_ids(ids: Sequence[int], held, owner: str) -> None:
-    """ValueError unless ``ids`` are distinct and none is in ``held`` (the wrapper's nodes)."""
-    dup = [i for i, c in Counter(ids).items() if c > 1]
-    if dup:
-        raise ValueError(f"node ids repeat: {sorted(dup)[:8]}")
-    taken = sorted(i for i in ids if i in held)
-    if taken:
-        raise ValueError(f"nodes {taken[:8]} are already held by this {owner}")

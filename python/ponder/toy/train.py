@@ -170,7 +170,7 @@ def prm_example(tokenizer, question: str, steps: list[str], labels: list[bool]) 
     """(token ids of the implicit-PRM rendering of the path, index of its first scored token,
     per step the index of its last token, the step labels). The rendering and the cuts are
     ``ponder.hf.prm``'s own (format ``implicit-prm``), so training and scoring agree."""
-    from ..hf.prm import _ImplicitPRM
+    from ..hf.prm.formats import _ImplicitPRM
 
     ids, answer_start, ends = _ImplicitPRM(tokenizer).spans(question, steps)
     if len(ends) != len(labels):

@@ -1,92 +1,29 @@
 """``HFPRM``: a Hugging Face process reward model scored incrementally on a paged KV cache.
 
-The three popular PRM input formats (``/work/shared/design.md``) are all causal: the score of
-step k depends only on the tokens up to step k's tag. So the PRM keeps one
-:class:`ponder.hf.kv.PagedKVCache` sequence per node holding *the PRM's input* for that node's path,
-and scoring a child runs only the new step's tokens on a fork of the parent's sequence (the
-reference implementation, search-and-learn, rescores the whole prefix every step: O(depth^2)).
-
-Formats (``format=``):
-
-* ``"math-shepherd"`` (peiyi9979/math-shepherd-mistral-7b-prm): ``question + " " + step_1 + " ки"
-  + step_2 + " ки" ...``; a step's trailing whitespace (its delimiter) goes after its tag, as in
-  search-and-learn (``"\\n\\n"`` -> ``" ки\\n\\n"``). Score: softmax over the logits of the good
-  / bad tokens ``"+"`` / ``"-"`` at the tag position, P(good). The tokenizer's own special
-  tokens (BOS) are added, as ``tokenizer.encode`` does in the model card.
-* ``"rlhflow"`` (RLHFlow/Llama3.1-8B-PRM-*): a chat rendered with the tokenizer's chat template:
-  user turn ``question + " " + step_1``, assistant ``"+"``, user ``step_2``, assistant ``"+"``, ...
-  (a step's trailing whitespace, i.e. its delimiter, is dropped, as search-and-learn splits on
-  it; the Llama-3 template trims each turn anyway). Score:
-  softmax over {"+", "-"} at the position predicting the assistant's "+", P("+").
-* ``"qwen-prm"`` (Qwen/Qwen2.5-Math-PRM-7B): chat template with an optional system message
-  (default: Qwen's "Please reason step by step, ..."), the question as user message and
-  ``step_1<extra_0>step_2<extra_0>...`` as the assistant message (steps stripped of surrounding
-  whitespace, like the list of steps of the model card). The model has a 2-logit head
-  per token; score: softmax(head logits)[1] at each ``<extra_0>``. Supported checkpoints: a
-  ``*ForTokenClassification`` model with ``num_labels=2`` (e.g. ``Qwen2ForTokenClassification``,
-  head ``score``), or the released ``Qwen2ForProcessRewardModel`` layout (decoder weights under
-  ``model.``, head ``score.0`` / ``score.2`` = Linear-ReLU-Linear) loaded *without* remote code:
-  the decoder through ``AutoModel`` (native class of ``model_type``), the head read from the
-  safetensors files; or with ``trust_remote_code=True`` the checkpoint's own class (it must
-  expose ``.model`` and ``.score``).
-
-* ``"implicit-prm"`` (PRIME-RL/EurusPRM-Stage1/-Stage2, arXiv 2412.01981): a causal LM
-  pi_theta trained as an outcome reward model whose reward is ``beta * log pi_theta(y) /
-  pi_ref(y)`` against a *reference* causal LM pi_ref with the same vocabulary. Input: the chat
-  template with the question as user message and ``"\n\n".join(steps)`` (stripped) as the
-  assistant message, as the model card's usage. Score of step k: sigmoid(q_k) with
-  ``q_k = beta * sum log pi_theta(y_t | y_<t) - log pi_ref(y_t | y_<t)`` over every token
-  after the question part up to the end of step k (the implicit Q value; sigmoid(q_n) is the
-  ORM's P(correct)). The reference and beta come from ``reference=`` / ``beta=``, else from
-  the checkpoint's ``config.json`` key ``"implicit_prm": {"reference": ..., "beta": ...}``
-  (a relative reference path is taken relative to the PRM's directory; beta defaults to
-  0.001, the model card's coefficient). The reference model runs over the same KV block
-  tables (:meth:`ponder.hf.kv.PagedKVCache.companion`); each node keeps its q, its per-token
-  log-ratio sums and the log-ratio row of its last position, so a child runs only its new
-  tokens through both models (a child whose boundary merged tokens: from the shared prefix on).
-
-How a path is turned into tokens incrementally (and checked):
-
-* ``render(question, steps)`` is the full reference text of a path. A node's *text* is that
-  rendering cut right after its last step's marker (" ки", "+", "<extra_0>"): whatever the
-  template appends after it (end-of-turn tokens, trailing whitespace) belongs to the next step;
-  implicit-prm has no marker: its node text ends with the last step's text.
-  A root's text is the rendering cut before the first step (trailing whitespace left to the
-  step, because BPE tokenizers attach a space to the following word).
-* A path's tokens are always the tokenization of its whole text (``encode_full``, batched over
-  the children of a call), so its scores are those of the full path whatever the tokenizer
-  merges across a step boundary (an empty or whitespace-only step, a "." followed by a blank
-  line that BPE writes as one token, a combining accent that NFC joins to the previous
-  character). Only the model's work is incremental: a child whose tokens extend its parent's
-  forks the parent's sequence and runs the new tokens; any other child (the boundary merged, or
-  the template is not *prefix-stable*: rendering k+1 steps does not start with the rendering
-  of k) starts a new sequence over the cached full blocks of its longest equal prefix (counted
-  in ``stats()["full_reencodes"]``, warned once per cause). Scores stay exact either way.
-
-Marker formats take the model's logits only at the scored positions (``logits_to_keep``),
-never a vocabulary-sized row per new token; implicit-prm needs the log-probability of every
-new token under both models, so it takes every new position's logits (batched as for prefill).
+Every live node keeps one :class:`ponder.hf.kv.PagedKVCache` sequence holding the PRM's input
+for its path (``formats``); scoring a child runs only the new step's tokens on a fork of its
+parent's sequence. A path's tokens are always the tokenization of its whole text, so scores are
+those of the full path whatever the tokenizer merges across a step boundary: a child whose
+tokens do not extend its parent's (a merged boundary, a template that is not prefix-stable)
+starts a new sequence over the cached blocks of its longest equal prefix
+(``stats()["full_reencodes"]``). Marker formats take logits only at scored positions
+(``logits_to_keep``); implicit-prm takes every new position's log-probabilities under both
+models. Design notes: docs/prm.md.
 """
 
 from __future__ import annotations
 
-import abc
-import json
 import math
 import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any
 
 import torch
 
-from ..protocols import check_score_steps_args
-from .kv import ATTN_IMPLEMENTATION
-from .kv_fallback import cache_for_model, with_companion
-from .policy import (
-    _PREFILL_BATCH_TOKENS,
+from ...protocols import check_score_steps_args
+from .._loading import (
+    PREFILL_BATCH_TOKENS,
     _check_new_ids,
     _hub_kwargs,
     _model_stats,
@@ -95,407 +32,16 @@ from .policy import (
     resolve_dtype,
     resolve_model_ref,
 )
+from ..kv_fallback import cache_for_model, with_companion
+from .formats import _FORMAT_CLASSES, FORMATS, IMPLICIT_PRM_BETA, _common_prefix, _Format, _ids, _leading_special, detect_format
+from .heads import _load_token_head_model
 
-__all__ = [
-    "FORMATS",
-    "HFPRM",
-    "IMPLICIT_PRM_BETA",
-    "MATH_SHEPHERD_TAG",
-    "QWEN_PRM_SYSTEM",
-    "QWEN_STEP_SEP",
-    "TokenScoreModel",
-    "detect_format",
-]
+__all__ = ["HFPRM"]
 
-FORMATS = ("math-shepherd", "rlhflow", "qwen-prm", "implicit-prm")
-MATH_SHEPHERD_TAG = " ки"
-QWEN_STEP_SEP = "<extra_0>"
-# EurusPRM's model card scales the log-likelihood ratio by this coefficient.
-IMPLICIT_PRM_BETA = 0.001
-QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 # Bounds the [tokens, vocab] float32 log-probability rows one implicit-PRM batch materialises
 # per model (1 GiB): a 150k vocabulary gets ~1.7k new tokens a batch, the toy one the default.
 _LOGRATIO_ELEMENTS = 1 << 28
-# Stands for step text when locating where the first step starts in a rendering.
-_SENTINEL = "PONDERSTEPSENTINEL"
 
-
-# ----------------------------------------------------------------------------- token probes
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def _tag_token(tokenizer, tag: str) -> int | None:
-    """The id of ``tag`` when, written after some text, it is one token of its own."""
-    ids = _ids(tokenizer, "x" + tag)
-    if len(ids) < 2:
-        return None
-    last = tokenizer.decode(ids[-1:], clean_up_tokenization_spaces=False)
-    head = tokenizer.decode(ids[:-1], clean_up_tokenization_spaces=False)
-    return ids[-1] if last.strip() == tag.strip() and head.strip() == "x" else None
-
-
-def _single_token(tokenizer, text: str) -> int | None:
-    """The id of ``text`` when it encodes to exactly one token."""
-    ids = _ids(tokenizer, text)
-    return ids[0] if len(ids) == 1 else None
-
-
-def _leading_special(tokenizer) -> list[int]:
-    """The tokens ``encode(add_special_tokens=True)`` puts *before* the text (BOS); trailing
-    ones (an EOS some tokenizers append) would break the concatenation of segments."""
-    with_sp = list(tokenizer.encode("x y", add_special_tokens=True))
-    plain = _ids(tokenizer, "x y")
-    for k in range(len(with_sp) - len(plain) + 1):
-        if with_sp[k : k + len(plain)] == plain:
-            return with_sp[:k]
-    return []
-
-
-def detect_format(tokenizer, config: Any = None, name: str = "") -> str:
-    """Pick the PRM format from the tokenizer and the model config.
-
-    * ``config.implicit_prm`` present (written by ponder's trainer) -> ``"implicit-prm"`` (an
-      implicit PRM is a plain causal LM: without that key pass ``format="implicit-prm"``);
-    * a 2-logit token head (architecture ``*ForTokenClassification`` / ``*ProcessRewardModel``)
-      and a single-token ``<extra_0>`` -> ``"qwen-prm"``;
-    * " ки" is a token of its own and there is no chat template -> ``"math-shepherd"``;
-    * a chat template and single-token "+" / "-" and no " ки" token -> ``"rlhflow"``;
-    * both (large multilingual vocabularies may hold " ки"): decided by the model name
-      (``math-shepherd`` / ``rlhflow`` in it), else ValueError. ValueError when nothing fits.
-    """
-    if getattr(config, "implicit_prm", None) is not None:
-        return "implicit-prm"
-    archs = list(getattr(config, "architectures", None) or [])
-    head = any(a.endswith(("ForTokenClassification", "ProcessRewardModel")) for a in archs)
-    sep = _single_token(tokenizer, QWEN_STEP_SEP) is not None
-    tag = _tag_token(tokenizer, MATH_SHEPHERD_TAG) is not None
-    plus_minus = _single_token(tokenizer, "+") is not None and _single_token(tokenizer, "-") is not None
-    chat = bool(getattr(tokenizer, "chat_template", None)) and plus_minus
-    if head:
-        if sep:
-            return "qwen-prm"
-        raise ValueError(
-            f"cannot tell the PRM format of {name or 'this model'}: it has a token-classification head "
-            f"({archs}) but {QWEN_STEP_SEP!r} is not a single token of its tokenizer (qwen-prm needs it); "
-            f"pass format= one of {FORMATS}"
-        )
-    if tag and not chat:
-        return "math-shepherd"
-    if chat and not tag:
-        return "rlhflow"
-    lowered = name.lower()
-    if tag and chat:
-        if "shepherd" in lowered:
-            return "math-shepherd"
-        if "rlhflow" in lowered:
-            return "rlhflow"
-        raise ValueError(
-            f"cannot tell the PRM format of {name or 'this model'}: its tokenizer has both the math-shepherd "
-            f"step tag {MATH_SHEPHERD_TAG!r} and a chat template with '+'/'-' tokens (rlhflow); "
-            f"pass format='math-shepherd' or format='rlhflow'"
-        )
-    raise ValueError(
-        f"cannot tell the PRM format of {name or 'this model'}: no math-shepherd step tag {MATH_SHEPHERD_TAG!r} "
-        f"token, no chat template with single-token '+'/'-' (rlhflow), no 2-label token head with "
-        f"{QWEN_STEP_SEP!r} (qwen-prm); pass format= one of {FORMATS}"
-    )
-
-
-# ----------------------------------------------------------------------------- formats
-
-
-class _Format(abc.ABC):
-    """How a path is written for one PRM family and how its score is read.
-
-    marker: the text ending every scored step; offset: the scored position relative to the
-    marker's token (0: at it, -1: the position predicting it); columns: the vocabulary ids whose
-    logits are compared (None: the model's own 2-logit head); good: index of the "correct" class.
-    """
-
-    name = ""
-    marker = ""
-    offset = 0
-    add_special_tokens = False
-    columns: list[int] | None = None
-    good = 0
-
-    def __init__(self, tokenizer, system_prompt: str | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.system_prompt = system_prompt
-
-    @abc.abstractmethod
-    def render(self, question: str, steps: Sequence[str]) -> str:
-        """The full text the PRM reads for a question and its steps."""
-
-    @abc.abstractmethod
-    def marker_id(self) -> int:
-        """The token id of the marker that ends every scored step."""
-
-    def probability(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits: float32 [B, 2] (the two compared classes) -> P(correct) float32 [B]."""
-        return logits.float().softmax(dim=-1)[:, self.good]
-
-    def root_text(self, question: str) -> str:
-        """The rendering cut before the first step (its trailing whitespace is left to the step,
-        because BPE tokenizers attach a space to the following word)."""
-        full = self.render(question, [_SENTINEL])
-        k = full.find(_SENTINEL)
-        if k < 0:
-            raise ValueError(f"format {self.name!r}: the rendering does not contain the step text verbatim")
-        return full[:k].rstrip()
-
-    def node_end(self, question: str, steps: Sequence[str], full: str) -> int:
-        """Where a path's node text ends in ``full`` (= ``render(question, steps)``): right
-        after the last marker."""
-        k = full.rfind(self.marker)
-        if k < 0:
-            raise ValueError(f"format {self.name!r}: the rendering of a path lacks the marker {self.marker!r}")
-        return k + len(self.marker)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def _need(value: int | None, what: str, fmt: str) -> int:
-    if value is None:
-        raise ValueError(f"format {fmt!r}: {what} is not a single token of this tokenizer")
-    return value
-
-
-class _MathShepherd(_Format):
-    name, marker, offset, add_special_tokens, good = "math-shepherd", MATH_SHEPHERD_TAG, 0, True, 0
-
-    def __init__(self, tokenizer, system_prompt=None):
-        super().__init__(tokenizer, system_prompt)
-        self.tag_id = _need(_tag_token(tokenizer, MATH_SHEPHERD_TAG), f"the step tag {MATH_SHEPHERD_TAG!r}", self.name)
-        # As the model card: the last token of encode("+") / encode("-") (SentencePiece: "▁+").
-        self.columns = [_ids(tokenizer, "+")[-1], _ids(tokenizer, "-")[-1]]
-
-    def render(self, question, steps):
-        parts = [question, " "]
-        for s in steps:
-            body = s.rstrip()
-            parts += [body, MATH_SHEPHERD_TAG, s[len(body) :]]
-        return "".join(parts)
-
-    def marker_id(self):
-        return self.tag_id
-
-
-class _RLHFlow(_Format):
-    name, marker, offset, add_special_tokens, good = "rlhflow", "+", -1, False, 0
-
-    def __init__(self, tokenizer, system_prompt=None):
-        super().__init__(tokenizer, system_prompt)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("format 'rlhflow' needs a tokenizer with a chat template")
-        plus = _need(_single_token(tokenizer, "+"), "'+'", self.name)
-        minus = _need(_single_token(tokenizer, "-"), "'-'", self.name)
-        self.columns = [plus, minus]
-
-    def render(self, question, steps):
-        conv = []
-        for k, s in enumerate(steps):
-            # Trailing whitespace is the delimiter search-and-learn splits off; leading whitespace
-            # stays (the step is appended to the question verbatim, as there).
-            conv.append({"role": "user", "content": f"{question} {s.rstrip()}" if k == 0 else s.rstrip()})
-            conv.append({"role": "assistant", "content": "+"})
-        return self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=False)
-
-    def marker_id(self):
-        return self.columns[0]
-
-
-class _QwenPRM(_Format):
-    name, marker, offset, add_special_tokens, good = "qwen-prm", QWEN_STEP_SEP, 0, True, 1
-
-    def __init__(self, tokenizer, system_prompt=None):
-        super().__init__(tokenizer, QWEN_PRM_SYSTEM if system_prompt is None else system_prompt)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("format 'qwen-prm' needs a tokenizer with a chat template")
-        self.sep_id = _need(_single_token(tokenizer, QWEN_STEP_SEP), repr(QWEN_STEP_SEP), self.name)
-
-    def render(self, question, steps):
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": question})
-        messages.append({"role": "assistant", "content": "".join(s.strip() + QWEN_STEP_SEP for s in steps)})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-
-    def marker_id(self):
-        return self.sep_id
-
-
-class _ImplicitPRM(_Format):
-    """EurusPRM-style implicit PRM: no marker and no head; the score is read from the
-    log-likelihood ratio of every token (see the module docstring)."""
-
-    name, marker, offset, add_special_tokens = "implicit-prm", "", 0, False
-
-    def __init__(self, tokenizer, system_prompt=None):
-        super().__init__(tokenizer, system_prompt)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("format 'implicit-prm' needs a tokenizer with a chat template")
-
-    def render(self, question, steps):
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": question})
-        messages.append({"role": "assistant", "content": "\n\n".join(s.strip() for s in steps)})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-
-    def node_end(self, question, steps, full):
-        # Where the last step starts is where a sentinel in its place starts (searching for the
-        # step text itself could match inside the template's end-of-turn text); an empty step
-        # ends right there, after its "\n\n".
-        probe = self.render(question, [*steps[:-1], _SENTINEL])
-        k = probe.find(_SENTINEL)
-        last = steps[-1].strip()
-        if k >= 0 and not last:
-            # a template may trim the message, dropping the delimiter before an empty last step:
-            # the node then ends where the rendering stops agreeing with the probe
-            return len(os.path.commonprefix([full, probe[:k]]))
-        if k < 0 or full[:k] != probe[:k] or full[k : k + len(last)] != last:
-            raise ValueError(f"format {self.name!r}: the rendering does not contain the step text {last!r} verbatim")
-        return k + len(last)
-
-    def marker_id(self):
-        return -1  # no marker token: every token counts
-
-    def spans(self, question: str, steps: Sequence[str]) -> tuple[list[int], int, list[int]]:
-        """The whole path as the PRM reads it: (token ids of ``render(question, steps)``, index
-        of the first scored token (after the question part), per step the index of its last
-        token). Raises ValueError when a step's tokens are not a prefix of the whole path's."""
-        full = self.render(question, steps)
-        ids = _ids(self.tokenizer, full)
-        answer_start = len(_ids(self.tokenizer, self.root_text(question)))
-        ends = []
-        for k in range(1, len(steps) + 1):
-            part = self.render(question, steps[:k])
-            cut = _ids(self.tokenizer, part[: self.node_end(question, steps[:k], part)])
-            if ids[: len(cut)] != cut or len(cut) <= answer_start:
-                raise ValueError(f"format {self.name!r}: step {k} does not end at a token boundary of the whole path")
-            ends.append(len(cut) - 1)
-        return ids, answer_start, ends
-
-
-_FORMAT_CLASSES = {"math-shepherd": _MathShepherd, "rlhflow": _RLHFlow, "qwen-prm": _QwenPRM, "implicit-prm": _ImplicitPRM}
-
-
-# ----------------------------------------------------------------------------- reward-head models
-
-
-class TokenScoreModel(torch.nn.Module):
-    """A decoder (``base``, returns ``last_hidden_state`` [B, T, H]) plus a per-token head
-    (``head``: [.., H] -> [.., C]) called like a causal LM: ``model(..., logits_to_keep=idx)``
-    returns ``.logits`` [B, len(idx), C] -- the head runs only at the kept positions."""
-
-    def __init__(self, base: torch.nn.Module, head: torch.nn.Module) -> None:
-        super().__init__()
-        self.base = base
-        self.head = head
-        self.config = base.config
-
-    def set_attn_implementation(self, implementation: str) -> None:
-        self.base.set_attn_implementation(implementation)
-
-    def forward(self, *, logits_to_keep: int | torch.Tensor = 0, **kwargs):
-        hidden = self.base(**kwargs).last_hidden_state
-        if isinstance(logits_to_keep, torch.Tensor):
-            hidden = hidden[:, logits_to_keep]
-        elif logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return SimpleNamespace(logits=self.head(hidden))
-
-
-def _checkpoint_tensors(path: str, prefix: str, hub: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Tensors whose names start with ``prefix`` from a (possibly sharded) safetensors checkpoint."""
-    from safetensors import safe_open
-    from transformers.utils import cached_file
-
-    def fetch(filename: str) -> str | None:
-        try:
-            return cached_file(path, filename, local_files_only=hub["local_files_only"])
-        except OSError:
-            return None
-
-    index = fetch("model.safetensors.index.json")
-    if index is not None:
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted({v for k, v in weight_map.items() if k.startswith(prefix)})
-    else:
-        files = ["model.safetensors"]
-    out: dict[str, torch.Tensor] = {}
-    for name in files:
-        local = fetch(name)
-        if local is None:
-            continue
-        with safe_open(local, framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(prefix):
-                    out[key[len(prefix) :]] = f.get_tensor(key)
-    return out
-
-
-def _head_from_checkpoint(path: str, hub: dict[str, Any]) -> torch.nn.Module:
-    """The ``score`` head of a Qwen2ForProcessRewardModel-style checkpoint: ``score.weight`` (one
-    Linear) or ``score.<i>.weight`` Linear layers with ReLU between them (``score.0`` / ``score.2``)."""
-    tensors = _checkpoint_tensors(path, "score.", hub)
-    if not tensors:
-        raise ValueError(
-            f"{path}: no 'score.*' head weights in the checkpoint; qwen-prm needs a 2-logit token head "
-            "(a *ForTokenClassification model with num_labels=2, a Qwen2ForProcessRewardModel checkpoint, "
-            "or trust_remote_code=True)"
-        )
-    if "weight" in tensors:
-        layers = [("", tensors)]
-    else:
-        idx = sorted({int(k.split(".")[0]) for k in tensors})
-        layers = [(str(i), {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == str(i)}) for i in idx]
-    modules: list[torch.nn.Module] = []
-    for j, (_, params) in enumerate(layers):
-        w = params["weight"]
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias="bias" in params)
-        lin.load_state_dict(params)
-        modules.append(lin)
-        if j + 1 < len(layers):
-            modules.append(torch.nn.ReLU())
-    return modules[0] if len(modules) == 1 else torch.nn.Sequential(*modules)
-
-
-def _load_token_head_model(path: str, config, dtype, device, hub: dict[str, Any]) -> TokenScoreModel:
-    from transformers import AutoModel, AutoModelForTokenClassification
-
-    archs = list(getattr(config, "architectures", None) or [])
-    common = dict(dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **hub)
-    if any(a.endswith("ForTokenClassification") for a in archs):
-        model = AutoModelForTokenClassification.from_pretrained(path, **common)
-        base = getattr(model, model.base_model_prefix)
-        head = model.score if hasattr(model, "score") else model.classifier
-    elif hub.get("trust_remote_code"):
-        model = AutoModel.from_pretrained(path, **common)
-        base, head = model.model, model.score
-    else:
-        # The decoder is the native class of config.model_type (checkpoint keys "model.*" are
-        # mapped onto it by transformers); the head weights are read from the files directly.
-        base = AutoModel.from_pretrained(path, **common)
-        head = _head_from_checkpoint(path, hub).to(dtype)
-    wrapped = TokenScoreModel(base, head).to(device).eval()
-    out = getattr(head[-1] if isinstance(head, torch.nn.Sequential) else head, "out_features", None)
-    if out != 2:
-        raise ValueError(f"{path}: qwen-prm needs a head with 2 logits per token, this one has {out}")
-    return wrapped
-
-
-# ----------------------------------------------------------------------------- the PRM
 
 
 @dataclass
@@ -601,7 +147,7 @@ class HFPRM:
             # one set of block tables: every fork / new sequence / free of self.kv holds for both
             self.kv, self.ref_kv = with_companion(self.kv, self.model, self.ref_model, self_check=self_check)
             vocab = self.model.get_output_embeddings().weight.shape[0]
-            self._logratio_batch_tokens = min(_PREFILL_BATCH_TOKENS, max(1, _LOGRATIO_ELEMENTS // vocab))
+            self._logratio_batch_tokens = min(PREFILL_BATCH_TOKENS, max(1, _LOGRATIO_ELEMENTS // vocab))
         elif reference is not None or beta is not None:
             raise ValueError(f"reference= and beta= apply to format 'implicit-prm' only (this PRM is {format!r})")
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
@@ -708,7 +254,7 @@ class HFPRM:
 
     # ---------------------------------------------------------------- model
     @staticmethod
-    def _batches(new_tokens: list[list[int]], limit: int = _PREFILL_BATCH_TOKENS):
+    def _batches(new_tokens: list[list[int]], limit: int = PREFILL_BATCH_TOKENS):
         """(i, j) row ranges of at most ``limit`` new tokens (one row at least). A range also
         ends before a row that would make its padded size (rows x longest row) more than 1.25x
         its tokens + 64: rows are padded to the longest, so mixed lengths waste compute
