@@ -418,6 +418,20 @@ def test_aggregate_non_dyadic_scores_use_float64_then_round(impl):
     assert f.aggregate([leaf], "last")[0] == f32(0.4)
 
 
+def test_path_scores_are_the_float64_aggregates(impl):
+    """path_scores: the same aggregates as ``aggregate``, unrounded (float64, in path order)."""
+    f = impl()
+    path = chain(f, 1, [1], [[2], [3], [4]], [0.1, 0.2, 0.4])
+    leaf = path[-1]
+    expected = {"mean": ((0.0 + 0.1) + 0.2 + 0.4) / 3, "prod": ((1.0 * 0.1) * 0.2) * 0.4, "min": 0.1, "last": 0.4}
+    for how, value in expected.items():
+        out = f.path_scores([leaf, leaf], how)
+        assert_dtype(out, np.float64, 2)
+        assert out.tolist() == [value, value], how
+        np.testing.assert_array_equal(f.aggregate([leaf], how), out[:1].astype(np.float32), strict=True)
+    assert_dtype(f.path_scores([], "last"), np.float64, 0)
+
+
 def test_aggregate_negative_and_large_scores(impl):
     f = impl()
     path = chain(f, 1, [1], [[2], [3]], [-2.0, 3.0])

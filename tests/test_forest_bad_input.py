@@ -292,7 +292,7 @@ for method in ("release_problem", "problem_nodes"):
         case(f"problem_id-{label}", method, lambda ids, value=value: (value,), ValueError, "problem_id")
 
 
-# ---- queries on node ids: nodes, path_tokens, step_tokens, aggregate
+# ---- queries on node ids: nodes, path_tokens, step_tokens, aggregate, path_scores
 for method in ("nodes", "path_tokens", "step_tokens"):
     id_cases(method, lambda ids: ([ids.root, ids.unstepped],), 0, "node_ids", 2)
 
@@ -301,15 +301,17 @@ def aggregate_base(ids):
     return ([ids.active_leaf, ids.finished_deep], "last")
 
 
-id_cases("aggregate", aggregate_base, 0, "node_ids", 2)
-for label, node in [("root", "root"), ("unstepped", "unstepped"), ("pruned-root", "pruned_root")]:
-    case(
-        f"node_ids-{label}", "aggregate",
-        replace(aggregate_base, 0, lambda ids, node=node: [ids.active_leaf, getattr(ids, node)]), ValueError, "node_ids",
-    )
 BAD_HOWS = [("unknown", "median"), ("capitalized", "Last"), ("empty", ""), ("padded", "last "), ("vote-name", "majority")]
-for label, value in BAD_HOWS:
-    case(f"how-{label}", "aggregate", replace(aggregate_base, 1, value), ValueError, "how")
+for method in ("aggregate", "path_scores"):
+    id_cases(method, aggregate_base, 0, "node_ids", 2)
+    for label, node in [("root", "root"), ("unstepped", "unstepped"), ("pruned-root", "pruned_root")]:
+        case(
+            f"node_ids-{label}", method,
+            replace(aggregate_base, 0, lambda ids, node=node: [ids.active_leaf, getattr(ids, node)]), ValueError,
+            "node_ids",
+        )
+    for label, value in BAD_HOWS:
+        case(f"how-{label}", method, replace(aggregate_base, 1, value), ValueError, "how")
 
 
 # ---- select_beam(candidate_ids, keep_per_problem, how, dedupe) and select_dvts(candidate_ids, how)
@@ -394,6 +396,7 @@ BASES = {
     "set_answers": set_answers_base,
     "prune": prune_base,
     "aggregate": aggregate_base,
+    "path_scores": aggregate_base,
     "select_beam": beam_base,
     "select_beam-dedupe": beam_dedupe_base,
     "select_dvts": dvts_base,
@@ -420,7 +423,7 @@ def test_every_entry_point_has_bad_input_cases():
     methods = {p.values[0] for p in CASES}
     assert methods == {
         "add_roots", "expand", "set_steps", "set_answers", "prune", "release_problem", "problem_nodes",
-        "aggregate", "nodes", "path_tokens", "step_tokens", "select_beam", "select_dvts", "vote",
+        "aggregate", "path_scores", "nodes", "path_tokens", "step_tokens", "select_beam", "select_dvts", "vote",
     }
 
 

@@ -5,8 +5,8 @@
    and requires identical results (dtypes, shapes, values; float32 outputs exactly equal, NaN
    in the same places), the same exception types, and identical forests after every step.
 2. Invariants that hold for any forest built by valid operations, checked on each
-   implementation on its own (so they mean something even while ``_core`` is a shim):
-   path aggregates against the step scores along the path, path tokens against the step
+   implementation on its own: path aggregates (float64 ``path_scores`` exactly, float32
+   ``aggregate`` its rounding) against the step scores along the path, path tokens against the step
    tokens along the path, select_beam / select_dvts order and counts, and vote winners.
 """
 
@@ -282,7 +282,8 @@ class ForestTwins(RuleBasedStateMachine):
         v = self.view()
         use_any = data.draw(st.integers(0, 9), label="any node?") == 0
         ids = self.maybe_corrupt_ids(data, self.pick(data, v.ids if use_any else v.scored, max_size=5, unique=False), v)
-        self.both("aggregate", int_input(data, ids), how)
+        method = data.draw(st.sampled_from(["aggregate", "path_scores"]), label="aggregate method")
+        self.both(method, int_input(data, ids), how)
 
     def read_nodes(self, data):
         method = data.draw(st.sampled_from(["path_tokens", "step_tokens", "nodes"]), label="method")
@@ -447,9 +448,9 @@ def test_aggregates_follow_path_scores(impl, data):
     if not v.scored:
         return
     for how in AGGREGATIONS:
-        out = f.aggregate(v.scored, how)
-        expected = np.array([aggregates64(v, i)[how] for i in v.scored], dtype=np.float32)
-        np.testing.assert_array_equal(out, expected, err_msg=how, strict=True)
+        exact = np.array([aggregates64(v, i)[how] for i in v.scored], dtype=np.float64)
+        np.testing.assert_array_equal(f.path_scores(v.scored, how), exact, err_msg=how, strict=True)
+        np.testing.assert_array_equal(f.aggregate(v.scored, how), exact.astype(np.float32), err_msg=how, strict=True)
 
 
 @INVARIANT_SETTINGS
@@ -597,6 +598,7 @@ def test_twins_agree_on_overflowing_aggregates(data):
     v = view(ref)
     for how in AGGREGATIONS:
         values = both("aggregate", v.scored, how)
+        both("path_scores", v.scored, how)
         if np.isnan(values).any():
             event(f"NaN {how} aggregate")
         candidates = data.draw(st.permutations(v.selectable), label="candidates")
@@ -647,6 +649,7 @@ def test_twins_agree_on_a_long_fixed_run(seed):
                 ("vote", (rng.permutation(v.ids), "majority", how)),
                 ("vote", (rng.permutation([i for i in v.ids if v.info[i]["has_step"] or v.info[i]["answer"] == NO_ANSWER]), str(rng.choice(["weighted", "best"])), how)),
                 ("aggregate", (v.scored, how)),
+                ("path_scores", (v.scored, how)),
                 ("path_tokens", (v.ids,)),
             ]
         for method, args in calls:

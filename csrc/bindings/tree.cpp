@@ -4,6 +4,8 @@
 #include "bindings/numpy_args.h"
 #include "tree/forest.h"
 
+#include <iterator>
+
 namespace ponder::bindings {
 
 using ponder::tree::Forest;
@@ -13,6 +15,11 @@ void bind_tree(py::module_& m) {
   m.attr("FINISHED") = static_cast<int>(ponder::tree::kFinished);
   m.attr("PRUNED") = static_cast<int>(ponder::tree::kPruned);
   m.attr("NO_ANSWER") = ponder::tree::kNoAnswer;
+  py::tuple aggs(std::size(ponder::tree::kAggNames)), votes(std::size(ponder::tree::kVoteNames));
+  for (size_t i = 0; i < aggs.size(); ++i) aggs[i] = py::str(ponder::tree::kAggNames[i]);
+  for (size_t i = 0; i < votes.size(); ++i) votes[i] = py::str(ponder::tree::kVoteNames[i]);
+  m.attr("AGGREGATIONS") = aggs;  // the names every `how` / `agg` argument accepts
+  m.attr("VOTES") = votes;
 
   py::class_<Forest>(m, "Forest", R"doc(
 Search trees of many problems in one node arena (C++). Same API and results as
@@ -75,7 +82,15 @@ ponder.twins.Forest, whose docstrings define every operation; inputs are 1-D arr
             Args a;
             return to_numpy(f.aggregate(a.view(ids, "node_ids"), option(how)));
           },
-          py::arg("node_ids"), py::arg("how"), "float32 [n] path scores; how: last | min | prod | mean.")
+          py::arg("node_ids"), py::arg("how"), "float32 [n]: path_scores rounded to float32.")
+      .def(
+          "path_scores",
+          [](const Forest& f, py::handle ids, py::handle how) {
+            Args a;
+            return to_numpy(f.path_scores(a.view(ids, "node_ids"), option(how)));
+          },
+          py::arg("node_ids"), py::arg("how"),
+          "float64 [n]: each node's path aggregate of its step scores; how: last | min | prod | mean.")
       .def(
           "path_tokens",
           [](const Forest& f, py::handle ids) {

@@ -199,19 +199,22 @@ class StepSet {
 
 }  // namespace
 
-Agg parse_agg(const std::string& how, const char* name) {
-  if (how == "last") return Agg::Last;
-  if (how == "min") return Agg::Min;
-  if (how == "prod") return Agg::Prod;
-  if (how == "mean") return Agg::Mean;
-  throw std::invalid_argument(std::string(name) + " must be one of last, min, prod, mean; got '" + how + "'");
+namespace {
+// The index of `how` in `names`, else invalid_argument listing them.
+template <size_t N>
+size_t parse_name(const std::string& how, const char* name, const char* const (&names)[N]) {
+  for (size_t i = 0; i < N; ++i)
+    if (how == names[i]) return i;
+  std::string all;
+  for (size_t i = 0; i < N; ++i) all += (i ? ", " : "") + std::string(names[i]);
+  throw std::invalid_argument(std::string(name) + " must be one of " + all + "; got '" + how + "'");
 }
+}  // namespace
+
+Agg parse_agg(const std::string& how, const char* name) { return static_cast<Agg>(parse_name(how, name, kAggNames)); }
 
 VoteKind parse_vote(const std::string& how, const char* name) {
-  if (how == "majority") return VoteKind::Majority;
-  if (how == "weighted") return VoteKind::Weighted;
-  if (how == "best") return VoteKind::Best;
-  throw std::invalid_argument(std::string(name) + " must be one of majority, weighted, best; got '" + how + "'");
+  return static_cast<VoteKind>(parse_name(how, name, kVoteNames));
 }
 
 // ----------------------------------------------------------------------------- pages
@@ -478,11 +481,18 @@ void Forest::release_problem(int64_t problem_id) {
 
 // ----------------------------------------------------------------------------- reading
 
-std::vector<float> Forest::aggregate(const NumView& node_ids, const std::string& how) const {
+std::vector<double> Forest::path_scores(const NumView& node_ids, const std::string& how) const {
   const Agg agg = parse_agg(how, "how");
   const std::vector<int32_t> ids = scored_ids(node_ids, "node_ids", /*allow_pruned=*/true);
-  std::vector<float> out(ids.size());
-  for (size_t i = 0; i < ids.size(); ++i) out[i] = static_cast<float>(value(ids[i], agg));
+  std::vector<double> out(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) out[i] = value(ids[i], agg);
+  return out;
+}
+
+std::vector<float> Forest::aggregate(const NumView& node_ids, const std::string& how) const {
+  const std::vector<double> exact = path_scores(node_ids, how);
+  std::vector<float> out(exact.size());
+  for (size_t i = 0; i < exact.size(); ++i) out[i] = static_cast<float>(exact[i]);
   return out;
 }
 

@@ -26,6 +26,10 @@ namespace ponder::tree {
 enum Status : int8_t { kActive = 0, kFinished = 1, kPruned = 2, kReleased = 3 };
 enum class Agg { Last, Min, Prod, Mean };
 enum class VoteKind { Majority, Weighted, Best };
+// The names parse_agg / parse_vote accept, in enum order: the one list of them
+// (ponder._core.AGGREGATIONS / VOTES, re-exported by ponder.methods.config).
+inline constexpr const char* kAggNames[] = {"last", "min", "prod", "mean"};
+inline constexpr const char* kVoteNames[] = {"majority", "weighted", "best"};
 
 constexpr int64_t kNoAnswer = INT64_MIN;
 
@@ -74,6 +78,9 @@ class Forest {
   void release_problem(int64_t problem_id);
 
   // Reading.
+  // Each node's path aggregate, computed and returned in double; `aggregate` is the same
+  // rounded to float (the dtype of node scores and vote weights).
+  std::vector<double> path_scores(const NumView& node_ids, const std::string& how) const;
   std::vector<float> aggregate(const NumView& node_ids, const std::string& how) const;
   Ragged path_tokens(const NumView& node_ids) const;
   Ragged step_tokens(const NumView& node_ids) const;

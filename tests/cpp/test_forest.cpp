@@ -97,6 +97,7 @@ void set_steps(Forest& f, const I32& ids, const Lists& tokens, const F64& scores
 }
 void set_answers(Forest& f, const I32& ids, const I64& answers) { f.set_answers(N(ids), L(answers)); }
 F32 agg(const Forest& f, const I32& ids, const char* how) { return f.aggregate(N(ids), how); }
+F64 path_scores(const Forest& f, const I32& ids, const char* how) { return f.path_scores(N(ids), how); }
 I32 beam(const Forest& f, const I32& ids, int64_t keep, const char* how, bool dedupe) {
   return f.select_beam(N(ids), keep, how, dedupe);
 }
@@ -399,6 +400,9 @@ TEST_CASE("forest: set_steps keeps path aggregates last/min/prod/mean through se
   CHECK(agg(f, all, "mean") == F32{0.5f, 0.75f, 0.375f, 0.5f, -0.625f});
   CHECK(agg(f, {4, 4, 1}, "prod") == F32{0.09375f, 0.09375f, 0.5f});  // repeats allowed
   CHECK(agg(f, {}, "mean").empty());
+  // path_scores: the same aggregates in double (these scores are exact in float too).
+  CHECK(path_scores(f, all, "mean") == F64{0.5, 0.75, 0.375, 0.5, -0.625});
+  CHECK(path_scores(f, {4, 1}, "prod") == F64{0.09375, 0.5});
 
   NodeFields n = fields(f, all);
   CHECK(n.parent == I32{0, 0, 1, 3, 2});
@@ -611,6 +615,8 @@ TEST_CASE("forest: aggregate errors; NaN and infinite aggregates") {
   CHECK(agg(f, {5}, "mean") == F32{f32((1e300 + 1e300 + 0.0) / 3)});
 
   CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, agg(f, {1}, "max")), "how must be one of"));
+  CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, path_scores(f, {1}, "max")),
+                 "how must be one of last, min, prod, mean; got 'max'"));
   THROWS_UNCHANGED(f, std::invalid_argument, agg(f, {1}, ""));
   THROWS_UNCHANGED(f, std::invalid_argument, agg(f, {1}, "Mean"));
   THROWS_UNCHANGED(f, std::invalid_argument, agg(f, {99}, "median"));  // how is checked first

@@ -5,9 +5,8 @@
 * weighted (``weighted_best_of_n``): solutions grouped by normalized answer, each group's
   aggregated scores summed, the largest sum wins (ties: the answer seen first).
 
-In both, solutions without a boxed answer abstain (search-and-learn lets an unanswered best
-solution win and so answer nothing). The final vote aggregates with ``agg`` (compat: ``last``).
-The sampling is majority's (``SampleSolutions``); only the vote differs.
+In both, solutions without a boxed answer abstain. The final vote aggregates with
+``SearchConfig.vote_agg``. The sampling is majority's (``SampleSolutions``); only the vote differs.
 """
 
 from __future__ import annotations

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._core import AGGREGATIONS, VOTES  # the names the forest accepts: its list is the one list
 from ..protocols import SamplingParams
 from .stopping import EarlyStop
 
 METHODS = ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts", "particle_filtering", "rebase", "auto")
-AGGREGATIONS = ("last", "min", "prod", "mean")
-VOTES = ("majority", "weighted", "best")
 
 # The vote each non-tree method implies (beam search and DVTS take ``SearchConfig.vote``).
 IMPLIED_VOTE = {"majority": "majority", "best_of_n": "best", "weighted_best_of_n": "weighted"}
@@ -238,23 +237,3 @@ class SearchResult:
     # first round / probe (strategy.difficulty, in [0, 1]) and what was chosen (method, n, ...)
     difficulty: float | None = None
     chosen: dict | None = None
-
-
-def path_score(step_scores, how: str) -> float:
-    """Aggregate step scores like the forest does (float64, step by step, so that the
-    results agree bit for bit with ``Forest``'s running aggregates). NaN when empty."""
-    if not step_scores:
-        return math.nan
-    if how == "last":
-        return float(step_scores[-1])
-    if how == "min":
-        return float(min(step_scores))
-    if how == "prod":
-        value = 1.0
-        for s in step_scores:
-            value *= s
-        return value
-    total = 0.0
-    for s in step_scores:
-        total += s
-    return total / len(step_scores)

@@ -1,8 +1,8 @@
 """The search tree every live search grows: one ``ponder.Forest`` shared by all of them, the
 per-node facts, and the stages of one engine step.
 
-A method (``majority.py``, ``best_of_n.py``, ``beam_search.py``, ``dvts.py``) only decides
-*which* nodes to expand and which to keep; ``SearchTree`` runs the data path for every live
+A method (``majority.py``, ``best_of_n.py``, ``beam_search.py``, ``dvts.py``, ...) decides
+which nodes to expand and which to keep; ``SearchTree`` runs the data path for every live
 search at once, one stage per method::
 
     problems --Policy.start--> prompt tokens --Forest.add_roots--> roots        (add_roots)
@@ -14,14 +14,13 @@ search at once, one stage per method::
     completions --Forest.vote--> answer; Forest.nodes --> tree; counters --> Budget (results)
 
 Each search (``Search``) is one problem of the forest (its ``problem`` id). A node is expanded
-at most once in every method, so after its children are scored the policy and the PRM may
-free it (``release``); finished and pruned nodes are released too.
+at most once, so after its children are recorded the policy and the PRM may free it
+(``release``); finished and pruned nodes are released too.
 
-When is a step the end of a path? When the policy says EOS, when the step holds a complete
-boxed answer, or when it is empty (the policy produced nothing). A step cut off by
-``max_step_tokens`` is *truncated*, not finished: the path goes on from it (search-and-learn
-counts it as a finished solution; ``compat_search_and_learn`` does too). A path that reaches
-``max_steps`` without ending stops there unfinished (compat: finished).
+A step ends its path when the policy says EOS, when it holds a complete boxed answer, or when
+it is empty. A step cut off by ``max_step_tokens`` is *truncated*, not finished: the path goes
+on from it. A path that reaches ``max_steps`` without ending stops there unfinished. (With
+``compat_search_and_learn`` both count as finished: docs/search_and_learn_differences.md.)
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ import numpy as np
 from .. import grading
 from .._core import Forest
 from ..protocols import SamplingParams, Step
-from .config import Budget, Completion, SearchConfig, SearchResult, path_score
+from .config import Budget, Completion, SearchConfig, SearchResult
 
 
 def _csr(lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +125,7 @@ class SearchTree:
 
     per_request_streams: sample every search from its own random stream (needs a policy with
     the optional ``sample_steps_seeded``; otherwise each distinct seed gets its own call) --
-    else all searches share the policy's stream, as one ``ponder.search`` batch always did.
+    else all searches share the policy's stream.
     """
 
     def __init__(self, policy, prm, per_request_streams: bool = True) -> None:
@@ -358,14 +357,14 @@ class SearchTree:
         return "".join(self.nodes[x].text for x in self.path_nodes(node))
 
     def path_scores(self, node_ids: Sequence[int], agg: str) -> list[float]:
-        """The paths' step scores aggregated with ``agg`` (float64; NaN for unscored searches
-        and roots). Computed here from the float64 scores the PRM returned: the forest keeps
-        float32 step scores, so its ``aggregate`` may differ in the last bits."""
-        out = []
-        for x in node_ids:
-            scored = self.nodes[int(x)].search.scored
-            out.append(path_score([self.nodes[y].score for y in self.path_nodes(int(x))], agg) if scored else math.nan)
-        return out
+        """The paths' step scores aggregated with ``agg`` by the forest (``Forest.path_scores``,
+        float64, exactly the PRM's float64 scores combined); NaN for a node without a PRM score
+        (a root, or a node of an unscored search). Node ids may repeat."""
+        ids = [int(x) for x in node_ids]
+        ask = list(dict.fromkeys(x for x in ids if not math.isnan(self.nodes[x].score)))
+        got = self.forest.path_scores(np.array(ask, dtype=np.int32), agg).tolist() if ask else []
+        value = dict(zip(ask, got))
+        return [value.get(x, math.nan) for x in ids]
 
     def completion(self, node: int, score: float) -> Completion:
         path = self.path_nodes(node)

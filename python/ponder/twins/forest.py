@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The option names and the unset answer id (-(2**63)) are the C++ core's: one list for both.
+from .._core import AGGREGATIONS, NO_ANSWER, VOTES
+
 ACTIVE, FINISHED, PRUNED = 0, 1, 2
-NO_ANSWER = -(2**63)  # answer id of a node whose answer was never set
-AGGREGATIONS = ("last", "min", "prod", "mean")
-VOTES = ("majority", "weighted", "best")
+
 INT32_MAX = 2**31 - 1
 
 
@@ -335,11 +336,18 @@ class Forest:
             self._nodes[node_id] = None
 
     # ---- reading
-    def aggregate(self, node_ids, how: str) -> np.ndarray:
-        """Score of each node's whole path: float32 [n]. how: last | min | prod | mean."""
+    def path_scores(self, node_ids, how: str) -> np.ndarray:
+        """The step scores of each node's path aggregated: float64 [n], computed in float64
+        step by step from the root (last: the node's score; min; prod: 1.0 * s1 * s2 ...;
+        mean: (0.0 + s1 + s2 ...) / steps). how: last | min | prod | mean. Every node must be
+        live and have a step (roots and unset children raise ValueError); pruned nodes are fine."""
         check_choice(how, "how", AGGREGATIONS)
         _, nodes = self._scored(node_ids, "node_ids")
-        return np.array([self._value(node, how) for node in nodes], dtype=np.float32)
+        return np.array([self._value(node, how) for node in nodes], dtype=np.float64)
+
+    def aggregate(self, node_ids, how: str) -> np.ndarray:
+        """``path_scores`` rounded to float32 [n] (the dtype of node scores and vote weights)."""
+        return self.path_scores(node_ids, how).astype(np.float32)
 
     def path_tokens(self, node_ids) -> tuple[np.ndarray, np.ndarray]:
         """Prompt + step tokens from the root to each node: (int32 [total], int64 [n + 1])."""
