@@ -1,5 +1,7 @@
 """Control-plane benchmark: ``ponder._core.Forest`` (C++) against ``ponder.twins.Forest``.
 
+Run as ``python benchmarks/bench_core.py`` (or ``ponder bench core`` from a source checkout).
+
 What is measured
 ----------------
 The bookkeeping a step-level tree search does between LLM and PRM calls, with no model in
@@ -43,15 +45,12 @@ benchmark's own NumPy bookkeeping (gathering the inputs of each call), which is 
 for both implementations and is reported as ``glue_s``. Python's garbage collector stays
 on (it is part of what a Python forest costs); ``gc.collect()`` runs before every run.
 
-The reference is slow (about 10 us of Python per node per call), so it can run on the first
-``K`` problems only (``--reference-problems``). Problems are independent and every
-operation's cost is linear in the number of nodes, so its times are then scaled by
-``P / K``; the table marks such numbers and the JSON says
-``"reference measured on K problems, extrapolated linearly"``. Linear scaling flatters the
-reference: a Python forest of millions of nodes is slower per node than a small one (the
-garbage collector walks the whole heap, caches miss). With the default ``K`` on a 2-core
-EPYC (P=500, N in {64, 256}), the extrapolated time was 0.64-0.94x of the reference's own
-measured full-size time. Extrapolated speedups are therefore lower bounds.
+The reference is slow, so it can run on the first ``K`` problems only
+(``--reference-problems``). Problems are independent and every operation's cost is linear in
+the number of nodes, so its times are then scaled by ``P / K``; the table marks such numbers
+and the JSON record says ``"extrapolated": true``. Linear scaling flatters the reference (a Python
+forest of millions of nodes is slower per node than a small one: the garbage collector walks
+the whole heap, caches miss), so extrapolated speedups are lower bounds.
 
 Equivalence: the core is also run on exactly the reference's ``K`` problems (when ``K < P``)
 and the two runs must agree bit for bit: a digest of every id and score array the forest
@@ -76,6 +75,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ponder.methods.config import AGGREGATIONS
+
 # --------------------------------------------------------------------------- constants
 
 OPS = (
@@ -90,14 +91,13 @@ OPS = (
     "release",
 )
 OP_HEADERS = {"add_roots": "roots", "set_steps": "steps", "aggregate": "agg", "set_answers": "answers"}
-METHODS = ("beam", "dvts")
-AGGREGATIONS = ("last", "min", "prod", "mean")  # == ponder.twins.AGGREGATIONS
+SEARCHES = ("beam", "dvts")  # the two synthetic searches (Workload.method)
 VOTE_KINDS = ("weighted", "majority")
 
 DEFAULT = {"problems": 500, "beams": (16, 64, 256), "iterations": 40, "beam_width": 4}
 QUICK = {"problems": 50, "beams": (16, 64), "iterations": 10, "beam_width": 4}
 # Default --reference-problems: enough problems that the reference runs over about this many
-# step nodes per workload (~10-20 s of Python each), at least MIN_REFERENCE_PROBLEMS.
+# step nodes per workload, at least MIN_REFERENCE_PROBLEMS.
 REFERENCE_NODE_BUDGET = 400_000
 MIN_REFERENCE_PROBLEMS = 8
 
@@ -128,8 +128,8 @@ class Workload:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in SEARCHES:
+            raise ValueError(f"method must be one of {SEARCHES}, got {self.method!r}")
         if self.agg not in AGGREGATIONS:
             raise ValueError(f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
         if self.problems < 1 or self.iterations < 1 or self.beam_width < 1:
@@ -541,7 +541,6 @@ def environment() -> dict:
     """Machine, Python, NumPy and ponder build information for the JSON report."""
     import ponder
     from ponder import _core
-    from ponder.twins import Forest as ReferenceForest
 
     info = dict(_core.build_info())
     try:
@@ -561,7 +560,6 @@ def environment() -> dict:
         "numpy": np.__version__,
         "ponder": ponder.__version__,
         "build_info": info,
-        "core_is_reference": bool(info.get("shim")) or _core.Forest is ReferenceForest,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -654,11 +652,6 @@ def _notes(report: dict) -> list[str]:
             f"the core ran ({which}); the full-size reference is slower per problem, so these speedups "
             "are lower bounds."
         )
-    if report["environment"]["core_is_reference"]:
-        notes.append(
-            "NOTE: ponder._core is the pure-Python development shim, not the compiled core: "
-            "both columns measure the reference, so speedups ~1x are expected."
-        )
     bad = [r for r in report["workloads"] if r["equivalent"] is False]
     for r in bad:
         notes.append(f"✗ {r['method']} N={r['beams']}: " + "; ".join(r["mismatches"]))
@@ -695,7 +688,7 @@ def render_rich(report: dict, file=None) -> None:
     table("core time per operation, ms (speedup vs reference below)", *breakdown_rows(report, sep="\n"))
     console.print(_environment_line(report), style="dim")
     for note in _notes(report):
-        console.print(note, style="bold red" if note.startswith(("✗", "NOTE")) else "dim")
+        console.print(note, style="bold red" if note.startswith("✗") else "dim")
 
 
 def _plain_table(title: str, headers: list[str], rows: list[list[str]]) -> str:
@@ -734,11 +727,10 @@ def render(report: dict, file=None) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the benchmark's options to ``parser`` (shared by benchmarks/bench_core.py and
-    ``ponder bench core``)."""
+    """Add the benchmark's options to ``parser``."""
     d, q = DEFAULT, QUICK
     parser.add_argument("--quick", action="store_true",
-                        help=f"small run (<30 s): {q['problems']} problems, N in {list(q['beams'])}, "
+                        help=f"small run: {q['problems']} problems, N in {list(q['beams'])}, "
                              f"{q['iterations']} iterations, reference on every problem")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--out", metavar="FILE", help="also write the JSON report to FILE")
@@ -758,7 +750,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              f"{MIN_REFERENCE_PROBLEMS})")
     parser.add_argument("--agg", choices=AGGREGATIONS, default="prod",
                         help="path score aggregation for selection and weighted voting (default prod)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+    parser.add_argument("--methods", nargs="+", choices=SEARCHES, default=list(SEARCHES),
                         help="searches to run (default: beam dvts)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (default 0)")
     return parser
@@ -861,8 +853,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "bench_core") -> int:
-    """Entry point of ``benchmarks/bench_core.py`` and ``ponder bench core``: parse ``argv``
-    (default ``sys.argv[1:]``), run, print; returns the exit status."""
+    """Parse ``argv`` (default ``sys.argv[1:]``), run, print; returns the exit status (0 ok,
+    1 the implementations disagree, 2 a bad option)."""
     return run(build_parser(prog).parse_args(argv))
 
 

@@ -1,1 +1,0 @@
-"""Benchmarks of ponder (``ponder.bench.control_plane``: the search-forest control plane)."""
