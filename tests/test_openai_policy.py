@@ -537,3 +537,55 @@ def test_import_ponder_does_not_import_openai():
 
     code = "import sys, ponder; assert 'openai' not in sys.modules; assert ponder.OpenAIPolicy.__name__ == 'OpenAIPolicy'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- ponder serve as the server
+
+
+@pytest.fixture(scope="module")
+def serve_policy(serve_server):
+    """OpenAIPolicy on conftest's live ``ponder serve`` (built-in models), whose /v1/completions
+    without a search is raw continuation of the token ids sent. The server admits 3 requests at
+    once (--max-queue 3), so the policy sends at most 3."""
+    from conftest import SERVE_KEY
+
+    policy = OpenAIPolicy(serve_server.url + "/v1", "policy-small", api_key=SERVE_KEY, tokenizer=POLICY_DIR,
+                          max_concurrency=3)
+    yield policy
+    policy.close()
+
+
+@pytest.mark.parametrize("method", ["majority", "beam_search"])
+def test_ponder_serve_greedy_search_matches_hfpolicy(serve_policy, arith_problems, method):
+    """``ponder serve`` as a plain completion server: greedy search through OpenAIPolicy gives the
+    same answers, steps, finish flags and token counts as HFPolicy in-process (majority n=1 is
+    greedy decoding; beam search n=4, width 2, the built-in PRM in-process)."""
+    from ponder import SearchConfig, search
+    from ponder.hf.policy import HFPolicy
+    from ponder.hf.prm import HFPRM
+
+    sampling = SamplingParams(temperature=0.0, max_step_tokens=96)
+    if method == "majority":
+        config, prm = SearchConfig(method="majority", n=1, sampling=sampling, max_steps=16, seed=0), None
+    else:
+        config = SearchConfig(method="beam_search", n=4, beam_width=2, num_iterations=8, max_steps=16,
+                              sampling=sampling, seed=0)
+        prm = HFPRM(resolve_model("builtin:prm"))
+    hf = search(arith_problems, HFPolicy(POLICY_DIR), prm, config)
+    before = serve_policy.stats()
+    remote = search(arith_problems, serve_policy, prm, config)
+    assert [r.answer for r in remote] == [r.answer for r in hf]
+    assert sum(r.answer is not None for r in hf) >= 1
+    for a, b in zip(remote, hf):
+        assert [c.steps for c in a.completions] == [c.steps for c in b.completions]
+        assert [(c.finished, c.truncated) for c in a.completions] == [(c.finished, c.truncated) for c in b.completions]
+        assert a.budget.policy_tokens_generated == b.budget.policy_tokens_generated
+        assert a.budget.policy_tokens_prefilled == b.budget.policy_tokens_prefilled
+        assert a.budget.prm_tokens_scored == b.budget.prm_tokens_scored
+    st = serve_policy.stats()
+    assert st["live_nodes"] == 0 and st["retries"] == before["retries"]
+    generated = st["tokens_generated"] - before["tokens_generated"]
+    if method == "majority":  # one request per step: the server's usage is the search's count
+        assert generated == sum(r.budget.policy_tokens_generated for r in remote)
+    else:  # greedy children share one sample: the server generated less than the tree holds
+        assert 0 < generated < sum(r.budget.policy_tokens_generated for r in remote)

@@ -50,6 +50,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..methods.config import IMPLIED_VOTE, SearchConfig, SearchResult
+from .continuation import Continuation, ContinuationRefused, Continuer, supports_continuation
 from .metrics import CONTENT_TYPE, Metrics
 from .presets import effort_preset, listed_models, parse_model
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, Limits, config_dict, search_config
@@ -133,10 +134,14 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
         return s
 
     metrics = Metrics(read_stats)
+    # /v1/completions without a search: raw continuation on the policy model (serve/continuation.py)
+    continuer = Continuer(inner) if supports_continuation(policy) else None
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
+        if continuer is not None:
+            await asyncio.to_thread(continuer.close)
         if close_engine:
             await asyncio.to_thread(engine.close)
 
@@ -144,6 +149,7 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.read_stats = read_stats
+    app.state.continuer = continuer
 
     def drain(grace_s: float) -> None:
         state["draining"] = True
@@ -247,8 +253,9 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
                 pass
         return len(problem) // 2 + 64
 
-    def build_config(req, problem: str) -> tuple[SearchConfig, bool]:
-        """The request's SearchConfig and whether it is a search (else plain sampling)."""
+    def search_sources(req) -> tuple[dict | None, dict | None]:
+        """The request's preset (``reasoning_effort``) and model-suffix fields (None: absent);
+        ApiError for an unknown model, suffix or effort."""
         try:
             _, suffix = parse_model(req.model, settings.model_name)
         except LookupError:
@@ -261,7 +268,14 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
             preset = effort_preset(req.reasoning_effort, bool(settings.auto_available))
         except ValueError as exc:
             raise ApiError(400, str(exc), param="reasoning_effort") from None
+        return preset, suffix
+
+    def build_config(req, problem: str) -> tuple[SearchConfig, bool]:
+        """The request's SearchConfig and whether it is a search (else plain sampling)."""
+        preset, suffix = search_sources(req)
         name = req.unsupported()
+        if name is None and isinstance(req, CompletionRequest) and req.stop:
+            name = "stop"
         if name is not None:
             raise ApiError(400, f"{name} is not supported by ponder serve", param=name, code="unsupported_parameter")
         if req.n > settings.limits.max_choices:
@@ -368,6 +382,135 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
                 h.cancel()
             handles.discard(h)
 
+    # ------------------------------------------------------------------ raw continuation
+
+    vocab = None
+    if continuer is not None:
+        emb = getattr(policy.model, "get_input_embeddings", lambda: None)()
+        vocab = int(emb.num_embeddings) if emb is not None else int(policy.model.config.vocab_size)
+
+    def build_continuation(req: CompletionRequest) -> Continuation:
+        """The request as a Continuation; ApiError naming the field for anything refused."""
+        if continuer is None:
+            raise ApiError(400, f"this server's policy ({type(policy).__name__}) cannot continue raw text; send a search "
+                           "(extra_body.search, a model suffix or reasoning_effort) or use /v1/chat/completions",
+                           param="prompt", code="unsupported_parameter")
+        name = req.unsupported(allowed=("stop",))
+        if name is not None:
+            raise ApiError(400, f"{name} is not supported by ponder serve", param=name, code="unsupported_parameter")
+        stops = req.stops()
+        raw = [req.prompt] if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) \
+            else list(req.prompt)
+        if not raw:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        add_special = req.flag("add_special_tokens", True)
+        prompts: list[list[int]] = []
+        for p in raw:
+            if isinstance(p, str):
+                if len(p) > settings.limits.max_prompt_chars:
+                    raise ApiError(400, f"a prompt has {len(p)} characters, above this server's limit "
+                                   f"{settings.limits.max_prompt_chars} (--max-prompt-chars)", param="prompt",
+                                   code="context_length_exceeded")
+                ids = list(own_tokenizer.encode(p, add_special_tokens=add_special)) if own_tokenizer is not None else []
+            else:
+                ids = [int(t) for t in p]
+                bad = [t for t in ids if not 0 <= t < vocab]
+                if bad:
+                    raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
+            if not ids:
+                raise ApiError(400, "a prompt is empty (no tokens)", param="prompt")
+            prompts.append(ids)
+        rows = len(prompts) * req.n
+        if rows > settings.limits.max_search_n:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n = {req.n} is {rows} continuations, above this server's "
+                           f"limit {settings.limits.max_search_n} (--max-search-n)", param="n")
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
+        context = settings.limits.context
+        cap = context if context is not None else settings.limits.max_steps * settings.limits.max_step_tokens
+        longest = max(len(p) for p in prompts)
+        if longest + max_tokens > cap:
+            raise ApiError(400, f"prompt ({longest} tokens) + max_tokens ({max_tokens}) = {longest + max_tokens} is above "
+                           f"this server's {'context' if context is not None else 'limit'} of {cap} tokens; lower "
+                           "max_tokens or shorten the prompt", param="max_tokens", code="context_length_exceeded")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        return Continuation(
+            prompts=prompts, n=req.n, max_tokens=max_tokens, stops=stops,
+            include_stop=req.flag("include_stop_str_in_output", False) or req.flag("no_stop_trim", False),
+            temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+            seed=req.seed if req.seed is not None else secrets.randbits(62),
+            skip_special=req.flag("skip_special_tokens", True),
+        )
+
+    async def run_continuation(request: Request, job: Continuation) -> list:
+        try:
+            fut = asyncio.wrap_future(continuer.submit(job))
+        except ContinuationRefused as exc:
+            raise ApiError(400, str(exc), param="n", code="kv_cache_full") from None
+        watcher = asyncio.ensure_future(wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({fut, watcher}, timeout=settings.request_timeout_s + settings.hard_timeout_slack_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if fut not in done:
+                job.cancel()
+                if watcher in done:
+                    raise _ClientGone()
+                raise ApiError(504, "the completion did not end in time", "server_error", code="timeout")
+            try:
+                return fut.result()
+            except asyncio.CancelledError:
+                raise _ClientGone() from None
+            except Exception as exc:  # noqa: BLE001 - the model failed on this batch
+                raise ApiError(500, f"the completion failed: {type(exc).__name__}: {exc}"[:1000], "server_error",
+                               code="engine_error") from None
+        finally:
+            watcher.cancel()
+            if not fut.done():
+                job.cancel()
+
+    async def raw_completion(request: Request, req: CompletionRequest) -> Response:
+        """``/v1/completions`` without a search: continue the prompt(s) (see serve/continuation.py)."""
+        job = build_continuation(req)
+        take_slot()
+        try:
+            choices = await run_continuation(request, job)
+        finally:
+            free_slot()
+        want_ids = req.flag("return_token_ids", False)
+        rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+        out = []
+        for i, c in enumerate(choices):
+            item = {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason}
+            if want_ids:
+                item["token_ids"] = c.tokens
+                item["prompt_token_ids"] = job.prompts[i // job.n]
+            out.append(item)
+        prompt_n = sum(len(p) for p in job.prompts)
+        gen_n = sum(len(c.tokens) for c in choices)
+        usage = {"prompt_tokens": prompt_n, "completion_tokens": gen_n, "total_tokens": prompt_n + gen_n, "prm_tokens": 0}
+        metrics.add_usage(prompt_n, gen_n, 0)
+        body = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": out,
+                "usage": usage, "ponder": {"seed": job.seed, "stopped": None}}
+        if not req.stream:
+            return JSONResponse(body)
+        events = []
+        for item in out:  # the whole text at once: a continuation is sent when its batch ends
+            events.append({**item, "finish_reason": None, "stop_reason": None})
+            events.append({k: v for k, v in item.items() if k not in ("token_ids", "prompt_token_ids")} | {"text": ""})
+        lines = [f"data: {json.dumps({**body, 'choices': [e], 'usage': None})}\n\n" for e in events]
+        tail = {"ponder": body["ponder"]}
+        if req.include_usage():
+            tail["usage"] = usage
+        lines.append(f"data: {json.dumps({**body, 'choices': [], 'usage': None, **tail})}\n\n")
+        lines.append("data: [DONE]\n\n")
+
+        async def send():
+            for line in lines:
+                yield line
+
+        return StreamingResponse(send(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     async def completion_endpoint(request: Request, model_cls, endpoint: str):
         t0 = time.perf_counter()
         status = 200
@@ -375,6 +518,8 @@ def create_app(engine, settings: ServeSettings | None = None, *, close_engine: b
         try:
             check_key(request)
             req = await read_request(request, model_cls)
+            if endpoint == "completions" and req.search is None and search_sources(req) == (None, None):
+                return await raw_completion(request, req)
             problem = req.problem()
             cfg, searched = build_config(req, problem)
             take_slot()

@@ -19,7 +19,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from ..methods.config import SearchConfig
 from ..protocols import SamplingParams
@@ -73,11 +73,13 @@ class _Request(BaseModel):
     search: dict[str, Any] | None = None
     return_candidates: bool = False
 
-    def unsupported(self) -> str | None:
-        """The first field of ``UNSUPPORTED`` this request sets to something other than null,
-        false, 0 or an empty list (None when none)."""
+    def unsupported(self, allowed: tuple[str, ...] = ()) -> str | None:
+        """The first field of ``UNSUPPORTED`` (but ``allowed``) this request sets to something
+        other than null, false, 0 or an empty list (None when none)."""
         extra = self.model_extra or {}
         for name in UNSUPPORTED:
+            if name in allowed:
+                continue
             value = extra.get(name)
             if value not in (None, False, 0, [], {}, "", 1 if name == "best_of" else None):
                 return name
@@ -127,18 +129,40 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    """POST /v1/completions. ``prompt`` (a string, or a list of one string) is the problem;
-    like a chat request it is rendered with the policy's chat template."""
+    """POST /v1/completions. With a search (``search``, a model suffix or ``reasoning_effort``)
+    ``prompt`` (a string, or a list of one string) is the problem, rendered with the policy's
+    chat template like a chat request's. Without one it is raw text to continue (a string, a
+    list of strings, token ids, or a list of token-id lists: one prompt each), as any
+    completion server; ``stop`` and vLLM's ``include_stop_str_in_output``,
+    ``skip_special_tokens``, ``add_special_tokens``, ``return_token_ids`` apply there."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    stop: str | list[str] | None = None
 
     def problem(self) -> str:
         if isinstance(self.prompt, str):
             return self.prompt
-        if len(self.prompt) != 1:
-            raise ApiError(400, f"prompt must be a string or a list of one string; got a list of {len(self.prompt)}",
+        if len(self.prompt) != 1 or not isinstance(self.prompt[0], str):
+            raise ApiError(400, "a search's prompt is the problem: a string or a list of one string",
                            param="prompt")
         return self.prompt[0]
+
+    def stops(self) -> tuple[str, ...]:
+        """The stop strings (ApiError 400 for more than 4 or an empty one)."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ApiError(400, "stop must be a non-empty string or a list of at most 4 non-empty strings", param="stop")
+        return tuple(stops)
+
+    def flag(self, name: str, default: bool) -> bool:
+        """A boolean extension field (vLLM's ``include_stop_str_in_output`` ...): ApiError 400
+        when set to anything but true / false / null."""
+        value = (self.model_extra or {}).get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ApiError(400, f"{name} must be true or false; got {value!r}"[:200], param=name)
+        return value
 
     def token_limit(self) -> int | None:
         return self.max_tokens
