@@ -140,6 +140,22 @@ class KVCapacity(Protocol):
         ...
 
 
+@runtime_checkable
+class PathScorer(Protocol):
+    """Optional for a PRM: every step score of whole solutions in one call, nothing kept.
+
+    ``ponder.Engine`` uses it for searches that read only finished paths' scores (best-of-N and
+    weighted best-of-N with ``agg="last"``, no early stopping): each solution is scored once
+    when it ends instead of step by step."""
+
+    def score_paths(self, problems: Sequence[str], paths: Sequence[Sequence[str]]) -> list[list[float]]:
+        """``out[i][k]``: the score of step ``k`` of solution ``paths[i]`` (its steps in order)
+        to question ``problems[i]``, equal to what ``score_steps`` gives that step as the next
+        step of the path of steps ``0..k-1``. ``len(out[i]) == len(paths[i])``. No node id is
+        read or created. ValueError for unequal lengths; TypeError for a bare string as a path."""
+        ...
+
+
 def check_score_steps_args(
     parent_ids: Sequence[int],
     child_ids: Sequence[int],
@@ -172,3 +188,21 @@ def check_sampling_params(params: SamplingParams) -> None:
         raise ValueError(f"top_k must be >= 0, got {params.top_k}")
     if not params.step_delimiter:
         raise ValueError("step_delimiter must be a non-empty string")
+
+
+def check_node_ids(held, owner: str, *, live: Sequence[int] = (), new: Sequence[int] = ()) -> None:
+    """The node-id checks of a Policy / PRM that keeps per-node state (``held``: its node ids, a
+    mapping or set; ``owner``: "policy" / "PRM", named in the messages).
+
+    KeyError when an id of ``live`` is not held (never started / sampled, or released);
+    ValueError when ``new`` repeats an id or names one already held. ``live`` is checked first."""
+    missing = sorted({i for i in live if i not in held})
+    if missing:
+        raise KeyError(f"nodes {missing[:8]} are not held by this {owner} (never started/sampled, or released)")
+    seen: set[int] = set()
+    dup = sorted({i for i in new if i in seen or seen.add(i)})
+    if dup:
+        raise ValueError(f"node ids repeat: {dup[:8]}")
+    taken = sorted(i for i in new if i in held)
+    if taken:
+        raise ValueError(f"nodes {taken[:8]} are already held by this {owner}")
