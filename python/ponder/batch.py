@@ -50,8 +50,8 @@ def search(problems: Sequence[Any], policy, prm, config: SearchConfig | None = N
 
 def _run_batch(policy, prm, requests, name):
     """Submit every (problem, config, votes, prm_free) to a fresh engine whose searches share
-    the policy's random stream (as one batch always did), run it, return each result
-    ``name`` (or the dict of all when name is None); the first error is raised."""
+    the policy's random stream, run it, return each result ``name`` (or the dict of all when
+    name is None); the first error is raised."""
     from .engine import Engine
 
     engine = Engine(policy, prm, per_request_streams=False)

@@ -51,8 +51,8 @@ from .methods.particle_filtering import ParticleFiltering
 from .methods.rebase import Rebase
 from .methods.tree import Search, SearchTree
 
-#: method name -> its state machine
-METHODS: dict[str, type[Method]] = {
+#: method name (``ponder.methods.config.METHODS``) -> its state machine class
+METHOD_CLASSES: dict[str, type[Method]] = {
     "majority": Majority,
     "best_of_n": BestOfN,
     "weighted_best_of_n": WeightedBestOfN,
@@ -60,7 +60,7 @@ METHODS: dict[str, type[Method]] = {
     "dvts": DVTS,
     "particle_filtering": ParticleFiltering,
     "rebase": Rebase,
-    "auto": Auto,  # dynamic compute; early_stop picks search/adaptive.py's machines (method_class)
+    "auto": Auto,  # with early_stop, method_class picks ponder.methods.adaptive's machines
 }
 
 
@@ -147,7 +147,7 @@ class Engine:
 
     policy: a ``ponder.Policy``; prm: a ``ponder.PRM`` (None: only majority searches).
     per_request_streams: each search samples from its own random stream (default); False:
-    all share the policy's stream, the way one ``ponder.search`` batch always sampled.
+    all share the policy's stream (what ``ponder.search`` uses).
     max_live: the most searches live at once (None: as many as memory admits).
     """
 
@@ -275,7 +275,7 @@ class Engine:
         if not new:
             return
         for r in new:
-            r.method = method_class(r.search.config, METHODS)(self.tree, r.search)
+            r.method = method_class(r.search.config, METHOD_CLASSES)(self.tree, r.search)
             r.search.generated = r.search.prm_scored = 0
         try:
             roots = self.tree.add_roots([r.search for r in new], [r.method.subtrees for r in new])
@@ -481,12 +481,11 @@ class Engine:
     # ------------------------------------------------------------------ stats
 
     def stats(self) -> dict[str, float]:
-        """live / queued searches, preempted (searches in the queue that were preempted),
-        preemptions, kv_full_caught (handled by preemption), kv_full_errors (searches failed with
-    it: one alone did not fit), steps, policy_calls, prm_calls, mean
-        policy and PRM batch sizes (rows per call), submitted, finished (of which ended early:
-    cancelled, timeout, budget), and the KV blocks in
-        use of the policy and PRM when their ``stats()`` report them."""
+        """Counters: live / queued searches, preempted (queued searches that were preempted),
+        preemptions, kv_full_caught (handled by preemption), kv_full_errors (searches failed
+        with it: one alone did not fit), steps, policy_calls, prm_calls, mean_policy_batch and
+        mean_prm_batch (rows per call), submitted, finished (of which ended early: cancelled,
+        timeout, budget), and {policy,prm}_kv_blocks_in_use when the models' ``stats()`` report it."""
         with self._lock:
             c = dict(self._counters)
             out: dict[str, float] = {

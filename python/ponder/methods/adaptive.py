@@ -243,7 +243,7 @@ class Auto(Method):
 
 def method_class(config, registry: dict) -> type[Method]:
     """The state machine of ``config``: an early-stop one for a sampling method with
-    ``early_stop`` set, else ``registry[config.method]`` (the engine's ``METHODS``)."""
+    ``early_stop`` set, else ``registry[config.method]`` (the engine's ``METHOD_CLASSES``)."""
     if config.method in EARLY_STOP_CLASSES and as_early_stop(config.early_stop) is not None:
         return EARLY_STOP_CLASSES[config.method]
     return registry[config.method]
