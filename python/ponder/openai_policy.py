@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .protocols import SamplingParams, Step, check_sampling_params
+from .protocols import SamplingParams, Step, check_node_ids, check_sampling_params
 
 __all__ = ["LocalVLLMServer", "OpenAIPolicy", "RemotePolicyError", "derive_seed"]
 
@@ -226,7 +226,7 @@ class OpenAIPolicy:
             # and is sent with add_special_tokens=False, so the server adds no second BOS.
             nodes[len(prompts) - 1] = _Node(toks, self.tokenizer.decode(toks, skip_special_tokens=False))
         with self._lock:
-            self._check_new(root_ids)
+            check_node_ids(self._nodes, "policy", new=root_ids)
             for i, r in enumerate(root_ids):
                 self._nodes[r] = nodes[i]
         return [list(t) for t in prompts]
@@ -242,8 +242,7 @@ class OpenAIPolicy:
         if not child_ids:
             return []
         with self._lock:
-            self._check_live(parent_ids)
-            self._check_new(child_ids)
+            check_node_ids(self._nodes, "policy", live=parent_ids, new=child_ids)
             paths = {p: self._nodes[p] for p in parent_ids}
         rows: dict[int, list[int]] = {}  # parent -> its rows, first-seen order
         for i, p in enumerate(parent_ids):
@@ -260,7 +259,7 @@ class OpenAIPolicy:
             for i, step in zip(idx, steps):
                 out[i] = step
         with self._lock:
-            self._check_new(child_ids)
+            check_node_ids(self._nodes, "policy", new=child_ids)
             for p, c, step in zip(parent_ids, child_ids, out):
                 self._nodes[c] = _Node(paths[p].tokens + step.tokens, paths[p].text + step.text)
         return out  # type: ignore[return-value]
@@ -276,7 +275,7 @@ class OpenAIPolicy:
         if num_steps <= 0 or not node_ids:
             return out
         with self._lock:
-            self._check_live(node_ids)
+            check_node_ids(self._nodes, "policy", live=node_ids)
             paths = [self._nodes[n] for n in node_ids]
         rows = list(range(len(node_ids)))
         for k in range(num_steps):
@@ -330,16 +329,6 @@ class OpenAIPolicy:
         self.close()
 
     # ---------------------------------------------------------------- internals
-    def _check_live(self, ids: Sequence[int]) -> None:
-        missing = sorted({i for i in ids if i not in self._nodes})
-        if missing:
-            raise KeyError(f"nodes {missing[:8]} are not held by this policy (never started/sampled, or released)")
-
-    def _check_new(self, ids: Sequence[int]) -> None:
-        from .hf.policy import _check_new_ids
-
-        _check_new_ids(ids, self._nodes, "policy")
-
     def _map(self, fn, items: list) -> list:
         """``[fn(x) for x in items]``, at most ``max_concurrency`` at a time; the first error is raised."""
         if len(items) == 1:
