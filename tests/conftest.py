@@ -265,6 +265,18 @@ def int_input(data, values):
     return np.array(values, dtype=form)
 
 
+# ---------------------------------------------------------------- tiny HF models (tests/test_hf_*.py, test_prm_formats.py)
+
+
+@pytest.fixture(scope="session")
+def dirs(tmp_path_factory):
+    """``ponder.testing.tiny.save_test_models``: every tiny policy / PRM checkpoint the HF tests
+    read (name -> directory, plus ``native_modules``), built once per session. Read-only."""
+    from ponder.testing.tiny import save_test_models
+
+    return save_test_models(tmp_path_factory.mktemp)
+
+
 # ---------------------------------------------------------------- ponder serve (tests/test_serve*.py)
 SERVE_KEY = "test-key"
 # Small limits keep every request the fuzz can make cheap on the built-in models.

@@ -1,5 +1,5 @@
 """Dynamic compute in the engine: early-stopped sampling and method="auto" on scripted models
-(tests/adaptive_models.py), budget accounting, config validation."""
+(ponder.testing.scripted), budget accounting, config validation."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from adaptive_models import GOLD, VotePolicy, VotePRM
 from ponder import Engine, SamplingParams, SearchConfig
-from ponder.engine import METHODS
+from ponder.engine import METHOD_CLASSES as METHODS
 from ponder.methods import adaptive, stopping
 from ponder.methods.majority import Majority
 from ponder.methods.strategy import StrategyTable
+from ponder.testing.scripted import GOLD, VotePolicy, VotePRM
 
 BASE = SearchConfig(n=16, beam_width=2, num_iterations=2, max_steps=4, sampling=SamplingParams(max_step_tokens=64))
 

@@ -1,9 +1,9 @@
 """ponder.Engine: searches with their own methods and configs sharing one running batch.
 
-Scripted models from test_search (steps and scores are deterministic functions of the path's
-content, the sibling index and the seed), plus ``SeededScriptedPolicy`` (per-request streams:
-each row uses its own search's seed) and ``PooledPolicy`` (a fake KV pool of one block per
-live node that raises ``KVCacheFull`` like a paged cache: nothing changed).
+Scripted models from ``ponder.testing.scripted`` (steps and scores are deterministic functions
+of the path's content, the sibling index and the seed; ``SeededScriptedPolicy``: per-request
+streams, each row uses its own search's seed), plus ``PooledPolicy`` (a fake KV pool of one
+block per live node that raises ``KVCacheFull`` like a paged cache: nothing changed).
 """
 
 from __future__ import annotations
@@ -17,34 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ponder import Engine, KVCacheFull, SamplingParams, search
+from ponder import Engine, KVCacheFull, SamplingParams
 from ponder.baselines import oracle as oracle
-from test_search import LIMIT, PROBLEMS, ScriptedPolicy, ScriptedPRM, _assert_matches_oracle, _config
-
-
-class SeededScriptedPolicy(ScriptedPolicy):
-    """ScriptedPolicy with ``sample_steps_seeded``: row i samples with seed ``streams[i][1]``
-    (a sibling's index counts among the rows of its own stream)."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.seeded_calls = 0
-
-    def sample_steps_seeded(self, parent_ids, child_ids, params, streams):
-        self.seeded_calls += 1
-        out = [None] * len(child_ids)
-        by_stream: dict = {}
-        for i, (sid, seed) in enumerate(streams):
-            by_stream.setdefault((sid, seed), []).append(i)
-        for (_sid, seed), rows in by_stream.items():
-            got = self.sample_steps([parent_ids[i] for i in rows], [child_ids[i] for i in rows],
-                                    dataclasses.replace(params, seed=seed))
-            for i, s in zip(rows, got):
-                out[i] = s
-        return out
-
-    def close_streams(self, ids):
-        pass
+from ponder.testing.scripted import LIMIT, PROBLEMS, ScriptedPolicy, ScriptedPRM, SeededScriptedPolicy
+from ponder.testing.scripted import MIXED_SEARCHES as MIX
+from ponder.testing.scripted import assert_matches_oracle as _assert_matches_oracle
+from ponder.testing.scripted import result_signature as signature
+from ponder.testing.scripted import scripted_config as _config
+from ponder.testing.scripted import search_alone as alone
 
 
 class PooledPolicy(SeededScriptedPolicy):
@@ -91,32 +71,6 @@ class PooledPolicy(SeededScriptedPolicy):
         super().release(node_ids)
         for x in node_ids:
             self.live.pop(int(x), None)
-
-
-def signature(r):
-    """Everything of a result but node ids, the tree's ids and the wall time."""
-    b = r.budget
-    return (
-        r.problem, r.answer, r.stopped,
-        [(c.text, tuple(c.steps), tuple(c.step_scores), repr(c.score), c.answer, c.finished, c.truncated)
-         for c in r.completions],
-        (b.policy_tokens_generated, b.policy_tokens_prefilled, b.prm_tokens_scored),
-    )
-
-
-MIX = [
-    ("alpha", _config(method="beam_search", n=4, beam_width=2, seed=1, agg="min")),
-    ("beta", _config(method="dvts", n=6, beam_width=3, seed=2, lookahead=1)),
-    ("gamma", _config(method="majority", n=5, seed=3)),
-    ("alpha", _config(method="best_of_n", n=3, seed=4, agg="prod")),
-    ("beta", _config(method="weighted_best_of_n", n=4, seed=5, agg="mean")),
-    ("gamma", _config(method="beam_search", n=8, beam_width=4, seed=6, num_iterations=3, lookahead=1)),
-    ("delta", _config(method="dvts", n=4, beam_width=2, seed=7, agg="last", num_iterations=7)),
-]
-
-
-def alone(problem, cfg):
-    return search([problem], ScriptedPolicy(), ScriptedPRM(), cfg)[0]
 
 
 def test_every_method_in_one_mixed_batch_matches_the_oracle_and_its_lone_run():
@@ -298,7 +252,7 @@ def test_stats_and_validation():
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    from test_policy_prm import save_causal
+    from ponder.testing.tiny import save_causal
 
     mk = tmp_path_factory.mktemp
     return {"llama": save_causal(mk("pol_llama"), "llama", "llama", boost=True), "prm": save_causal(mk("prm_ms"), "ms", "llama")}

@@ -9,8 +9,11 @@ import threading
 import time
 
 from ponder import AsyncEngine
-from test_engine import MIX, SeededScriptedPolicy, alone, signature
-from test_search import ScriptedPRM, _config
+from ponder.testing.scripted import MIXED_SEARCHES as MIX
+from ponder.testing.scripted import ScriptedPRM, SeededScriptedPolicy
+from ponder.testing.scripted import result_signature as signature
+from ponder.testing.scripted import scripted_config as _config
+from ponder.testing.scripted import search_alone as alone
 
 
 def test_concurrent_async_searches_match_their_lone_runs():

@@ -1,4 +1,4 @@
-"""ponder.evaluate and `ponder run`: result rows, resume after a kill, summary, plot, CLI validation.
+"""ponder.evaluation and `ponder run`: result rows, resume after a kill, summary, plot, CLI validation.
 
 The models are the scripted ones of test_search.py (steps and scores are deterministic hashes
 of the path text; one token per character), so every run here takes milliseconds.
@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ponder import SearchConfig, cli, evaluate
+from ponder import SearchConfig, cli
+from ponder import evaluation as evaluate
 from ponder.data import Problem
+from ponder.evaluation import EvalConfig
+from ponder.evaluation import run as evaluation_run
 from ponder.protocols import SamplingParams
-from test_search import ScriptedPolicy, ScriptedPRM, TablePolicy, TablePRM
+from ponder.testing.scripted import ScriptedPolicy, ScriptedPRM, TablePolicy, TablePRM
 
 
 class Fresh:
@@ -63,11 +66,10 @@ def _base(**kw) -> SearchConfig:
 
 
 def _evaluate(out_dir, resume=False, policy=None, prm=None, **kw):
-    return evaluate.run_evaluation(
-        kw.pop("problems", PROBLEMS), policy or scripted_policy(), prm or scripted_prm(),
-        methods=kw.pop("methods", METHODS), ns=kw.pop("ns", NS), base_config=kw.pop("base_config", _base()),
-        out_dir=out_dir, resume=resume, batch_size=kw.pop("batch_size", 2), progress=False, **kw,
-    )
+    config = EvalConfig(methods=kw.pop("methods", METHODS), ns=kw.pop("ns", NS), base_config=kw.pop("base_config", _base()),
+                        batch_size=kw.pop("batch_size", 2))
+    return evaluate.run_evaluation(kw.pop("problems", PROBLEMS), policy or scripted_policy(), prm or scripted_prm(),
+                                   config, out_dir=out_dir, resume=resume, progress=False, **kw)
 
 
 def _lines(path: Path) -> list[str]:
@@ -206,12 +208,13 @@ def test_greedy_is_temperature_zero_majority_of_one():
 
 
 def test_prm_free_methods_run_without_prm(tmp_path):
-    rows = evaluate.run_evaluation(PROBLEMS, scripted_policy(), None, methods=["greedy", "majority"], ns=[4],
-                                   base_config=_base(), out_dir=tmp_path, resume=False, progress=False)
+    rows = evaluate.run_evaluation(PROBLEMS, scripted_policy(), None, EvalConfig(["greedy", "majority"], [4], _base()),
+                                   out_dir=tmp_path, resume=False, progress=False)
     assert len(rows) == 2 * len(PROBLEMS)
-    with pytest.raises(ValueError, match="need a PRM"):
-        evaluate.run_evaluation(PROBLEMS, scripted_policy(), None, methods=["dvts"], ns=[4],
-                                base_config=_base(), out_dir=tmp_path / "x", resume=False, progress=False)
+    with pytest.raises(ValueError, match="method dvts needs a PRM: pass prm;"):
+        evaluate.run_evaluation(PROBLEMS, scripted_policy(), None, EvalConfig(["dvts"], [4], _base()),
+                                out_dir=tmp_path / "x", resume=False, progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 # ----------------------------------------------------------------------------- resume
@@ -318,8 +321,8 @@ def test_end_to_end_numbers_by_hand(tmp_path):
     """Greedy over a table policy: the answer, correctness and token counts are known exactly."""
     problems = [Problem("x", "P1", "3", 1), Problem("y", "P22", "5", 2)]
     table = {"P1": [[("\\boxed{3}", True, False)]], "P22": [[("so \\boxed{4}", True, False)]]}
-    rows = evaluate.run_evaluation(problems, TablePolicy(table), TablePRM({}), methods=["greedy"], ns=[1],
-                                   base_config=_base(), out_dir=tmp_path, resume=False, progress=False)
+    rows = evaluate.run_evaluation(problems, TablePolicy(table), TablePRM({}), EvalConfig(["greedy"], [1], _base()),
+                                   out_dir=tmp_path, resume=False, progress=False)
     assert [(r["problem_id"], r["answer"], r["correct"]) for r in rows] == [("x", "3", True), ("y", "4", False)]
     assert [r["policy_tokens_prefilled"] for r in rows] == [2, 3]  # len("P1"), len("P22")
     assert [r["policy_tokens_generated"] for r in rows] == [9, 12]
@@ -500,7 +503,7 @@ def test_cli_rejects_dataset_without_answer_field(tmp_path, models, capsys):
 def test_cli_rejects_prm_method_without_prm_and_missing_dataset(tmp_path, models, capsys):
     assert _main(["run", "--policy", "org/p", "--prm", "", "--dataset", _dataset(tmp_path), "--methods", "beam_search",
                   "--n", "4"]) == 2
-    assert "needs --prm" in _error_of(capsys)
+    assert "method beam_search needs a PRM: pass --prm PATH" in _error_of(capsys)
     assert _main(["run", "--policy", "org/p", "--dataset", str(tmp_path / "none.jsonl"), "--methods", "majority",
                   "--n", "4", "--out", str(tmp_path / "o")]) == 2
     assert "none.jsonl" in _error_of(capsys)
@@ -563,9 +566,9 @@ def test_progress_advances_per_finished_problem_within_a_batch(tmp_path, monkeyp
             calls[0] += 1
             return self.inner.sample_steps(*a, **k)
 
-    monkeypatch.setattr(evaluate, "_progress", lambda total, initial, desc, enabled: Bar())
-    evaluate.run_evaluation(PROBLEMS, Counting(ScriptedPolicy), scripted_prm(), methods=["majority"], ns=[4],
-                            base_config=_base(), out_dir=tmp_path, resume=False, batch_size=5, progress=True)
+    monkeypatch.setattr(evaluation_run, "progress_bar", lambda total, initial, desc, enabled: Bar())
+    evaluate.run_evaluation(PROBLEMS, Counting(ScriptedPolicy), scripted_prm(), EvalConfig(["majority"], [4], _base(), 5),
+                            out_dir=tmp_path, resume=False, progress=True)
     steps = [k for k, _ in updates if k]
     assert steps == [1] * len(PROBLEMS) and sum(k for k, _ in updates) == len(PROBLEMS)
     assert updates[0][1] < calls[0]  # a problem counted while others were still being sampled

@@ -286,7 +286,7 @@ def test_cache_for_model_falls_back_once_with_a_warning_and_stays_exact():
 
 
 def _save_with_tokenizer(path, arch, seed=0):
-    from test_policy_prm import make_tokenizer
+    from ponder.testing.tiny import make_tokenizer
 
     tok = make_tokenizer("llama" if arch != "ms" else "ms")
     torch.manual_seed(seed)
@@ -341,7 +341,8 @@ def test_prms_on_refused_models_score_exactly_on_the_fallback(tmp_path):
     over a Llama reference (the companion goes to the fallback with it): scores equal the
     published full-path usage."""
     from ponder.hf.prm import HFPRM
-    from test_policy_prm import QUESTIONS, STEPS, ref_implicit, ref_math_shepherd
+    from ponder.testing.prm_reference import ref_implicit, ref_math_shepherd
+    from ponder.testing.tiny import QUESTIONS, STEPS
 
     ms, ms_tok = _save_with_tokenizer(tmp_path / "ms", "ms")
     with pytest.warns(RuntimeWarning, match="DiffLlamaForCausalLM"):

@@ -11,7 +11,9 @@ import pytest
 from ponder import SamplingParams, SearchConfig, search
 from ponder.baselines import oracle_pf as oracle
 from ponder.methods.particle_filtering import ess, resample_seed
-from test_search import PROBLEMS, ScriptedPolicy, ScriptedPRM, _assert_matches_oracle, _config
+from ponder.testing.scripted import PROBLEMS, ScriptedPolicy, ScriptedPRM
+from ponder.testing.scripted import assert_matches_oracle as _assert_matches_oracle
+from ponder.testing.scripted import scripted_config as _config
 
 GRID = list(itertools.product(["multinomial", "systematic"], ["softmax", "raw"], [0.0, 0.5, 1.0]))
 
@@ -82,7 +84,7 @@ def test_config_validation(kwargs, match):
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    from test_policy_prm import save_causal
+    from ponder.testing.tiny import save_causal
 
     mk = tmp_path_factory.mktemp
     return {"llama": save_causal(mk("pol_llama"), "llama", "llama", boost=True), "prm": save_causal(mk("prm_ms"), "ms", "llama")}

@@ -10,7 +10,9 @@ import pytest
 
 from ponder import SearchConfig, search
 from ponder.baselines import oracle_pf as oracle
-from test_search import PROBLEMS, ScriptedPolicy, ScriptedPRM, _assert_matches_oracle, _config
+from ponder.testing.scripted import PROBLEMS, ScriptedPolicy, ScriptedPRM
+from ponder.testing.scripted import assert_matches_oracle as _assert_matches_oracle
+from ponder.testing.scripted import scripted_config as _config
 
 
 @pytest.mark.parametrize("n,agg", list(itertools.product([4, 6, 3], ["last", "min", "prod", "mean"])))
@@ -78,7 +80,7 @@ def test_n_need_not_divide_by_beam_width():
 def test_ponder_run_takes_both_methods():
     """``ponder run --methods particle_filtering,rebase --n 4,6`` plans and configures them
     (evaluate takes the method list from SearchConfig's METHODS)."""
-    from ponder import evaluate
+    from ponder import evaluation as evaluate
 
     pairs = evaluate.plan(["particle_filtering", "rebase"], [4, 6])
     assert pairs == [("particle_filtering", 4), ("particle_filtering", 6), ("rebase", 4), ("rebase", 6)]

@@ -1,20 +1,19 @@
 """ponder.search: every method over the C++ forest, checked against hand-computed cases and
 against ``ponder.baselines.oracle`` (search-and-learn's beam search and DVTS, written its way).
 
-The models here are real Protocol implementations, scripted: a step is a deterministic
-function of the path's content (problem + solution text so far), the sample's index among the
-siblings of one call and the seed, so the engine and the oracle (which number their nodes
-differently) see the same steps; a score is a deterministic function of the scored text.
-Tokens are characters (one token per character).
+The models are ``ponder.testing.scripted``'s Protocol implementations: a step is a
+deterministic function of the path's content (problem + solution text so far), the sample's
+index among the siblings of one call and the seed, so the engine and the oracle (which number
+their nodes differently) see the same steps; a score is a deterministic function of the scored
+text. Tokens are characters (one token per character).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -22,259 +21,12 @@ import pytest
 import ponder
 from ponder import Budget, Completion, SearchConfig, SearchResult, grading, search
 from ponder.baselines import oracle as oracle
-from ponder.protocols import PRM, Policy, SamplingParams, Step
+from ponder.protocols import PRM, Policy, SamplingParams
+from ponder.testing.scripted import LIMIT, PROBLEMS, ScriptedPolicy, ScriptedPRM, TablePolicy, TablePRM
+from ponder.testing.scripted import assert_matches_oracle as _assert_matches_oracle
+from ponder.testing.scripted import scripted_config as _config
 
 ACTIVE, FINISHED, PRUNED = ponder.ACTIVE, ponder.FINISHED, ponder.PRUNED
-
-
-def _h(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
-
-
-def _tokens(text: str) -> list[int]:
-    return [ord(c) for c in text]
-
-
-# ----------------------------------------------------------------------------- scripted models
-
-
-class ScriptedPolicy:
-    """Steps from a hash of (problem, path text, variant).
-
-    ``variant`` is the sampled variant ``_h(seed, index among siblings) % variants`` (so
-    siblings often repeat a step: duplicates to filter) or "greedy" for rollouts. A step ends
-    the path (EOS and/or a boxed answer, sometimes EOS without an answer) with a probability
-    growing with depth; some steps are truncated (exactly ``max_step_tokens`` characters, no
-    delimiter; a few of them hold a boxed answer). ``end_at``: every step at that depth ends
-    with EOS + a boxed answer and none before it ends or is truncated (for counting calls).
-    Checks the protocol: no use of released nodes, no double release.
-    """
-
-    num_parameters = 1000
-
-    def __init__(self, variants: int = 3, end_at: int | None = None, truncation: bool = True):
-        self.variants, self.end_at, self.truncation = variants, end_at, truncation
-        self.paths: dict[int, tuple[str, str, int]] = {}  # id -> (problem, text, depth)
-        self.step_text: dict[int, str] = {}
-        self.step_flags: dict[int, tuple[bool, bool]] = {}  # id -> (eos, truncated)
-        self.parent: dict[int, int] = {}
-        self.released: set[int] = set()
-        self.prompt_tokens: dict[int, int] = {}
-        self.tokens_generated = 0
-        self.sample_calls: list[tuple[list[int], list[int]]] = []
-        self.rollout_calls: list[list[int]] = []
-
-    def start(self, root_ids, problems):
-        out = []
-        for r, p in zip(root_ids, problems):
-            assert r not in self.paths
-            self.paths[r] = (p, "", 0)
-            out.append(_tokens("Q: " + p))
-            self.prompt_tokens[r] = len(out[-1])
-        return out
-
-    def make_step(self, problem: str, text: str, depth: int, variant, params: SamplingParams) -> Step:
-        g = _h("step", problem, text, variant)
-        answer = (g >> 20) % 4
-        limit = params.max_step_tokens
-        if self.end_at is not None:
-            if depth >= self.end_at:
-                body, eos = f"Done: \\boxed{{{answer}}}", True
-            else:
-                body, eos = f"s{depth}.{g % 1000}\n\n", False
-            return Step(_tokens(body[:limit]), body[:limit], eos=eos, truncated=len(body) > limit)
-        r = g % 100
-        p_end = 10 + 15 * depth
-        if r < p_end:
-            kind = (g >> 8) % 4
-            body, eos = [
-                (f"So the answer is \\boxed{{{answer}}}.", True),
-                (f"Thus \\boxed{{{answer}}}\n\n", False),
-                ("I give up.", True),
-                (f"The answer is $\\boxed{{ {answer}.0 }}$", True),
-            ][kind]
-        elif self.truncation and r < p_end + 15:
-            fill = f"\\boxed{{{answer}}} " if (g >> 12) % 5 == 0 else ""
-            body = (fill + "t" * limit)[:limit]
-            return Step(_tokens(body), body, eos=False, truncated=True)
-        else:
-            body, eos = f"s{depth}.{g % 1000}\n\n", False
-        if len(body) > limit:
-            return Step(_tokens(body[:limit]), body[:limit], eos=False, truncated=True)
-        return Step(_tokens(body), body, eos=eos)
-
-    def _path(self, node: int) -> tuple[str, str, int]:
-        assert node in self.paths, f"unknown node {node}"
-        assert node not in self.released, f"node {node} used after release"
-        return self.paths[node]
-
-    def sample_steps(self, parent_ids, child_ids, params):
-        assert len(parent_ids) == len(child_ids)
-        self.sample_calls.append((list(parent_ids), list(child_ids)))
-        seen = Counter()
-        out = []
-        for p, c in zip(parent_ids, child_ids):
-            problem, text, depth = self._path(p)
-            k = seen[p]
-            seen[p] += 1
-            variant = _h("variant", params.seed, k) % self.variants
-            st = self.make_step(problem, text, depth + 1, variant, params)
-            assert c not in self.paths
-            self.paths[c] = (problem, text + st.text, depth + 1)
-            self.step_text[c] = st.text
-            self.step_flags[c] = (st.eos, st.truncated)
-            self.parent[c] = p
-            self.tokens_generated += len(st.tokens)
-            out.append(st)
-        return out
-
-    def greedy_rollout(self, problem, text, depth, num_steps, params) -> list[Step]:
-        out = []
-        for _ in range(num_steps):
-            st = self.make_step(problem, text, depth + 1, "greedy", params)
-            out.append(st)
-            text, depth = text + st.text, depth + 1
-            if st.eos:
-                break
-        return out
-
-    def rollout(self, node_ids, num_steps, params):
-        assert params.temperature == 0.0
-        self.rollout_calls.append(list(node_ids))
-        out = []
-        for node in node_ids:
-            problem, text, depth = self._path(node)
-            steps = self.greedy_rollout(problem, text, depth, num_steps, params)
-            self.tokens_generated += sum(len(s.tokens) for s in steps)
-            out.append(steps)
-        return out
-
-    def release(self, node_ids):
-        for node in node_ids:
-            assert node in self.paths, f"release of unknown node {node}"
-            assert node not in self.released, f"node {node} released twice"
-            self.released.add(node)
-
-
-class ScriptedPRM:
-    """Score = hash of (problem, scored text) in (0, 1); ``levels`` quantizes it (ties)."""
-
-    num_parameters = 100
-
-    def __init__(self, levels: int | None = None):
-        self.levels = levels
-        self.paths: dict[int, tuple[str, str]] = {}
-        self.released: set[int] = set()
-        self.tokens_scored = 0
-        self.calls: list[list[int]] = []
-
-    def value(self, problem: str, text: str) -> float:
-        u = (_h("prm", problem, text) % 1_000_003 + 1) / 1_000_005
-        if self.levels:
-            u = (math.floor(u * self.levels) + 0.5) / self.levels
-        return u
-
-    def start(self, root_ids, problems):
-        for r, p in zip(root_ids, problems):
-            self.paths[r] = (p, "")
-
-    def score_steps(self, parent_ids, child_ids, steps, lookahead=None):
-        self.calls.append(list(child_ids))
-        out = []
-        for i, (p, c, s) in enumerate(zip(parent_ids, child_ids, steps)):
-            assert p not in self.released, f"PRM node {p} used after release"
-            problem, text = self.paths[p]
-            self.paths[c] = (problem, text + s)
-            extra = list(lookahead[i]) if lookahead is not None else []
-            self.tokens_scored += len(s) + sum(len(x) for x in extra)
-            out.append(self.value(problem, text + s + "".join(extra)))
-        return out
-
-    def release(self, node_ids):
-        for node in node_ids:
-            assert node not in self.released, f"PRM node {node} released twice"
-            self.released.add(node)
-
-
-class TablePolicy:
-    """Problem ``q``'s sample k (of the root) is the k-th solution of ``table[q]``: a list of
-    steps (text, eos, truncated). Later steps follow the path's own solution."""
-
-    def __init__(self, table: dict[str, list[list[tuple[str, bool, bool]]]]):
-        self.table = table
-        self.where: dict[int, tuple[str, int, int]] = {}  # id -> (problem, solution, depth)
-
-    def start(self, root_ids, problems):
-        for r, p in zip(root_ids, problems):
-            self.where[r] = (p, -1, 0)
-        return [_tokens(p) for p in problems]
-
-    def sample_steps(self, parent_ids, child_ids, params):
-        seen = Counter()
-        out = []
-        for p, c in zip(parent_ids, child_ids):
-            problem, k, depth = self.where[p]
-            if k < 0:
-                k = seen[p]
-                seen[p] += 1
-            text, eos, truncated = self.table[problem][k][depth]
-            self.where[c] = (problem, k, depth + 1)
-            out.append(Step(_tokens(text), text, eos=eos, truncated=truncated))
-        return out
-
-    def rollout(self, node_ids, num_steps, params):
-        return [[] for _ in node_ids]
-
-    def release(self, node_ids):
-        pass
-
-
-class TablePRM:
-    """The score of a step is ``scores[step text]``."""
-
-    def __init__(self, scores: dict[str, float]):
-        self.scores = scores
-
-    def start(self, root_ids, problems):
-        pass
-
-    def score_steps(self, parent_ids, child_ids, steps, lookahead=None):
-        return [self.scores[s] for s in steps]
-
-    def release(self, node_ids):
-        pass
-
-
-PROBLEMS = ["alpha", "beta", "gamma"]
-LIMIT = 40  # max_step_tokens of the scripted runs
-
-
-def _config(**kw) -> SearchConfig:
-    base = dict(num_iterations=5, max_steps=8, sampling=SamplingParams(max_step_tokens=LIMIT))
-    base.update(kw)
-    return SearchConfig(**base)
-
-
-def _same_float(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or a == b
-
-
-def _assert_matches_oracle(results, expected, agg, models=None, oracle_models=None):
-    """Same completions (texts, steps, scores, answers, flags), same answer; with the models
-    given, also the same sampled and scored tokens: the engine samples exactly the oracle's
-    steps, no more."""
-    assert len(results) == len(expected)
-    if models is not None:
-        (policy, prm), (o_policy, o_prm) = models, oracle_models
-        assert policy.tokens_generated == o_policy.tokens_generated
-        assert prm.tokens_scored == o_prm.tokens_scored
-    for res, exp in zip(results, expected):
-        got = [(c.text, c.steps, c.step_scores, c.answer, c.finished, c.truncated) for c in res.completions]
-        want = [(b.current_text, b.history, b.all_scores, b.answer, b.completed, b.truncated) for b in exp.completions]
-        assert got == want, f"problem {res.problem!r}: completions differ"
-        for c, b in zip(res.completions, exp.completions):
-            assert _same_float(c.score, oracle.aggregate_scores(b.all_scores, agg))
-        assert res.answer == exp.answer, f"problem {res.problem!r}: answer {res.answer!r} != {exp.answer!r}"
 
 
 # ----------------------------------------------------------------------------- engine == oracle

@@ -27,7 +27,7 @@ from ponder import SearchConfig, cli, search
 from ponder.hf.policy import HFPolicy
 from ponder.hf.prm import HFPRM, MATH_SHEPHERD_TAG
 from ponder.protocols import SamplingParams
-from test_policy_prm import QUESTIONS, save_causal
+from ponder.testing.tiny import QUESTIONS, save_causal
 
 METHODS = ["majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts"]
 ARCHS = ["llama", "qwen2"]

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_models import GOLD, VotePolicy, VotePRM
 from ponder import SamplingParams, SearchConfig
 from ponder.calibrate import collect, fresh_arith, load_records, save_records
 from ponder.data import Problem
 from ponder.methods import strategy
 from ponder.methods.strategy import Option, StrategyTable, fit
+from ponder.testing.scripted import GOLD, VotePolicy, VotePRM
 
 BASE = SearchConfig(beam_width=2, num_iterations=2, max_steps=4, sampling=SamplingParams(max_step_tokens=64))
 
