@@ -619,7 +619,7 @@ std::vector<int32_t> Forest::select_beam(const NumView& candidate_ids, int64_t k
       const int32_t* tok = r.page->tokens.data() + r.page->token_offset[r.slot];
       const int32_t len = r.page->num_tokens[r.slot], parent = r.page->parent[r.slot];
       // Duplicates can only be siblings, so hash (parent, length, first and last token) and
-      // let the exact comparison settle the rest: hashing every token was the hot loop.
+      // let the exact comparison settle the rest (hashing every token would dominate the scan).
       uint64_t h = static_cast<uint64_t>(static_cast<uint32_t>(parent)) * 0x9E3779B97F4A7C15ull;
       h ^= static_cast<uint64_t>(len) * 0xC2B2AE3D27D4EB4Full;
       if (len > 0) {

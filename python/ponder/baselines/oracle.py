@@ -6,16 +6,10 @@ Protocols name paths by node id, so the oracle hands out its own ids), which mak
 comparable call for call with a deterministic policy whose steps depend only on a path's
 content and the sample's index among its siblings.
 
-What search-and-learn leaves undefined or does differently is fixed here the way
-``ponder.search`` does it (see its module docstring): ties go to the earlier beam (search-and-
-learn uses ``np.argsort``, whose order among equal scores is undefined; the forest breaks
-ties by node id, so in DVTS's last iteration the candidate that ended first wins); the copies of a kept
-beam are adjacent (search-and-learn's ``(beams * repeats)[:n]`` interleaves them: same beams,
-another list order); a step ends a path on EOS, a boxed answer or an empty step, and a step
-cut off by the token limit only with ``compat_search_and_learn``; the last iteration runs
-every path to its end one step at a time; lookahead scores count; completions without an
-answer abstain; the final vote aggregates with ``agg`` (compat: ``last``); DVTS returns each
-subtree's final path (compat: its last M candidates).
+Where search-and-learn is undefined or ponder deliberately differs, the oracle does what
+ponder does: docs/search_and_learn_differences.md lists every such point (ties, the order of
+a kept beam's copies, what ends a path, the last iteration, lookahead, abstentions, the final
+vote's aggregation, DVTS's result). It shares no search code with ``ponder.methods``.
 """
 
 from __future__ import annotations
@@ -50,8 +44,11 @@ class OracleResult:
 
 
 def aggregate_scores(scores: list[float], agg: str) -> float:
-    """search-and-learn's ``aggregate_scores``, written step by step like the forest's running
-    aggregates (numpy's pairwise sum could round a mean differently)."""
+    """search-and-learn's ``aggregate_scores`` (float64; ``agg``: last | min | prod | mean).
+
+    The oracle's own on purpose: it is what the forest's aggregation (``Forest.path_scores``)
+    is checked against. Written step by step in path order like the forest's running
+    aggregates (numpy's pairwise sum could round a mean differently). ``scores`` non-empty."""
     if agg == "last":
         return scores[-1]
     if agg == "min":

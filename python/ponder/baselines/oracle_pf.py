@@ -1,6 +1,6 @@
 """Particle filtering and REBASE one problem at a time, with lists of ``Beam``s: the tests' oracle.
 
-Written like ``reference/search.py`` (same ``_Models`` Protocol driver, same ``Beam``, same
+Written like ``oracle.py`` (same ``_Models`` Protocol driver, same ``Beam``, same
 vote), so that ``ponder.search`` with ``method="particle_filtering"`` / ``"rebase"`` can be
 compared with it call for call on deterministic scripted models. The selection arithmetic is
 ``twins.forest``'s (``count_weights``, ``counts_from_weights``: the specification of

@@ -13,72 +13,46 @@ policy call and one batched PRM call per step):
    ``filter_duplicates`` a step that repeats a sibling's step counts once). Ties go to the
    earlier beam.
 5. Kept beams, in beam order, are copied back to N: each into M children (with fewer than N/M
-   kept, the first ``N mod k`` of the k kept get one child more, as search-and-learn's
-   ``(beams * repeats)[:N]`` does), and the next iteration starts.
+   kept, the first ``N mod k`` of the k kept get one child more: ``copies``), and the next
+   iteration starts.
 6. The last iteration (``num_iterations``) samples its step and then runs every beam to its
    end (EOS, a boxed answer, or ``max_steps`` steps), without lookahead or selection.
 
 The result: the completions (best first with ``sort_completed``, else in finishing order), cut
 to N and padded to N by repetition; when no beam finished at all, the unfinished beams of the
 last iteration stand in (they abstain from the vote). The answer: ``vote`` (default weighted)
-over the distinct completions with ``agg`` (compat: ``last``).
+over the distinct completions with ``SearchConfig.vote_agg``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .method import Method
+from .frontier import FrontierSearch
 
 
 def copies(n: int, k: int) -> list[int]:
     """How many of the N next beams each of ``k`` kept beams gets: M each when k = N/M; else
-    the first ``n % k`` get one more (search-and-learn's ``(beams * repeats)[:n]``)."""
+    the first ``n % k`` get one more (the order of ``(beams * repeats)[:n]``)."""
     return [n // k + (1 if j < n % k else 0) for j in range(k)]
 
 
-class BeamSearch(Method):
-    def start(self, roots: np.ndarray) -> None:
-        self.it = 0
-        self.beams, self.counts = [int(roots[0])], [self.config.n]  # the frontier, in beam order
-        self.completed: list[int] = []
-        self.leftover: list[int] = []
+class BeamSearch(FrontierSearch):
+    def lookahead(self) -> int:
+        return 0 if self.last else self.config.lookahead
 
-    @property
-    def last(self) -> bool:
-        return self.it == self.config.num_iterations - 1
-
-    def expansion(self):
-        if not self.beams:
-            return [], [], 0
-        return list(self.beams), list(self.counts), 0 if self.last else self.config.lookahead
-
-    def expanded(self, children: np.ndarray) -> None:
-        if self.last:
-            self.to_end(children)
-        else:
-            self.ended(children)
-
-    def ended(self, ends: np.ndarray) -> None:
+    def next_frontier(self, active: list[int]) -> tuple[list[int], list[int]]:
         cfg, tree = self.config, self.tree
-        mine = ends.tolist()
-        active = [x for x in mine if not tree.nodes[x].finished]
-        self.completed.extend(x for x in mine if tree.nodes[x].finished)
-        self.beams, self.counts = [], []
-        if self.last:
-            self.leftover = active
-        elif not active or (not cfg.sort_completed and len(self.completed) >= cfg.n):
+        if not active or (not cfg.sort_completed and len(self.completed) >= cfg.n):
             tree.prune(active)
-        else:
-            kept = tree.forest.select_beam(
-                np.array(active, dtype=np.int32), cfg.n // cfg.beam_width, cfg.agg, cfg.filter_duplicates
-            ).tolist()
-            kept_set = set(kept)
-            tree.prune([x for x in active if x not in kept_set])
-            self.beams = sorted(kept)  # beam order = node id order, as the beams were created
-            self.counts = copies(cfg.n, len(self.beams))
-        self.it += 1
-        self.done = not self.beams or self.it >= cfg.num_iterations
+            return [], []
+        kept = tree.forest.select_beam(
+            np.array(active, dtype=np.int32), cfg.n // cfg.beam_width, cfg.agg, cfg.filter_duplicates
+        ).tolist()
+        kept_set = set(kept)
+        tree.prune([x for x in active if x not in kept_set])
+        beams = sorted(kept)  # beam order = node id order, as the beams were created
+        return beams, copies(cfg.n, len(beams))
 
     def _pool(self, completed: list[int], leftover: list[int]) -> list[int]:
         """N completions: sorted (stably, best first) if asked, cut, padded."""
@@ -96,4 +70,4 @@ class BeamSearch(Method):
         return self._pool(self.completed, self.leftover), self.config.final_vote, self.config.vote_agg
 
     def partial(self) -> list[int]:
-        return self._pool(self.completed, self.ends_so_far or list(self.beams))
+        return self._pool(self.completed, self.ends_so_far or list(self.frontier))

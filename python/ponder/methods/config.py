@@ -26,8 +26,9 @@ IMPLIED_VOTE = {"majority": "majority", "best_of_n": "best", "weighted_best_of_n
 class SearchConfig:
     """How to turn test-time compute into an answer.
 
-    method: ``majority`` | ``best_of_n`` | ``weighted_best_of_n`` | ``beam_search`` | ``dvts``
-    | ``auto`` (per-problem choice from a strategy table within ``budget``; see the fields below).
+    method: one of ``METHODS``: ``majority`` | ``best_of_n`` | ``weighted_best_of_n`` |
+    ``beam_search`` | ``dvts`` | ``particle_filtering`` | ``rebase`` | ``auto`` (per-problem
+    choice from a strategy table within ``budget``; see the fields below).
     n: completions per problem (the budget N). beam_width: M; beam search keeps N/M beams and
     expands each into M; DVTS runs N/M subtrees of M candidates each (N % M must be 0).
     num_iterations: search iterations of beam search / DVTS; the last one generates every
@@ -36,20 +37,20 @@ class SearchConfig:
     at most this many steps per solution). Must be >= num_iterations for beam search / DVTS.
     lookahead: extra greedy steps rolled out after each sampled step (beam search, DVTS); the
     PRM scores the step *after* them, the search keeps only the step. 0 in the last iteration.
-    agg: how step scores make a path score: ``last`` | ``min`` | ``prod`` | ``mean``.
-    vote: final vote of beam search / DVTS / particle_filtering / rebase over their completions: ``weighted`` (default),
-    ``majority`` or ``best``. The other methods imply theirs (majority: ``majority``,
-    best_of_n: ``best``, weighted_best_of_n: ``weighted``) and reject a different value.
+    agg: how step scores make a path score (``AGGREGATIONS``): ``last`` | ``min`` | ``prod`` |
+    ``mean``, computed by the forest in float64.
+    vote: final vote of beam search / DVTS / particle_filtering / rebase over their
+    completions: ``weighted`` (default), ``majority`` or ``best`` (``VOTES``). The other
+    methods imply theirs (``IMPLIED_VOTE``) and reject a different value.
     filter_duplicates: beam search drops candidates whose step repeats a sibling's step.
     sort_completed: beam search returns its completions best first (else in the order they
     finished, and stops a problem once N have finished).
     sampling: how the policy samples a step. seed: given to the policy as
     ``SamplingParams.seed`` unless ``sampling.seed`` is set.
-    compat_search_and_learn: reproduce huggingface/search-and-learn's behaviour where ponder
-    deliberately differs, for numbers comparable to published ones: a step cut off by
-    ``max_step_tokens`` (or a path by ``max_steps``) counts as finished; the final vote
-    always aggregates with ``last``; DVTS returns the M candidates of each subtree's last
-    expansion (unfinished ones included) instead of the subtree's final path.
+    compat_search_and_learn: reproduce huggingface/search-and-learn where ponder deliberately
+    differs (the items marked "Compat" in docs/search_and_learn_differences.md): a step cut off
+    by ``max_step_tokens`` (or a path by ``max_steps``) counts as finished; the final vote
+    aggregates with ``last``; DVTS returns the M candidates of each subtree's last expansion.
     max_wall_s, max_policy_tokens: limits of one search (None: none). They are checked between
     engine stages: a search past one ends at the next stage boundary with what it has
     (``SearchResult.stopped`` = ``"timeout"`` / ``"budget"``), so it may overshoot by one stage.
@@ -78,10 +79,10 @@ class SearchConfig:
     budget: float | None = None
     budget_tokens: float | None = None
     strategy: str | None = None
-    # particle_filtering (search/particle_filtering.py): weights softmax(agg / pf_temperature)
+    # particle_filtering (ponder.methods.particle_filtering): weights softmax(agg / pf_temperature)
     # (pf_weights="softmax") or the raw aggregate ("raw", scores >= 0); resample with
     # pf_resampling ("multinomial" | "systematic") when ESS < pf_ess_threshold * particles
-    # (1.0: every step unless the weights are all equal; 0: never). rebase (search/rebase.py):
+    # (1.0: every step unless the weights are all equal; 0: never). rebase (ponder.methods.rebase):
     # children per node proportional to softmax(agg / rebase_temperature).
     pf_temperature: float = 1.0
     pf_weights: str = "softmax"
@@ -167,7 +168,7 @@ class Completion:
     node_id: its last node in the search forest. text: the solution (the steps joined, no
     prompt). steps: the step texts, root first. step_scores: the PRM score stored for each
     step (with lookahead: the score after the lookahead steps); empty when no PRM scored it
-    (majority voting). score: ``step_scores`` aggregated with the search's ``agg`` (float64,
+    (majority voting). score: ``step_scores`` aggregated with the search's ``agg`` by the forest (float64,
     NaN without scores). answer: the content of the last complete ``\\boxed{}`` of a
     finished path, else None. finished: it ended with EOS, a boxed answer or an empty step
     (compat mode: also when cut off). truncated: its last step was cut off by

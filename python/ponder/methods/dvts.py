@@ -14,8 +14,7 @@ one batched policy call and one batched PRM call per step):
 
 The result: each subtree's final path, N/M completions per problem, unfinished ones
 abstaining from the vote (compat: the M candidates of each subtree's last expansion, N in
-all, as search-and-learn returns them). The answer: ``vote`` (default weighted) with ``agg``
-(compat: ``last``).
+all). The answer: ``vote`` (default weighted) with ``SearchConfig.vote_agg``.
 """
 
 from __future__ import annotations

@@ -17,63 +17,32 @@ Per problem, one iteration per engine step (every live search advances together)
 Every iteration spends at most B paths, so a problem never grows more than N paths at a
 depth. Result: the completions in finishing order followed by the unfinished paths of the
 last iteration (which abstain from the vote). Answer: ``vote`` (default weighted) with ``agg``.
-``ParticleFiltering`` (particle_filtering.py) is this machine with resampling instead of
-proportional allocation.
+``ParticleFiltering`` is this machine with resampling instead of proportional allocation;
+the frontier bookkeeping is ``frontier.FrontierSearch``'s.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .method import Method
+from .frontier import FrontierSearch
 
 
-class Rebase(Method):
-    def start(self, roots: np.ndarray) -> None:
-        self.it = 0
-        self.frontier, self.counts = [int(roots[0])], [self.config.n]
-        self.completed: list[int] = []
-        self.leftover: list[int] = []
-
-    @property
-    def last(self) -> bool:
-        return self.it == self.config.num_iterations - 1
-
-    def expansion(self):
-        if not self.frontier:
-            return [], [], 0
-        return list(self.frontier), list(self.counts), 0
-
-    def expanded(self, children: np.ndarray) -> None:
-        if self.last:
-            self.to_end(children)
-        else:
-            self.ended(children)
-
+class Rebase(FrontierSearch):
     def allocate(self, active: list[int], budget: int) -> list[int]:
         """Children per active node, summing to ``budget``."""
         cfg = self.config
         ids = np.array(active, dtype=np.int32)
         return self.tree.forest.children_counts(ids, budget, cfg.agg, "proportional", cfg.rebase_temperature, 0).tolist()
 
-    def ended(self, ends: np.ndarray) -> None:
-        tree = self.tree
-        mine = ends.tolist()
-        active = [x for x in mine if not tree.nodes[x].finished]
-        self.completed.extend(x for x in mine if tree.nodes[x].finished)
-        self.frontier, self.counts = [], []
+    def next_frontier(self, active: list[int]) -> tuple[list[int], list[int]]:
         budget = self.config.n - len(self.completed)
-        if self.last:
-            self.leftover = active
-        elif not active or budget <= 0:
-            tree.prune(active)
-        else:
-            counts = self.allocate(active, budget)
-            tree.prune([x for x, c in zip(active, counts) if c == 0])
-            self.frontier = [x for x, c in zip(active, counts) if c > 0]
-            self.counts = [c for c in counts if c > 0]
-        self.it += 1
-        self.done = not self.frontier or self.it >= self.config.num_iterations
+        if not active or budget <= 0:
+            self.tree.prune(active)
+            return [], []
+        counts = self.allocate(active, budget)
+        self.tree.prune([x for x, c in zip(active, counts) if c == 0])
+        return [x for x, c in zip(active, counts) if c > 0], [c for c in counts if c > 0]
 
     def final(self):
         return self.completed + self.leftover, self.config.final_vote, self.config.vote_agg
