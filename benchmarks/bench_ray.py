@@ -48,7 +48,7 @@ def log(msg: str) -> None:
 
 
 def rows_of(out: str) -> dict:
-    from ponder import evaluate
+    from ponder import evaluation as evaluate
 
     rows = evaluate.read_results(os.path.join(out, evaluate.RESULTS_FILE), repair=False)
     return {evaluate.row_key(r): r for r in rows}

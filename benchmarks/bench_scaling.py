@@ -32,7 +32,8 @@ try:
 except ImportError:  # running from a checkout without an install
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
-from ponder import cli, evaluate
+from ponder import cli
+from ponder import evaluation as evaluate
 
 PRM_METHODS = ("best_of_n", "weighted_best_of_n", "beam_search", "dvts")
 

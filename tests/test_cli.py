@@ -19,7 +19,9 @@ import sys
 import pytest
 import torch
 
-from ponder import cli, evaluate
+from ponder import cli
+from ponder import evaluation as evaluate
+from ponder.evaluation import run as evaluation_run
 from ponder.toy import train
 from test_evaluate import _args, _dataset, _error_of, _main, fake_models, model_dir
 
@@ -222,7 +224,7 @@ def test_a_model_that_fails_to_load_is_one_line(tmp_path, capsys, monkeypatch):
 
 def test_ctrl_c_says_how_to_resume_and_the_resume_completes(tmp_path, models, capsys, monkeypatch):
     argv = _args(tmp_path, "--methods", "greedy,majority", "--n", "2", "--batch-size", "2")
-    real = evaluate._search_fitting
+    real = evaluation_run.search_batch
     calls = []
 
     def interrupted_after_one_batch(*a, **k):
@@ -231,14 +233,14 @@ def test_ctrl_c_says_how_to_resume_and_the_resume_completes(tmp_path, models, ca
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(evaluate, "_search_fitting", interrupted_after_one_batch)
+    monkeypatch.setattr(evaluation_run, "search_batch", interrupted_after_one_batch)
     assert _main(argv) == 130
     err = capsys.readouterr().err
     out_dir = tmp_path / "out"
     assert f"interrupted; rerun with --resume --out {out_dir}" in err and "Traceback" not in err
     kept = (out_dir / "results.jsonl").read_text().splitlines()
     assert len(kept) == 2  # the first batch: greedy on 2 problems
-    monkeypatch.setattr(evaluate, "_search_fitting", real)
+    monkeypatch.setattr(evaluation_run, "search_batch", real)
     assert _main(argv + ["--resume"]) == 0
     rows = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
     assert len(rows) == len({evaluate.row_key(r) for r in rows}) == 2 * 5  # 5 problems x (greedy, majority)

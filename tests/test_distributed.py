@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 import ray
 
-from ponder import SearchConfig, distributed, evaluate
+from ponder import SearchConfig, distributed
+from ponder import evaluation as evaluate
 from ponder.cli import main
 from ponder.data import load_problems
+from ponder.evaluation import EvalConfig
+from ponder.evaluation import run as evaluation_run
 
 # the built-in models, 4 problems, batches of 2: 4 jobs (greedy, beam_search n=4), 8 rows
 RUN = ["--limit", "4", "--methods", "greedy,beam_search", "--n", "4", "--reference-policy", "none",
@@ -61,7 +64,7 @@ def test_two_workers_give_the_single_process_rows_and_a_resume_completes(cluster
     def no_search_in_the_driver(*a, **k):
         raise AssertionError("the driver searched a batch itself")
 
-    monkeypatch.setattr(evaluate, "_search_fitting", no_search_in_the_driver)  # the workers' processes are not patched
+    monkeypatch.setattr(evaluation_run, "search_batch", no_search_in_the_driver)  # the workers' processes are not patched
     out = tmp_path / "ray"
     assert main(["run", *RUN, "--out", str(out), "--ray", "--workers", "2"]) == 0
     rows = rows_of(out)
@@ -176,8 +179,8 @@ def test_jobs_are_the_single_process_batches():
     problems = load_problems("builtin:arith", limit=5)
     base = SearchConfig(beam_width=4)
     done = {(str(p.id), "", "beam_search", 4) for p in problems[:3]}
-    jobs = distributed.plan_jobs(problems, methods=["majority", "best_of_n", "beam_search"], ns=[4], base_config=base,
-                                 batch_size=2, done=done, has_prm=True)
+    config = EvalConfig(methods=["majority", "best_of_n", "beam_search"], ns=[4], base_config=base, batch_size=2)
+    jobs = distributed.plan_jobs(problems, config, done=done, has_prm=True)
     # majority + best_of_n share one search per batch; beam_search's first batch is done, its
     # second is searched whole (problem 2's row is kept, problem 3's written)
     assert [([m for m, _ in j.group], [p.id for p in j.batch]) for j in jobs] == [

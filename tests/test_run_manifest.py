@@ -14,7 +14,7 @@ import json
 import pytest
 
 import ponder
-from ponder import evaluate
+from ponder import evaluation as evaluate
 from ponder.data import Problem, load_problems
 from test_evaluate import PROBLEMS, _base, _dataset, _error_of, _evaluate, _main, fake_models, model_dir
 

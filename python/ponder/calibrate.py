@@ -52,7 +52,7 @@ def fresh_arith(per_level: int, seed: int = CALIBRATION_SEED) -> list:
             if p.expression in held_out or p.expression in seen:
                 continue
             seen.add(p.expression)
-            out.append(Problem(id=p.id, problem=p.question, answer=str(p.answer), level=level))
+            out.append(Problem(id=p.id, problem=p.question, answer=str(p.answer), level=level, task=arith.TASK))
             count += 1
     return out
 
@@ -177,8 +177,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="plan with cell accuracies shrunk toward each option's accuracy over all bins, this many pseudo-problems (default 0: none)")
     p.add_argument("--agg", default="last", choices=("last", "min", "prod", "mean"), help="step-score aggregation (default last)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    p.add_argument("--max-step-tokens", type=int, default=None, help="most tokens per step (default 256; 96 on builtin:arith)")
-    p.add_argument("--max-steps", type=int, default=None, help="most steps per solution (default 64; 16 on builtin:arith)")
+    p.add_argument("--max-step-tokens", type=int, default=None, help="most tokens per step (default 256; 96 on builtin:arith problems)")
+    p.add_argument("--max-steps", type=int, default=None, help="most steps per solution (default 64; 16 on builtin:arith problems)")
     p.add_argument("--kv-budget", type=int, default=65536, help="KV pool of each model in tokens (default 65536)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--from-records", default=None, help="refit from a records file instead of sampling")
@@ -191,30 +191,44 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
+def calibration_config(args: argparse.Namespace, problems: Sequence | None) -> SearchConfig:
+    """The base config of the calibration searches: ``--max-step-tokens`` / ``--max-steps`` when
+    given, else the limits of the built-in task the problems come from (``ponder.toy.task_defaults``:
+    found from what the problems are), else ``SearchConfig``'s; num_iterations is that default,
+    at most max_steps. ``problems`` None (``--from-records``): no task."""
+    from .protocols import SamplingParams
+    from .toy import task_defaults
+
+    generic = SearchConfig()
+    task = task_defaults(problems) if problems else None
+    limits = task or generic
+    mst = args.max_step_tokens or (task.max_step_tokens if task else generic.sampling.max_step_tokens)
+    steps = args.max_steps or limits.max_steps
+    return SearchConfig(beam_width=args.beam_width, num_iterations=min(limits.num_iterations, steps), max_steps=steps,
+                        agg=args.agg, sampling=SamplingParams(temperature=args.temperature, max_step_tokens=mst))
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    builtin = str(args.dataset).startswith("builtin:arith")
-    limits = {"num_iterations": 16, "max_steps": 16, "max_step_tokens": 96} if builtin else \
-        {"num_iterations": 40, "max_steps": 64, "max_step_tokens": 256}
-    mst = args.max_step_tokens or limits["max_step_tokens"]
-    steps = args.max_steps or limits["max_steps"]
-    from .protocols import SamplingParams
-
-    base = SearchConfig(beam_width=args.beam_width, num_iterations=min(limits["num_iterations"], steps), max_steps=steps,
-                        agg=args.agg, sampling=SamplingParams(temperature=args.temperature, max_step_tokens=mst))
     meta = {"policy": args.policy, "prm": args.prm, "dataset": args.dataset, "seed": args.seed,
             "samples": args.samples, "tree_n": args.tree_n, "beam_width": args.beam_width,
-            "temperature": args.temperature, "max_step_tokens": mst, "max_steps": steps}
+            "temperature": args.temperature}
     if args.from_records:
         records = load_records(args.from_records)
+        # the limits the records were sampled with are theirs; recorded when given
+        meta.update({k: v for k, v in (("max_step_tokens", args.max_step_tokens), ("max_steps", args.max_steps))
+                     if v is not None})
     else:
         if args.dataset == "builtin:arith-fresh":
             problems = fresh_arith(args.per_level, args.seed)
-            meta["per_level"] = args.per_level
         else:
             from .data import load_problems
 
             problems = load_problems(args.dataset, split=args.split, limit=args.limit)
+        base = calibration_config(args, problems)
+        meta.update(max_step_tokens=base.sampling.max_step_tokens, max_steps=base.max_steps)
+        if args.dataset == "builtin:arith-fresh":
+            meta["per_level"] = args.per_level
         from .hf.policy import HFPolicy
         from .hf.prm import HFPRM
         from .toy.builtin import resolve_model

@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from .toy import arith as _arith
+
 
 def _info(_args: argparse.Namespace) -> int:
     from . import _core, build_info, cuda_available
@@ -48,11 +50,8 @@ DEFAULT_PRM = "builtin:prm"
 DEFAULT_DATASET = "builtin:arith"
 DEFAULT_METHODS = "greedy,majority,best_of_n,weighted_best_of_n,beam_search,dvts"
 DEFAULT_NS = "1,4,16"
-DEFAULT_PER_LEVEL = 6  # the default slice of builtin:arith: the first 6 problems of each level
-# builtin:arith solutions have at most ~10 steps of at most ~70 tokens: tighter limits stop a
-# runaway sample early (the generic limits, 64 steps x 256 tokens, let one path run to 16k tokens)
-ARITH_LIMITS = {"num_iterations": 16, "max_steps": 16, "max_step_tokens": 96}
-GENERIC_LIMITS = {"num_iterations": 40, "max_steps": 64, "max_step_tokens": 256}
+#: the default slice of builtin:arith in an evaluation (its task's default: ponder.toy.task_defaults)
+DEFAULT_PER_LEVEL = _arith.DEFAULT_PER_LEVEL
 # KV pool of each model when --kv-budget is not given: the workload (problems per search call x
 # the largest n x the longest path: prompt + max_steps x max_step_tokens), at most this many
 # tokens (a batch that does not fit is searched in halves)
@@ -88,7 +87,8 @@ OUT/summary.csv, OUT/summary.md and OUT/scaling.png (accuracy vs n, accuracy vs 
 written and the summary table printed.
 
 Methods: greedy (one completion at temperature 0, run once as n=1), majority,
-best_of_n, weighted_best_of_n, beam_search, dvts. greedy and majority need no PRM.
+best_of_n, weighted_best_of_n, beam_search, dvts, particle_filtering, rebase, auto.
+greedy and majority need no PRM.
 --reference-policy adds a second policy's greedy accuracy to the table (rows labelled with
 that policy). The control-plane benchmark is: ponder bench core.
 """
@@ -115,7 +115,7 @@ def _csv_ints(value: str) -> list[int]:
 
 def build_run_parser() -> argparse.ArgumentParser:
     """The parser of `ponder run` (the evaluation; see ``RUN_DESCRIPTION``)."""
-    from .methods.config import AGGREGATIONS, VOTES
+    from .methods.config import AGGREGATIONS, VOTES, SearchConfig
 
     p = _RunParser(prog="ponder run", description=RUN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     models = p.add_argument_group("models")
@@ -191,6 +191,21 @@ def build_run_parser() -> argparse.ArgumentParser:
                         help="auto: a strategy.json fit by ponder calibrate (default: the built-in models' table)")
     search.add_argument("--compat-search-and-learn", action="store_true", help="reproduce search-and-learn where ponder deliberately differs")
 
+    pf = p.add_argument_group("particle filtering / REBASE (docs/methods_pf_rebase.md)")
+    d = SearchConfig()
+    pf.add_argument("--pf-temperature", type=float, default=d.pf_temperature, metavar="T",
+                    help=f"particle_filtering: particle weights softmax(score / T), T > 0 (default {d.pf_temperature:g})")
+    pf.add_argument("--pf-weights", default=d.pf_weights, metavar="W",
+                    help=f"particle_filtering: softmax (of score / --pf-temperature) or raw (the aggregated scores "
+                         f"themselves, >= 0) (default {d.pf_weights})")
+    pf.add_argument("--pf-resampling", default=d.pf_resampling, metavar="R",
+                    help=f"particle_filtering: multinomial or systematic resampling (default {d.pf_resampling})")
+    pf.add_argument("--pf-ess-threshold", type=float, default=d.pf_ess_threshold, metavar="E",
+                    help="particle_filtering: resample when the effective sample size is below E x particles, E in "
+                         f"[0, 1] (1: every step unless the weights are all equal; 0: never) (default {d.pf_ess_threshold:g})")
+    pf.add_argument("--rebase-temperature", type=float, default=d.rebase_temperature, metavar="T",
+                    help=f"rebase: children per node proportional to softmax(score / T), T > 0 (default {d.rebase_temperature:g})")
+
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", default=None, help="output directory (default runs/<timestamp>)")
     out.add_argument("--resume", action="store_true", help="complete the run in --out, skipping finished rows")
@@ -237,13 +252,13 @@ def _build_prm(path: str, fmt: str, device: str, dtype: str | None, kv_budget: i
     return HFPRM(path, format=fmt, device=device, dtype=dtype, kv_budget=kv_budget, reference=reference, beta=beta)
 
 
-def _kv_budget(args: argparse.Namespace, problems: list, n: int) -> int:
+def _kv_budget(args: argparse.Namespace, problems: list, n: int, base) -> int:
     """--kv-budget, else the workload: problems per search call x ``n`` paths x the longest
-    path (a prompt bound, its characters plus a chat template's 64 tokens, plus max_steps x
-    max_step_tokens), at most KV_POOL_CAP tokens."""
+    path (a prompt bound, its characters plus a chat template's 64 tokens, plus the base
+    config's max_steps x max_step_tokens), at most KV_POOL_CAP tokens."""
     if args.kv_budget is not None:
         return args.kv_budget
-    longest = max(len(p.problem) for p in problems) + 64 + args.max_steps * args.max_step_tokens
+    longest = max(len(p.problem) for p in problems) + 64 + base.max_steps * base.sampling.max_step_tokens
     return min(KV_POOL_CAP, min(args.batch_size, len(problems)) * n * longest)
 
 
@@ -317,8 +332,8 @@ def _model_source_problem(flag: str, ref: str, path: str) -> str | None:
     cache while HF_HUB_OFFLINE is set; None when nothing is wrong yet."""
     import os
 
-    from .evaluate import model_revision
-    from .hf.policy import _offline
+    from .evaluation import model_revision
+    from .hf._loading import _offline
 
     local = os.path.expanduser(path)
     if os.path.isdir(local):
@@ -442,28 +457,11 @@ def _warn_builtin_policy(args: argparse.Namespace, problems: list) -> None:
               file=sys.stderr)
 
 
-def _slice(problems: list, args: argparse.Namespace) -> list:
-    """The default slice of the built-in benchmark (first DEFAULT_PER_LEVEL of each level) or
-    --per-level K; --full and --limit keep the dataset as loaded."""
-    per_level = args.per_level
-    if per_level is None and not args.full and args.limit is None and args.dataset == DEFAULT_DATASET:
-        per_level = DEFAULT_PER_LEVEL
-    if per_level is None:
-        return problems
-    kept: list = []
-    seen: dict = {}
-    for p in problems:
-        if seen.get(p.level, 0) < per_level:
-            seen[p.level] = seen.get(p.level, 0) + 1
-            kept.append(p)
-    return kept
-
-
 def _model_record(ref: str | None, path: str | None, **known) -> dict:
     """A model's manifest entry: its reference as given, its revision (content hash or hub
     commit) when known, and ``known`` settings that are not None (unknown ones are left out,
     so run.json keeps what an earlier run knew)."""
-    from .evaluate import model_revision
+    from .evaluation import model_revision
 
     revision = model_revision(path)
     record = {"ref": ref} if revision is None else {"ref": ref, "revision": revision}
@@ -474,159 +472,174 @@ def _loaded_path(model) -> str | None:
     return getattr(getattr(model, "model", None), "name_or_path", None) or None
 
 
-def _validate(args: argparse.Namespace) -> list[str]:
-    """Check every option that needs no file or model; returns the methods (or raises _Refused)."""
-    from . import evaluate
-
-    methods = list(dict.fromkeys(args.methods))
-    if not methods:
-        raise _Refused("--methods is empty")
-    unknown = [m for m in methods if m not in evaluate.METHODS]
-    if unknown:
-        raise _Refused(f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(evaluate.METHODS)}")
-    ns = sorted(set(args.n))
-    if not ns or any(n < 1 for n in ns):
-        raise _Refused(f"--n must list integers >= 1; got {args.n}")
-    if args.beam_width < 1:
-        raise _Refused(f"--beam-width must be >= 1; got {args.beam_width}")
-    tree = [m for m in methods if m in evaluate.TREE_METHODS]
-    if tree:
-        bad = [n for n in ns if n > args.beam_width and n % args.beam_width]
-        if bad:
-            raise _Refused(
-                f"{tree[0]} needs every n above --beam-width {args.beam_width} to be a multiple of it "
-                f"(below it the tree is n wide); n={bad[0]} is not: change --n or --beam-width"
-            )
-    limits = ARITH_LIMITS if args.dataset == DEFAULT_DATASET else GENERIC_LIMITS
-    for name, value in limits.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.kv_budget is not None and args.kv_budget < 1:
-        raise _Refused(f"--kv-budget must be >= 1; got {args.kv_budget}")
-    for name, value in (("--batch-size", args.batch_size), ("--max-step-tokens", args.max_step_tokens)):
-        if value < 1:
-            raise _Refused(f"{name} must be >= 1; got {value}")
-    for name, value in (("--limit", args.limit), ("--per-level", args.per_level)):
-        if value is not None and value < 1:
-            raise _Refused(f"{name} must be >= 1; got {value}")
-    if args.full and (args.limit is not None or args.per_level is not None):
-        raise _Refused("--full evaluates the whole dataset; drop --limit / --per-level (or --full)")
-    if not args.dataset:
-        raise _Refused("--dataset SRC must not be empty (a .jsonl/.json/.parquet file, a saved dataset directory, "
-                       "a hub id or builtin:<name>)")
+def _validate(args: argparse.Namespace) -> None:
+    """The options that belong to the command line alone (the dataset's and the evaluation's
+    are checked by ``DatasetSpec.validate`` / ``EvalConfig.validate``); raises _Refused."""
     if args.resume and not args.out:
         raise _Refused("--resume needs --out DIR (the directory of the run to complete)")
-    return methods
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    """The body of `ponder run`. Order: every option, the models' sources (without loading
-    them), the device, --out (created and written to), the dataset, run.json against a resumed
-    run, then the models are loaded and searched. Mistakes raise _Refused (one line, exit 2)."""
-    import time
-    from pathlib import Path
-
-    from . import evaluate
-    from .hf.kv import KVCacheFull
-    from .methods import SearchConfig
-    from .protocols import SamplingParams
-
-    # --- every option, before any work
-    methods = _validate(args)
+    if args.kv_budget is not None and args.kv_budget < 1:
+        raise _Refused(f"--kv-budget must be >= 1; got {args.kv_budget}")
     if args.ray is not None:  # Ray installed, --workers etc. (python/ponder/distributed.py)
         from .distributed import check_cli_args
 
         error = check_cli_args(args)
         if error:
             raise _Refused(error)
-    ns = sorted(set(args.budget or args.n))  # dynamic compute: budgets are n-equivalents
-    needs_prm = [m for m in methods if m not in evaluate.PRM_FREE_METHODS]
-    if needs_prm and not args.prm:
-        raise _Refused(f"method {needs_prm[0]} needs --prm PATH (only greedy and majority run without a PRM)")
-    error = _resolve_models(args, bool(needs_prm))
-    if error:
-        raise _Refused(error)
+
+
+def option_names() -> dict[str, str]:
+    """The `ponder run` option of each field ``DatasetSpec`` / ``EvalConfig`` / ``SearchConfig``
+    name in their messages (``ponder.evaluation.rename_fields``)."""
+    names = {a.dest: a.option_strings[-1] for a in build_run_parser()._actions if a.option_strings and a.dest != "help"}
+    names.pop("n")  # "n=6" in a message is a budget, not the option
+    names.update({"ns": "--n", "source": "--dataset", "config": "--dataset-config", "prm": "--prm PATH",
+                  "sampling.max_step_tokens": "--max-step-tokens", "sampling.temperature": "--temperature",
+                  "sampling.top_p": "--top-p"})
+    return names
+
+
+def _dataset_spec(args: argparse.Namespace):
+    from .evaluation import DatasetSpec
+
+    return DatasetSpec(
+        source=args.dataset, split=args.split, config=args.dataset_config, problem_field=args.problem_field,
+        answer_field=args.answer_field, level_field=args.level_field, id_field=args.id_field,
+        answer_from_solution=args.answer_from_solution, limit=args.limit, per_level=args.per_level, full=args.full)
+
+
+def _eval_config(args: argparse.Namespace, problems: list):
+    """The ``EvalConfig`` of the options; a limit not given is the built-in task's
+    (``ponder.toy.task_defaults``: found from what the problems are), else ``SearchConfig``'s."""
+    from .evaluation import EvalConfig
+    from .methods import SearchConfig
+    from .protocols import SamplingParams
+    from .toy import task_defaults
+
+    generic = SearchConfig()
+    task = task_defaults(problems)
+    limits = {"num_iterations": generic.num_iterations, "max_steps": generic.max_steps,
+              "max_step_tokens": generic.sampling.max_step_tokens}
+    if task is not None:
+        limits = {name: getattr(task, name) for name in limits}
+    limits.update({name: getattr(args, name) for name in limits if getattr(args, name) is not None})
     base = SearchConfig(
-        method="majority", n=1, beam_width=args.beam_width, num_iterations=args.num_iterations,
-        lookahead=args.lookahead, agg=args.agg, vote=args.vote, seed=args.seed, max_steps=args.max_steps,
+        method="majority", n=1, beam_width=args.beam_width, num_iterations=limits["num_iterations"],
+        lookahead=args.lookahead, agg=args.agg, vote=args.vote, seed=args.seed, max_steps=limits["max_steps"],
         compat_search_and_learn=args.compat_search_and_learn,
-        sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, max_step_tokens=args.max_step_tokens),
+        sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, max_step_tokens=limits["max_step_tokens"]),
         budget_tokens=args.budget_tokens, strategy=args.strategy,
+        pf_temperature=args.pf_temperature, pf_weights=args.pf_weights, pf_resampling=args.pf_resampling,
+        pf_ess_threshold=args.pf_ess_threshold, rebase_temperature=args.rebase_temperature,
     )
+    ns = sorted(set(args.budget or args.n))  # dynamic compute: budgets are n-equivalents
+    return EvalConfig(methods=list(dict.fromkeys(args.methods)), ns=ns, base_config=base, batch_size=args.batch_size)
+
+
+def _prepare(args: argparse.Namespace):
+    """Every check of `ponder run` before any model loads, in order: the command line's own
+    options, ``DatasetSpec.validate``, the dataset (loaded), ``EvalConfig.validate`` (the one
+    check of methods, budgets, beam width, search settings and the PRM), the models' sources
+    (not loaded), the device, --out (created and written to). Returns (dataset, problems,
+    config, out_dir); a mistake raises _Refused (one line, exit 2)."""
+    import time
+    from pathlib import Path
+
+    from .evaluation import check_out_dir
+
+    names = option_names()
+    _validate(args)
     try:
-        for method, n in evaluate.plan(methods, ns):
-            evaluate.method_config(base, method, n)
+        dataset = _dataset_spec(args).validate(names=names)
     except ValueError as exc:
         raise _Refused(exc) from None
-    error = _check_device(args)
+    try:
+        problems = dataset.load()
+    except (ValueError, OSError, ConnectionError) as exc:
+        raise _Refused(f"--dataset {args.dataset}: {exc}") from None
+    if not problems:
+        raise _Refused(f"--dataset {args.dataset}: no problems")
+    try:
+        config = _eval_config(args, problems).validate(has_prm=bool(args.prm), names=names)
+    except ValueError as exc:
+        raise _Refused(exc) from None
+    error = _resolve_models(args, config.needs_prm) or _check_device(args)
     if error:
         raise _Refused(error)
     out_dir = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     try:
-        evaluate.check_out_dir(out_dir, args.resume)
+        check_out_dir(out_dir, args.resume)
     except FileExistsError as exc:
         raise _Refused(exc) from None
     error = _check_out(out_dir)
     if error:
         raise _Refused(error)
     args.out_dir = out_dir  # from here on Ctrl-C says how to resume
-
-    # --- the dataset
-    try:
-        from .data import load_problems
-
-        problems = load_problems(
-            args.dataset, split=args.split, problem_field=args.problem_field, answer_field=args.answer_field,
-            level_field=args.level_field, id_field=args.id_field, limit=args.limit,
-            answer_from_solution=args.answer_from_solution, config=args.dataset_config,
-        )
-    except (ValueError, OSError, ConnectionError) as exc:
-        raise _Refused(f"--dataset {args.dataset}: {exc}") from None
-    problems = _slice(problems, args)
-    if not problems:
-        raise _Refused(f"--dataset {args.dataset}: no problems")
     _warn_builtin_policy(args, problems)
+    return dataset, problems, config, out_dir
 
-    # --- what defines the rows, against the run being resumed (before any model loads)
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """The body of `ponder run`: the options become a ``DatasetSpec`` and an ``EvalConfig``,
+    checked by their ``validate`` (:func:`_prepare`), then one call runs them (:func:`_execute`:
+    in this process or, with --ray, on Ray workers) and the summary is written."""
+    dataset, problems, config, out_dir = _prepare(args)
+    rows = _execute(args, dataset, problems, config, out_dir)
+    return _report(rows, out_dir)
+
+
+def _sections(args: argparse.Namespace, dataset, config) -> dict:
+    """The run record's sections besides ``search``: ``dataset``, ``models`` (references and
+    what is known of their weights before loading), ``execution``."""
     labels = args.labels
     models: dict = {"dtype": args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
                     "policy": _model_record(labels["policy"], args.policy, url=args.policy_url)}
-    if needs_prm:
+    if config.needs_prm:
         models["prm"] = _model_record(labels["prm"], args.prm, format=None if args.prm_format == "auto" else args.prm_format,
                                       beta=args.prm_beta)
         if args.prm_reference is not None:
             models["prm_reference"] = _model_record(labels["prm_reference"], args.prm_reference)
     if args.reference_policy is not None:
         models["reference_policy"] = _model_record(labels["reference_policy"], args.reference_policy)
-    dataset = {"source": args.dataset, "split": args.split, "config": args.dataset_config,
-               "problem_field": args.problem_field, "answer_field": args.answer_field, "level_field": args.level_field,
-               "id_field": args.id_field, "answer_from_solution": args.answer_from_solution,
-               "limit": args.limit, "per_level": args.per_level, "full": args.full}
-    execution = {"device": args.device, "batch_size": args.batch_size, "kv_budget": args.kv_budget,
-                 "methods": methods, "ns": ns}
-    manifest = evaluate.run_manifest(problems, base, dataset=dataset, models=models, execution=execution)
+    execution = {"device": args.device, "batch_size": config.batch_size, "kv_budget": args.kv_budget,
+                 "methods": list(dict.fromkeys(config.methods)), "ns": list(config.ns)}
+    return {"dataset": dataset.record(), "models": models, "execution": execution}
+
+
+def _checked_manifest(out_dir, problems, config, sections: dict, resume: bool) -> dict:
+    from .evaluation import check_manifest, run_manifest
+
     try:
-        manifest = evaluate.check_manifest(out_dir, manifest, args.resume)
+        return check_manifest(out_dir, run_manifest(problems, config.base_config, **sections), resume)
     except ValueError as exc:
         raise _Refused(exc) from None
 
-    # --- the work
+
+def _execute(args: argparse.Namespace, dataset, problems: list, config, out_dir) -> list[dict]:
+    """Record the run (run.json, checked against a resumed run before any model loads), load
+    the models, run ``config`` over ``problems`` and then the reference policy's greedy pass;
+    returns the rows. --ray: the same on Ray workers (``ponder.distributed.evaluate_cli``)."""
+    import dataclasses
+
+    from .evaluation import GREEDY, model_revision, run_evaluation
+    from .hf.kv import KVCacheFull
+
+    sections = _sections(args, dataset, config)
+    manifest = _checked_manifest(out_dir, problems, config, sections, args.resume)
     if args.no_progress:
         _quiet_loading()
     if args.ray is not None:  # the models load on the Ray workers, which search the batches
         from .distributed import evaluate_cli
 
-        rows = evaluate_cli(args, problems, methods, ns, base, dict(dataset=dataset, models=models, execution=execution),
-                            out_dir, bool(needs_prm))
-        return _report(rows, out_dir)
-    n_max = max(ns)
+        return evaluate_cli(args, problems, config, sections, out_dir)
+    labels, models, base = args.labels, sections["models"], config.base_config
+    n_max = max(config.ns)
     policy = _load("--policy", labels["policy"],
                    lambda: _build_remote_policy(args) if args.policy_url else
-                   _build_policy(args.policy, args.device, args.dtype, kv_budget=_kv_budget(args, problems, n_max)))
+                   _build_policy(args.policy, args.device, args.dtype, kv_budget=_kv_budget(args, problems, n_max, base)))
     prm = None
-    if needs_prm:
+    if config.needs_prm:
         prm = _load("--prm", labels["prm"], lambda: _build_prm(
-            args.prm, args.prm_format, args.device, args.dtype, kv_budget=_kv_budget(args, problems, n_max),
+            args.prm, args.prm_format, args.device, args.dtype, kv_budget=_kv_budget(args, problems, n_max, base),
             reference=args.prm_reference, beta=args.prm_beta))
         # what the PRM resolved: its format, beta and (implicit PRMs) the reference it reads
         fmt = getattr(prm, "format", None)
@@ -637,61 +650,50 @@ def _evaluate(args: argparse.Namespace) -> int:
         if ref_model is not None:
             path = getattr(ref_model, "name_or_path", None)
             models["prm_reference"] = _model_record(labels.get("prm_reference", "(the PRM's config)"), path)
-    revision = evaluate.model_revision(_loaded_path(policy) or args.policy)
+    revision = model_revision(_loaded_path(policy) or args.policy)
     if revision is not None:  # a hub model's commit, known once it is downloaded
         models["policy"]["revision"] = revision
-    try:  # the loaded models (hub commits now cached, the PRM's resolved settings) against run.json
-        manifest = evaluate.check_manifest(
-            out_dir, evaluate.run_manifest(problems, base, dataset=dataset, models=models, execution=execution), True)
-    except ValueError as exc:
-        raise _Refused(exc) from None
-    print(f"ponder run: {len(problems)} problems, methods {','.join(methods)}, n {','.join(map(str, ns))} -> {out_dir}",
-          file=sys.stderr)
-    common = dict(base_config=base, out_dir=out_dir, batch_size=args.batch_size, progress=not args.no_progress,
-                  manifest=manifest)
+    # the loaded models (hub commits now cached, the PRM's resolved settings) against run.json
+    manifest = _checked_manifest(out_dir, problems, config, sections, True)
+    print(f"ponder run: {len(problems)} problems, methods {','.join(config.methods)}, "
+          f"n {','.join(map(str, config.ns))} -> {out_dir}", file=sys.stderr)
+    progress = not args.no_progress
     try:
-        rows = evaluate.run_evaluation(
-            problems, policy, prm, methods=methods, ns=ns, resume=args.resume,
-            policy_label=labels["policy"], **common,
-        )
+        rows = run_evaluation(problems, policy, prm, config, out_dir=out_dir, resume=args.resume, progress=progress,
+                              policy_label=labels["policy"], manifest=manifest)
         if args.reference_policy is not None:
             del policy, prm
             reference = _load("--reference-policy", labels["reference_policy"], lambda: _build_policy(
-                args.reference_policy, args.device, args.dtype, kv_budget=_kv_budget(args, problems, 1)))
-            revision = evaluate.model_revision(_loaded_path(reference) or args.reference_policy)
+                args.reference_policy, args.device, args.dtype, kv_budget=_kv_budget(args, problems, 1, base)))
+            revision = model_revision(_loaded_path(reference) or args.reference_policy)
             if revision is not None and "revision" not in models["reference_policy"]:
                 models["reference_policy"]["revision"] = revision
-                try:
-                    common["manifest"] = evaluate.check_manifest(out_dir, evaluate.run_manifest(
-                        problems, base, dataset=dataset, models=models, execution=execution), True)
-                except ValueError as exc:
-                    raise _Refused(exc) from None
+                manifest = _checked_manifest(out_dir, problems, config, sections, True)
             # the same directory: its rows are told apart by their policy label
-            rows += evaluate.run_evaluation(
-                problems, reference, None, methods=[evaluate.GREEDY], ns=[1], resume=True,
-                policy_label=labels["reference_policy"], **common,
-            )
+            greedy = dataclasses.replace(config, methods=[GREEDY], ns=[1])
+            rows += run_evaluation(problems, reference, None, greedy, out_dir=out_dir, resume=True, progress=progress,
+                                   policy_label=labels["reference_policy"], manifest=manifest)
     except (ValueError, FileExistsError) as exc:
         raise _Refused(exc) from None
     except KVCacheFull as exc:  # even a single problem did not fit: the message names --kv-budget
         raise _Refused(f"KVCacheFull: {exc}") from None
-    return _report(rows, out_dir)
+    return rows
 
 
 def _report(rows: list, out_dir) -> int:
     """The end of `ponder run`: summary.csv / summary.md / scaling.png, the table, the files."""
     import os
 
-    from . import evaluate
+    from .evaluation import MANIFEST_FILE, RESULTS_FILE, markdown_table, plot_scaling, write_summary
 
-    summary = evaluate.write_summary(rows, out_dir)
-    print(evaluate.markdown_table(summary), end="")
-    files = [out_dir / evaluate.RESULTS_FILE, out_dir / "summary.csv", out_dir / "summary.md"]
+    summary = write_summary(rows, out_dir)
+    print(markdown_table(summary), end="")
+    files = [out_dir / RESULTS_FILE, out_dir / "summary.csv", out_dir / "summary.md"]
     try:
-        files.append(evaluate.plot_scaling(summary, out_dir))
+        files.append(plot_scaling(summary, out_dir))
     except ImportError:
         print("ponder run: matplotlib is not installed; no scaling.png (pip install matplotlib)", file=sys.stderr)
-    files.append(out_dir / evaluate.MANIFEST_FILE)
+    files.append(out_dir / MANIFEST_FILE)
     print("\nwrote " + ", ".join(os.fspath(f) for f in files))
     print(
         "\nOn your own models: ponder run --policy <hub id or dir> --prm <PRM hub id or dir> "

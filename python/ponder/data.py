@@ -49,13 +49,17 @@ ID_FIELDS = ("unique_id", "id", "problem_id", "question_id", "task_id", "uid", "
 class Problem:
     """One problem: ``id`` (unique within a source), the question text ``problem``, the
     reference final answer ``answer`` (graded with ``ponder.grading.is_equivalent``), an
-    optional difficulty ``level`` (e.g. MATH's 1-5) and ``meta``: the row's other fields."""
+    optional difficulty ``level`` (e.g. MATH's 1-5), ``meta``: the row's other fields, and
+    ``task``: the built-in task that generated it (e.g. ``"arith"``, set by that task's loader;
+    ``ponder.toy.task_defaults`` finds the task's search limits by it), None for problems read
+    from files or the hub."""
 
     id: str
     problem: str
     answer: str
     level: int | None = None
     meta: dict = field(default_factory=dict)
+    task: str | None = None
 
 
 # ----------------------------------------------------------------------------- built-ins

@@ -1,13 +1,14 @@
 """Spread an evaluation over a Ray cluster: ``ponder run --ray [ADDRESS] --workers K``.
 
     from ponder.distributed import ModelLoader, run_evaluation_ray
+    from ponder.evaluation import EvalConfig
     loader = ModelLoader(policy="builtin:policy-small", prm="builtin:prm")
-    rows = run_evaluation_ray(problems, loader, methods=["greedy", "dvts"], ns=[4, 16],
-                              base_config=SearchConfig(beam_width=4), out_dir=Path("runs/x"),
-                              resume=False, workers=4, gpus_per_worker=1)
+    config = EvalConfig(methods=["greedy", "dvts"], ns=[4, 16], base_config=SearchConfig(beam_width=4))
+    rows = run_evaluation_ray(problems, loader, config, out_dir=Path("runs/x"), resume=False,
+                              workers=4, gpus_per_worker=1)
 
 The unit of work is a *job*: one batch of problems of one search group, exactly the batches a
-single-process :func:`ponder.evaluate.run_evaluation` makes (the pending problems of each
+single-process :func:`ponder.evaluation.run_evaluation` makes (the pending problems of each
 (method, n) group cut every ``batch_size``). A batch is searched by one ``ponder.search`` call
 whose random stream is seeded by the config's seed and depends on the batch's problems, so
 the same batches give the same rows as a single-process run with the same seed (``wall_s``
@@ -38,8 +39,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from . import evaluate
 from .data import Problem
+from .evaluation import EvalConfig, model_revision
+from .evaluation import run as _run
+from .evaluation.results import RESULTS_FILE, append_rows, check_manifest, result_row, row_key, run_manifest
 from .methods import SearchConfig
 
 INSTALL_HINT = 'pip install "ponder[ray]" (or: pip install "ray>=2.9")'
@@ -135,11 +138,11 @@ def _job_rows(job: _Job, policy, prm) -> list[dict]:
     """Search one job's batch and build its rows, as ``run_evaluation`` does for a batch."""
     method, n = job.group[0]
     t0 = time.perf_counter()
-    by_method = evaluate._search_fitting(job.batch, policy, prm, job.configs[(method, n)], [m for m, _ in job.group])
+    by_method = _run.search_batch(job.batch, policy, prm, job.configs[(method, n)], [m for m, _ in job.group])
     share = (time.perf_counter() - t0) / len(job.batch)
     rows = []
     for m, k in job.group:
-        rows += [evaluate._row(p, r, m, k, job.configs[(m, k)], share, job.policy_label, shared=len(job.group) > 1)
+        rows += [result_row(p, r, m, k, job.configs[(m, k)], share, job.policy_label, shared=len(job.group) > 1)
                  for p, r in zip(job.batch, by_method[m])]
     return rows
 
@@ -180,19 +183,18 @@ class _Worker:
 # ----------------------------------------------------------------------------- the cluster
 
 
-def plan_jobs(problems: list[Problem], *, methods, ns, base_config: SearchConfig, batch_size: int, done: set,
-              has_prm: bool, policy_label: str = "") -> list[_Job]:
-    """The jobs of an evaluation: for each group of ``evaluate._groups`` (plan order), its
-    problems cut every ``batch_size`` -- the batches a fresh ``run_evaluation`` searches --,
-    each batch that has a row not in ``done``. A batch is searched whole even when some of its
-    rows are done (a kill cut its rows short), so its rows are those of a fresh run (a
-    single-process resume re-cuts the pending problems instead)."""
-    pairs = evaluate.plan(methods, ns)
-    configs = {pair: evaluate.method_config(base_config, *pair) for pair in pairs}
+def plan_jobs(problems: list[Problem], config: EvalConfig, *, done: set, has_prm: bool,
+              policy_label: str = "") -> list[_Job]:
+    """The jobs of an evaluation: for each group of ``ponder.evaluation.run.search_groups`` (plan
+    order), its problems cut every ``config.batch_size`` -- the batches a fresh
+    ``run_evaluation`` searches --, each batch that has a row not in ``done``. A batch is
+    searched whole even when some of its rows are done (a kill cut its rows short), so its rows
+    are those of a fresh run (a single-process resume re-cuts the pending problems instead)."""
+    configs = config.configs()
     jobs: list[_Job] = []
-    for group in evaluate._groups(pairs, has_prm):
-        for start in range(0, len(problems), batch_size):
-            batch = problems[start : start + batch_size]
+    for group in _run.search_groups(config.pairs(), has_prm):
+        for start in range(0, len(problems), config.batch_size):
+            batch = problems[start : start + config.batch_size]
             if any((str(p.id), policy_label, m, k) not in done for p in batch for m, k in group):
                 jobs.append(_Job(len(jobs), group, {pair: configs[pair] for pair in group}, batch, policy_label))
     return jobs
@@ -303,13 +305,10 @@ def _loader_ref(ray, loader) -> tuple[str, Any]:
 def run_evaluation_ray(
     problems: list[Problem],
     loader: Callable[[], tuple[Any, Any]],
+    config: EvalConfig,
     *,
-    methods: list[str],
-    ns: list[int],
-    base_config: SearchConfig,
     out_dir: Path,
     resume: bool,
-    batch_size: int = 16,
     progress: bool = True,
     policy_label: str = "",
     manifest: dict | None = None,
@@ -319,7 +318,7 @@ def run_evaluation_ray(
     gpus_per_worker: float = 0,
     has_prm: bool | None = None,
 ) -> list[dict]:
-    """``ponder.evaluate.run_evaluation`` with the batches searched on Ray workers.
+    """``ponder.evaluation.run_evaluation`` with the batches searched on Ray workers.
 
     ``loader``: a picklable callable returning ``(policy, prm)`` on a worker (see
     :class:`ModelLoader`); ``has_prm`` (default ``loader.has_prm``, else True) says whether it
@@ -328,49 +327,31 @@ def run_evaluation_ray(
     ones with ``cpus_per_worker`` (default :func:`worker_cpus`) and ``gpus_per_worker``,
     closed at the end. Ray must be initialised (``ray.init``) when ``cluster`` is None.
 
-    Every other argument, the checks before any search (out_dir, run.json against a resumed
+    ``config`` and every other argument, the checks before any search
+    (``ponder.evaluation.run.prepare``: ``config.validate``, out_dir, run.json against a resumed
     run), the rows, ``results.jsonl`` (appended by this process only, one fsync per finished
     job, a row key never written twice) and the return value are ``run_evaluation``'s; the
     rows equal a single-process run's with the same arguments (``wall_s`` aside: each job's
     wall time on its worker divided by its problems). Rows are appended in completion order.
     """
     out_dir = Path(out_dir)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
     if has_prm is None:
         has_prm = bool(getattr(loader, "has_prm", True))
-    pairs = evaluate.plan(methods, ns)
-    for pair in pairs:
-        evaluate.method_config(base_config, *pair)
-    if not has_prm:
-        needs = [m for m, _ in pairs if m not in evaluate.PRM_FREE_METHODS]
-        if needs:
-            raise ValueError(f"methods {', '.join(dict.fromkeys(needs))} need a PRM; only greedy and majority run without one")
-    ids = [str(p.id) for p in problems]
-    if len(set(ids)) != len(ids):
-        raise ValueError("problem ids must be unique")
-    evaluate.check_out_dir(out_dir, resume)
-    if manifest is None:
-        manifest = evaluate.run_manifest(problems, base_config)
-    elif manifest.get("search") != evaluate._config_record(base_config):
-        raise ValueError("manifest['search'] does not record base_config; build it with run_manifest(problems, base_config)")
-    evaluate.check_manifest(out_dir, manifest, resume)
-    results_path = out_dir / evaluate.RESULTS_FILE
-    existing = evaluate.read_results(results_path) if resume else []
-    done = {evaluate.row_key(r): r for r in existing}
+    done = _run.prepare(problems, config, out_dir=out_dir, resume=resume, has_prm=has_prm, manifest=manifest)
+    results_path = out_dir / RESULTS_FILE
+    pairs = config.pairs()
 
-    jobs = plan_jobs(problems, methods=methods, ns=ns, base_config=base_config, batch_size=batch_size,
-                     done=set(done), has_prm=has_prm, policy_label=policy_label)
-    total = len(problems) * len(evaluate._groups(pairs, has_prm))
+    jobs = plan_jobs(problems, config, done=set(done), has_prm=has_prm, policy_label=policy_label)
+    total = len(problems) * len(_run.search_groups(pairs, has_prm))
     remaining = sum(len(j.batch) for j in jobs)  # partly done batches count whole
     desc = f"ray: {'+'.join(dict.fromkeys(m for m, _ in pairs))}" + (f" [{policy_label}]" if policy_label else "")
-    bar = evaluate._progress(total, total - remaining, desc, progress)
+    bar = _run.progress_bar(total, total - remaining, desc, progress)
 
     def on_rows(job: _Job, rows: list[dict]) -> None:
-        new = [r for r in rows if evaluate.row_key(r) not in done]
-        evaluate._append(results_path, new)
+        new = [r for r in rows if row_key(r) not in done]
+        append_rows(results_path, new)
         for row in new:
-            done[evaluate.row_key(row)] = row
+            done[row_key(row)] = row
         bar.update(len(job.batch))
 
     own = cluster is None
@@ -385,7 +366,7 @@ def run_evaluation_ray(
         bar.close()
         if own and cluster is not None:
             cluster.close()
-    return [done[(pid, policy_label, m, n)] for m, n in pairs for pid in ids]
+    return [done[(str(p.id), policy_label, m, n)] for m, n in pairs for p in problems]
 
 
 # ----------------------------------------------------------------------------- ponder run --ray
@@ -410,24 +391,25 @@ def check_cli_args(args) -> str | None:
     return None
 
 
-def evaluate_cli(args, problems: list[Problem], methods: list[str], ns: list[int], base: SearchConfig, sections: dict,
-                 out_dir: Path, needs_prm: bool) -> list[dict]:
-    """The work of ``ponder run --ray`` once every option, the dataset and run.json are checked
-    (``ponder.cli._evaluate``): connect to Ray, start the workers, load the models on them
+def evaluate_cli(args, problems: list[Problem], config: EvalConfig, sections: dict, out_dir: Path) -> list[dict]:
+    """The work of ``ponder run --ray`` once every option, the dataset, ``config`` (validated)
+    and run.json (``sections``: its dataset, models and execution) are checked
+    (``ponder.cli._execute``): connect to Ray, start the workers, load the models on them
     (the run record is completed with what they resolved and checked again), run the
     evaluation and the reference policy's greedy pass on the same workers; returns the rows.
     Mistakes and load failures raise ``ponder.cli._Refused`` (one line)."""
     from .cli import _kv_budget, _model_record, _Refused
+    from .evaluation import GREEDY
     from .hf.kv import KVCacheFull
 
     models, labels = sections["models"], args.labels
     device = "cuda" if args.gpus_per_worker > 0 else args.device
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     models["dtype"] = dtype
-    n_max = max(ns)
+    n_max, base, needs_prm = max(config.ns), config.base_config, config.needs_prm
     loader = ModelLoader(
         policy=args.policy, prm=args.prm if needs_prm else None, device=device, dtype=dtype,
-        kv_budget=_kv_budget(args, problems, n_max), prm_format=args.prm_format,
+        kv_budget=_kv_budget(args, problems, n_max, base), prm_format=args.prm_format,
         prm_reference=args.prm_reference if needs_prm else None, prm_beta=args.prm_beta,
         policy_url=args.policy_url, policy_tokenizer=args.policy_tokenizer)
     try:
@@ -457,25 +439,26 @@ def evaluate_cli(args, problems: list[Problem], methods: list[str], ns: list[int
                 if info.get("prm_reference_path") is not None:
                     models["prm_reference"] = _model_record(labels.get("prm_reference", "(the PRM's config)"),
                                                             info["prm_reference_path"])
-            revision = evaluate.model_revision(info.get("policy_path") or args.policy)
+            revision = model_revision(info.get("policy_path") or args.policy)
             if revision is not None:
                 models["policy"]["revision"] = revision
-            manifest = evaluate.check_manifest(out_dir, evaluate.run_manifest(problems, base, **sections), True)
-            print(f"ponder run: {len(problems)} problems, methods {','.join(methods)}, n {','.join(map(str, ns))} "
+            manifest = check_manifest(out_dir, run_manifest(problems, base, **sections), True)
+            print(f"ponder run: {len(problems)} problems, methods {','.join(config.methods)}, "
+                  f"n {','.join(map(str, config.ns))} "
                   f"on {args.workers} Ray workers ({cpus} CPUs, {args.gpus_per_worker:g} GPUs each) -> {out_dir}",
                   file=sys.stderr)
-            common = dict(base_config=base, out_dir=out_dir, batch_size=args.batch_size, progress=not args.no_progress,
-                          cluster=cluster)
-            rows = run_evaluation_ray(problems, loader, methods=methods, ns=ns, resume=args.resume,
+            common = dict(out_dir=out_dir, progress=not args.no_progress, cluster=cluster)
+            rows = run_evaluation_ray(problems, loader, config, resume=args.resume,
                                       policy_label=labels["policy"], manifest=manifest, **common)
             if args.reference_policy is not None:
                 reference = ModelLoader(policy=args.reference_policy, device=device, dtype=dtype,
-                                        kv_budget=_kv_budget(args, problems, 1))
-                revision = evaluate.model_revision(args.reference_policy)
+                                        kv_budget=_kv_budget(args, problems, 1, base))
+                revision = model_revision(args.reference_policy)
                 if revision is not None and "revision" not in models["reference_policy"]:
                     models["reference_policy"]["revision"] = revision
-                manifest = evaluate.check_manifest(out_dir, evaluate.run_manifest(problems, base, **sections), True)
-                rows += run_evaluation_ray(problems, reference, methods=[evaluate.GREEDY], ns=[1], resume=True,
+                manifest = check_manifest(out_dir, run_manifest(problems, base, **sections), True)
+                greedy = dataclasses.replace(config, methods=[GREEDY], ns=[1])
+                rows += run_evaluation_ray(problems, reference, greedy, resume=True,
                                            policy_label=labels["reference_policy"], manifest=manifest, **common)
     except (ValueError, FileExistsError, RuntimeError) as exc:
         raise _Refused(exc) from None

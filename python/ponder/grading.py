@@ -39,6 +39,8 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
 
+from ._core import NO_ANSWER  # the search forest's "no answer" sentinel (-2**63); answer_id never returns it
+
 __all__ = [
     "FALLBACKS",
     "NO_ANSWER",
@@ -53,8 +55,6 @@ __all__ = [
     "pass_at_k",
 ]
 
-NO_ANSWER = -(2**63)
-"""The search forest's "no answer" sentinel; ``answer_id`` never returns it."""
 
 FALLBACKS = ("none", "last_number", "answer_is")
 """The ``fallback`` names ``extract_answer`` accepts (alone or as a sequence tried in order)."""

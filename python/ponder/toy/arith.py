@@ -52,6 +52,9 @@ __all__ = [
     "EVAL_SEED",
     "LEVELS",
     "MAX_ABS",
+    "DEFAULT_PER_LEVEL",
+    "SEARCH_LIMITS",
+    "TASK",
     "TRAIN_SAMPLE_SIZE",
     "TRAIN_SEED",
     "ArithProblem",
@@ -78,6 +81,14 @@ EVAL_SEED = 20_240_501
 TRAIN_SEED = 7_919
 EVAL_PER_LEVEL = 100
 TRAIN_SAMPLE_SIZE = 1000
+#: ``ponder.data.Problem.task`` of this task's problems (``load_arith`` sets it)
+TASK = "arith"
+#: search limits for this task (``ponder.toy.task_defaults``): its solutions have at most ~10 steps
+#: of at most ~70 tokens, so tighter limits than the generic ones (``SearchConfig``'s 40 iterations,
+#: 64 steps x 256 tokens, which let one path run to 16k tokens) stop a runaway sample early
+SEARCH_LIMITS = {"num_iterations": 16, "max_steps": 16, "max_step_tokens": 96}
+#: the default slice of the test split in an evaluation: the first 6 problems of each level
+DEFAULT_PER_LEVEL = 6
 EVAL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arith_eval.jsonl")
 
 _PREC = {"+": 1, "-": 1, "*": 2}
@@ -534,7 +545,7 @@ def load_arith(split: str = "test", limit: int | None = None) -> list:
     """``builtin:arith``: the evaluation set (``split="test"``, read from the shipped
     ``arith_eval.jsonl``) or the fixed training sample (``split="train"``: the first 1000
     problems of ``train_stream(TRAIN_SEED)``) as ``ponder.data.Problem`` objects with
-    ``level`` set and ``meta={"solution": <reference solution>}``.
+    ``level`` set, ``meta={"solution": <reference solution>}`` and ``task=TASK``.
 
     ``limit=K`` keeps K problems: on the test split (sorted by level) the first problems of
     every level in turn (level 1's first, level 2's first, ..., then each level's second, ...),
@@ -561,6 +572,7 @@ def load_arith(split: str = "test", limit: int | None = None) -> list:
             answer=str(row["answer"]),
             level=int(row["level"]),
             meta={"solution": row["solution"]},
+            task=TASK,
         )
         for row in rows
     ]
