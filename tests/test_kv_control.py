@@ -14,7 +14,7 @@ import pytest
 
 import ponder._core
 import ponder.twins
-from conftest import assert_same
+from ponder.testing.forest import assert_same
 
 INT32_MAX = 2**31 - 1
 

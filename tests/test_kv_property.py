@@ -31,7 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import ponder._core as core
 import ponder.twins as ref
-from conftest import assert_same, int_input
+from ponder.testing.forest import assert_same, int_input
 
 TOKENS = st.integers(0, 2)  # a tiny alphabet, so that prompts and blocks repeat
 ERRORS = (ValueError, IndexError, OverflowError, ref.KVCacheFull, core.KVCacheFull)
