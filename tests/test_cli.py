@@ -363,3 +363,108 @@ def test_python_api_takes_builtin_model_names():
     completions = results[0].completions
     assert len(completions) == 2 and all(c.step_scores for c in completions)
     assert results[0].answer in {c.answer for c in completions}
+
+
+# ----------------------------------------------------------------------------- particle filtering / REBASE options
+
+
+def test_pf_and_rebase_options_reach_the_search_configs(tmp_path, models, capsys, monkeypatch):
+    """--pf-* / --rebase-temperature set the SearchConfig fields of those names: in run.json's
+    search section and in the configs the batches are searched with."""
+    seen = []
+    real = evaluation_run.search_batch
+
+    def recording(batch, policy, prm, config, methods):
+        seen.append(config)
+        return real(batch, policy, prm, config, methods)
+
+    monkeypatch.setattr(evaluation_run, "search_batch", recording)
+    argv = _args(tmp_path, "--methods", "particle_filtering,rebase", "--n", "4", "--limit", "2",
+                 "--pf-temperature", "0.5", "--pf-weights", "raw", "--pf-resampling", "systematic",
+                 "--pf-ess-threshold", "0.25", "--rebase-temperature", "0.3")
+    assert _main(argv) == 0
+    expected = {"pf_temperature": 0.5, "pf_weights": "raw", "pf_resampling": "systematic", "pf_ess_threshold": 0.25,
+                "rebase_temperature": 0.3}
+    search = json.loads((tmp_path / "out" / "run.json").read_text())["search"]
+    assert {k: search[k] for k in expected} == expected
+    assert sorted({c.method for c in seen}) == ["particle_filtering", "rebase"]
+    for config in seen:
+        assert {k: getattr(config, k) for k in expected} == expected
+    # the defaults are SearchConfig's
+    from ponder import SearchConfig
+
+    defaults = SearchConfig()
+    args = cli.build_run_parser().parse_args([])
+    assert {k: getattr(args, k) for k in expected} == {k: getattr(defaults, k) for k in expected}
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--pf-temperature", "0", "--pf-temperature must be a finite number > 0; got 0.0"),
+    ("--pf-temperature", "nan", "--pf-temperature must be a finite number > 0"),
+    ("--rebase-temperature", "-1", "--rebase-temperature must be a finite number > 0; got -1.0"),
+    ("--pf-weights", "cubic", "--pf-weights must be one of softmax, raw; got 'cubic'"),
+    ("--pf-resampling", "stratified", "--pf-resampling must be one of multinomial, systematic; got 'stratified'"),
+    ("--pf-ess-threshold", "1.5", "--pf-ess-threshold must be a number in [0, 1]; got 1.5"),
+])
+def test_bad_pf_and_rebase_options_are_one_line(tmp_path, models, capsys, flag, value, message):
+    assert _main(_args(tmp_path, "--methods", "particle_filtering,rebase", "--n", "4", flag, value)) == 2
+    assert message in _error_of(capsys)
+    assert models == [] and not (tmp_path / "out").exists()
+
+
+def test_bad_pf_option_in_a_subprocess_is_one_line(tmp_path):
+    line = _one_line(_ponder("run", "--methods", "particle_filtering", "--pf-ess-threshold", "-0.5",
+                             "--out", str(tmp_path / "o")))
+    assert line == "ponder run: error: --pf-ess-threshold must be a number in [0, 1]; got -0.5"
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_documents_the_pf_and_rebase_options(capsys):
+    assert _main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--pf-temperature", "--pf-weights", "--pf-resampling", "--pf-ess-threshold", "--rebase-temperature",
+                   "multinomial or systematic", "softmax", "particle_filtering, rebase"):
+        assert option in out, option
+
+
+# ----------------------------------------------------------------------------- search limits of the built-in task
+
+
+def _search_of(out) -> dict:
+    return json.loads((out / "run.json").read_text())["search"]
+
+
+def test_builtin_arith_problems_get_their_tasks_limits_and_other_problems_the_generic_ones(tmp_path, models, capsys):
+    """The limits follow what the problems are (Problem.task, set by the built-in loader), not
+    the --dataset string: builtin:arith's problems get 16 iterations / 16 steps / 96 tokens, the
+    same questions read from a file get SearchConfig's defaults; options given win."""
+    from ponder.data import load_problems
+
+    common = ["--methods", "majority", "--n", "1", "--reference-policy", "none", "--no-progress"]
+    assert _main(["run", "--limit", "3", "--out", str(tmp_path / "a"), *common]) == 0
+    a = _search_of(tmp_path / "a")
+    assert (a["num_iterations"], a["max_steps"], a["sampling"]["max_step_tokens"]) == (16, 16, 96)
+    rows = [{"problem": p.problem, "answer": p.answer, "level": p.level, "id": p.id}
+            for p in load_problems("builtin:arith", limit=3)]
+    data = _dataset(tmp_path, rows, name="arith_copy.jsonl")
+    assert _main(["run", "--dataset", data, "--out", str(tmp_path / "b"), *common]) == 0
+    b = _search_of(tmp_path / "b")
+    assert (b["num_iterations"], b["max_steps"], b["sampling"]["max_step_tokens"]) == (40, 64, 256)
+    assert _main(["run", "--limit", "3", "--out", str(tmp_path / "c"), "--max-steps", "20", *common]) == 0
+    c = _search_of(tmp_path / "c")
+    assert (c["num_iterations"], c["max_steps"], c["sampling"]["max_step_tokens"]) == (16, 20, 96)
+
+
+def test_search_option_mistakes_name_the_option(tmp_path, models, capsys):
+    """EvalConfig.validate / SearchConfig.validate messages, with their fields as `ponder run` options."""
+    for extra, message in [
+        (["--max-steps", "2"], "--max-steps (2) must be >= --num-iterations (3)"),
+        (["--beam-width", "0"], "--beam-width must be an integer >= 1; got 0"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1; got 0"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--max-step-tokens", "0"], "--max-step-tokens must be >= 1"),
+        (["--lookahead", "-1"], "--lookahead must be an integer >= 0; got -1"),
+    ]:
+        assert _main(_args(tmp_path, "--methods", "beam_search", "--n", "4", *extra)) == 2
+        assert message in _error_of(capsys), extra
+    assert models == [] and not (tmp_path / "out").exists()

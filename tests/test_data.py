@@ -466,3 +466,34 @@ def test_register_builtin_validation(builtins):
     with pytest.raises(TypeError, match="callable"):
         register_builtin("ok", "not a function")  # type: ignore[arg-type]
     assert builtins == {}
+
+
+# ----------------------------------------------------------------------------- built-in task of a problem
+
+
+def test_builtin_problems_carry_their_task_and_its_defaults(tmp_path, monkeypatch):
+    """``Problem.task`` says which built-in task generated a problem; ``ponder.toy.task_defaults``
+    finds that task's search limits from it: by what the problems are, not by a dataset name."""
+    from ponder.calibrate import fresh_arith
+    from ponder.toy import TaskDefaults, arith, load_arith, task_defaults
+
+    # ponder.toy registers builtin:arith once, when first imported (maybe inside a test's private registry)
+    monkeypatch.setitem(data._BUILTINS, "arith", load_arith)
+
+    test = load_problems("builtin:arith", limit=4)
+    train = load_problems("builtin:arith", split="train", limit=4)
+    fresh = fresh_arith(1)
+    assert {p.task for p in test + train + fresh} == {arith.TASK}
+    expected = TaskDefaults(**arith.SEARCH_LIMITS, per_level=arith.DEFAULT_PER_LEVEL)
+    assert task_defaults(test) == task_defaults(train) == task_defaults(fresh) == expected
+    assert (expected.num_iterations, expected.max_steps, expected.max_step_tokens) == (16, 16, 96)
+    # the same questions read from a file are not the built-in task's problems (task None)
+    path = tmp_path / "copy.jsonl"
+    path.write_text("".join(json.dumps({"problem": p.problem, "answer": p.answer, "level": p.level}) + "\n"
+                            for p in test))
+    copy = load_problems(path)
+    assert [p.problem for p in copy] == [p.problem for p in test] and {p.task for p in copy} == {None}
+    assert task_defaults(copy) is None
+    assert task_defaults(test + copy) is None  # mixed: no one task
+    assert task_defaults([]) is None
+    assert Problem("a", "q", "1").task is None

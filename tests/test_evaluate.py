@@ -572,3 +572,75 @@ def test_progress_advances_per_finished_problem_within_a_batch(tmp_path, monkeyp
     steps = [k for k, _ in updates if k]
     assert steps == [1] * len(PROBLEMS) and sum(k for k, _ in updates) == len(PROBLEMS)
     assert updates[0][1] < calls[0]  # a problem counted while others were still being sampled
+
+
+# ----------------------------------------------------------------------------- EvalConfig / DatasetSpec
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"methods": []}, "methods is empty"),
+    ({"methods": ["majority", "magic"]}, "unknown method 'magic' in methods; choose from greedy, majority"),
+    ({"ns": [2, 0]}, "ns must list integers >= 1; got [2, 0]"),
+    ({"ns": []}, "ns must list integers >= 1; got []"),
+    ({"ns": [True]}, "ns must list integers >= 1"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1; got 0"),
+    ({"methods": ["dvts"], "ns": [2, 6], "base_config": _base(beam_width=4)},
+     "dvts needs every n above beam_width 4 to be a multiple of it (below it the tree is n wide); n=6 is not: "
+     "change ns or beam_width"),
+    ({"base_config": _base(max_steps=2)}, "max_steps (2) must be >= num_iterations (3)"),
+    ({"base_config": _base(sampling=SamplingParams(temperature=-1.0))}, "temperature must be >= 0"),
+    ({"base_config": _base(pf_temperature=0.0)}, "pf_temperature must be a finite number > 0"),
+])
+def test_eval_config_validate_is_one_line_naming_the_field(kw, message):
+    config = EvalConfig(**{"methods": METHODS, "ns": NS, "base_config": _base(), **kw})
+    with pytest.raises(ValueError) as info:
+        config.validate()
+    text = str(info.value)
+    assert message in text and "\n" not in text and "`" not in text
+
+
+def test_eval_config_names_fields_in_the_callers_words():
+    config = EvalConfig(["beam_search"], [6], _base(beam_width=4))
+    with pytest.raises(ValueError, match=r"n above --beam-width 4 .* n=6 is not: change --n or --beam-width$"):
+        config.validate(names={"ns": "--n", "beam_width": "--beam-width", "n": "--never"})
+    with pytest.raises(ValueError, match="^--max-steps \\(2\\) must be >= --num-iterations \\(3\\)"):
+        EvalConfig(["dvts"], [2], _base(max_steps=2)).validate(names={"max_steps": "--max-steps",
+                                                                      "num_iterations": "--num-iterations"})
+
+
+def test_eval_config_pairs_configs_and_prm():
+    config = EvalConfig(["greedy", "majority", "dvts", "majority"], [4, 2], _base(beam_width=4)).validate()
+    assert config.pairs() == [("greedy", 1), ("majority", 4), ("majority", 2), ("dvts", 4), ("dvts", 2)]
+    assert config.configs()[("dvts", 2)].beam_width == 2 and config.configs()[("greedy", 1)].method == "majority"
+    assert config.needs_prm and not EvalConfig(["greedy", "majority"], [4]).needs_prm
+    EvalConfig(["greedy", "majority"], [4], _base()).validate(has_prm=False)
+    with pytest.raises(ValueError, match="method dvts needs a PRM"):
+        config.validate(has_prm=False)
+
+
+def test_dataset_spec_validate_load_and_record(tmp_path):
+    from ponder.evaluation import DatasetSpec
+
+    for kw, message in [({"source": " "}, "source must not be empty"), ({"limit": 0}, "limit must be >= 1; got 0"),
+                        ({"per_level": -1}, "per_level must be >= 1"),
+                        ({"full": True, "limit": 3}, "full evaluates the whole dataset; drop limit / per_level")]:
+        with pytest.raises(ValueError, match=message):
+            DatasetSpec(**{"source": "builtin:arith", **kw}).validate()
+    names = {"limit": "--limit", "per_level": "--per-level", "full": "--full"}
+    with pytest.raises(ValueError, match="^--full evaluates the whole dataset; drop --limit / --per-level"):
+        DatasetSpec("builtin:arith", full=True, per_level=2).validate(names=names)
+    # builtin:arith: its task's default slice (the first 6 of each level), unless --full / --limit / --per-level
+    from ponder.toy import arith
+
+    assert len(DatasetSpec("builtin:arith").load()) == 5 * arith.DEFAULT_PER_LEVEL
+    assert len(DatasetSpec("builtin:arith", full=True).load()) == 500
+    assert len(DatasetSpec("builtin:arith", limit=7).load()) == 7
+    assert len(DatasetSpec("builtin:arith", per_level=2).load()) == 10
+    # a file: all of it (no task, no default slice); per_level slices it
+    data = _dataset(tmp_path)
+    assert [p.id for p in DatasetSpec(data).load()] == [p.id for p in PROBLEMS]
+    assert [p.level for p in DatasetSpec(data, per_level=1).load()] == [1, 2]
+    assert DatasetSpec(data, limit=2).record() == {
+        "source": data, "split": "test", "config": None, "problem_field": "problem", "answer_field": "answer",
+        "level_field": "level", "id_field": None, "answer_from_solution": False, "limit": 2, "per_level": None,
+        "full": False}
