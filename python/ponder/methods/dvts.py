@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .method import Method
+from .method import IterativeMethod
 
 
-class DVTS(Method):
+class DVTS(IterativeMethod):
     @property
     def subtrees(self) -> int:
         return self.config.n // self.config.beam_width
@@ -36,21 +36,11 @@ class DVTS(Method):
         self.final_node: dict[int, int] = {}
         self.last_candidates: dict[int, list[int]] = {}
 
-    @property
-    def last(self) -> bool:
-        return self.it == self.config.num_iterations - 1
-
     def expansion(self):
         if not self.live:
             return [], [], 0
         m = self.config.beam_width
         return [self.leaf[s] for s in self.live], [m] * len(self.live), 0 if self.last else self.config.lookahead
-
-    def expanded(self, children: np.ndarray) -> None:
-        if self.last:
-            self.to_end(children)
-        else:
-            self.ended(children)
 
     def ended(self, ends: np.ndarray) -> None:
         m, tree = self.config.beam_width, self.tree

@@ -14,10 +14,10 @@ from abc import abstractmethod
 
 import numpy as np
 
-from .method import Method
+from .method import IterativeMethod
 
 
-class FrontierSearch(Method):
+class FrontierSearch(IterativeMethod):
     """``frontier``: node ids, ``counts``: children each (the root gets N). ``completed``: the
     finished paths in finishing order; ``leftover``: the unfinished paths of the last iteration."""
 
@@ -27,10 +27,6 @@ class FrontierSearch(Method):
         self.completed: list[int] = []
         self.leftover: list[int] = []
 
-    @property
-    def last(self) -> bool:
-        return self.it == self.config.num_iterations - 1
-
     def lookahead(self) -> int:
         """Greedy steps rolled out after each sampled step this iteration (scored, not kept)."""
         return 0
@@ -39,12 +35,6 @@ class FrontierSearch(Method):
         if not self.frontier:
             return [], [], 0
         return list(self.frontier), list(self.counts), self.lookahead()
-
-    def expanded(self, children: np.ndarray) -> None:
-        if self.last:
-            self.to_end(children)
-        else:
-            self.ended(children)
 
     def ended(self, ends: np.ndarray) -> None:
         mine = ends.tolist()

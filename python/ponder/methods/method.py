@@ -91,3 +91,21 @@ class Method(ABC):
     @property
     def ends_so_far(self) -> list[int]:
         return [] if self._ends is None else self._ends.tolist()
+
+
+class IterativeMethod(Method):
+    """A method of ``num_iterations`` iterations (``it``: the ones done; set it to 0 in
+    ``start``): each expansion is ``ended`` after one step, except the last iteration's,
+    which runs every child to its end first (``to_end``)."""
+
+    it = 0
+
+    @property
+    def last(self) -> bool:
+        return self.it == self.config.num_iterations - 1
+
+    def expanded(self, children: np.ndarray) -> None:
+        if self.last:
+            self.to_end(children)
+        else:
+            self.ended(children)
