@@ -11,6 +11,9 @@
   policies, the PRM formats' checkpoints); fully offline. Imports torch and transformers.
 * ``ponder.testing.prm_reference``: each PRM format's published usage written out as a
   full-path scorer, the oracle that ``HFPRM``'s incremental scores are checked against.
+* ``ponder.testing.forest``: build small forests (either implementation), snapshot and compare
+  their whole observable state.
+* ``ponder.testing.serve``: start and stop a live ``ponder serve`` on a free loopback port.
 
 Nothing is imported here: import the submodule you need.
 """

@@ -112,14 +112,17 @@ def tiny_config(arch: str, vocab: int, eos: int, **extra):
 
 
 def boost_lm_head(model, tok, words=("Ġthe", "Ġis", "5"), seed: int = 1) -> None:
-    """Make a few tokens (EOS, newlines, ``words``) dominate the random LM head (in place) so
-    that sampled steps end at the delimiter, at EOS and by the limit, all reasonably often."""
+    """Make a few tokens (EOS, newlines, ``words``; words not in the vocabulary are skipped)
+    dominate the random LM head (in place: weights x 0.05, those rows redrawn from
+    ``seed``) so that sampled steps end at the delimiter, at EOS and by the limit, all
+    reasonably often."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         w = model.lm_head.weight
         w.mul_(0.05)
         ids = {tok.eos_token_id, *tok.encode("\n", add_special_tokens=False), *tok.encode("\n\n", add_special_tokens=False)}
         ids |= {tok.convert_tokens_to_ids(t) for t in words}
+        ids.discard(None)  # a word that is not in the vocabulary
         for i in sorted(ids):
             w[i] = torch.randn(w.shape[1], generator=g)
 
