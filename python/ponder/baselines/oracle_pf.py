@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ..twins.forest import count_weights, counts_from_weights
 from .oracle import Beam, OracleResult, _final_vote, _Models, _vote, aggregate_scores
 
@@ -36,13 +34,10 @@ def _rebase_counts(beams, budget, config, iteration, seed) -> list[int]:
 
 def _pf_counts(beams, budget, config, iteration, seed) -> list[int]:
     temperature = 0.0 if config.pf_weights == "raw" else config.pf_temperature
-    # the ESS test sees the forest's float32 aggregates, the resampling its float64 ones
-    ranks32 = [float(np.float32(x)) for x in _ranks(beams, config.agg)]
-    w32 = count_weights(ranks32, temperature)
-    ess = sum(w32) ** 2 / sum(x * x for x in w32)
+    w = count_weights(_ranks(beams, config.agg), temperature)
+    ess = sum(w) ** 2 / sum(x * x for x in w)
     if ess >= config.pf_ess_threshold * len(beams):
         return [1] * len(beams)
-    w = count_weights(_ranks(beams, config.agg), temperature)
     stream = (int(seed) * 1_000_003 + iteration) % (2**63)
     return counts_from_weights(w, [b.node for b in beams], budget, config.pf_resampling, stream)
 

@@ -47,7 +47,7 @@ class ParticleFiltering(Rebase):
         cfg = self.config
         ids = np.array(active, dtype=np.int32)
         temperature = 0.0 if cfg.pf_weights == "raw" else cfg.pf_temperature
-        ranks = [float(x) for x in self.tree.forest.aggregate(ids, cfg.agg)]
+        ranks = self.tree.forest.path_scores(ids, cfg.agg).tolist()  # float64, as children_counts ranks
         ranks = [-np.inf if x != x else x for x in ranks]
         if ess(count_weights(ranks, temperature)) >= cfg.pf_ess_threshold * len(active):
             return [1] * len(active)  # budget == len(active): every particle goes on once
