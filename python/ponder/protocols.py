@@ -142,17 +142,20 @@ class KVCapacity(Protocol):
 
 @runtime_checkable
 class PathScorer(Protocol):
-    """Optional for a PRM: every step score of whole solutions in one call, nothing kept.
+    """Optional for a PRM: every step score of whole continuations of held nodes in one call,
+    nothing kept.
 
     ``ponder.Engine`` uses it for searches that read only finished paths' scores (best-of-N and
-    weighted best-of-N with ``agg="last"``, no early stopping): each solution is scored once
-    when it ends instead of step by step."""
+    weighted best-of-N with ``agg="last"``, no early stopping): the PRM holds only their roots,
+    and each solution is scored once, when it ends, instead of step by step."""
 
-    def score_paths(self, problems: Sequence[str], paths: Sequence[Sequence[str]]) -> list[list[float]]:
-        """``out[i][k]``: the score of step ``k`` of solution ``paths[i]`` (its steps in order)
-        to question ``problems[i]``, equal to what ``score_steps`` gives that step as the next
-        step of the path of steps ``0..k-1``. ``len(out[i]) == len(paths[i])``. No node id is
-        read or created. ValueError for unequal lengths; TypeError for a bare string as a path."""
+    def score_paths(self, node_ids: Sequence[int], paths: Sequence[Sequence[str]]) -> list[list[float]]:
+        """``out[i][k]``: the score of step ``k`` of ``paths[i]`` (steps in order) continuing
+        the path of ``node_ids[i]`` (a node the PRM holds: a started root or a scored node),
+        equal to what ``score_steps`` gives that step as the next step of the path of
+        ``node_ids[i]`` + steps ``0..k-1``. ``len(out[i]) == len(paths[i])``; ids may repeat.
+        No node is created or freed. KeyError for an id not held; ValueError for unequal
+        lengths; TypeError for a bare string as a path."""
         ...
 
 
