@@ -90,11 +90,98 @@ def test_chat_plain_sampling(client):
 
 
 def test_plain_n_samples_and_max_tokens(client):
-    r = client.completions.create(model=MODEL, prompt=EASY, n=3, seed=5)
-    assert [c.index for c in r.choices] == [0, 1, 2] and all(c.text for c in r.choices)
-    short = client.completions.create(model=MODEL, prompt="Compute (2 + 3) * (4 + 5) - 6 * 7.", max_tokens=3, seed=5)
+    msgs = [{"role": "user", "content": EASY}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, n=3, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2] and all(c.message.content for c in r.choices)
+    short = client.chat.completions.create(model=MODEL, messages=[
+        {"role": "user", "content": "Compute (2 + 3) * (4 + 5) - 6 * 7."}], max_tokens=3, seed=5)
     assert short.choices[0].finish_reason == "length"
     assert short.usage.completion_tokens < r.usage.completion_tokens
+
+
+# ---------------------------------------------------------------- /v1/completions: raw continuation
+
+
+def _tokenizer():
+    from ponder.hf.policy import load_tokenizer
+    from ponder.toy.builtin import resolve_model
+
+    return load_tokenizer(resolve_model("builtin:policy-small"))
+
+
+def _policy_tokens(problem: str) -> list[int]:
+    """The built-in policy's prompt for ``problem`` (its chat template writes the BOS)."""
+    tok = _tokenizer()
+    text = tok.apply_chat_template([{"role": "user", "content": problem}], tokenize=False, add_generation_prompt=True)
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def test_raw_completion_continues_token_ids_and_stops(client):
+    """No search: the prompt is continued as it is (vLLM's semantics). Greedy continuation of the
+    built-in policy's own prompt is its first reasoning step; the matched stop string is cut
+    (stop_reason names it) unless include_stop_str_in_output; EOS is finish "stop" with
+    stop_reason None; max_tokens is finish "length"; usage counts prompt and generated ids."""
+    ids = _policy_tokens(MEDIUM)
+    extra = {"return_token_ids": True, "skip_special_tokens": False}
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=64, stop=["\n\n"], temperature=0,
+                                  extra_body=extra)
+    c = r.choices[0].model_dump()
+    assert c["finish_reason"] == "stop" and c["stop_reason"] == "\n\n" and c["text"] and "\n\n" not in c["text"]
+    assert c["prompt_token_ids"] == ids and r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == len(c["token_ids"]) and r.usage.prm_tokens == 0
+    kept = client.completions.create(model=MODEL, prompt=ids, max_tokens=64, stop="\n\n", temperature=0,
+                                     extra_body={**extra, "include_stop_str_in_output": True})
+    assert kept.choices[0].text == c["text"] + "\n\n"
+    assert kept.choices[0].model_dump()["token_ids"] == c["token_ids"]
+    # no stop: the whole greedy solution, ending at EOS (kept in token_ids, not in the text)
+    full = client.completions.create(model=MODEL, prompt=ids, max_tokens=400, temperature=0, extra_body=extra)
+    f = full.choices[0].model_dump()
+    assert f["finish_reason"] == "stop" and f["stop_reason"] is None and f["token_ids"][-1] == 6
+    assert f["text"].startswith(kept.choices[0].text) and "\\boxed{" in f["text"]
+    cut = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, extra_body=extra)
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].model_dump()["token_ids"] == f["token_ids"][:2]
+    # text prompts are tokenized with the tokenizer's special tokens (add_special_tokens, as vLLM)
+    text = client.completions.create(model=MODEL, prompt="Compute 2 + 2.", max_tokens=4, temperature=0,
+                                     extra_body={"return_token_ids": True})
+    want = list(_tokenizer().encode("Compute 2 + 2.", add_special_tokens=True))
+    assert text.choices[0].model_dump()["prompt_token_ids"] == want and text.usage.prompt_tokens == len(want)
+
+
+def test_raw_completion_samples_seeds_and_batched_prompts(client):
+    ids = _policy_tokens(EASY)
+    hard = _policy_tokens(MEDIUM)
+    r = client.completions.create(model=MODEL, prompt=hard, n=4, seed=9, temperature=2.0, max_tokens=48)
+    again = client.completions.create(model=MODEL, prompt=hard, n=4, seed=9, temperature=2.0, max_tokens=48)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in r.choices}) > 1  # n independent samples
+    two = client.completions.create(model=MODEL, prompt=[ids, hard], n=2, temperature=0, max_tokens=8)
+    assert [c.index for c in two.choices] == [0, 1, 2, 3]
+    assert two.choices[0].text == two.choices[1].text != two.choices[2].text == two.choices[3].text
+    assert two.usage.prompt_tokens == len(ids) + len(hard)
+
+
+def test_raw_completion_refusals(serve_server, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[1, 99999])
+    assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[1, 4], max_tokens=5000)
+    assert e.value.body["param"] == "max_tokens" and e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", stop=["a", "b", "c", "d", "e"])
+    assert e.value.body["param"] == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", n=4, extra_body={"echo": True})
+    assert e.value.body["param"] == "echo"
+    with pytest.raises(openai.BadRequestError) as e:  # a search takes a problem, not token ids
+        client.completions.create(model=f"{MODEL}:best_of_n-2", prompt=[1, 4, 8])
+    assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:  # stop is a raw-continuation field
+        client.completions.create(model=MODEL, prompt=EASY, stop="\n", extra_body={"search": {"n": 2}})
+    assert e.value.body["param"] == "stop"
+    h = _wait_idle(serve_server, {"policy_kv_blocks_in_use": 0, "prm_kv_blocks_in_use": 0})
+    assert (h["in_flight"], h["policy_kv_blocks_in_use"]) == (0, 0)
 
 
 def test_completions_extra_body_search(client):
@@ -106,7 +193,7 @@ def test_completions_extra_body_search(client):
     assert extract_answer(text) == p["answer"]
     # usage counts every path: 4 sampled solutions, each scored by the PRM step by step
     assert r.usage.prm_tokens == r.usage.completion_tokens
-    plain = client.completions.create(model=MODEL, prompt=EASY, seed=1)
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": EASY}], seed=1)
     assert r.usage.completion_tokens > plain.usage.completion_tokens
 
 
