@@ -282,3 +282,97 @@ def test_incremental_scores_equal_full_path_scores(prms, kind, fmt, data):
     finally:
         prm.release(list(paths))
     assert prm.stats()["live_nodes"] == 0 and prm.stats()["kv_blocks_in_use"] == 0
+
+
+# ----------------------------------------------------------------------------- whole solutions at once
+
+
+def _chain(prm: HFPRM, q: str, steps: list[str]) -> list[float]:
+    """Every step's score through score_steps, one call per step (the incremental path)."""
+    ids = [next(_IDS) for _ in range(len(steps) + 1)]
+    prm.start([ids[0]], [q])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return [prm.score_steps([ids[k]], [ids[k + 1]], [s])[0] for k, s in enumerate(steps)]
+    finally:
+        prm.release(ids)
+
+
+def _score_paths(prm: HFPRM, questions: list[str], solutions: list[list[str]]) -> list[list[float]]:
+    """score_paths from freshly started roots (released after); nothing else may stay held."""
+    roots = [next(_IDS) for _ in questions]
+    prm.start(roots, questions)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return prm.score_paths(roots, solutions)
+    finally:
+        prm.release(roots)
+        st_ = prm.stats()
+        assert st_["live_nodes"] == 0 and st_["kv_blocks_in_use"] == 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_score_paths_equals_step_by_step_on_merging_boundaries(prms, kind, fmt):
+    """The seen structure (empty / whitespace / combining-accent steps that merge across a
+    boundary) as whole solutions: score_paths gives every step the score score_steps gives it,
+    and the oracle's; nothing is kept."""
+    prm, full = prms(kind, fmt)
+    questions = [QUESTIONS[1], QUESTIONS[1], QUESTIONS[0], QUESTIONS[1]]
+    solutions = [["So 5.", "", "x = 12 - 7.", "The answer is \\boxed{5}."],
+                 ["Café", "\u0301 accent.", "e\u0301.", "Add 2 and 3 to get 5."],
+                 ["e", "  \n\n", "π ≈ 3.", "", "5"],
+                 ["So 5."]]
+    got = _score_paths(prm, questions, solutions)
+    for q, steps, g in zip(questions, solutions, got):
+        assert len(g) == len(steps)
+        assert g == pytest.approx(_chain(prm, q, steps), abs=ATOL)
+        assert g == pytest.approx([full(q, steps[: k + 1]) for k in range(len(steps))], abs=ATOL)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_score_paths_equals_full_path_scores(prms, kind, fmt, data):
+    """Random solutions of random step texts (some empty, questions repeated), and
+    continuations of a scored node: every step score of score_paths equals the full-path
+    score of its prefix; nothing is kept."""
+    prm, full = prms(kind, fmt)
+    n = data.draw(st.integers(1, 4), label="solutions")
+    questions = data.draw(st.lists(st.sampled_from(QUESTIONS), min_size=n, max_size=n), label="questions")
+    solutions = data.draw(st.lists(st.lists(STEP_TEXT, max_size=4), min_size=n, max_size=n), label="steps")
+    got = _score_paths(prm, questions, solutions)
+    assert [len(g) for g in got] == [len(s) for s in solutions]
+    for q, steps, g in zip(questions, solutions, got):
+        assert g == pytest.approx([full(q, steps[: k + 1]) for k in range(len(steps))], abs=ATOL), (q, steps)
+    # from a scored node (not a root): its path + the continuation
+    first, rest = data.draw(STEP_TEXT, label="first"), data.draw(st.lists(STEP_TEXT, min_size=1, max_size=3), label="rest")
+    a, b = next(_IDS), next(_IDS)
+    prm.start([a], [questions[0]])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            prm.score_steps([a], [b], [first])
+            got = prm.score_paths([b, b], [rest, rest[:1]])
+    finally:
+        prm.release([a, b])
+    want = [full(questions[0], [first, *rest[: k + 1]]) for k in range(len(rest))]
+    assert got[0] == pytest.approx(want, abs=ATOL) and got[1] == pytest.approx(want[:1], abs=ATOL)
+
+
+def test_score_paths_bad_arguments(prms):
+    prm, _ = prms("llama3", "math-shepherd")
+    prm.start([0], [QUESTIONS[0]])
+    try:
+        with pytest.raises(ValueError, match="node_ids has 1 entries but paths has 2"):
+            prm.score_paths([0], [["a"], ["b"]])
+        with pytest.raises(TypeError, match="paths\\[0\\] must be a sequence"):
+            prm.score_paths([0], ["a step"])
+        with pytest.raises(KeyError, match="not held"):
+            prm.score_paths([7], [["a"]])
+        assert prm.score_paths([], []) == [] and prm.score_paths([0], [[]]) == [[]]
+    finally:
+        prm.release([0])

@@ -62,6 +62,7 @@ class Recorder:
         self.inner = inner
         self.steps = {}  # child id -> (parent id, Step or step text)
         self.rollouts = []  # (node id, [Step])  (policy) / (child id, [texts])  (PRM)
+        self.paths = set()  # PRM: (root id, step texts) scored by score_paths
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -89,6 +90,14 @@ class RecordingPRM(Recorder):
             self.steps[int(c)] = (int(p), s)
             if lookahead is not None and lookahead[i]:
                 self.rollouts.append((int(c), list(lookahead[i])))
+        return out
+
+    def score_paths(self, node_ids, paths):
+        """Whole paths from held roots (best-of-N): recorded as (root, steps); each path once."""
+        out = self.inner.score_paths(node_ids, paths)
+        for n, p in zip(node_ids, paths):
+            assert (int(n), tuple(p)) not in self.paths, "a path was scored twice"
+            self.paths.add((int(n), tuple(p)))
         return out
 
 
@@ -248,8 +257,14 @@ def check_budget(results, pol, prm, lookahead=False):
             q = r.problem
             unique_prm += len(prm_tokens(prm, q, []))  # the question part: once per problem
             for x in step_ids:
-                assert prm.steps[x] == (pol.steps[x][0], pol.steps[x][1].text)
-                path = [prm.steps[y][1] for y in path_of(prm, x)]
+                if x in prm.steps:  # scored step by step
+                    assert prm.steps[x] == (pol.steps[x][0], pol.steps[x][1].text)
+                    path = [prm.steps[y][1] for y in path_of(prm, x)]
+                else:  # scored with its whole path (score_paths from the root), once
+                    nodes = path_of(pol, x)
+                    path = [pol.steps[y][1].text for y in nodes]
+                    if x not in expanded:
+                        assert (pol.steps[nodes[0]][0], tuple(path)) in prm.paths
                 unique_prm += len(prm_tokens(prm, q, path)) - len(prm_tokens(prm, q, path[:-1]))
     expected_prm = unique_prm
     for node, steps in pol.rollouts:

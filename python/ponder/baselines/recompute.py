@@ -34,12 +34,14 @@ counted (they are an artefact of batching, not work the method asks for).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from ..hf.policy import HFPolicy
 from ..hf.prm import HFPRM
+from ..hf.prm.hf_prm import check_score_paths_args
 from ..hf.sampling import SeededStream, sample_step_batch
 from ..protocols import SamplingParams, Step, check_sampling_params, check_score_steps_args
 
@@ -251,6 +253,44 @@ class RecomputePRM:
             self._steps_scored += 1 + extra
         return [float(x) for x in scores]
 
+    def score_paths(self, node_ids: Sequence[int], paths: Sequence[Sequence[str]]) -> list[list[float]]:
+        """:meth:`ponder.protocols.PathScorer.score_paths` the search-and-learn way: each whole
+        path rendered, tokenized and run through the plain model once (no cache; rows of
+        similar length left-padded together, at most ``PREFILL_BATCH_TOKENS`` tokens a
+        forward), every step read at its marker. A step whose path tokens are not a prefix of
+        the whole path's gets a row of its own."""
+        check_score_paths_args(node_ids, paths)
+        base = [self._node(n) for n in node_ids]
+        out: list[list[float]] = [[math.nan] * len(p) for p in paths]
+        rows: list[list[int]] = []
+        reads: list[list[tuple[int, int, int]]] = []  # per row: (path, step, token index of its marker)
+        inner = self.inner
+        for i, ((question, before, start_len), steps) in enumerate(zip(base, paths)):
+            steps = [str(x) for x in steps]
+            if not steps:
+                continue
+            full = inner.encode_full(inner._node_text(question, before + tuple(steps)))
+            mine = [(i, len(steps) - 1, len(full) - 1)]
+            for k in range(1, len(steps)):
+                toks = inner.encode_full(inner._node_text(question, before + tuple(steps[:k])))
+                if full[: len(toks)] == toks:
+                    mine.append((i, k - 1, len(toks) - 1))
+                else:
+                    rows.append(toks)
+                    reads.append([(i, k - 1, len(toks) - 1)])
+            rows.append(full)
+            reads.append(mine)
+            self._unique += len(full) - start_len
+            self._steps_scored += len(steps)
+        order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
+        for a, b in HFPRM._batches([rows[r] for r in order]):
+            chunk = order[a:b]
+            got = self._score_at([rows[r] for r in chunk], [[m for _, _, m in reads[r]] for r in chunk])
+            for r, values in zip(chunk, got):
+                for (i, k, _), v in zip(reads[r], values):
+                    out[i][k] = float(v)
+        return out
+
     def release(self, node_ids: Sequence[int]) -> None:
         for n in node_ids:
             self._nodes.pop(int(n), None)
@@ -275,24 +315,38 @@ class RecomputePRM:
         except KeyError:
             raise KeyError(f"node {node} is not held by this PRM (never started/scored, or released)") from None
 
-    @torch.inference_mode()
     def _score_full(self, rows: list[list[int]]) -> list[float]:
-        """Run every full formatted path from scratch (one left-padded batch, no cache) and read
-        P(correct) at its last step's scored position (HFPRM's format: marker + offset)."""
-        fmt = self.inner._fmt
+        """P(correct) at the last step's scored position of every full formatted path (one
+        left-padded forward, no cache)."""
         marker = self.inner._marker_id
         for r in rows:
             if not r or r[-1] != marker:
                 raise ValueError(f"format {self.inner.format!r}: a path does not end with the marker token {marker}")
+        return [v[0] for v in self._score_at(rows, [[len(r) - 1] for r in rows])]
+
+    @torch.inference_mode()
+    def _score_at(self, rows: list[list[int]], markers: list[list[int]]) -> list[list[float]]:
+        """Run the token rows from scratch (one left-padded batch, no cache) and read P(correct)
+        at every marker index of ``markers[i]`` (+ the format's offset) of row i."""
+        fmt = self.inner._fmt
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids, mask = _left_pad(rows, int(pad), self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # The scored position of row i: its last token (the marker) + the format's offset; with
-        # left padding every row ends at column L - 1.
-        keep = ids.shape[1] - 1 + fmt.offset
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=torch.tensor([keep], device=self.device)).logits[:, 0]
+        width = ids.shape[1]
+        # with left padding, token p of row i sits at column width - len(row i) + p
+        cols = [[width - len(r) + m + fmt.offset for m in ms] for r, ms in zip(rows, markers)]
+        keep, where = torch.unique(torch.tensor([c for cs in cols for c in cs], dtype=torch.long), return_inverse=True)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            logits_to_keep=keep.to(self.device)).logits
+        row_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(cs) for cs in cols]))
+        picked = logits[row_of.to(self.device), where.to(self.device)]
         if self.inner._columns is not None:
-            logits = logits[:, self.inner._columns]
+            picked = picked[:, self.inner._columns]
         self._forward_passes += 1
         self._tokens_scored += sum(len(r) for r in rows)
-        return fmt.probability(logits).cpu().tolist()
+        probs = fmt.probability(picked).cpu().tolist()
+        out, at = [], 0
+        for cs in cols:
+            out.append(probs[at : at + len(cs)])
+            at += len(cs)
+        return out

@@ -75,12 +75,17 @@ class Node:
         self.answer: str | None = None
 
 
+#: methods whose searches read step scores only through finished paths (with agg "last")
+FINAL_SCORE_METHODS = ("best_of_n", "weighted_best_of_n")
+
+
 class Search:
     """One search of the tree: a problem, its config, the compute it spent so far.
 
     problem_id: its problem id in the forest (the engine numbers searches 0, 1, ... in
     submission order). scored: the PRM scores its steps (every method but majority, unless
-    the engine has no PRM). params / greedy: its sampling parameters (seed resolved) and their
+    the engine has no PRM). final_only: scored, and only its finished paths' scores are read
+    (see ``SearchTree.deferred``). params / greedy: its sampling parameters (seed resolved) and their
     greedy twin (lookahead). stream: its random stream id (see ``Engine``).
     """
 
@@ -89,12 +94,18 @@ class Search:
         self.problem = problem
         self.config = config
         self.scored = scored
+        # the method reads only finished paths' scores (best-of-N and weighted best-of-N with
+        # agg "last", no early stopping): with a PathScorer PRM each path is scored when it ends
+        self.final_only = scored and config.method in FINAL_SCORE_METHODS and config.agg == "last" and not any(
+            x is not None for x in (config.early_stop, config.budget, config.budget_tokens)
+        )
         self.stream = stream
         self.compat = config.compat_search_and_learn
         seed = config.sampling.seed if config.sampling.seed is not None else config.seed
         self.params: SamplingParams = dataclasses.replace(config.sampling, seed=seed)
         self.greedy: SamplingParams = dataclasses.replace(self.params, temperature=0.0)
         self.node_ids: list[int] = []  # every node it created, in creation order
+        self.prm_roots: list[int] = []  # deferred scoring: its roots, held by the PRM until dropped
         self.generated = 0
         self.prefilled = 0
         self.prm_scored = 0
@@ -135,6 +146,18 @@ class SearchTree:
         self.nodes: dict[int, Node] = {}
         self.per_request_streams = per_request_streams
         self.seeded = per_request_streams and callable(getattr(policy, "sample_steps_seeded", None))
+        self.path_scorer = prm is not None and callable(getattr(prm, "score_paths", None))
+
+    def deferred(self, search: Search) -> bool:
+        """The search's paths are scored once each, when they end, by ``PRM.score_paths``
+        from their roots (``final_only`` and the PRM is a ``PathScorer``): the PRM holds only
+        its roots, until the search is dropped. Until its path is scored a node's score is NaN
+        here and a placeholder 0 in the forest."""
+        return search.final_only and self.path_scorer
+
+    def _prm_held(self, search: Search) -> bool:
+        """The PRM keeps per-node state for every node of this search."""
+        return search.scored and not self.deferred(search)
 
     # ------------------------------------------------------------------ building the forest
 
@@ -158,6 +181,9 @@ class SearchTree:
         scored = [i for i, s in enumerate(owners) if s.scored]
         if scored and self.prm is not None:
             self.prm.start([int(ids[i]) for i in scored], [texts[i] for i in scored])
+            for i in scored:
+                if self.deferred(owners[i]):
+                    owners[i].prm_roots.append(int(ids[i]))
         flat, offsets = _csr(prompts)
         problem_of = np.array([s.problem_id for s in owners], dtype=np.int64)
         subtree_of = np.array([j for k in subtrees for j in range(k)], dtype=np.int64)
@@ -249,13 +275,17 @@ class SearchTree:
                 batch.searches[i].generated += sum(len(x.tokens) for x in extra)
 
     def score(self, batch: Batch) -> None:
-        """Stage 4: one ``score_steps`` call for the rows of every scored search."""
+        """Stage 4: one ``score_steps`` call for the rows of every scored search whose PRM keeps
+        its nodes, and one ``score_paths`` call for the paths of deferred searches that end
+        in this step (their other rows stay unscored)."""
         scores = np.zeros(len(batch.searches), dtype=np.float64)  # the forest needs a number
-        rows = [i for i, s in enumerate(batch.searches) if s.scored]
+        rows = [i for i, s in enumerate(batch.searches) if s.scored and not self.deferred(s)]
         # shortest steps first: the PRM pads a forward's rows to the longest, and rows of
         # similar length batch with little padding (the scores do not depend on row order)
         rows.sort(key=lambda i: len(batch.steps[i].tokens))
-        batch.prm_rows = len(rows)
+        ended = [i for i, s in enumerate(batch.searches)
+                 if s.scored and self.deferred(s) and not self.open(int(batch.children[i]))]
+        batch.prm_rows = len(rows) + len(ended)
         if rows and self.prm is not None:
             parents, children = batch.parents.tolist(), batch.children.tolist()
             extra = None
@@ -273,7 +303,33 @@ class SearchTree:
                 look = sum(len(x.tokens) for x in batch.rollouts[i]) if batch.rollouts is not None else 0
                 s.prm_scored += len(batch.steps[i].tokens) + look
                 scores[i] = got[j]
+        if ended:
+            last = self.score_paths([int(batch.children[i]) for i in ended],
+                                    {int(batch.children[i]): len(batch.steps[i].tokens) for i in ended})
+            scores[ended] = last
         batch.scores = scores
+
+    def score_paths(self, leaves: Sequence[int], new_tokens: dict[int, int] | None = None) -> list[float]:
+        """Score the whole paths to ``leaves`` (nodes of deferred searches) in one
+        ``PRM.score_paths`` call: every node of each path gets its step score, each search its
+        PRM tokens. ``new_tokens``: the step tokens of leaves not yet in the forest. Returns
+        the leaves' scores (float64)."""
+        new_tokens = new_tokens or {}
+        paths = [self.path_nodes(x) for x in leaves]
+        got = self.prm.score_paths([self.nodes[p[0]].parent for p in paths],
+                                   [[self.nodes[y].text for y in p] for p in paths])
+        if len(got) != len(paths) or any(len(g) != len(p) for g, p in zip(got, paths)):
+            raise ValueError(f"prm.score_paths must return one score per step of {len(paths)} paths")
+        for p, g in zip(paths, got):
+            values = np.asarray(g, dtype=np.float64)
+            if not np.all(np.isfinite(values)):
+                raise ValueError(f"prm.score_paths must return finite scores; got {g!r}")
+            for x, v in zip(p, values.tolist()):
+                self.nodes[x].score = v
+            old = [x for x in p if x not in new_tokens]
+            tokens = int(self.forest.nodes(np.array(old, dtype=np.int32))["num_tokens"].sum()) if old else 0
+            self.nodes[p[-1]].search.prm_scored += tokens + sum(new_tokens.get(x, 0) for x in p)
+        return [float(g[-1]) for g in got]
 
     def record(self, batch: Batch) -> None:
         """Stage 5: steps, scores and finished flags into the forest, answers of finished
@@ -314,7 +370,7 @@ class SearchTree:
         for x in ids:
             self.nodes[x].released = True
         self.policy.release(ids)
-        scored = [x for x in ids if self.nodes[x].search.scored]
+        scored = [x for x in ids if self._prm_held(self.nodes[x].search)]
         if scored and self.prm is not None:
             self.prm.release(scored)
 
@@ -322,10 +378,13 @@ class SearchTree:
         """Free everything of a search: its nodes in the models, the forest and here.
         strict=False (after a failure): model errors are swallowed and every node is
         released again, whatever the models may still hold."""
+        prm_ids = search.node_ids if self._prm_held(search) else search.prm_roots
         if strict:
             self.release(search.node_ids)
+            if search.prm_roots and self.prm is not None:
+                self.prm.release(search.prm_roots)
         else:
-            for model, ids in ((self.policy, search.node_ids), (self.prm, [x for x in search.node_ids if search.scored])):
+            for model, ids in ((self.policy, search.node_ids), (self.prm, prm_ids)):
                 if model is not None and ids:
                     try:
                         model.release(ids)
@@ -336,6 +395,7 @@ class SearchTree:
         for x in search.node_ids:
             self.nodes.pop(x, None)
         search.node_ids = []
+        search.prm_roots = []
 
     # ------------------------------------------------------------------ reading
 
@@ -382,6 +442,20 @@ class SearchTree:
 
     # ------------------------------------------------------------------ the end
 
+    def _score_open_ends(self, completions: Sequence[int]) -> None:
+        """A deferred search stopped early: score the paths of its completions that did not
+        end (their steps are in the forest with a placeholder score), and set the real score
+        of each such leaf in the forest (its step, tokens and status unchanged)."""
+        leaves = [x for x in dict.fromkeys(int(c) for c in completions)
+                  if self.nodes[x].parent != -1 and math.isnan(self.nodes[x].score)]
+        if not leaves:
+            return
+        got = self.score_paths(leaves)
+        ids = np.array(leaves, dtype=np.int32)
+        flat, offsets = self.forest.step_tokens(ids)
+        done = np.array([self.nodes[x].finished for x in leaves], dtype=bool)
+        self.forest.set_steps(ids, flat, offsets, np.asarray(got, dtype=np.float64), done)
+
     def results(
         self,
         search: Search,
@@ -395,6 +469,8 @@ class SearchTree:
         padding; the vote counts each node once, in that order, ties to the answer seen
         first) once per entry of ``votes`` (name -> (how, agg)); one ``SearchResult`` per
         name. Names in ``prm_free`` report a budget without the PRM. Nothing is freed here."""
+        if self.deferred(search):
+            self._score_open_ends(completions)
         voters = np.array(list(dict.fromkeys(int(x) for x in completions)), dtype=np.int32)
         winners: dict[str, int] = {}
         for name, (how, agg) in votes.items():
@@ -409,6 +485,9 @@ class SearchTree:
         if search.node_ids:
             ids = self.forest.problem_nodes(search.problem_id)
             tree = {"node_id": ids, **self.forest.nodes(ids)}
+            if self.deferred(search):  # the forest holds placeholders for steps scored with their path
+                mine = np.array([self.nodes[x].score if x in self.nodes else math.nan for x in ids.tolist()], np.float32)
+                tree["score"] = np.where(np.isnan(mine), tree["score"], mine)
         else:
             ids = np.zeros(0, dtype=np.int32)
             tree = {"node_id": ids, **{k: v[:0] for k, v in _EMPTY_TREE.items()}}

@@ -36,12 +36,24 @@ from ..kv_fallback import cache_for_model, with_companion
 from .formats import _FORMAT_CLASSES, FORMATS, IMPLICIT_PRM_BETA, _common_prefix, _Format, _ids, _leading_special, detect_format
 from .heads import _load_token_head_model
 
-__all__ = ["HFPRM"]
+__all__ = ["HFPRM", "check_score_paths_args"]
 
 # Bounds the [tokens, vocab] float32 log-probability rows one implicit-PRM batch materialises
 # per model (1 GiB): a 150k vocabulary gets ~1.7k new tokens a batch, the toy one the default.
 _LOGRATIO_ELEMENTS = 1 << 28
 
+
+
+def check_score_paths_args(node_ids: Sequence[int], paths: Sequence[Sequence[str]]) -> None:
+    """The argument checks of :meth:`ponder.protocols.PathScorer.score_paths`: TypeError for a
+    bare string as ``paths`` or one path; ValueError for unequal lengths."""
+    if isinstance(paths, str):
+        raise TypeError("paths must be a sequence of paths (lists of step strings), not a string")
+    if len(node_ids) != len(paths):
+        raise ValueError(f"node_ids has {len(node_ids)} entries but paths has {len(paths)}")
+    for i, p in enumerate(paths):
+        if isinstance(p, str):
+            raise TypeError(f"paths[{i}] must be a sequence of step strings, not a string")
 
 
 @dataclass
@@ -311,32 +323,38 @@ class HFPRM:
         return torch.sigmoid(torch.tensor(qs, dtype=torch.float64)).float()
 
     @torch.inference_mode()
-    def _scores_at(self, seqs: list[int], new_tokens: list[list[int]], positions: list[int]) -> torch.Tensor:
-        """Append ``new_tokens[i]`` to ``seqs[i]``; P(correct) read at index ``positions[i]`` of
-        each row's new tokens. Returns float32 [B] (CPU). Rows go in batches of bounded size."""
-        out = []
+    def _scores_at(self, seqs: list[int], new_tokens: list[list[int]], positions: list[list[int]]) -> list[torch.Tensor]:
+        """Append ``new_tokens[i]`` to ``seqs[i]``; P(correct) read at each index of
+        ``positions[i]`` (indices into row i's new tokens). Returns per row float32
+        [len(positions[i])] (CPU). Rows go in batches of bounded size."""
+        out: list[torch.Tensor] = []
         for i, j in self._batches(new_tokens):
             batch = self.kv.prepare(seqs[i:j], new_tokens[i:j])
-            pos = torch.tensor(positions[i:j], dtype=torch.long)
-            keep, where = torch.unique(pos, return_inverse=True)
+            counts = [len(p) for p in positions[i:j]]
+            flat = torch.tensor([x for p in positions[i:j] for x in p], dtype=torch.long)
+            keep, where = torch.unique(flat, return_inverse=True)
             # Only the scored positions get logits (a vocabulary-sized row per new token would
             # dominate memory for large vocabularies).
-            logits = batch.run(self.model, logits_to_keep=keep.to(self.device)).logits
-            rows = logits[torch.arange(j - i, device=self.device), where.to(self.device)]  # [b, V or 2]
+            logits = batch.run(self.model, logits_to_keep=keep.to(self.device)).logits  # [b, len(keep), V]
+            row_of = torch.repeat_interleave(torch.arange(j - i), torch.tensor(counts))
+            rows = logits[row_of.to(self.device), where.to(self.device)]  # [sum(counts), V or 2]
             if self._columns is not None:
                 rows = rows[:, self._columns]
-            out.append(self._fmt.probability(rows).cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+            out.extend(self._fmt.probability(rows).cpu().split(counts))
+        return out
 
-    def _realize(self, plans: list[_Plan]) -> tuple[list[int], torch.Tensor]:
+    def _realize(self, plans: list[_Plan], also: list[list[int]] | None = None) -> tuple[list[int], list[list[float]]]:
         """Create one sequence per plan (fork of its base, or a new sequence over the cached
-        prefix) and run its new tokens; returns (sequences, scores float32 [B])."""
+        prefix) and run its new tokens. Returns (sequences, scores): ``scores[i]`` holds the
+        score at each absolute token index of ``also[i]`` (prefixes of the plan's path ending
+        there; none: ``also`` None) followed by the score at the plan's own position."""
+        also = [[] for _ in plans] if also is None else also
         seqs: list[int] = []
         rows: list[list[int]] = []
-        positions: list[int] = []
+        positions: list[list[int]] = []
         starts: list[int] = []
         try:
-            for plan in plans:
+            for plan, extra in zip(plans, also):
                 toks = plan.path.tokens
                 if plan.base is not None:
                     (seq,) = self.kv.fork(plan.base, 1)
@@ -348,20 +366,30 @@ class HFPRM:
                     shared = _common_prefix(toks, plan.parent.tokens)
                     seq, start = self.kv.new_sequence(toks[: max(plan.path.answer_start, shared)])
                 else:
-                    # At most pos tokens come from the cache: the scored position is computed.
-                    seq, start = self.kv.new_sequence(toks[: plan.pos + 1])
+                    # At most the first scored position's tokens come from the cache: every
+                    # scored position is computed.
+                    seq, start = self.kv.new_sequence(toks[: min([plan.pos, *extra]) + 1])
                 seqs.append(int(seq))
                 rows.append(toks[start:])
-                positions.append(plan.pos - start)
+                positions.append([p - start for p in (*extra, plan.pos)])
                 starts.append(start)
             if self.ref_model is not None:
-                scores = self._implicit_scores(plans, seqs, rows, starts)
+                finals = self._implicit_scores(plans, seqs, rows, starts).tolist()
+                scores = [[self._prefix_implicit(plan.path, p) for p in extra] + [q]
+                          for plan, extra, q in zip(plans, also, finals)]
             else:
-                scores = self._scores_at(seqs, rows, positions)
+                scores = [t.tolist() for t in self._scores_at(seqs, rows, positions)]
         except BaseException:
             self.kv.free(seqs)
             raise
         return seqs, scores
+
+    def _prefix_implicit(self, path: _Path, end: int) -> float:
+        """implicit-prm: the score of the prefix of ``path`` whose last token is index ``end``
+        (float32-rounded, as ``_implicit_scores`` returns it)."""
+        k = end - path.answer_start
+        q = self.beta * float(path.cum[k]) if path.cum is not None and k >= 0 else 0.0
+        return float(torch.sigmoid(torch.tensor([q], dtype=torch.float64)).float())
 
     # ---------------------------------------------------------------- PRM protocol
     def start(self, root_ids: Sequence[int], problems: Sequence[str]) -> None:
@@ -396,7 +424,7 @@ class HFPRM:
                 for i, tail in zip(owners, tails):
                     paths[i].tail = tail
             elif owners:
-                self._scores_at([paths[i].seq for i in owners], rows, [len(r) - 1 for r in rows])
+                self._scores_at([paths[i].seq for i in owners], rows, [[len(r) - 1] for r in rows])
             for i, p in enumerate(paths):
                 if p.tokens and first[tuple(p.tokens)] != i:
                     owner = paths[first[tuple(p.tokens)]]
@@ -434,7 +462,7 @@ class HFPRM:
         for c, plan, seq in zip(child_ids, plans, seqs):
             plan.path.seq = seq
             self._nodes[c] = plan.path
-        result = scores.tolist()
+        result = [row[-1] for row in scores]
         self._steps_scored += len(child_ids)
 
         ahead = [i for i in range(len(child_ids)) if lookahead is not None and len(lookahead[i]) > 0]
@@ -442,10 +470,71 @@ class HFPRM:
             temp = self._plans([plans[i].path for i in ahead], [list(lookahead[i]) for i in ahead])
             tseqs, tscores = self._realize(temp)
             self.kv.free(tseqs)
-            for i, s in zip(ahead, tscores.tolist()):
-                result[i] = s
+            for i, row in zip(ahead, tscores):
+                result[i] = row[-1]
             self._steps_scored += sum(len(lookahead[i]) for i in ahead)
         return [float(s) for s in result]
+
+    def score_paths(self, node_ids: Sequence[int], paths: Sequence[Sequence[str]]) -> list[list[float]]:
+        """:meth:`ponder.protocols.PathScorer.score_paths`: every step score of each
+        continuation, one forward row per path (on a fork of its node's sequence). A step whose
+        path tokens are not a prefix of the whole path's (a merged step boundary) gets a row of
+        its own, so every score equals :meth:`score_steps`' for that step. Nothing is kept:
+        every sequence made is freed before returning (full blocks stay in the prefix cache).
+        KeyError / ValueError / TypeError as :func:`check_score_paths_args` and for ids not
+        held; KVCacheFull when one chunk of rows does not fit."""
+        check_score_paths_args(node_ids, paths)
+        node_ids = [int(n) for n in node_ids]
+        missing = sorted({n for n in node_ids if n not in self._nodes})
+        if missing:
+            raise KeyError(f"nodes {missing[:8]} are not held by this PRM (never started/scored, or released)")
+        paths = [[str(x) for x in p] for p in paths]
+        out: list[list[float]] = [[math.nan] * len(p) for p in paths]
+        todo = [i for i, p in enumerate(paths) if p]
+        if not todo:
+            return out
+        base = [self._nodes[node_ids[i]] for i in todo]
+        plans = self._plans(base, [paths[i] for i in todo])
+        # where each earlier step ends in the whole path's tokens (or a row of its own)
+        prefix_texts = [self._node_text(b.question, b.steps + tuple(paths[i][:k]))
+                        for i, b in zip(todo, base) for k in range(1, len(paths[i]))]
+        prefix_tokens = iter(self._encode_many(prefix_texts) if prefix_texts else [])
+        jobs: list[tuple[_Plan, list[int], list[int]]] = []  # (plan, extra positions read, steps they score)
+        owners: list[tuple[int, int]] = []  # (path, step of the plan's own position)
+        lone: list[tuple[int, int]] = []  # (path, k): steps 0..k-1 scored on a row of its own
+        for i, plan in zip(todo, plans):
+            full = plan.path.tokens
+            pos, steps = [], []
+            for k in range(1, len(paths[i])):
+                toks = next(prefix_tokens)
+                at = len(toks) - 1 + self._fmt.offset
+                # marker formats read a position of this row: after the parent's tokens
+                ok = self.ref_model is not None or (bool(toks) and toks[-1] == self._marker_id and at >= len(plan.parent.tokens))
+                if ok and full[: len(toks)] == toks:
+                    pos.append(at)
+                    steps.append(k - 1)
+                else:
+                    lone.append((i, k))
+            jobs.append((plan, pos, steps))
+            owners.append((i, len(paths[i]) - 1))
+        if lone:
+            extra = self._plans([self._nodes[node_ids[i]] for i, _ in lone], [paths[i][:k] for i, k in lone])
+            jobs += [(plan, [], []) for plan in extra]
+            owners += [(i, k - 1) for i, k in lone]
+        order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][0].path.tokens) - jobs[j][0].base_len)
+        # chunks of bounded new tokens: their sequences are freed before the next chunk
+        sizes = [[0] * max(1, len(jobs[j][0].path.tokens) - jobs[j][0].base_len) for j in order]
+        for a, b in self._batches(sizes):
+            chunk = [order[x] for x in range(a, b)]
+            seqs, scores = self._realize([jobs[j][0] for j in chunk], [jobs[j][1] for j in chunk])
+            self.kv.free(seqs)
+            for j, row in zip(chunk, scores):
+                i, last = owners[j]
+                for k, v in zip(jobs[j][2], row[:-1]):
+                    out[i][k] = float(v)
+                out[i][last] = float(row[-1])
+        self._steps_scored += sum(len(p) for p in paths)
+        return out
 
     def release(self, node_ids: Sequence[int]) -> None:
         """Free the nodes' sequences; ids not held are ignored."""
