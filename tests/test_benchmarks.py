@@ -57,6 +57,7 @@ def _run(name: str, tmp_path) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_benchmark_quick_json(name, tmp_path):
     """Every bench_*.py: --quick --json exits 0 with one JSON object (keys checked where listed)."""

@@ -40,6 +40,7 @@ def fake_wheel(folder: Path, dist: str, module: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_dry_run_plans_every_step_within_the_budget(tmp_path):
     rc, output, res = dry_run(tmp_path)
     assert rc == 0, output
@@ -57,6 +58,7 @@ def test_dry_run_plans_every_step_within_the_budget(tmp_path):
     assert all(m["status"] == "present" for m in mods.values() if not m["optional"])
 
 
+@pytest.mark.slow
 def test_missing_module_is_unpacked_from_a_carried_wheel(tmp_path):
     wheels, site = tmp_path / "wheels", tmp_path / "site"
     fake_wheel(wheels, "ponder_fake_dep", "ponder_fake_dep")
@@ -71,6 +73,7 @@ def test_missing_module_is_unpacked_from_a_carried_wheel(tmp_path):
     assert (site / "ponder_fake_dep" / "__init__.py").exists()
 
 
+@pytest.mark.slow
 def test_a_missing_required_module_without_a_wheel_fails_the_dry_run(tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_text("ponder_absent_dep ponder-absent-dep==1.0\n")
@@ -81,6 +84,7 @@ def test_a_missing_required_module_without_a_wheel_fails_the_dry_run(tmp_path):
     assert "gpu_prepare_wheels.sh" in output
 
 
+@pytest.mark.slow
 def test_build_requirements_are_notes_in_a_dry_run(tmp_path):
     """Without nvcc (as on a CI machine) the dry run still passes and notes what the build needs."""
     rc, output, res = dry_run(tmp_path, GPU_CHECK_NVCC="")
@@ -158,6 +162,7 @@ def test_compare_runs_pairs_rows_and_reports_differences(tmp_path):
     assert cmp.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1  # q1 is in one run only
 
 
+@pytest.mark.slow
 def test_hf_check_runs_on_cpu(tmp_path):
     """The GPU script's Hugging Face check, run here on the CPU (one family, fp32 + bf16)."""
     out = tmp_path / "hf.json"

@@ -28,6 +28,7 @@ def test_readme_has_python_examples_that_run():
     assert any(reason is None for _, reason in blocks), "every README example is marked not run"
 
 
+@pytest.mark.slow
 def test_readme_python_examples(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

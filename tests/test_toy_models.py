@@ -159,6 +159,7 @@ def test_unknown_or_missing_builtin_model_is_a_clear_error(tmp_path):
     assert resolve_model("org/model") == "org/model"
 
 
+@pytest.mark.slow
 def test_shipped_policy_writes_well_formed_steps(small):
     """Greedy solutions of the shipped small policy are made of steps the task understands:
     each is an expression or the answer line, and the solution ends with a boxed answer."""
@@ -174,6 +175,7 @@ def test_shipped_policy_writes_well_formed_steps(small):
         assert re.fullmatch(r"The answer is \\boxed\{-?\d+\}\.", c.steps[-1].strip()), c.steps[-1]
 
 
+@pytest.mark.slow
 def test_shipped_prm_ranks_the_policys_correct_steps_above_its_wrong_ones(small, prm):
     """The shipped PRM on what it was trained for: steps the small policy samples (held-out
     problems, levels 2-4), labelled exactly. Its scores must rank correct steps above wrong
@@ -199,6 +201,7 @@ def _readme_greedy_range() -> tuple[int, int, int]:
     return int(match.group(1)), int(match.group(2)), int(match.group(3))
 
 
+@pytest.mark.slow
 def test_small_policy_greedy_accuracy_matches_readme(small):
     """Regression guard for the shipped files: greedy accuracy of builtin:policy-small on the
     fixed slice (the first 20 problems of each level) is inside the range the README records."""
@@ -214,6 +217,7 @@ def test_small_policy_greedy_accuracy_matches_readme(small):
 # ----------------------------------------------------------------------------- the main job
 
 
+@pytest.mark.slow
 def test_ponder_run_on_shipped_models_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli_main(["run", "--limit", "5", "--n", "1,4", "--out", str(out), "--no-progress"]) == 0
@@ -243,6 +247,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_train_all_writes_loadable_models_reproducibly_and_resumes(tmp_path):
     first = train_all(TrainConfig(**TINY), tmp_path / "a")
     assert set(first) == set(BUILTIN_MODELS)
@@ -278,6 +283,7 @@ def test_train_all_writes_loadable_models_reproducibly_and_resumes(tmp_path):
     assert (first["prm"] / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_prm_stage_killed_while_scoring_resumes_without_training_again(tmp_path, monkeypatch):
     from ponder.toy import train as toy_train
 
@@ -327,6 +333,7 @@ def test_fit_beta_recovers_the_scale_of_a_logistic_model():
     assert loss < torch.nn.functional.binary_cross_entropy_with_logits(0.35 * sums, labels).item()
 
 
+@pytest.mark.slow
 def test_fitted_prm_scores_are_the_fits_sums(tmp_path):
     """What the fit saw is what HFPRM computes: the saved model at inverse temperature alpha,
     scored as an implicit PRM against the reference, gives sigmoid(beta * the fit's sums). The
