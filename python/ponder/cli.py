@@ -54,7 +54,7 @@ DEFAULT_NS = "1,4,16"
 DEFAULT_PER_LEVEL = _arith.DEFAULT_PER_LEVEL
 # KV pool of each model when --kv-budget is not given: the workload (problems per search call x
 # the largest n x the longest path: prompt + max_steps x max_step_tokens), at most this many
-# tokens (a batch that does not fit is searched in halves)
+# tokens (the engine admits a batch's searches as the pool frees blocks)
 KV_POOL_CAP = 32768
 #: what the built-in policies were trained on (builtin:arith's problems)
 BUILTIN_PROBLEM_FORM = r"Compute [-+*() 0-9]+\."
@@ -145,7 +145,7 @@ def build_run_parser() -> argparse.ArgumentParser:
                         help="model dtype, e.g. float32, bfloat16 (default: float32 on CPU, bfloat16 on a GPU)")
     models.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
                         help="KV-cache pool of each model in tokens (default: sized from the workload, problems per "
-                             f"batch x largest n x longest path, at most {KV_POOL_CAP}); a batch that does not fit is searched in halves")
+                             f"batch x largest n x longest path, at most {KV_POOL_CAP}); a batch's searches are admitted as the pool frees blocks")
 
     data = p.add_argument_group("dataset")
     data.add_argument("--dataset", metavar="SRC", default=DEFAULT_DATASET,
