@@ -161,6 +161,36 @@ def test_raw_completion_samples_seeds_and_batched_prompts(client):
     assert two.usage.prompt_tokens == len(ids) + len(hard)
 
 
+def test_raw_completions_run_beside_searches(serve_server, client):
+    """Continuations and searches share the policy (a continuation batch holds the engine's step
+    lock): run together they give what they give alone, and every KV block comes back."""
+    start = _wait_idle(serve_server, {"policy_kv_blocks_in_use": 0, "prm_kv_blocks_in_use": 0})
+    ids = _policy_tokens(MEDIUM)
+    alone = client.completions.create(model=MODEL, prompt=ids, max_tokens=200, temperature=0).choices[0].text
+    msgs = [{"role": "user", "content": EASY}]
+    search = {"search": {"method": "best_of_n", "n": 4}}
+    searched_alone = client.chat.completions.create(model=MODEL, messages=msgs, seed=3, extra_body=search)
+    out: dict = {}
+
+    def raw(k):
+        out[k] = client.completions.create(model=MODEL, prompt=ids, max_tokens=200, temperature=0).choices[0].text
+
+    def searched():
+        out["search"] = client.chat.completions.create(model=MODEL, messages=msgs, seed=3, extra_body=search)
+
+    threads = [threading.Thread(target=searched), threading.Thread(target=raw, args=(0,)),
+               threading.Thread(target=raw, args=(1,))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert out[0] == out[1] == alone
+    assert out["search"].choices[0].message.content == searched_alone.choices[0].message.content
+    h = _wait_idle(serve_server, start)
+    assert (h["in_flight"], h["policy_kv_blocks_in_use"], h["prm_kv_blocks_in_use"]) == (
+        0, start["policy_kv_blocks_in_use"], start["prm_kv_blocks_in_use"])
+
+
 def test_raw_completion_refusals(serve_server, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=[1, 99999])

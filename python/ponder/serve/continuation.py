@@ -118,6 +118,7 @@ class Continuer:
         self.policy = engine.policy
         self.max_rows = int(max_rows)
         self.yield_s = float(yield_s)
+        self.blocks_total = int(self.policy.kv.stats().get("blocks_total", 0))  # the pool's size (fixed)
         self._cond = threading.Condition()
         self._pending: list[Continuation] = []
         self._stop = False
@@ -139,7 +140,7 @@ class Continuer:
     def submit(self, job: Continuation) -> Future:
         """Queue ``job``; its future gets the choices (or ContinuationRefused / a model error).
         ContinuationRefused at once when the request alone exceeds the whole KV pool."""
-        total = int(self.policy.kv.stats().get("blocks_total", 0)) if hasattr(self.policy, "kv") else 0
+        total = self.blocks_total
         if total and self.block_need(job) > total:
             raise ContinuationRefused(
                 f"{job.rows()} continuations of up to {max(len(p) for p in job.prompts)} + {job.max_tokens} tokens need "
@@ -193,15 +194,19 @@ class Continuer:
                     self._cond.wait()
                 if self._stop:
                     return
+            batch: list[Continuation] = []
             with self.engine._step_lock:
-                batch = self._take()
-                if batch:
-                    try:
+                try:
+                    batch = self._take()
+                    if batch:
                         self._run(batch)
-                    except BaseException as exc:  # noqa: BLE001 - delivered to the batch's requests
-                        for job in batch:
-                            if not job.future.done():
-                                job.future.set_exception(exc)
+                except Exception as exc:  # noqa: BLE001 - delivered to the batch's requests
+                    if not batch:  # taking failed: fail what waits, so that no request hangs
+                        with self._cond:
+                            batch, self._pending = self._pending, []
+                    for job in batch:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
             if not batch:  # nothing fits the KV pool now: let the engine free some
                 time.sleep(0.01)
             self._yield_to_engine()
