@@ -75,6 +75,38 @@ def test_early_stop_budget_sums_to_what_was_spent():
         assert r.budget.policy_tokens_generated == sum(len(c.text) for c in r.completions)
 
 
+def test_futility_stops_a_scattered_vote_and_spares_a_forming_one(monkeypatch):
+    from ponder.testing import scripted
+
+    monkeypatch.setitem(scripted.DISTRIBUTIONS, "scatter", {str(i): 1 / 1000 for i in range(1000)})
+    monkeypatch.setitem(scripted.SCORES, "scatter", {str(i): 0.5 for i in range(1000)})
+    es = stopping.EarlyStop(0.95, 4, futility=0.2)
+    cfg = dataclasses.replace(BASE, method="majority", early_stop=es)
+    (scatter, split, easy), _ = run(["scatter", "split", "easy"], cfg)
+    # 8 different answers after two rounds: the bound is about 0.11 <= 0.2
+    assert scatter.chosen["stopped_by"] == "futility" and scatter.chosen["early_stopped"]
+    answers = [c.answer for c in scatter.completions]
+    k = len(answers)
+    assert k < 16 and stopping.futile(stopping.tally(answers), k, 16 - k, 0.2)
+    for j in range(4, k, 4):  # no earlier round was futile
+        assert not stopping.futile(stopping.tally(answers[:j]), j, 16 - j, 0.2)
+    assert easy.chosen["stopped_by"] == "settled" and len(easy.completions) == 4
+    # a 50/50 split cannot settle once the counts are even and few samples are left: the
+    # machine follows the rule round by round (4:4 with 8 left is futile at 0.2)
+    answers = [c.answer for c in split.completions]
+    k = len(answers)
+    for j in range(4, k, 4):
+        assert not stopping.futile(stopping.tally(answers[:j]), j, 16 - j, 0.2)
+        assert not stopping.stop_counts(answers[:j], 0.95)
+    if split.chosen["stopped_by"] == "futility":
+        assert stopping.futile(stopping.tally(answers), k, 16 - k, 0.2)
+    assert split.chosen["futility"] == 0.2
+    assert not stopping.futile({"1": 3.0, "2": 1.0}, 4, 12, 0.2)  # a forming majority is kept
+    # off: the same scattered problem samples all 16
+    (full,), _ = run(["scatter"], dataclasses.replace(BASE, method="majority", early_stop=0.95))
+    assert len(full.completions) == 16 and full.chosen["stopped_by"] is None
+
+
 # ----------------------------------------------------------------------------- auto
 
 

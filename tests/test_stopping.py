@@ -117,3 +117,103 @@ def test_no_vote_never_stops_and_bad_thresholds_are_refused():
             stopping.should_stop([3, 0], bad)
     with pytest.raises(ValueError, match="Beta"):
         stopping.beta_sf_half(0, 1)
+
+
+# ----------------------------------------------------------------------------- futility
+
+
+def _settle_probability_mc(votes: list[int], samples: int, remaining: int, threshold: float, alpha: float,
+                           sims: int, rng: random.Random) -> float:
+    """Monte Carlo of the model itself: a Polya urn (Dirichlet process, concentration alpha;
+    abstentions as a category that never wins) run for ``remaining`` draws, the leader rule
+    checked after every draw. An independent check of the union bound."""
+    hits = 0
+    abstain = samples - sum(votes)
+    for _ in range(sims):
+        counts = list(votes) + [abstain]  # the last category never wins
+        m = samples
+        settled = False
+        for _ in range(remaining):
+            u = rng.random() * (m + alpha)
+            if u >= m:
+                counts.insert(-1, 1)  # a new answer
+            else:
+                acc = 0.0
+                for i, c in enumerate(counts):
+                    acc += c
+                    if u < acc:
+                        counts[i] += 1
+                        break
+            m += 1
+            if stopping.should_stop(counts[:-1], threshold):
+                settled = True
+                break
+        hits += settled
+    return hits / sims
+
+
+@pytest.mark.parametrize("votes,samples,remaining", [
+    ([1, 1, 1, 1], 4, 12), ([2, 1, 1], 4, 12), ([2, 2], 4, 12), ([1] * 6, 6, 10), ([1] * 8, 8, 8),
+    ([3, 1], 4, 4), ([2, 1], 4, 12), ([1, 1], 4, 6),
+])
+def test_futility_bound_is_above_the_models_settle_probability(votes, samples, remaining):
+    rng = random.Random(11)
+    sims = 1500
+    mc = _settle_probability_mc(votes, samples, remaining, 0.95, 1.0, sims, rng)
+    bound = stopping.settle_probability_bound(votes, samples, remaining, 0.95)
+    assert bound >= mc - 3 * math.sqrt(max(mc * (1 - mc), 1e-4) / sims)
+
+
+@given(counts, st.integers(0, 20), st.integers(0, 20), thresholds, st.floats(0.01, 0.99))
+@settings(max_examples=150, deadline=None)
+def test_futility_properties(votes, extra_samples, remaining, threshold, futility):
+    samples = sum(votes) + extra_samples  # extra: abstentions
+    bound = stopping.settle_probability_bound(votes, samples, remaining, threshold)
+    assert 0.0 <= bound <= 1.0
+    # nothing left to sample: never futile (nothing to save), and nothing can settle
+    assert not stopping.futile(votes, samples, 0, futility, threshold)
+    assert stopping.settle_probability_bound(votes, samples, 0, threshold) == 0.0
+    # more samples left can only make settling more likely
+    assert stopping.settle_probability_bound(votes, samples, remaining + 3, threshold) >= bound - 1e-12
+    # futile exactly when the bound is within the futility level
+    assert stopping.futile(votes, samples, remaining, futility, threshold) == (remaining > 0 and bound <= futility)
+    # a leader that settles with the remaining votes all its own is never written off at 0:
+    if votes and max(votes) > 0 and remaining > 0:
+        v = sorted(votes, reverse=True) + [0]
+        if stopping.should_stop([v[0] + remaining, v[1]], threshold):
+            assert bound > 0.0
+
+
+def test_futility_writes_off_scattered_votes_but_not_a_forming_majority():
+    # 8 different answers in 8 samples, 8 left: the vote will not settle (bound about 0.11)
+    assert stopping.futile([1] * 8, 8, 8, 0.2)
+    assert not stopping.futile([1] * 8, 8, 8, 0.05)
+    # 3 of 4 agree: more samples would likely settle it
+    assert not stopping.futile([3, 1], 4, 12, 0.5)
+    assert stopping.settle_probability_bound([3, 1], 4, 12) > 0.9
+
+
+def test_beta_binomial_tail():
+    # a = b = 1: the count is uniform on 0..n
+    for n in (0, 1, 5, 12):
+        for x in range(n + 2):
+            assert stopping.beta_binomial_sf(x, n, 1.0, 1.0) == pytest.approx(max(0, n - x + 1) / (n + 1), abs=1e-12)
+    # against a direct mixture of binomials (numeric integration over the Beta density)
+    a, b, n, x = 2.5, 4.0, 9, 4
+    logc = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    grid = 20000
+    num = 0.0
+    for i in range(grid):
+        p = (i + 0.5) / grid
+        dens = math.exp(logc + (a - 1) * math.log(p) + (b - 1) * math.log(1 - p)) / grid
+        num += dens * sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(x, n + 1))
+    assert stopping.beta_binomial_sf(x, n, a, b) == pytest.approx(num, abs=1e-4)
+    with pytest.raises(ValueError, match="Beta-binomial"):
+        stopping.beta_binomial_sf(1, 3, 0.0, 1.0)
+
+
+def test_bad_futility_is_refused():
+    for bad in (0, 1, 1.5, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="futility"):
+            stopping.EarlyStop(futility=bad).validate()
+    assert stopping.as_early_stop({"threshold": 0.95, "round_size": 2, "futility": 0.1}) == stopping.EarlyStop(0.95, 2, 0.1)

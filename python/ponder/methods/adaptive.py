@@ -29,7 +29,7 @@ from .. import grading
 from .beam_search import BeamSearch
 from .dvts import DVTS
 from .method import Method
-from .stopping import as_early_stop, stop_counts, stop_weighted
+from .stopping import as_early_stop, futile, should_stop, tally
 from .strategy import OPTION_VOTE, SAMPLING, Plan, StrategyTable, difficulty, load_cached
 
 TREE_CLASSES = {"beam_search": BeamSearch, "dvts": DVTS}
@@ -65,6 +65,7 @@ class EarlyStopSampling(Method):
         self.solutions: list[int] = []
         self.first_round: list[int] = []
         self.settled = False
+        self.futile = False
 
     def expansion(self):
         if self.done or self.round >= len(self.sizes):
@@ -80,14 +81,24 @@ class EarlyStopSampling(Method):
             self.first_round = got
         self.solutions += got
         self.round += 1
-        self.settled = self._settled()
-        self.done = self.settled or self.round >= len(self.sizes)
+        self.settled, self.futile = self._decide()
+        self.done = self.settled or self.futile or self.round >= len(self.sizes)
 
-    def _settled(self) -> bool:
+    def _decide(self) -> tuple[bool, bool]:
+        """(settled, futile) after this round: the leader rule, then (``rule.futility`` set and
+        samples left) the futility rule, both on the method's votes."""
         answers = [None if a is None else grading.normalize_answer(a) for a in _answers(self.tree, self.solutions)]
-        if self.vote == "majority" or not self.search.scored:
-            return stop_counts(answers, self.rule.threshold)
-        return stop_weighted(answers, self.tree.path_scores(self.solutions, self.agg), self.rule.threshold)
+        weights = None
+        if self.vote != "majority" and self.search.scored:
+            weights = [0.0 if not (s == s) else min(1.0, max(0.0, float(s)))
+                       for s in self.tree.path_scores(self.solutions, self.agg)]
+        votes = tally(answers, weights)
+        if should_stop(votes, self.rule.threshold):
+            return True, False
+        remaining = sum(self.sizes[self.round:])
+        if self.rule.futility is None or remaining <= 0:
+            return False, False
+        return False, futile(votes, len(self.solutions), remaining, self.rule.futility, self.rule.threshold)
 
     def final(self):
         return self.solutions, self.vote, self.agg
@@ -102,8 +113,9 @@ class EarlyStopSampling(Method):
             "difficulty": difficulty(_answers(self.tree, first), scores) if first else None,
             "chosen": {
                 "method": self.config.method, "n": len(self.solutions), "rounds": self.round,
-                "early_stopped": bool(self.settled and self.round < len(self.sizes)),
-                "threshold": self.rule.threshold,
+                "early_stopped": bool((self.settled or self.futile) and self.round < len(self.sizes)),
+                "stopped_by": "settled" if self.settled else ("futility" if self.futile else None),
+                "threshold": self.rule.threshold, "futility": self.rule.futility,
             },
         }
 

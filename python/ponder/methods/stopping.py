@@ -162,6 +162,94 @@ def unanimity_samples(threshold: float = DEFAULT_THRESHOLD) -> int:
     return k
 
 
+# ----------------------------------------------------------------------------- futility
+
+
+def beta_binomial_sf(x: int, n: int, a: float, b: float) -> float:
+    """``P(X >= x)`` for ``X ~ BetaBinomial(n, a, b)`` (a, b > 0): the count of successes in n
+    draws whose success probability is ``Beta(a, b)``-distributed. Exact sum of the pmf."""
+    if not (a > 0 and b > 0):
+        raise ValueError(f"Beta-binomial parameters must be > 0; got a={a!r}, b={b!r}")
+    if x <= 0:
+        return 1.0
+    if x > n:
+        return 0.0
+    lbeta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    total = 0.0
+    for k in range(int(x), n + 1):
+        log_pmf = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                   + math.lgamma(k + a) + math.lgamma(n - k + b) - math.lgamma(n + a + b) - lbeta)
+        total += math.exp(log_pmf)
+    return min(1.0, total)
+
+
+def _votes_to_settle(have: float, rival: float, remaining: int, threshold: float) -> int | None:
+    """The fewest further votes x <= remaining (each worth at most 1) after which an answer
+    with ``have`` votes can lead a rival with ``rival`` at ``threshold``; None when none do."""
+    for x in range(remaining + 1):
+        if have + x > 0 and beta_sf_half(have + x + 1.0, rival + 1.0) >= threshold:
+            return x
+    return None
+
+
+def settle_probability_bound(
+    votes: dict | Iterable[float], samples: int, remaining: int, threshold: float = DEFAULT_THRESHOLD,
+    concentration: float = 1.0,
+) -> float:
+    """An upper bound on the posterior predictive probability that sampling ``remaining`` more
+    solutions would let ``should_stop`` fire (at any point up to the cap).
+
+    Model (Dirichlet process, concentration ``alpha``): the policy's answers are draws from an
+    unknown distribution; given ``samples`` completions so far (abstentions included) of which
+    answer j holds ``c_j`` votes (counts, or PRM-weighted votes in [0, 1] each: the rest of a
+    completion's unit goes to "rejected", which never wins), answer j's share of future votes
+    is ``Beta(c_j, samples - c_j + alpha)`` and all answers not yet voted for share
+    ``Beta(alpha, samples)``; a future completion adds at most 1 to one answer's votes.
+
+    Bound: answer j can be the settled leader only once ``c_j + X_j`` reaches the fewest votes
+    that lead the strongest *current* rival at ``threshold`` (rivals' votes only grow), X_j its
+    future votes, ``X_j ~ BetaBinomial(remaining, c_j, samples - c_j + alpha)``; summing that
+    tail over the answers, plus the same for the not-yet-seen answers together against the
+    current leader, bounds the probability from above (a union bound). Capped at 1."""
+    check_threshold(threshold)
+    if remaining <= 0:
+        return 0.0
+    if not concentration > 0:
+        raise ValueError(f"concentration must be > 0; got {concentration!r}")
+    values = sorted((float(v) for v in (votes.values() if isinstance(votes, dict) else votes) if v > 0), reverse=True)
+    m = max(float(samples), sum(values))
+    total = 0.0
+    for i, c in enumerate(values):
+        rival = values[1] if i == 0 and len(values) > 1 else (values[0] if i > 0 else 0.0)
+        x = _votes_to_settle(c, rival, remaining, threshold)
+        if x is not None:
+            total += beta_binomial_sf(x, remaining, c, max(m - c, 0.0) + concentration)
+    x = _votes_to_settle(0.0, values[0] if values else 0.0, remaining, threshold)
+    if x is not None:
+        total += beta_binomial_sf(x, remaining, concentration, max(m, 1e-12))
+    return min(1.0, total)
+
+
+def futile(
+    votes: dict | Iterable[float], samples: int, remaining: int, futility: float,
+    threshold: float = DEFAULT_THRESHOLD, concentration: float = 1.0,
+) -> bool:
+    """Stop for futility: ``settle_probability_bound(...) <= futility``. Guarantee: under the
+    model of ``settle_probability_bound``, when it returns True the posterior predictive
+    probability that the remaining samples would settle the vote is at most ``futility``.
+    Never with nothing left to sample (there is nothing to save)."""
+    check_futility(futility)
+    if remaining <= 0:
+        return False
+    return settle_probability_bound(votes, samples, remaining, threshold, concentration) <= futility
+
+
+def check_futility(futility: float) -> None:
+    """ValueError unless futility is a number in (0, 1)."""
+    if isinstance(futility, bool) or not isinstance(futility, (int, float)) or not 0.0 < futility < 1.0:
+        raise ValueError(f"early-stop futility must be None or a number in (0, 1); got {futility!r}")
+
+
 def check_threshold(threshold: float) -> None:
     """ValueError unless threshold is a number in (0.5, 1]."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.5 < threshold <= 1.0:
@@ -177,9 +265,12 @@ class EarlyStop:
 
     threshold: float = DEFAULT_THRESHOLD
     round_size: int = 4
+    futility: float | None = None
 
     def validate(self) -> EarlyStop:
         check_threshold(self.threshold)
+        if self.futility is not None:
+            check_futility(self.futility)
         r = self.round_size
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"early_stop.round_size must be an integer >= 1; got {r!r}")

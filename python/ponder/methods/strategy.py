@@ -409,17 +409,19 @@ def fit(
 
     For every probe size k (at most the samples every record has): the difficulty of each
     record from its first k samples; ``bins`` quantile bins; for each bin and each option
-    (``default_options``; sampling options with n > k only) the mean correctness and mean
-    policy tokens over the bin's records that have it. ``reference_tokens``: best-of-N's mean
-    tokens at n = 1, 2, 4, ... (up to the samples). ``plans``: the plan of every budget in
-    ``budgets`` (n-equivalents).
+    (``default_options`` up to the most samples any record has; sampling options with n > k
+    only) the mean correctness and mean policy tokens over the bin's records that have it
+    (``count``: how many; records with fewer samples than an option's n lack it).
+    ``reference_tokens``: best-of-N's mean tokens at n = 1, 2, 4, ... up to the samples every
+    record has. ``plans``: the plan of every budget in ``budgets`` (n-equivalents).
 
     ``prior`` > 0: plans use each cell's accuracy shrunk toward the same option's accuracy over
     all bins, ``(correct + prior * pooled) / (count + prior)`` (``planning_accuracy``; empirical
     Bayes against the noise of small bins); ``accuracy`` stays the measured one."""
     if not records:
         raise ValueError("fit needs at least one calibration record")
-    smax = min(len(r.samples) for r in records)
+    smin = min(len(r.samples) for r in records)
+    smax = max(len(r.samples) for r in records)
     tree_ns: dict[str, dict[int, int]] = {}
     for m in TREES:
         common = None
@@ -428,9 +430,9 @@ def fit(
             common = have if common is None else common & have
         first = records[0].trees.get(m, {})
         tree_ns[m] = {n: int(first[n].get("beam_width", min(beam_width, n))) for n in sorted(common or ())}
-    probes = [k for k in probes if 1 <= k <= smax]
+    probes = [k for k in probes if 1 <= k <= smin]
     if not probes:
-        raise ValueError(f"no probe size fits the {smax} samples per record")
+        raise ValueError(f"no probe size fits the {smin} samples per record")
     options = default_options(smax, tree_ns)
     edges, fractions, cells = {}, {}, []
     for k in probes:
@@ -466,7 +468,7 @@ def fit(
             c["planning_accuracy"] = (c["accuracy"] * c["count"] + prior * right / total) / (c["count"] + prior)
     reference = {}
     n = 1
-    while n <= smax:
+    while n <= smin:
         reference[n] = sum(r.sampled_outcome("best", n)[1] for r in records) / len(records)
         n *= 2
     meta = dict(meta or {})
