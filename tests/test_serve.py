@@ -642,3 +642,48 @@ def test_client_examples_run(serve_server, capsys):
         exec(compile(code, f"{where} serve example", "exec"), {"__name__": "example"})
         printed = capsys.readouterr().out
         assert "\\boxed{" in printed, (where, printed)
+
+
+# ---------------------------------------------------------------- the continuation thread, in-process
+
+
+def test_continuer_cancel_and_kv_blocks():
+    """A request cancelled while its batch decodes stops at the next token (partial choices); one
+    cancelled while waiting is dropped; every KV block is back afterwards; greedy output equals
+    HFPolicy's own greedy step."""
+    from ponder.engine import Engine
+    from ponder.hf.policy import HFPolicy
+    from ponder.protocols import SamplingParams
+    from ponder.serve.continuation import Continuation, Continuer
+
+    policy = HFPolicy("builtin:policy-small", device="cpu", kv_budget=4096)
+    engine = Engine(policy)
+    cont = Continuer(engine)
+    try:
+        ids = policy.prompt_tokens(MEDIUM)
+        greedy = cont.submit(Continuation([ids], max_tokens=96, stops=("\n\n",), include_stop=True,
+                                          temperature=0)).result(60)
+        policy.start([0], [MEDIUM])
+        (step,) = policy.sample_steps([0], [1], SamplingParams(temperature=0, max_step_tokens=96))
+        policy.release([0, 1])
+        assert greedy[0].tokens == step.tokens and greedy[0].text == step.text
+        with engine._step_lock:  # hold the batch back: both wait; one is cancelled while waiting
+            # greedy, this prompt runs to the token limit (900 tokens, ~10 s) unless cancelled
+            long = Continuation([policy.tokenizer.encode("(((((")], n=2, max_tokens=900, temperature=0)
+            dropped = Continuation([ids], max_tokens=8, temperature=0)
+            cont.submit(long)
+            cont.submit(dropped)
+            dropped.cancel()
+            time.sleep(0.05)
+        time.sleep(0.3)
+        long.cancel()
+        choices = long.future.result(60)
+        assert dropped.future.cancelled()
+        assert len(choices) == 2 and all(0 < len(c.tokens) < 900 and c.finish_reason == "length" for c in choices)
+        assert all(6 not in c.tokens for c in choices)  # cut by the cancel, not by EOS
+        deadline = time.monotonic() + 10
+        while policy.kv.stats()["blocks_in_use"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert policy.kv.stats()["blocks_in_use"] == 0
+    finally:
+        cont.close()

@@ -70,7 +70,9 @@ class Continuation:
     temperature, top_p in (0, 1], top_k (0: none). seed: the request's random stream (None:
     from the OS); its rows draw from it in order. skip_special: drop special tokens from the
     text. The result (``future``) is the choices, prompt-major: prompt i's j-th sample is
-    ``i * n + j``; a cancelled request's future is cancelled.
+    ``i * n + j``. A request cancelled (:meth:`cancel`, or its future cancelled) before its
+    batch starts is dropped (future cancelled); during its batch its rows stop at the next
+    token and the future gets the partial choices.
     """
 
     prompts: list[list[int]]
@@ -179,6 +181,8 @@ class Continuer:
                 need = self.block_need(job)
                 fits_rows = not batch or rows + job.rows() <= self.max_rows
                 if fits_rows and (free is None or blocks + need <= free):
+                    if not job.future.set_running_or_notify_cancel():
+                        continue  # its waiter cancelled the future
                     batch.append(job)
                     rows += job.rows()
                     blocks += need
@@ -318,10 +322,7 @@ class Continuer:
             start += job.rows()
             self.counters["requests"] += 1
             self.counters["rows"] += job.rows()
-            if job.cancelled:
-                job.future.cancel()
-                continue
-            out = []
+            out = []  # a cancelled request gets what it has (nobody reads it)
             for r in rows:
                 text = tok.decode([t for t in tokens[r] if t not in eos_ids], skip_special_tokens=job.skip_special,
                                   clean_up_tokenization_spaces=False)
