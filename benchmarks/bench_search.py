@@ -16,6 +16,27 @@ Each method runs the same problems with the same ``SearchConfig`` twice:
   models (search-and-learn's way: every iteration re-encodes every full path from scratch with a
   fresh ``DynamicCache`` and rescores every full path with the PRM).
 
+Best-of-N (``best_of_n``, sampled at ``--bon-temperature``) runs three ways on the same samples
+(one ``HFPolicy`` sampler with the same seed on every side: there is no vLLM here, so the
+policy side is ponder's own in all three and the rows compare the PRM):
+
+* ponder: ``HFPRM`` scoring each finished solution once (``score_paths``: one row per solution
+  on a fork of its question part, which is computed once per problem);
+* ponder step by step: ``HFPRM`` with ``score_paths`` hidden (every step scored when sampled,
+  the engine's path for PRMs without it, and ponder's before this row existed);
+* baseline (plain forward): ``RecomputePRM.score_paths``, search-and-learn's best-of-N PRM:
+  every finished solution rendered in full and run through the plain transformers model
+  once (no cache), every step read at its marker.
+
+PRM time is measured around every PRM call; PRM tokens/s = tokens run through the PRM / that
+time. ``prm_forward`` compares the two forward paths on *the same sequences at the same batch
+size* (the finished best-of-N solutions, PRM-formatted, rows sorted by length and batched as
+``HFPRM`` batches them; the paged side from an empty pool, so no token is reused): a plain
+transformers forward (``RecomputePRM``: left-padded SDPA, no cache) against the paged path
+(``PagedKVCache.prepare`` + ``PagedBatch.run``, logits at the scored positions); the policy's
+prefill path (prompt + solution rows) the same way (``policy_prefill``). Each is the best of
+``--repeats`` timings.
+
 Reported per method: policy and PRM tokens processed by each side, the unique tokens of the
 tree (policy: the distinct prompts + every step of ``result.tree``; PRM: the distinct question
 parts + the formatted tokens every scored path adds to its parent's, i.e. what HFPRM must score
@@ -75,6 +96,42 @@ SPECIALS = ["<s>", "</s>", "<pad>", "<|start_header_id|>", "<|end_header_id|>", 
 
 def log(msg: str) -> None:
     print(f"[bench_search] {msg}", file=sys.stderr, flush=True)
+
+
+class Timed:
+    """A PRM whose calls (start, score_steps, score_paths, release) are timed: ``seconds``."""
+
+    CALLS = ("start", "score_steps", "score_paths", "release")
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name not in self.CALLS:
+            return attr
+
+        def timed(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+
+class StepByStep:
+    """A PRM with ``score_paths`` hidden: the engine scores every step as it is sampled."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        if name == "score_paths":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
 # ----------------------------------------------------------------------------- tiny models
@@ -214,8 +271,9 @@ def run_method(method: str, args, policy_dir: str, prm_dir: str) -> dict:
         pol, prm = models()
         if side == "baseline":
             pol, prm = RecomputePolicy(pol), RecomputePRM(prm)
+        timed = Timed(prm)
         t0 = time.perf_counter()
-        res = search(problems, pol, prm, config)
+        res = search(problems, pol, timed, config)
         wall = time.perf_counter() - t0
         ps, rs = pol.stats(), prm.stats()
         results[side] = (res, prm)
@@ -224,6 +282,8 @@ def run_method(method: str, args, policy_dir: str, prm_dir: str) -> dict:
             "policy_tokens_generated": int(ps["tokens_generated"]),
             "policy_forward_passes": int(ps["forward_passes"]),
             "prm_tokens": int(rs["tokens_scored"]),
+            "prm_s": timed.seconds,
+            "prm_tokens_per_s": rs["tokens_scored"] / max(timed.seconds, 1e-9),
             "wall_s": wall,
             "answers": [r.answer for r in res],
             "tree_nodes": int(sum(len(r.tree["node_id"]) for r in res)),
@@ -237,8 +297,135 @@ def run_method(method: str, args, policy_dir: str, prm_dir: str) -> dict:
         out[f"{key}policy_tokens_over_unique"] = out[side]["policy_tokens"] / out["unique_policy_tokens"]
         out[f"{key}prm_tokens_over_unique"] = out[side]["prm_tokens"] / out["unique_prm_tokens"]
     out["wall_time_ratio_vs_baseline"] = out["baseline"]["wall_s"] / out["ponder"]["wall_s"]
+    out["wall_over_baseline"] = out["ponder"]["wall_s"] / out["baseline"]["wall_s"]
     out["agreement"] = compare(res, base_res)
     out["completions_with_answer"] = int(sum(sum(1 for c in r.completions if c.answer is not None) for r in res))
+    return out
+
+
+def run_best_of_n(args, policy_dir: str, prm_dir: str) -> dict:
+    """Best-of-N three ways on the same samples (module docstring): ponder (score_paths),
+    ponder step by step, and the plain full-path forward baseline."""
+    from ponder import SearchConfig, search
+    from ponder.baselines.recompute import RecomputePRM
+    from ponder.hf.policy import HFPolicy
+    from ponder.hf.prm import HFPRM
+    from ponder.protocols import SamplingParams
+
+    problems = PROBLEMS[: args.problems]
+    sampling = SamplingParams(temperature=args.bon_temperature, max_step_tokens=args.max_step_tokens, seed=args.seed)
+    config = SearchConfig(method="best_of_n", n=args.n, max_steps=args.max_steps, agg="last", sampling=sampling,
+                          seed=args.seed)
+    sides = {"ponder": lambda p: p, "ponder_step_by_step": StepByStep, "baseline": RecomputePRM}
+
+    def models(side):
+        pol = HFPolicy(policy_dir, kv_budget=args.kv_budget, block_size=args.block_size)
+        prm = HFPRM(prm_dir, format="math-shepherd", kv_budget=args.kv_budget, block_size=args.block_size)
+        return pol, sides[side](prm)
+
+    warm = SearchConfig(**{**config.__dict__, "n": 2})
+    for side in sides:
+        search(problems[:1], *models(side), warm)
+    out: dict = {"method": "best_of_n", "problems": len(problems), "config": {
+        "n": args.n, "max_steps": args.max_steps, "max_step_tokens": args.max_step_tokens,
+        "temperature": args.bon_temperature, "agg": "last"}}
+    results = {}
+    for side in sides:
+        pol, prm = models(side)
+        timed = Timed(prm)
+        t0 = time.perf_counter()
+        res = search(problems, pol, timed, config)
+        wall = time.perf_counter() - t0
+        rs = prm.stats()
+        results[side] = res
+        out[side] = {
+            "wall_s": wall,
+            "policy_tokens": int(pol.stats()["tokens_prefilled"]),
+            "policy_tokens_generated": int(pol.stats()["tokens_generated"]),
+            "prm_tokens": int(rs["tokens_scored"]),
+            "prm_s": timed.seconds,
+            "prm_tokens_per_s": rs["tokens_scored"] / max(timed.seconds, 1e-9),
+            "answers": [r.answer for r in res],
+        }
+        log(f"best_of_n {side}: {wall:.2f} s, PRM {rs['tokens_scored']:,} tokens in {timed.seconds:.2f} s")
+    out["unique_prm_tokens"] = int(prm.stats()["unique_tokens"])  # the baseline's count of the tree's PRM tokens
+    out["prm_tokens_over_unique"] = out["ponder"]["prm_tokens"] / out["unique_prm_tokens"]
+    out["wall_over_baseline"] = out["ponder"]["wall_s"] / out["baseline"]["wall_s"]
+    out["step_by_step_wall_over_baseline"] = out["ponder_step_by_step"]["wall_s"] / out["baseline"]["wall_s"]
+    out["prm_tokens_per_s_over_baseline"] = out["ponder"]["prm_tokens_per_s"] / out["baseline"]["prm_tokens_per_s"]
+    out["agreement"] = compare(results["ponder"], results["baseline"])
+    out["agreement_step_by_step"] = compare(results["ponder"], results["ponder_step_by_step"])
+    out["solutions"] = [(r.problem, list(c.steps)) for r in results["ponder"] for c in r.completions if c.steps]
+    return out
+
+
+def _best_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def forward_paths(args, policy_dir: str, prm_dir: str, solutions) -> dict:
+    """Plain transformers forward vs the paged path on the same rows at the same batch size
+    (module docstring): the PRM's scoring forward and the policy's prefill."""
+    import torch
+
+    from ponder.baselines.recompute import RecomputePRM, _left_pad
+    from ponder.hf.policy import HFPolicy
+    from ponder.hf.prm import HFPRM
+
+    prm = HFPRM(prm_dir, format="math-shepherd", kv_budget=args.kv_budget, block_size=args.block_size)
+    plain_prm = RecomputePRM(prm)
+    rows = sorted((prm.encode_full(prm._node_text(q, steps)) for q, steps in solutions), key=len)
+    marks = [[i for i, t in enumerate(r) if t == prm._marker_id] for r in rows]
+    batches = list(prm._batches(rows))
+
+    def paged_prm():
+        for i, j in batches:
+            seqs = [prm.kv.new_sequence(r[:1])[0] for r in rows[i:j]]  # nothing cached: every token computed
+            prm._scores_at(seqs, rows[i:j], marks[i:j])
+            prm.kv.free(seqs)
+
+    def plain_prm_run():
+        for i, j in batches:
+            plain_prm._score_at(rows[i:j], marks[i:j])
+
+    pol = HFPolicy(policy_dir, kv_budget=args.kv_budget, block_size=args.block_size)
+    prows = sorted((pol.prompt_tokens(q) + pol.tokenizer.encode("".join(steps), add_special_tokens=False)
+                    for q, steps in solutions), key=len)
+    pbatches = list(prm._batches(prows))
+
+    def paged_policy():
+        for i, j in pbatches:
+            seqs = [pol.kv.new_sequence(r[:1])[0] for r in prows[i:j]]
+            pol.kv.forward(pol.model, seqs, prows[i:j], logits="last")
+            pol.kv.free(seqs)
+
+    @torch.inference_mode()
+    def plain_policy():
+        for i, j in pbatches:
+            ids, mask = _left_pad(prows[i:j], 0, pol.device)
+            pol.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                      logits_to_keep=1)
+
+    out = {}
+    for name, (paged, plain, rs, bs) in {"prm_forward": (paged_prm, plain_prm_run, rows, batches),
+                                         "policy_prefill": (paged_policy, plain_policy, prows, pbatches)}.items():
+        paged(), plain()  # warm-up
+        tokens = sum(len(r) for r in rs)
+        t_paged, t_plain = _best_time(paged, args.repeats), _best_time(plain, args.repeats)
+        out[name] = {
+            "rows": len(rs), "tokens": tokens, "batches": len(bs),
+            "mean_rows_per_batch": len(rs) / max(len(bs), 1),
+            "paged_s": t_paged, "plain_s": t_plain,
+            "paged_tokens_per_s": tokens / t_paged, "plain_tokens_per_s": tokens / t_plain,
+            "paged_over_plain": t_plain / t_paged,
+        }
+        log(f"{name}: {tokens:,} tokens in {len(bs)} batches: paged {tokens / t_paged:,.0f} tokens/s, "
+            f"plain {tokens / t_plain:,.0f} tokens/s ({t_plain / t_paged:.2f})")
     return out
 
 
@@ -267,10 +454,12 @@ def main(argv=None) -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-budget", type=int, default=1 << 16)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (same for both sides)")
+    parser.add_argument("--bon-temperature", type=float, default=0.8, help="best-of-N sampling temperature")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per side of the forward comparison (best kept)")
     args = parser.parse_args(argv)
     if args.quick:
         args.problems, args.n, args.beam_width, args.iterations, args.max_steps, args.max_step_tokens = 2, 4, 2, 3, 4, 12
-        args.hidden, args.layers = 64, 2
+        args.hidden, args.layers, args.repeats = 64, 2, 1
     if args.n % args.beam_width:
         parser.error("--n must be a multiple of --beam-width")
     args.problems = min(args.problems, len(PROBLEMS))
@@ -286,11 +475,21 @@ def main(argv=None) -> int:
         policy_dir, prm_dir = build_models(tmp, args.seed, args.hidden, args.layers)
         log(f"models built in {time.perf_counter() - t0:.1f} s (hidden {args.hidden}, {args.layers} layers)")
         methods = {m: run_method(m, args, policy_dir, prm_dir) for m in ("beam_search", "dvts")}
+        bon = run_best_of_n(args, policy_dir, prm_dir)
+        forward = forward_paths(args, policy_dir, prm_dir, bon.pop("solutions"))
     beam = methods["beam_search"]
     agree = all(m["agreement"]["same_answers"] and m["agreement"]["same_trees"] for m in methods.values())
     from ponder import _core
 
     result = {
+        "prm_tokens_per_s_over_plain_forward": forward["prm_forward"]["paged_over_plain"],
+        "policy_prefill_tokens_per_s_over_plain_forward": forward["policy_prefill"]["paged_over_plain"],
+        "best_of_n_wall_over_baseline": bon["wall_over_baseline"],
+        "beam_search_wall_over_baseline": beam["wall_over_baseline"],
+        "dvts_wall_over_baseline": methods["dvts"]["wall_over_baseline"],
+        "best_of_n_prm_tokens_per_s_over_baseline": bon["prm_tokens_per_s_over_baseline"],
+        "goals": {"prm_tokens_per_s_over_plain_forward": ">= 0.9", "best_of_n_wall_over_baseline": "<= 0.8",
+                  "beam_search_wall_over_baseline": "<= 0.2 (5x)", "dvts_wall_over_baseline": "<= 0.2 (5x)"},
         "policy_tokens_over_unique": beam["policy_tokens_over_unique"],
         "prm_tokens_over_unique": beam["prm_tokens_over_unique"],
         "baseline_policy_tokens_over_unique": beam["baseline_policy_tokens_over_unique"],
@@ -300,6 +499,8 @@ def main(argv=None) -> int:
         "meets_goal": all(m["policy_tokens_over_unique"] <= GOAL and m["prm_tokens_over_unique"] <= GOAL for m in methods.values()),
         "sides_agree": agree,
         "methods": methods,
+        "best_of_n": bon,
+        "forward": forward,
         "quick": args.quick,
         "models": {"hidden": args.hidden, "layers": args.layers, "seed": args.seed},
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -331,6 +532,16 @@ def main(argv=None) -> int:
             (f"{name}: same answers / trees", f"{'✓' if a['same_answers'] else '✗'} / {'✓' if a['same_trees'] else '✗'}",
              f"answers {p['answers']}; score max |diff| {a['score_max_abs_diff']:.1e}"),
         ]
+    for side, label in (("ponder", "ponder"), ("ponder_step_by_step", "ponder step by step"), ("baseline", "plain forward")):
+        b = bon[side]
+        rows.append((f"best_of_n: {label}", f"{b['wall_s']:.2f} s", f"PRM {b['prm_tokens']:,} tokens in {b['prm_s']:.2f} s "
+                     f"= {b['prm_tokens_per_s']:,.0f} tokens/s"))
+    rows.append(("best_of_n: wall ponder / plain forward", f"{bon['wall_over_baseline']:.2f}",
+                 f"goal <= 0.8; same answers {bon['agreement']['same_answers']}, "
+                 f"score max |diff| {bon['agreement']['score_max_abs_diff']:.1e}"))
+    for name, f in forward.items():
+        rows.append((f"{name}: tokens/s paged / plain", f"{f['paged_tokens_per_s']:,.0f} / {f['plain_tokens_per_s']:,.0f}",
+                     f"{f['paged_over_plain']:.2f} ({f['tokens']:,} tokens, {f['batches']} batches); goal >= 0.9"))
     width = max(len(r[0]) for r in rows)
     c = methods["beam_search"]["config"]
     print(f"ponder search benchmark{' (quick)' if args.quick else ''}: {args.problems} problems, n={c['n']}, "
