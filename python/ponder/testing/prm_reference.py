@@ -15,7 +15,7 @@ import transformers
 
 from ponder.testing.tiny import load_plain_lm
 
-__all__ = ["ref_implicit", "ref_math_shepherd", "ref_qwen", "ref_rlhflow", "reference_for"]
+__all__ = ["QWEN_SYSTEM", "ref_implicit", "ref_math_shepherd", "ref_qwen", "ref_rlhflow", "reference_for"]
 
 
 @torch.inference_mode()
@@ -51,8 +51,12 @@ def ref_rlhflow(model, tok, question, steps):
     return out
 
 
+#: the system prompt of the Qwen2.5-Math-PRM model card
+QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
 @torch.inference_mode()
-def ref_qwen(score_fn, tok, question, steps, system="Please reason step by step, and put your final answer within \\boxed{}."):
+def ref_qwen(score_fn, tok, question, steps, system=QWEN_SYSTEM):
     """The Qwen2.5-Math-PRM model card: system + user + assistant '<extra_0>'-joined steps,
     ``tokenizer.encode`` of the rendered string, softmax(logits)[1] at every <extra_0>."""
     messages = [
@@ -75,15 +79,18 @@ def ref_implicit(model, ref_model, tok, question, steps, beta=0.5):
     turn, encoded on its own (the same as slicing the whole path's sums wherever the cut is a
     token boundary). sigmoid of it for every step."""
     marker = "PONDERSTEPSENTINEL"
-    probe = tok.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": marker}], tokenize=False)
+    probe = tok.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": marker}],
+                                    tokenize=False)
     answer_start = len(tok.encode(probe[: probe.find(marker)].rstrip(), add_special_tokens=False))
     out = []
     for k in range(1, len(steps) + 1):
         text = tok.apply_chat_template(
-            [{"role": "user", "content": question}, {"role": "assistant", "content": "\n\n".join(s.strip() for s in steps[:k])}],
+            [{"role": "user", "content": question},
+             {"role": "assistant", "content": "\n\n".join(s.strip() for s in steps[:k])}],
             tokenize=False)
         x = torch.tensor([tok.encode(text[: text.rfind(tok.eos_token)], add_special_tokens=False)])
-        ratio = (model(input_ids=x).logits[0].log_softmax(-1) - ref_model(input_ids=x).logits[0].log_softmax(-1)).double()
+        logp, logp_ref = model(input_ids=x).logits[0].log_softmax(-1), ref_model(input_ids=x).logits[0].log_softmax(-1)
+        ratio = (logp - logp_ref).double()
         per_token = ratio[:-1].gather(-1, x[0, 1:, None]).squeeze(-1)  # [T-1]: token t+1
         q = beta * per_token[answer_start - 1 :].sum().item()
         out.append(1.0 / (1.0 + math.exp(-q)))
@@ -104,7 +111,8 @@ def reference_for(name: str, dirs: dict):
         return path, lambda q, s: ref_rlhflow(model, tok, q, s)
     if name == "implicit-prm":
         path = dirs["implicit"]
-        model, ref, tok = load_plain_lm(path), load_plain_lm(dirs["implicit_ref"]), transformers.AutoTokenizer.from_pretrained(path)
+        model, ref = load_plain_lm(path), load_plain_lm(dirs["implicit_ref"])
+        tok = transformers.AutoTokenizer.from_pretrained(path)
         return path, lambda q, s: ref_implicit(model, ref, tok, q, s)
     if name == "qwen-prm":
         path = dirs["qwen_cls"]

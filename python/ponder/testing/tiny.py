@@ -37,7 +37,8 @@ QWEN_CHAT = (
 )
 #: Not prefix-stable: the header counts the turns, so adding a turn rewrites the start.
 UNSTABLE_CHAT = "[{{ messages | length }} turns]" + LLAMA_CHAT
-SPECIALS = ["<s>", "</s>", "<pad>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>"]
+SPECIALS = ["<s>", "</s>", "<pad>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>",
+            "<|im_end|>"]
 
 QUESTIONS = [
     "What is 2 + 3?",
@@ -86,14 +87,16 @@ def make_tokenizer(kind: str) -> transformers.PreTrainedTokenizerFast:
         raise ValueError(f"tokenizer kind must be one of {kinds}, got {kind!r}")
     tok = train_bpe()
     if kind in ("plain", "ms"):
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        bos = [("<s>", tok.token_to_id("<s>"))]
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=bos)
     eos = "<|im_end|>" if kind == "qwen" else ("<|eot_id|>" if kind in ("llama", "unstable", "ambiguous") else "</s>")
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos, pad_token="<pad>")
     if kind in ("ms", "ambiguous"):
         fast.add_tokens([" ки"])
     if kind == "qwen":
         fast.add_special_tokens({"additional_special_tokens": ["<extra_0>"]})
-    fast.chat_template = {"llama": LLAMA_CHAT, "unstable": UNSTABLE_CHAT, "ambiguous": LLAMA_CHAT, "qwen": QWEN_CHAT}.get(kind)
+    templates = {"llama": LLAMA_CHAT, "unstable": UNSTABLE_CHAT, "ambiguous": LLAMA_CHAT, "qwen": QWEN_CHAT}
+    fast.chat_template = templates.get(kind)
     return fast
 
 
@@ -120,7 +123,8 @@ def boost_lm_head(model, tok, words=("Ġthe", "Ġis", "5"), seed: int = 1) -> No
     with torch.no_grad():
         w = model.lm_head.weight
         w.mul_(0.05)
-        ids = {tok.eos_token_id, *tok.encode("\n", add_special_tokens=False), *tok.encode("\n\n", add_special_tokens=False)}
+        ids = {tok.eos_token_id, *tok.encode("\n", add_special_tokens=False),
+               *tok.encode("\n\n", add_special_tokens=False)}
         ids |= {tok.convert_tokens_to_ids(t) for t in words}
         ids.discard(None)  # a word that is not in the vocabulary
         for i in sorted(ids):
@@ -185,7 +189,8 @@ def save_process_reward_model(path):
     cfg.architectures = ["Qwen2ForProcessRewardModel"]
     # As released: auto_map names remote-code classes (whose files are absent here) -- HFPRM
     # must load the checkpoint without them.
-    cfg.auto_map = {"AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig", "AutoModel": "modeling_qwen2_rm.Qwen2ForProcessRewardModel"}
+    cfg.auto_map = {"AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig",
+                    "AutoModel": "modeling_qwen2_rm.Qwen2ForProcessRewardModel"}
     cfg.save_pretrained(path)
     tok.save_pretrained(path)
     return path, base.eval(), head.eval()
