@@ -84,6 +84,7 @@ def test_read_only_out_is_refused(tmp_path, models, capsys):
     assert "cannot write there" in _error_of(capsys) and models == []
 
 
+@pytest.mark.slow
 def test_bad_out_in_a_subprocess_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     line = _one_line(_ponder("run", "--out", str(tmp_path / "file" / "run")))
@@ -118,6 +119,7 @@ def test_unknown_device(tmp_path, models, capsys, device):
     assert f"--device {device!r} is not a device" in line and "cpu, cuda" in line and models == []
 
 
+@pytest.mark.slow
 def test_unknown_device_in_a_subprocess_is_one_line(tmp_path):
     line = _one_line(_ponder("run", "--device", "gpu", "--out", str(tmp_path / "o")))
     assert "--device 'gpu' is not a device" in line
@@ -174,6 +176,7 @@ def test_a_model_directory_without_weights_says_so(tmp_path, models, capsys):
     assert "--policy" in line and "no weights" in line and "config.json" not in line.split("no weights")[1]
 
 
+@pytest.mark.slow
 def test_not_a_model_in_a_subprocess_is_one_line(tmp_path):
     (tmp_path / "m").mkdir()
     line = _one_line(_ponder("run", "--policy", str(tmp_path / "m"), "--out", str(tmp_path / "o")))
@@ -341,6 +344,7 @@ def test_builtin_policy_on_builtin_arith_does_not_warn(tmp_path, models, capsys)
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_no_progress_silences_model_loading_bars(tmp_path):
     argv = ["run", "--limit", "1", "--methods", "greedy", "--reference-policy", "none", "--device", "cpu"]
     quiet = subprocess.run([sys.executable, "-m", "ponder", *argv, "--no-progress", "--out", str(tmp_path / "q")],
@@ -353,6 +357,7 @@ def test_no_progress_silences_model_loading_bars(tmp_path):
     assert "%|" in loud.stderr  # the bars --no-progress removes (loading and the evaluation's own)
 
 
+@pytest.mark.slow
 def test_python_api_takes_builtin_model_names():
     import ponder
 
@@ -412,6 +417,7 @@ def test_bad_pf_and_rebase_options_are_one_line(tmp_path, models, capsys, flag, 
     assert models == [] and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bad_pf_option_in_a_subprocess_is_one_line(tmp_path):
     line = _one_line(_ponder("run", "--methods", "particle_filtering", "--pf-ess-threshold", "-0.5",
                              "--out", str(tmp_path / "o")))

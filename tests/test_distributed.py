@@ -60,6 +60,7 @@ def single(tmp_path_factory) -> dict:
     return by_key(rows)
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_single_process_rows_and_a_resume_completes(cluster, single, tmp_path, monkeypatch, capsys):
     def no_search_in_the_driver(*a, **k):
         raise AssertionError("the driver searched a batch itself")
@@ -116,6 +117,7 @@ class _DyingLoader(distributed.ModelLoader):
         return _DieOnce(policy, self.marker, self.results), prm
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_duplicated(cluster, single, tmp_path, monkeypatch,
                                                                                  capsys):
     out, marker = tmp_path / "ray", tmp_path / "died"
@@ -130,6 +132,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_duplicated(
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_workers_sample_a_remote_policy(cluster, tmp_path, capsys):
     """--ray with --policy-url: each worker builds its own OpenAIPolicy to the server (the
     scripted one of test_openai_policy.py); the rows are the single-process run's."""
@@ -168,6 +171,7 @@ def test_bad_worker_counts_are_refused_in_one_line(tmp_path, capsys, flag, value
     assert len(err.splitlines()) == 1 and flag in err
 
 
+@pytest.mark.slow
 def test_workers_the_cluster_cannot_hold_are_refused_in_one_line(cluster, tmp_path, capsys):
     assert main(["run", *RUN, "--out", str(tmp_path / "r"), "--ray", "--workers", "2", "--gpus-per-worker", "1"]) == 2
     err = capsys.readouterr().err.strip()
