@@ -12,8 +12,11 @@ Contract of a completion request (docs/serve.md has the details):
   model-name suffix (``policy-small:dvts-16``), the ``search`` object (any ``SearchConfig``
   field but ``strategy``). The request's ``temperature`` / ``top_p`` / ``top_k`` / ``seed``
   seed the search's sampling and seed; ``search.sampling`` / ``search.seed`` override them.
-  None of them: plain sampling (``majority`` with n = the request's ``n``, no PRM): choices
-  are the n samples in order, ``max_tokens`` bounds each request's policy tokens.
+  None of them on chat: plain sampling (``majority`` with n = the request's ``n``, no PRM):
+  choices are the n samples in order, ``max_tokens`` bounds each request's policy tokens.
+  None of them on ``/v1/completions``: raw continuation of the prompt (text or token ids) on
+  the policy model, as a plain completion server (``stop``, ``n``, vLLM's ``stop_reason`` /
+  ``token_ids``), run by ``serve.continuation.Continuer`` under the engine's step lock.
 * With a search, ``choices[0]`` is the solution the search chose; ``n > 1`` adds the best
   solution of each next-ranked distinct answer (at most ``n`` choices; fewer when the search
   found fewer distinct answers). ``usage``: prompt tokens (once), completion tokens = every
