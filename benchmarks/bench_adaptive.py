@@ -46,10 +46,13 @@ except ImportError:  # running from a checkout without an install
 
 from ponder.calibrate import collect, load_records, save_records
 from ponder.methods.config import SearchConfig
-from ponder.methods.strategy import OPTION_VOTE, SAMPLING, TREES, load_cached
+from ponder.methods.stopping import EarlyStop, futile, should_stop, tally
+from ponder.methods.strategy import OPTION_VOTE, SAMPLING, TREES, load_cached, vote
 from ponder.protocols import SamplingParams
 
 BENCH_SEED = 777_001  # the sampling seed (the held-out problems are fixed)
+#: the early-stop settings of the benchmark (chosen on the calibration records: docs/adaptive.md)
+ES_ROUND, ES_FUTILITY = 4, 0.2
 TARGETS = {"auto_tokens_to_match_best16_ratio": 0.5, "auto_gain_at_n16_tokens": 0.02,
            "early_stop_token_ratio": 0.4, "early_stop_accuracy_delta": -0.005}
 
@@ -88,25 +91,47 @@ def _row(method: str, n, got, **extra) -> dict:
             "mean_policy_tokens": sum(t for _, t in got) / len(got), **extra}
 
 
-def engine_runs(problems, policy, prm, base: SearchConfig, ref_n: int, budgets: list[int], strategy: str | None):
-    """Early-stopped majority / weighted best-of-N and auto at every budget, all problems of
-    all of them in one engine."""
+def _strategy_digest(strategy: str | None) -> str:
+    import hashlib
+
+    from ponder.methods.strategy import BUILTIN_PATH
+
+    return hashlib.sha256(open(strategy or BUILTIN_PATH, "rb").read()).hexdigest()[:16]
+
+
+def engine_runs(problems, policy, prm, base: SearchConfig, ref_n: int, budgets: list[int], strategy: str | None,
+                early_stop: EarlyStop, cache: str | None = None, only: str | None = None):
+    """Early-stopped majority / weighted best-of-N (``early_stop``) and auto at every budget, all
+    problems of all of them in one engine. ``cache``: a JSON file of earlier runs keyed by kind,
+    settings (the rule; the budget and the strategy file's digest) and problems; a kind found
+    there is not run again, the ones run are added. ``only``: "early_stop" or "auto": run only
+    those kinds (the others are left out of the result unless cached)."""
     from ponder.engine import Engine
     from ponder.grading import is_equivalent
 
     engine = Engine(policy, prm)
-    kinds = [("majority+early_stop", dataclasses.replace(base, method="majority", n=ref_n, early_stop=0.95))]
+    saved = json.load(open(cache)) if cache and os.path.exists(cache) else {}
+    ids = [str(p.id) for p in problems]
+    digest = _strategy_digest(strategy)
+    kinds = [("majority+early_stop", dataclasses.replace(base, method="majority", n=ref_n, early_stop=early_stop))]
     kinds.append(("weighted_best_of_n+early_stop",
-                  dataclasses.replace(base, method="weighted_best_of_n", n=ref_n, early_stop=0.95)))
+                  dataclasses.replace(base, method="weighted_best_of_n", n=ref_n, early_stop=early_stop)))
     for b in budgets:
         kinds.append((f"auto@{b}", dataclasses.replace(base, method="auto", n=b, budget=b, strategy=strategy)))
+    out, keys, wanted = {}, {}, []
+    for name, cfg in kinds:
+        settings = repr(cfg.early_stop) if cfg.method != "auto" else f"budget={cfg.budget} strategy={digest}"
+        keys[name] = f"{name} | {settings} | {len(ids)} problems {hash_ids(ids)}"
+        if keys[name] in saved:
+            out[name] = saved[keys[name]]
+        elif only is None or name.startswith("auto") == (only == "auto"):
+            wanted.append((name, cfg))
     handles = {name: [engine.submit(p.problem, dataclasses.replace(cfg, seed=BENCH_SEED + 7 + 1000 * i))
-                      for i, p in enumerate(problems)] for name, cfg in kinds}
+                      for i, p in enumerate(problems)] for name, cfg in wanted}
     t0 = time.perf_counter()
     while engine.has_work():
         engine.step()
-    log(f"early stop + auto runs: {time.perf_counter() - t0:.0f} s")
-    out = {}
+    log(f"engine runs of {[n for n, _ in wanted]}: {time.perf_counter() - t0:.0f} s")
     for name, hs in handles.items():
         per = []
         for p, h in zip(problems, hs):
@@ -118,6 +143,54 @@ def engine_runs(problems, policy, prm, base: SearchConfig, ref_n: int, budgets: 
                 "difficulty": r.difficulty, "chosen": r.chosen,
             })
         out[name] = per
+        saved[keys[name]] = per
+    if cache and handles:
+        tmp = cache + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(saved, f)
+        os.replace(tmp, cache)
+    return out
+
+
+def hash_ids(ids: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+
+
+def replay_early_stop(record, rule: EarlyStop, cap: int, weighted: bool) -> tuple[bool, int]:
+    """(correct, policy tokens) of the early-stop state machine replayed on a record's i.i.d.
+    samples (its first rounds), as ``EarlyStopSampling`` decides: the leader rule, then futility."""
+    from ponder.grading import normalize_answer
+
+    s, used = record.samples, 0
+    while used < cap:
+        used = min(cap, used + rule.round_size)
+        answers = [None if x["answer"] is None else normalize_answer(x["answer"]) for x in s[:used]]
+        weights = [min(1.0, max(0.0, x["score"])) for x in s[:used]] if weighted else None
+        votes = tally(answers, weights)
+        if should_stop(votes, rule.threshold):
+            break
+        if rule.futility is not None and used < cap and futile(votes, used, cap - used, rule.futility, rule.threshold):
+            break
+    got = s[:used]
+    i = vote([x["answer"] for x in got], [x["score"] for x in got], "weighted" if weighted else "majority")
+    return (bool(got[i]["correct"]) if i >= 0 else False), record.prompt_tokens + sum(x["tokens"] for x in got)
+
+
+def simulated_early_stop(records, cap: int, rules: list[EarlyStop]) -> list[dict]:
+    """Early-stop rules replayed on the fixed methods' samples (no new sampling): token ratio
+    and accuracy delta against the same vote at ``cap``."""
+    out = []
+    for rule in rules:
+        for weighted, name in ((False, "majority"), (True, "weighted_best_of_n")):
+            full = [r.sampled_outcome("weighted" if weighted else "majority", cap) for r in records]
+            got = [replay_early_stop(r, rule, cap, weighted) for r in records]
+            n = len(records)
+            out.append({"method": name, "threshold": rule.threshold, "round_size": rule.round_size,
+                        "futility": rule.futility, "accuracy": sum(c for c, _ in got) / n,
+                        "token_ratio": sum(t for _, t in got) / max(1, sum(t for _, t in full)),
+                        "accuracy_delta": (sum(c for c, _ in got) - sum(c for c, _ in full)) / n})
     return out
 
 
@@ -226,9 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-n", type=int, default=16)
     ap.add_argument("--strategy", default=None, help="strategy.json (default: the shipped one)")
     ap.add_argument("--records", default=None, help="cache of the fixed-method measurements (read if present)")
+    ap.add_argument("--runs", default=None, help="cache of the early-stop and auto engine runs (read if present)")
+    ap.add_argument("--only", choices=("early_stop", "auto"), default=None,
+                    help="run only these engine runs into --runs and stop (a later run without --only reports)")
     ap.add_argument("--plot", default=None, help="write the frontier plot here (e.g. docs/adaptive.png)")
     ap.add_argument("--kv-budget", type=int, default=16384)
+    ap.add_argument("--threshold", type=float, default=0.95, help="early stop: the leader rule's threshold")
+    ap.add_argument("--round-size", type=int, default=ES_ROUND, help=f"early stop: samples per round (default {ES_ROUND})")
+    ap.add_argument("--futility", type=float, default=ES_FUTILITY,
+                    help=f"early stop: the futility level (default {ES_FUTILITY}; 0: off)")
     args = ap.parse_args(argv)
+    if args.only and not args.runs:
+        ap.error("--only needs --runs (where the engine runs are kept for the report)")
     if args.quick:
         args.per_level, args.samples, args.tree_n, args.budgets, args.ref_n = 1, 4, [4], [2, 4], 4
     import ponder
@@ -251,8 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     fixed = fixed_rows(records, args.samples, args.tree_n)
     table = load_cached(args.strategy)
     t1 = time.perf_counter()
-    runs = engine_runs(problems, policy, prm, base, args.ref_n, args.budgets, args.strategy)
+    rule = EarlyStop(args.threshold, args.round_size, args.futility or None).validate()
+    runs = engine_runs(problems, policy, prm, base, args.ref_n, args.budgets, args.strategy, rule, args.runs, args.only)
+    if args.only:
+        log(f"--only {args.only}: engine runs saved to {args.runs}; run again without --only to report")
+        return 0
     figs = figures(fixed, runs, args.ref_n, args.budgets, table)
+    plain = EarlyStop(args.threshold, 4, None)
+    figs["early_stop_rule"] = dataclasses.asdict(rule)
+    figs["early_stop_simulated"] = simulated_early_stop(records, args.ref_n, [plain] if rule == plain else [plain, rule])
     out = {
         "slice": "all 500" if args.full else f"first {args.per_level} per level ({len(problems)} problems)",
         "problems": len(problems),

@@ -202,3 +202,22 @@ def test_replaying_a_plan_on_its_own_records_gives_its_figures():
         mean = sum(x["accuracy"] * x["count"] for x in pooled) / sum(x["count"] for x in pooled)
         lo, hi = sorted((c["accuracy"], mean))
         assert lo - 1e-12 <= c["planning_accuracy"] <= hi + 1e-12
+
+
+def test_records_with_more_samples_add_larger_options_only_where_they_exist():
+    records = _records()  # 8 samples each
+    short = [dataclasses.replace(r, samples=r.samples[:4]) for r in records[::2]]
+    mixed = short + records[1::2]
+    table = fit(mixed, probes=(1, 2, 4), bins=2, budgets=(), beam_width=2)
+    assert table.probes == [1, 2, 4] and sorted(table.reference_tokens) == [1, 2, 4]  # what every record has
+    with pytest.raises(ValueError, match="no probe size"):
+        fit(mixed, probes=(8,), bins=2, budgets=())
+    for c in table.cells:
+        b = table.bin_edges[c["probe"]]
+        members = [r for r in mixed if strategy.bisect.bisect_left(b, r.probe_difficulty(c["probe"])) == c["bin"]]
+        if c["method"] in strategy.SAMPLING:
+            have = [r for r in members if len(r.samples) >= c["n"]]
+            assert c["count"] == len(have)  # an option counts only the records that measured it
+            right = [r.sampled_outcome(strategy.OPTION_VOTE[c["method"]], c["n"])[0] for r in have]
+            assert c["accuracy"] == pytest.approx(sum(right) / len(right))
+    assert any(c["n"] == 8 and c["method"] in strategy.SAMPLING for c in table.cells)
