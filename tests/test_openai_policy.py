@@ -556,6 +556,7 @@ def serve_policy(serve_server):
 
 
 @pytest.mark.parametrize("method", ["majority", "beam_search"])
+@pytest.mark.slow
 def test_ponder_serve_greedy_search_matches_hfpolicy(serve_policy, arith_problems, method):
     """``ponder serve`` as a plain completion server: greedy search through OpenAIPolicy gives the
     same answers, steps, finish flags and token counts as HFPolicy in-process (majority n=1 is

@@ -66,6 +66,7 @@ def _wait_idle(server, start: dict, timeout_s: float = 90.0) -> dict:
 # ---------------------------------------------------------------- the openai client
 
 
+@pytest.mark.slow
 def test_models_and_health(serve_server, client):
     ids = [m.id for m in client.models.list()]
     assert ids[0] == MODEL and f"{MODEL}:dvts-16" in ids
@@ -73,6 +74,7 @@ def test_models_and_health(serve_server, client):
     assert h["status"] == "ok" and h["model"] == MODEL and h["policy_kv_blocks_free"] > 0
 
 
+@pytest.mark.slow
 def test_chat_plain_sampling(client):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": EASY}], seed=3)
     assert len(r.choices) == 1
@@ -89,6 +91,7 @@ def test_chat_plain_sampling(client):
     assert again.choices[0].message.content == c.message.content
 
 
+@pytest.mark.slow
 def test_plain_n_samples_and_max_tokens(client):
     msgs = [{"role": "user", "content": EASY}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, n=3, seed=5)
@@ -116,6 +119,7 @@ def _policy_tokens(problem: str) -> list[int]:
     return list(tok.encode(text, add_special_tokens=False))
 
 
+@pytest.mark.slow
 def test_raw_completion_continues_token_ids_and_stops(client):
     """No search: the prompt is continued as it is (vLLM's semantics). Greedy continuation of the
     built-in policy's own prompt is its first reasoning step; the matched stop string is cut
@@ -147,6 +151,7 @@ def test_raw_completion_continues_token_ids_and_stops(client):
     assert text.choices[0].model_dump()["prompt_token_ids"] == want and text.usage.prompt_tokens == len(want)
 
 
+@pytest.mark.slow
 def test_raw_completion_samples_seeds_and_batched_prompts(client):
     ids = _policy_tokens(EASY)
     hard = _policy_tokens(MEDIUM)
@@ -161,6 +166,7 @@ def test_raw_completion_samples_seeds_and_batched_prompts(client):
     assert two.usage.prompt_tokens == len(ids) + len(hard)
 
 
+@pytest.mark.slow
 def test_raw_completions_run_beside_searches(serve_server, client):
     """Continuations and searches share the policy (a continuation batch holds the engine's step
     lock): run together they give what they give alone, and every KV block comes back."""
@@ -191,6 +197,7 @@ def test_raw_completions_run_beside_searches(serve_server, client):
         0, start["policy_kv_blocks_in_use"], start["prm_kv_blocks_in_use"])
 
 
+@pytest.mark.slow
 def test_raw_completion_refusals(serve_server, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=[1, 99999])
@@ -214,6 +221,7 @@ def test_raw_completion_refusals(serve_server, client):
     assert (h["in_flight"], h["policy_kv_blocks_in_use"]) == (0, 0)
 
 
+@pytest.mark.slow
 def test_completions_extra_body_search(client):
     r = client.completions.create(model=MODEL, prompt=EASY, seed=1,
                                   extra_body={"search": {"method": "best_of_n", "n": 4}})
@@ -227,6 +235,7 @@ def test_completions_extra_body_search(client):
     assert r.usage.completion_tokens > plain.usage.completion_tokens
 
 
+@pytest.mark.slow
 def test_model_suffix_and_reasoning_effort(serve_server, client):
     r = client.chat.completions.create(model=f"{MODEL}:beam_search-4", messages=[{"role": "user", "content": EASY}],
                                        seed=2)
@@ -248,6 +257,7 @@ def test_model_suffix_and_reasoning_effort(serve_server, client):
     assert "method" not in none.model_extra["ponder"]
 
 
+@pytest.mark.slow
 def test_n_distinct_answers_and_candidates(client):
     r = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": MEDIUM}], n=3, seed=11, temperature=1.0,
@@ -274,6 +284,7 @@ def test_n_distinct_answers_and_candidates(client):
     assert weights == sorted(weights, reverse=True)
 
 
+@pytest.mark.slow
 def test_stream_chat_matches_non_streamed(client):
     msgs = [{"role": "user", "content": EASY}]
     search = {"search": {"method": "best_of_n", "n": 2}}
@@ -291,6 +302,7 @@ def test_stream_chat_matches_non_streamed(client):
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+@pytest.mark.slow
 def test_stream_completions_raw_sse(serve_server):
     body = {"model": MODEL, "prompt": EASY, "stream": True, "seed": 1}
     with httpx.stream("POST", serve_server.url + "/v1/completions", json=body, headers=_auth(), timeout=120) as r:
@@ -302,6 +314,7 @@ def test_stream_completions_raw_sse(serve_server):
     assert "".join(o["choices"][0]["text"] for o in objs if o["choices"])
 
 
+@pytest.mark.slow
 def test_errors_as_openai_exceptions(serve_server, client):
     msgs = [{"role": "user", "content": EASY}]
     bad_key = openai.OpenAI(base_url=serve_server.url + "/v1", api_key="wrong", max_retries=0)
@@ -343,6 +356,7 @@ def test_errors_as_openai_exceptions(serve_server, client):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
 
 
+@pytest.mark.slow
 def test_metrics(serve_server, client):
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": EASY}])
     text = httpx.get(serve_server.url + "/metrics").text
@@ -363,6 +377,7 @@ SLOW = {"model": MODEL, "messages": [{"role": "user", "content": "Compute (12 + 
                    "sampling": {"temperature": 3.0}}, "seed": 1}  # 5-15 s of search on 2 CPU cores
 
 
+@pytest.mark.slow
 def test_disconnect_mid_search_frees_every_kv_block(serve_server):
     start = _wait_idle(serve_server, _health(serve_server) | {"policy_kv_blocks_in_use": 0, "prm_kv_blocks_in_use": 0})
     assert start["policy_kv_blocks_in_use"] == 0 and start["prm_kv_blocks_in_use"] == 0
@@ -393,6 +408,7 @@ def test_disconnect_mid_search_frees_every_kv_block(serve_server):
     assert after["prm_kv_blocks_free"] == start["prm_kv_blocks_free"]
 
 
+@pytest.mark.slow
 def test_full_queue_429_then_stream_disconnects_free_kv(serve_server, client):
     start = _wait_idle(serve_server, {"policy_kv_blocks_in_use": 0, "prm_kv_blocks_in_use": 0})
     streams, contexts = [], []
@@ -565,6 +581,7 @@ sys.exit(0 if run_server(app, server_config(app, "127.0.0.1", {port}, {grace}), 
 """
 
 
+@pytest.mark.slow
 def test_sigterm_cancels_in_flight_within_grace(tmp_path):
     """SIGTERM with a search in flight: it is cancelled after the grace period and its request
     answers with what it had; the process exits 0."""
@@ -634,6 +651,7 @@ def _serve_examples() -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_client_examples_run(serve_server, capsys):
     for where, code in _serve_examples():
         assert "http://127.0.0.1:8000/v1" in code, where

@@ -109,6 +109,7 @@ def _fuzz_once(url: str, body: bytes, endpoint: str) -> None:
         assert isinstance(err["message"], str) and err["message"] and err["type"]
 
 
+@pytest.mark.slow
 def test_fuzz_bodies_never_500_and_server_survives(serve_server):
     STATUSES.clear()
     _fuzz_once(serve_server.url)
