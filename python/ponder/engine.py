@@ -29,6 +29,7 @@ the caller only when a search alone does not fit (then that search fails with it
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -232,6 +233,19 @@ class Engine:
         """Step until no search is live or queued."""
         while self.has_work():
             self.step()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the engine between two steps: ``step()`` waits until the block ends. For work that
+        shares the policy's model and KV pool with the engine (``ponder serve``'s raw
+        continuations); keep the block short, every live search waits on it. Reentrant."""
+        with self._step_lock:
+            yield
+
+    @property
+    def steps_taken(self) -> int:
+        """Engine steps completed so far (monotonic)."""
+        return self._counters["steps"]
 
     def step(self) -> bool:
         """Advance every live search by one stage (admitting queued ones that fit first);

@@ -199,7 +199,7 @@ class Continuer:
                 if self._stop:
                     return
             batch: list[Continuation] = []
-            with self.engine._step_lock:
+            with self.engine.exclusive():
                 try:
                     batch = self._take()
                     if batch:
@@ -219,9 +219,9 @@ class Continuer:
         eng = self.engine
         if not eng.has_work():
             return
-        steps = eng._counters["steps"]
+        steps = eng.steps_taken
         deadline = time.monotonic() + self.yield_s
-        while eng._counters["steps"] == steps and eng.has_work() and time.monotonic() < deadline:
+        while eng.steps_taken == steps and eng.has_work() and time.monotonic() < deadline:
             time.sleep(0.0005)
 
     # ------------------------------------------------------------------ one batch
