@@ -256,7 +256,7 @@ class RecomputePRM:
     def score_paths(self, node_ids: Sequence[int], paths: Sequence[Sequence[str]]) -> list[list[float]]:
         """:meth:`ponder.protocols.PathScorer.score_paths` the search-and-learn way: each whole
         path rendered, tokenized and run through the plain model once (no cache; rows of
-        similar length left-padded together, at most ``PREFILL_BATCH_TOKENS`` tokens a
+        similar length left-padded together, at most the PRM's prefill budget of tokens a
         forward), every step read at its marker. A step whose path tokens are not a prefix of
         the whole path's gets a row of its own."""
         check_score_paths_args(node_ids, paths)
@@ -283,7 +283,7 @@ class RecomputePRM:
             self._unique += len(full) - start_len
             self._steps_scored += len(steps)
         order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
-        for a, b in HFPRM._batches([rows[r] for r in order]):
+        for a, b in self.inner._batches([rows[r] for r in order]):
             chunk = order[a:b]
             got = self._score_at([rows[r] for r in chunk], [[m for _, _, m in reads[r]] for r in chunk])
             for r, values in zip(chunk, got):

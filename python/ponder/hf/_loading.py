@@ -10,9 +10,7 @@ from typing import Any
 
 import torch
 
-# How many tokens a prefill batch may hold: bounds the gathered K/V and the [B, 1, T, L] mask.
-PREFILL_BATCH_TOKENS = 16384
-
+from ._batching import PREFILL_BATCH_TOKENS  # noqa: F401 - re-exported (its old home)
 
 
 def _offline() -> bool:

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from ..protocols import SamplingParams, Step, check_sampling_params
+from ._batching import prefill_batch_tokens, prefill_distinct, token_batches
 from ._loading import (
-    PREFILL_BATCH_TOKENS,
     _check_new_ids,
     _eos_ids,
     _hub_kwargs,
@@ -129,6 +129,7 @@ class HFPolicy:
         ).to(self.device).eval()
         # paged when the model passes the self-check, else transformers' own cache (ponder.hf.kv_fallback)
         self.kv = cache_for_model(self.model, block_size=block_size, token_budget=kv_budget, self_check=self_check)
+        self._batch_tokens = prefill_batch_tokens(self.device)
         self.system_prompt = system_prompt
         self.use_chat_template = bool(use_chat_template) and bool(getattr(self.tokenizer, "chat_template", None))
         self.max_steps_per_rollout = int(max_steps_per_rollout)
@@ -173,33 +174,9 @@ class HFPolicy:
         for p, toks in zip(problems, prompts):
             if not toks:
                 raise ValueError(f"problem {p!r} renders to an empty prompt; the policy needs at least one token")
-        first: dict[tuple[int, ...], int] = {}  # prompt -> index of the root that computes it
-        for i, toks in enumerate(prompts):
-            first.setdefault(tuple(toks), i)
-        owners = sorted(first.values())
-        seqs: dict[int, int] = {}
-        created: list[int] = []
-        try:
-            news = []
-            for i in owners:
-                seq, cached = self.kv.new_sequence(prompts[i])  # cached <= len - 1: the last token is computed
-                created.append(seq)
-                seqs[i] = seq
-                news.append((seq, prompts[i][cached:]))
-            logits = self._prefill(news)
-            for i, row in zip(owners, logits):
-                self._nodes[root_ids[i]] = _Node(seqs[i], None, row)
-            for i, toks in enumerate(prompts):
-                owner = first[tuple(toks)]
-                if owner != i:
-                    (seq,) = self.kv.fork(seqs[owner], 1)
-                    created.append(int(seq))
-                    self._nodes[root_ids[i]] = _Node(int(seq), None, self._nodes[root_ids[owner]].logits)
-        except BaseException:
-            for r in root_ids:
-                self._nodes.pop(r, None)
-            self.kv.free(created)
-            raise
+        seqs, logits = prefill_distinct(self.kv, prompts, lambda seqs, rows: self._prefill(list(zip(seqs, rows))))
+        for r, seq, row in zip(root_ids, seqs, logits):
+            self._nodes[r] = _Node(seq, None, row)  # identical prompts share the first one's logits row
         return prompts
 
     def sample_steps(self, parent_ids: Sequence[int], child_ids: Sequence[int], params: SamplingParams) -> list[Step]:
@@ -361,17 +338,12 @@ class HFPolicy:
         return self.kv.forward(self.model, seqs, tokens, logits="last")
 
     def _prefill(self, rows: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
-        """Prefill (seq, tokens) rows in batches of at most PREFILL_BATCH_TOKENS tokens."""
+        """Prefill (seq, tokens) rows in batches of at most this device's prefill budget of
+        tokens (:func:`ponder.hf._batching.token_batches`); each row's last logits, [V]."""
         out: list[torch.Tensor] = []
-        i = 0
-        while i < len(rows):
-            j, total = i, 0
-            while j < len(rows) and (j == i or total + len(rows[j][1]) <= PREFILL_BATCH_TOKENS):
-                total += len(rows[j][1])
-                j += 1
+        for i, j in token_batches([len(t) for _, t in rows], self._batch_tokens):
             logits = self._forward([s for s, _ in rows[i:j]], [t for _, t in rows[i:j]])
             out.extend(logits.unbind(0))
-            i = j
         return out
 
     def _ensure_logits(self, node_ids: list[int]) -> None:

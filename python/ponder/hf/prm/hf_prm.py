@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ...protocols import check_score_steps_args
+from .._batching import prefill_batch_tokens, prefill_distinct, token_batches
 from .._loading import (
-    PREFILL_BATCH_TOKENS,
     _check_new_ids,
     _hub_kwargs,
     _model_stats,
@@ -150,6 +150,7 @@ class HFPRM:
             self.model = _load_token_head_model(path, config, self.dtype, self.device, hub)
         else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **hub).to(self.device).eval()
+        self._batch_tokens = prefill_batch_tokens(self.device)
         # paged when the model passes the self-check, else transformers' own cache (ponder.hf.kv_fallback)
         self.kv = cache_for_model(self.model, block_size=block_size, token_budget=kv_budget, self_check=self_check)
         self.ref_model = None
@@ -159,7 +160,7 @@ class HFPRM:
             # one set of block tables: every fork / new sequence / free of self.kv holds for both
             self.kv, self.ref_kv = with_companion(self.kv, self.model, self.ref_model, self_check=self_check)
             vocab = self.model.get_output_embeddings().weight.shape[0]
-            self._logratio_batch_tokens = min(PREFILL_BATCH_TOKENS, max(1, _LOGRATIO_ELEMENTS // vocab))
+            self._logratio_batch_tokens = min(self._batch_tokens, max(1, _LOGRATIO_ELEMENTS // vocab))
         elif reference is not None or beta is not None:
             raise ValueError(f"reference= and beta= apply to format 'implicit-prm' only (this PRM is {format!r})")
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
@@ -265,23 +266,10 @@ class HFPRM:
         return plans
 
     # ---------------------------------------------------------------- model
-    @staticmethod
-    def _batches(new_tokens: list[list[int]], limit: int = PREFILL_BATCH_TOKENS):
-        """(i, j) row ranges of at most ``limit`` new tokens (one row at least). A range also
-        ends before a row that would make its padded size (rows x longest row) more than 1.25x
-        its tokens + 64: rows are padded to the longest, so mixed lengths waste compute
-        (callers that sort rows by length get few ranges)."""
-        i = 0
-        while i < len(new_tokens):
-            j, total, longest = i, 0, 0
-            while j < len(new_tokens):
-                m = len(new_tokens[j])
-                if j > i and (total + m > limit or (j - i + 1) * max(longest, m) > 1.25 * (total + m) + 64):
-                    break
-                total, longest = total + m, max(longest, m)
-                j += 1
-            yield i, j
-            i = j
+    def _batches(self, new_tokens: list[list[int]], limit: int | None = None):
+        """(i, j) row ranges of at most ``limit`` new tokens (default: this device's prefill
+        budget), split where padding would waste compute (:func:`ponder.hf._batching.token_batches`)."""
+        return token_batches([len(r) for r in new_tokens], self._batch_tokens if limit is None else limit)
 
     @torch.inference_mode()
     def _logratios(self, seqs: list[int], new_tokens: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -406,34 +394,18 @@ class HFPRM:
                 raise ValueError(f"format {self.format!r}: the question part of the input is empty, so no "
                                  "token can score the first step (a chat template renders at least the user turn)")
             paths.append(_Path(q, (), text, tokens, None, answer_start=len(tokens)))
-        first: dict[tuple[int, ...], int] = {}
-        for i, p in enumerate(paths):
-            if p.tokens:
-                first.setdefault(tuple(p.tokens), i)
-        owners = sorted(first.values())
-        created: list[int] = []
-        try:
-            rows = []
-            for i in owners:
-                seq, cached = self.kv.new_sequence(paths[i].tokens)
-                created.append(seq)
-                paths[i].seq = seq
-                rows.append(paths[i].tokens[cached:])
-            if owners and self.ref_model is not None:
-                _, tails = self._logratios([paths[i].seq for i in owners], rows)
-                for i, tail in zip(owners, tails):
-                    paths[i].tail = tail
-            elif owners:
-                self._scores_at([paths[i].seq for i in owners], rows, [[len(r) - 1] for r in rows])
-            for i, p in enumerate(paths):
-                if p.tokens and first[tuple(p.tokens)] != i:
-                    owner = paths[first[tuple(p.tokens)]]
-                    (seq,) = self.kv.fork(owner.seq, 1)
-                    created.append(int(seq))
-                    p.seq, p.tail = int(seq), owner.tail
-        except BaseException:
-            self.kv.free(created)
-            raise
+        held = [i for i, p in enumerate(paths) if p.tokens]  # an empty question part has no sequence
+        if self.ref_model is not None:  # the last position's log-ratio row scores the first step's first token
+            def run(seqs, rows):
+                return self._logratios(seqs, rows)[1]
+        else:
+            def run(seqs, rows):
+                return self._scores_at(seqs, rows, [[len(r) - 1] for r in rows])
+        seqs, tails = prefill_distinct(self.kv, [paths[i].tokens for i in held], run)
+        for i, seq, tail in zip(held, seqs, tails):
+            paths[i].seq = seq
+            if self.ref_model is not None:
+                paths[i].tail = tail
         for r, p in zip(root_ids, paths):
             self._nodes[r] = p
 
