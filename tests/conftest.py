@@ -4,7 +4,8 @@ Helpers live in ``ponder.testing`` (importable by tests and benchmarks alike):
 ``ponder.testing.scripted`` (scripted Policy / PRM models), ``ponder.testing.tiny`` (tiny HF
 models saved from configs), ``ponder.testing.prm_reference`` (the PRM formats' published
 usage), ``ponder.testing.forest`` (Forest builders and snapshots), ``ponder.testing.serve``
-(a live ``ponder serve``). A test module never imports another test module.
+(a live ``ponder serve``). Test modules take their models from there; the CLI tests share
+test_evaluate's CLI fixtures and test_distributed test_openai_policy's ``ScriptedServer``.
 
 Fixtures here: ``impl`` (every Forest test runs against both implementations: the
 reference twin ``ponder.twins.Forest`` and the compiled ``ponder._core.Forest``), ``dirs``
@@ -29,39 +30,11 @@ import sys
 
 import pytest
 
-# The Forest helpers, importable as ``from conftest import ...`` by the modules that still do so
-# (``ponder.testing.forest`` is their home).
-from ponder.testing.forest import (  # noqa: F401
-    ACTIVE,
-    AGGREGATIONS,
-    FINISHED,
-    IMPLS,
-    INT32_MAX,
-    INT64_MAX,
-    NO_ANSWER,
-    NODE_FIELDS,
-    PRUNED,
-    VOTES,
-    add_roots,
-    assert_dtype,
-    assert_node_dtypes,
-    assert_same,
-    assert_unchanged_after_raise,
-    build_standard_forest,
-    chain,
-    children_with_scores,
-    csr,
-    expand,
-    int_input,
-    live_ids,
-    set_steps,
-    snapshot,
-    spec_stats,
-)
-from ponder.testing.serve import SERVE_ARGS, SERVE_KEY, start_serve, stop_serve  # noqa: F401
+from ponder.testing.forest import IMPLS
+from ponder.testing.serve import start_serve, stop_serve
 
-# ``from conftest import`` (and a few test modules importing another by name) also work under
-# --import-mode=importlib.
+# Test modules importing another by name (test_cli imports test_evaluate's CLI fixtures) also
+# work under --import-mode=importlib.
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

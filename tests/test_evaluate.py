@@ -1,6 +1,6 @@
 """ponder.evaluation and `ponder run`: result rows, resume after a kill, summary, plot, CLI validation.
 
-The models are the scripted ones of test_search.py (steps and scores are deterministic hashes
+The models are the scripted ones of ``ponder.testing.scripted`` (steps and scores are deterministic hashes
 of the path text; one token per character), so every run here takes milliseconds.
 """
 
@@ -24,7 +24,7 @@ from ponder.testing.scripted import ScriptedPolicy, ScriptedPRM, TablePolicy, Ta
 
 class Fresh:
     """A scripted model that, like HFPolicy / HFPRM, can serve one search after another: the
-    scripted models of test_search.py serve one forest each (node ids restart at 0 in every
+    scripted models of ``ponder.testing.scripted`` serve one forest each (node ids restart at 0 in every
     ``search`` call), so a ``start`` of ids already seen begins a new one. ``sample_calls`` / ``tokens_*`` add up."""
 
     def __init__(self, make):

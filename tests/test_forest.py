@@ -16,7 +16,7 @@ import pytest
 import ponder
 import ponder._core
 import ponder.twins
-from conftest import (
+from ponder.testing.forest import (
     ACTIVE,
     AGGREGATIONS,
     FINISHED,

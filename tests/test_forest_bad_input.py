@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import (
+from ponder.testing.forest import (
     INT32_MAX,
     NO_ANSWER,
     assert_same,

@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import ponder._core
 import ponder.twins
-from conftest import (
+from ponder.testing.forest import (
     ACTIVE,
     AGGREGATIONS,
     NO_ANSWER,

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import IMPLS, add_roots, assert_unchanged_after_raise, children_with_scores, expand, set_steps
+from ponder.testing.forest import IMPLS, add_roots, assert_unchanged_after_raise, children_with_scores, expand, set_steps
 from ponder.twins.forest import SplitMix64, count_weights
 
 MODES = ("proportional", "multinomial", "systematic")

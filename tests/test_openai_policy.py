@@ -547,7 +547,7 @@ def serve_policy(serve_server):
     """OpenAIPolicy on conftest's live ``ponder serve`` (built-in models), whose /v1/completions
     without a search is raw continuation of the token ids sent. The server admits 3 requests at
     once (--max-queue 3), so the policy sends at most 3."""
-    from conftest import SERVE_KEY
+    from ponder.testing.serve import SERVE_KEY
 
     policy = OpenAIPolicy(serve_server.url + "/v1", "policy-small", api_key=SERVE_KEY, tokenizer=POLICY_DIR,
                           max_concurrency=3)

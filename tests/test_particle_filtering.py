@@ -1,4 +1,4 @@
-"""Particle filtering on the engine: equal to the per-problem oracle (reference/search_pf.py)
+"""Particle filtering on the engine: equal to the per-problem oracle (``ponder.baselines.oracle_pf``)
 on scripted models for both resampling schemes, both weightings and several ESS thresholds;
 resampled particles fork their parent's KV sequence on tiny HF models; config validation."""
 

@@ -1,4 +1,4 @@
-"""REBASE on the engine: equal to the per-problem oracle (reference/search_pf.py) on scripted
+"""REBASE on the engine: equal to the per-problem oracle (``ponder.baselines.oracle_pf``) on scripted
 models, its allocation rule by hand, budget never exceeded, config validation."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_n_need_not_divide_by_beam_width():
 
 def test_ponder_run_takes_both_methods():
     """``ponder run --methods particle_filtering,rebase --n 4,6`` plans and configures them
-    (evaluate takes the method list from SearchConfig's METHODS)."""
+    (``ponder.evaluation`` takes the method list from ``ponder.methods.config.METHODS``)."""
     from ponder import evaluation as evaluate
 
     pairs = evaluate.plan(["particle_filtering", "rebase"], [4, 6])

@@ -1,7 +1,7 @@
 """Search end to end on real (tiny, random-weight) Hugging Face models, fully offline.
 
 Policies: a Llama and a Qwen2 causal LM built from a config (hidden 64, 2 layers, a ~370-token
-byte-level BPE trained in test_policy_prm.py) and saved to a temp dir; the PRM: a tiny
+byte-level BPE, ``ponder.testing.tiny``) and saved to a temp dir; the PRM: a tiny
 math-shepherd model (its tokenizer has the " ки" tag). Everything is loaded back by path.
 
 * every method runs on three problems, returns one result per problem with the documented
@@ -32,7 +32,7 @@ from ponder.testing.tiny import QUESTIONS, save_causal
 METHODS = ["majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts"]
 ARCHS = ["llama", "qwen2"]
 N, M = 4, 2
-# temperature 1.5: the boosted random heads of test_policy_prm otherwise emit "\n\n" almost
+# temperature 1.5: the boosted random heads of ``ponder.testing.tiny`` otherwise emit "\n\n" almost
 # always (Qwen2), which would make every path the same.
 SAMPLING = SamplingParams(temperature=1.5, max_step_tokens=8)
 

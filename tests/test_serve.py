@@ -18,9 +18,9 @@ for _mod in ("fastapi", "uvicorn", "prometheus_client", "httpx", "openai"):
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
-from conftest import SERVE_KEY  # noqa: E402
 from ponder.grading import extract_answer  # noqa: E402
 from ponder.serve.presets import AUTO_PRESETS, FIXED_PRESETS  # noqa: E402
+from ponder.testing.serve import SERVE_KEY  # noqa: E402
 
 MODEL = "policy-small"
 EASY = "Compute 17 - 12."

@@ -17,7 +17,7 @@ import httpx  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import SERVE_KEY  # noqa: E402
+from ponder.testing.serve import SERVE_KEY  # noqa: E402
 
 MODEL = "policy-small"
 HEADERS = {"Authorization": f"Bearer {SERVE_KEY}"}
