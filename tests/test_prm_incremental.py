@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from ponder.baselines.recompute import RecomputePRM
 from ponder.hf.prm import HFPRM, MATH_SHEPHERD_TAG, QWEN_STEP_SEP
 
 # fp32 forward passes over different batch shapes: scores agree to well within this
@@ -326,10 +327,20 @@ def test_score_paths_equals_step_by_step_on_merging_boundaries(prms, kind, fmt):
                  ["e", "  \n\n", "π ≈ 3.", "", "5"],
                  ["So 5."]]
     got = _score_paths(prm, questions, solutions)
-    for q, steps, g in zip(questions, solutions, got):
+    # the recompute baseline (plain full-path forwards, no cache) reads the same scores
+    plain = RecomputePRM(prm)
+    plain.start(list(range(len(questions))), questions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        baseline = plain.score_paths(list(range(len(questions))), solutions)
+        baseline_steps = plain.score_steps([0, 3], [10, 11], ["So 5.", "Add 2 and 3 to get 5."])
+    assert baseline_steps == pytest.approx([full(questions[0], ["So 5."]), full(questions[3], ["Add 2 and 3 to get 5."])],
+                                           abs=ATOL)
+    for q, steps, g, b in zip(questions, solutions, got, baseline):
         assert len(g) == len(steps)
         assert g == pytest.approx(_chain(prm, q, steps), abs=ATOL)
         assert g == pytest.approx([full(q, steps[: k + 1]) for k in range(len(steps))], abs=ATOL)
+        assert b == pytest.approx(g, abs=ATOL)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -213,6 +213,7 @@ class RecomputePRM:
         self._steps_scored = 0
         self._forward_passes = 0
         self._unique = 0
+        self._starts: dict[str, int] = {}  # question -> its question part's token count
 
     # ---------------------------------------------------------------- PRM protocol
     def start(self, root_ids: Sequence[int], problems: Sequence[str]) -> None:
@@ -242,7 +243,7 @@ class RecomputePRM:
             extra = tuple(lookahead[i]) if lookahead is not None else ()
             jobs.append((question, path + (s,) + extra))
         tokens = [self.inner.encode_full(self.inner._node_text(q, path)) for q, path in jobs]
-        scores = self._score_full(tokens)
+        scores = self._score_full(tokens, [self._answer_start(q) for q, _ in jobs])
         for i, (c, p, s) in enumerate(zip(child_ids, parent_ids, steps)):
             question, path, parent_len = self._node(p)
             child_path = path + (s,)
@@ -285,7 +286,8 @@ class RecomputePRM:
         order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
         for a, b in self.inner._batches([rows[r] for r in order]):
             chunk = order[a:b]
-            got = self._score_at([rows[r] for r in chunk], [[m for _, _, m in reads[r]] for r in chunk])
+            got = self._score_at([rows[r] for r in chunk], [[m for _, _, m in reads[r]] for r in chunk],
+                                 [self._answer_start(base[reads[r][0][0]][0]) for r in chunk])
             for r, values in zip(chunk, got):
                 for (i, k, _), v in zip(reads[r], values):
                     out[i][k] = float(v)
@@ -315,24 +317,49 @@ class RecomputePRM:
         except KeyError:
             raise KeyError(f"node {node} is not held by this PRM (never started/scored, or released)") from None
 
-    def _score_full(self, rows: list[list[int]]) -> list[float]:
-        """P(correct) at the last step's scored position of every full formatted path (one
-        left-padded forward, no cache)."""
+    def _answer_start(self, question: str) -> int:
+        """implicit-prm: the question part's token count (its tokens are not scored)."""
+        if question not in self._starts:
+            self._starts[question] = len(self.inner.encode_full(self.inner._fmt.root_text(question)))
+        return self._starts[question]
+
+    def _score_full(self, rows: list[list[int]], starts: list[int]) -> list[float]:
+        """The score of the last step of every full formatted path (one left-padded forward,
+        no cache): marker formats read P(correct) at the final marker (+ offset); implicit-prm
+        sums the log-ratios of the tokens from ``starts[i]`` on."""
         marker = self.inner._marker_id
         for r in rows:
-            if not r or r[-1] != marker:
+            if self.inner.ref_model is None and (not r or r[-1] != marker):
                 raise ValueError(f"format {self.inner.format!r}: a path does not end with the marker token {marker}")
-        return [v[0] for v in self._score_at(rows, [[len(r) - 1] for r in rows])]
+        return [v[0] for v in self._score_at(rows, [[len(r) - 1] for r in rows], starts)]
 
     @torch.inference_mode()
-    def _score_at(self, rows: list[list[int]], markers: list[list[int]]) -> list[list[float]]:
-        """Run the token rows from scratch (one left-padded batch, no cache) and read P(correct)
-        at every marker index of ``markers[i]`` (+ the format's offset) of row i."""
-        fmt = self.inner._fmt
+    def _score_at(self, rows: list[list[int]], markers: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """Run the token rows from scratch (one left-padded batch, no cache) and read the score
+        of the prefix of row i ending at each token index of ``markers[i]``: marker formats
+        P(correct) at that index + the format's offset; implicit-prm sigmoid(beta * the sum of
+        log pi_theta - log pi_ref over tokens ``starts[i]`` .. index), both models run in full."""
+        fmt, inner = self.inner._fmt, self.inner
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids, mask = _left_pad(rows, int(pad), self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         width = ids.shape[1]
+        self._forward_passes += 1
+        self._tokens_scored += sum(len(r) for r in rows)
+        if inner.ref_model is not None:
+            kw = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+            ratio = self.model(**kw).logits.float().log_softmax(-1)
+            ratio -= inner.ref_model(**kw).logits.float().log_softmax(-1)
+            out = []
+            for r, row in enumerate(rows):
+                off = width - len(row)  # token t of the row sits at column off + t; column c - 1 predicts it
+                nxt = ids[r, off + 1 :, None]
+                per_token = ratio[r, off : width - 1].gather(-1, nxt).squeeze(-1).double().cpu()  # tokens 1..len-1
+                a = starts[r]
+                cum = torch.cumsum(per_token[max(a - 1, 0) :], 0)
+                qs = [inner.beta * float(cum[m - a]) if m >= a else 0.0 for m in markers[r]]
+                out.append(torch.sigmoid(torch.tensor(qs, dtype=torch.float64)).float().tolist())
+            return out
         # with left padding, token p of row i sits at column width - len(row i) + p
         cols = [[width - len(r) + m + fmt.offset for m in ms] for r, ms in zip(rows, markers)]
         keep, where = torch.unique(torch.tensor([c for cs in cols for c in cs], dtype=torch.long), return_inverse=True)
@@ -340,10 +367,8 @@ class RecomputePRM:
                             logits_to_keep=keep.to(self.device)).logits
         row_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(cs) for cs in cols]))
         picked = logits[row_of.to(self.device), where.to(self.device)]
-        if self.inner._columns is not None:
-            picked = picked[:, self.inner._columns]
-        self._forward_passes += 1
-        self._tokens_scored += sum(len(r) for r in rows)
+        if inner._columns is not None:
+            picked = picked[:, inner._columns]
         probs = fmt.probability(picked).cpu().tolist()
         out, at = [], 0
         for cs in cols:
