@@ -51,8 +51,10 @@ from ponder.methods.strategy import OPTION_VOTE, SAMPLING, TREES, load_cached, v
 from ponder.protocols import SamplingParams
 
 BENCH_SEED = 777_001  # the sampling seed (the held-out problems are fixed)
-#: the early-stop settings of the benchmark (chosen on the calibration records: docs/adaptive.md)
-ES_ROUND, ES_FUTILITY = 4, 0.2
+#: the early-stop settings of the benchmark, chosen on the calibration records (docs/adaptive.md):
+#: the fewest tokens whose accuracy there stays within 0.5 point of the vote at n = 16; rounds of 4.
+#: Weighted best-of-N: no futility level kept it (every one lost 2-3 of 160 problems), so none.
+ES_ROUND, ES_FUTILITY, WEIGHTED_ES_FUTILITY = 4, 0.3, 0.0
 TARGETS = {"auto_tokens_to_match_best16_ratio": 0.5, "auto_gain_at_n16_tokens": 0.02,
            "early_stop_token_ratio": 0.4, "early_stop_accuracy_delta": -0.005}
 
@@ -100,8 +102,10 @@ def _strategy_digest(strategy: str | None) -> str:
 
 
 def engine_runs(problems, policy, prm, base: SearchConfig, ref_n: int, budgets: list[int], strategy: str | None,
-                early_stop: EarlyStop, cache: str | None = None, only: str | None = None):
-    """Early-stopped majority / weighted best-of-N (``early_stop``) and auto at every budget, all
+                early_stop: EarlyStop, weighted_early_stop: EarlyStop, cache: str | None = None,
+                only: str | None = None):
+    """Early-stopped majority (``early_stop``) and weighted best-of-N (``weighted_early_stop``) and
+    auto at every budget, all
     problems of all of them in one engine. ``cache``: a JSON file of earlier runs keyed by kind,
     settings (the rule; the budget and the strategy file's digest) and problems; a kind found
     there is not run again, the ones run are added. ``only``: "early_stop" or "auto": run only
@@ -115,7 +119,7 @@ def engine_runs(problems, policy, prm, base: SearchConfig, ref_n: int, budgets: 
     digest = _strategy_digest(strategy)
     kinds = [("majority+early_stop", dataclasses.replace(base, method="majority", n=ref_n, early_stop=early_stop))]
     kinds.append(("weighted_best_of_n+early_stop",
-                  dataclasses.replace(base, method="weighted_best_of_n", n=ref_n, early_stop=early_stop)))
+                  dataclasses.replace(base, method="weighted_best_of_n", n=ref_n, early_stop=weighted_early_stop)))
     for b in budgets:
         kinds.append((f"auto@{b}", dataclasses.replace(base, method="auto", n=b, budget=b, strategy=strategy)))
     out, keys, wanted = {}, {}, []
@@ -307,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=0.95, help="early stop: the leader rule's threshold")
     ap.add_argument("--round-size", type=int, default=ES_ROUND, help=f"early stop: samples per round (default {ES_ROUND})")
     ap.add_argument("--futility", type=float, default=ES_FUTILITY,
-                    help=f"early stop: the futility level (default {ES_FUTILITY}; 0: off)")
+                    help=f"early stop of majority: the futility level (default {ES_FUTILITY}; 0: off)")
+    ap.add_argument("--weighted-futility", type=float, default=WEIGHTED_ES_FUTILITY,
+                    help=f"early stop of weighted best-of-N: the futility level (default {WEIGHTED_ES_FUTILITY}: off)")
     args = ap.parse_args(argv)
     if args.only and not args.runs:
         ap.error("--only needs --runs (where the engine runs are kept for the report)")
@@ -334,14 +340,18 @@ def main(argv: list[str] | None = None) -> int:
     table = load_cached(args.strategy)
     t1 = time.perf_counter()
     rule = EarlyStop(args.threshold, args.round_size, args.futility or None).validate()
-    runs = engine_runs(problems, policy, prm, base, args.ref_n, args.budgets, args.strategy, rule, args.runs, args.only)
+    wrule = EarlyStop(args.threshold, args.round_size, args.weighted_futility or None).validate()
+    runs = engine_runs(problems, policy, prm, base, args.ref_n, args.budgets, args.strategy, rule, wrule, args.runs,
+                       args.only)
     if args.only:
         log(f"--only {args.only}: engine runs saved to {args.runs}; run again without --only to report")
         return 0
     figs = figures(fixed, runs, args.ref_n, args.budgets, table)
     plain = EarlyStop(args.threshold, 4, None)
     figs["early_stop_rule"] = dataclasses.asdict(rule)
-    figs["early_stop_simulated"] = simulated_early_stop(records, args.ref_n, [plain] if rule == plain else [plain, rule])
+    figs["weighted_early_stop_rule"] = dataclasses.asdict(wrule)
+    figs["early_stop_simulated"] = simulated_early_stop(
+        records, args.ref_n, list(dict.fromkeys([plain, rule, wrule, *(EarlyStop(args.threshold, 4, f) for f in (0.05, 0.1))])))
     out = {
         "slice": "all 500" if args.full else f"first {args.per_level} per level ({len(problems)} problems)",
         "problems": len(problems),

@@ -154,43 +154,57 @@ def _settle_probability_mc(votes: list[int], samples: int, remaining: int, thres
 
 @pytest.mark.parametrize("votes,samples,remaining", [
     ([1, 1, 1, 1], 4, 12), ([2, 1, 1], 4, 12), ([2, 2], 4, 12), ([1] * 6, 6, 10), ([1] * 8, 8, 8),
-    ([3, 1], 4, 4), ([2, 1], 4, 12), ([1, 1], 4, 6),
+    ([3, 1], 4, 4), ([2, 1], 4, 12), ([1, 1], 4, 6), ([2, 1, 1, 1], 5, 12), ([1, 1, 1], 3, 20),
 ])
-def test_futility_bound_is_above_the_models_settle_probability(votes, samples, remaining):
+def test_settle_probability_is_the_models_and_the_union_bound_is_above_it(votes, samples, remaining):
     rng = random.Random(11)
     sims = 1500
     mc = _settle_probability_mc(votes, samples, remaining, 0.95, 1.0, sims, rng)
+    sd = math.sqrt(max(mc * (1 - mc), 1e-3) / sims)
+    exact = stopping.settle_probability(votes, samples, remaining, 0.95)
     bound = stopping.settle_probability_bound(votes, samples, remaining, 0.95)
-    assert bound >= mc - 3 * math.sqrt(max(mc * (1 - mc), 1e-4) / sims)
+    assert abs(exact - mc) <= 4 * sd
+    assert bound >= exact - 1e-12
+    # fractional votes take the union bound
+    frac = [v - 0.25 for v in votes]
+    assert stopping.settle_probability(frac, samples, remaining, 0.95) == stopping.settle_probability_bound(
+        frac, samples, remaining, 0.95)
 
 
-@given(counts, st.integers(0, 20), st.integers(0, 20), thresholds, st.floats(0.01, 0.99))
-@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=10), max_size=5), st.integers(0, 6), st.integers(0, 14), thresholds,
+       st.floats(0.01, 0.99))
+@settings(max_examples=80, deadline=None)
 def test_futility_properties(votes, extra_samples, remaining, threshold, futility):
     samples = sum(votes) + extra_samples  # extra: abstentions
+    if stopping.should_stop(votes, threshold):
+        return  # futility is asked only of a vote that is not settled
+    p = stopping.settle_probability(votes, samples, remaining, threshold)
     bound = stopping.settle_probability_bound(votes, samples, remaining, threshold)
-    assert 0.0 <= bound <= 1.0
+    assert 0.0 <= p <= bound + 1e-12 and bound <= 1.0
     # nothing left to sample: never futile (nothing to save), and nothing can settle
     assert not stopping.futile(votes, samples, 0, futility, threshold)
-    assert stopping.settle_probability_bound(votes, samples, 0, threshold) == 0.0
+    assert stopping.settle_probability(votes, samples, 0, threshold) == 0.0
     # more samples left can only make settling more likely
+    assert stopping.settle_probability(votes, samples, remaining + 3, threshold) >= p - 1e-12
     assert stopping.settle_probability_bound(votes, samples, remaining + 3, threshold) >= bound - 1e-12
-    # futile exactly when the bound is within the futility level
-    assert stopping.futile(votes, samples, remaining, futility, threshold) == (remaining > 0 and bound <= futility)
-    # a leader that settles with the remaining votes all its own is never written off at 0:
+    # futile exactly when the probability is within the futility level
+    assert stopping.futile(votes, samples, remaining, futility, threshold) == (remaining > 0 and p <= futility)
+    # a leader that settles with the remaining votes all its own is never written off at 0
     if votes and max(votes) > 0 and remaining > 0:
         v = sorted(votes, reverse=True) + [0]
         if stopping.should_stop([v[0] + remaining, v[1]], threshold):
-            assert bound > 0.0
+            assert p > 0.0
 
 
 def test_futility_writes_off_scattered_votes_but_not_a_forming_majority():
-    # 8 different answers in 8 samples, 8 left: the vote will not settle (bound about 0.11)
-    assert stopping.futile([1] * 8, 8, 8, 0.2)
-    assert not stopping.futile([1] * 8, 8, 8, 0.05)
+    # 4 different answers in 4 samples, 12 left: settles with probability 0.167 (bound 0.84)
+    assert stopping.settle_probability([1] * 4, 4, 12) == pytest.approx(0.1668, abs=1e-3)
+    assert stopping.futile([1] * 4, 4, 12, 0.2) and not stopping.futile([1] * 4, 4, 12, 0.1)
+    # 8 different answers in 8 samples, 8 left: 0.012
+    assert stopping.futile([1] * 8, 8, 8, 0.05)
     # 3 of 4 agree: more samples would likely settle it
     assert not stopping.futile([3, 1], 4, 12, 0.5)
-    assert stopping.settle_probability_bound([3, 1], 4, 12) > 0.9
+    assert stopping.settle_probability([3, 1], 4, 12) > 0.6
 
 
 def test_beta_binomial_tail():

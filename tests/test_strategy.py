@@ -147,6 +147,26 @@ def test_the_shipped_table_loads_and_plans_every_budget():
         assert plan.accuracy == pytest.approx(table.plans[b]["accuracy"])
 
 
+def test_the_shipped_table_is_the_fit_of_the_shipped_records():
+    """strategy.json is reproducible: refitting the shipped calibration records with the table's
+    recorded settings gives the same cells, bins and reference tokens; the records are fresh
+    problems (never the held-out set), as many as the table says."""
+    from ponder.toy import arith
+
+    table = strategy.load_cached(None)
+    records = load_records(strategy.BUILTIN_PATH.with_name("strategy.records.jsonl"))
+    assert len(records) == table.meta["problems"] == sum(c["problems"] for c in table.meta["chunks"])
+    assert len({r.id for r in records}) == len(records)
+    held = {p.question for p in arith.eval_problems()}
+    fresh = {p.id: p for c in table.meta["chunks"] for p in fresh_arith(c["per_level"], c["seed"])}
+    assert {r.id for r in records} == set(fresh)  # every record is a fresh problem of a listed chunk
+    assert not held & {p.problem for p in fresh.values()}
+    refit = fit(records, probes=table.probes, bins=table.meta["bins"], budgets=sorted(table.plans),
+                beam_width=table.meta["beam_width"], agg=table.agg, meta=table.meta, prior=table.meta["prior"])
+    assert refit.cells == table.cells and refit.bin_edges == table.bin_edges
+    assert refit.reference_tokens == table.reference_tokens and refit.plans == table.plans
+
+
 def test_ponder_calibrate_refits_from_records(tmp_path, capsys):
     from ponder.cli import main
 

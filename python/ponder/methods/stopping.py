@@ -25,6 +25,17 @@ posterior grows with the leader's weight and shrinks with the rival's; a score b
 less than a vote, so the leader is never more settled than its full count of votes would make
 it against the same rival weight. (A rival the PRM scores low weighs little: that is the point.)
 
+Futility (optional, ``EarlyStop(futility=eps)``): the leader rule alone never stops a vote
+that stays scattered (a weak policy on a problem beyond it: every sample a different answer),
+and those problems are the long ones. ``futile`` stops once an upper bound on the posterior
+predictive probability that the remaining samples (up to the cap) would settle the vote is at
+most ``eps`` (``settle_probability``: a Dirichlet-process model of the answers; exact for
+answer counts, a union bound ``settle_probability_bound`` for PRM-weighted votes). **Bound**: a
+futility stop happens only when, under that model, continuing to the cap would settle the vote
+with probability at most ``eps``; the answer is then the vote so far. (The union bound is
+conservative: for 4 different answers in 4 samples with 12 left it gives 0.84 where the exact
+model probability is 0.17.)
+
 All functions are pure (no state, no randomness) and take plain Python numbers.
 """
 
@@ -230,18 +241,94 @@ def settle_probability_bound(
     return min(1.0, total)
 
 
+#: the most urn states ``settle_probability`` visits exactly before it takes the union bound
+EXACT_MAX_STATES = 5_000
+
+
+class _TooManyStates(Exception):
+    pass
+
+
+def settle_probability(
+    votes: dict | Iterable[float], samples: int, remaining: int, threshold: float = DEFAULT_THRESHOLD,
+    concentration: float = 1.0,
+) -> float:
+    """The posterior predictive probability, under the model of ``settle_probability_bound``,
+    that ``should_stop`` would fire at some point within ``remaining`` more samples.
+
+    Integer votes (answer counts): exact, by recursion over the Polya urn's states (counts
+    sorted, abstentions apart; the rule checked after every sample, so for rounds of several
+    samples it is an upper bound of the chance of settling at a round's end), unless that
+    needs more than ``EXACT_MAX_STATES`` states. Fractional (PRM-weighted) votes, or too many
+    states: ``settle_probability_bound`` (an upper bound). Either way never below the model's
+    probability of settling at a round's end."""
+    check_threshold(threshold)
+    if remaining <= 0:
+        return 0.0
+    if not concentration > 0:
+        raise ValueError(f"concentration must be > 0; got {concentration!r}")
+    values = [float(v) for v in (votes.values() if isinstance(votes, dict) else votes) if v > 0]
+    if all(v.is_integer() for v in values) and samples >= sum(values):
+        counts = tuple(sorted((int(v) for v in values), reverse=True))
+        memo: dict = {}
+        try:
+            return _settle_exact(counts, int(samples) - sum(counts), int(remaining), float(threshold),
+                                 float(concentration), memo)
+        except _TooManyStates:
+            pass
+    return settle_probability_bound(values, samples, remaining, threshold, concentration)
+
+
+def _leads(counts: tuple[int, ...], threshold: float) -> bool:
+    v1 = counts[0] if counts else 0
+    v2 = counts[1] if len(counts) > 1 else 0
+    return v1 > 0 and beta_sf_half(v1 + 1, v2 + 1) >= threshold
+
+
+def _settle_exact(counts: tuple[int, ...], abstain: int, remaining: int, threshold: float, alpha: float,
+                  memo: dict) -> float:
+    """P(the leader rule fires within ``remaining`` draws) from this urn state (not settled now)."""
+    if remaining == 0:
+        return 0.0
+    key = (counts, abstain, remaining)
+    if key in memo:
+        return memo[key]
+    if len(memo) >= EXACT_MAX_STATES:
+        raise _TooManyStates
+    v1 = counts[0] if counts else 0
+    v2 = counts[1] if len(counts) > 1 else 0
+    if beta_sf_half(v1 + remaining + 1, v2 + 1) < threshold:
+        memo[key] = 0.0  # not even every remaining vote for the leader settles it; no other answer does better
+        return 0.0
+    z = sum(counts) + abstain + alpha
+    total, seen = 0.0, set()
+    for i, c in enumerate(counts):
+        if c in seen:
+            continue
+        seen.add(c)
+        nxt = tuple(sorted(counts[:i] + (c + 1,) + counts[i + 1:], reverse=True))
+        p = c * counts.count(c) / z
+        total += p * (1.0 if _leads(nxt, threshold) else _settle_exact(nxt, abstain, remaining - 1, threshold, alpha, memo))
+    if abstain:
+        total += abstain / z * _settle_exact(counts, abstain + 1, remaining - 1, threshold, alpha, memo)
+    nxt = counts + (1,)
+    total += alpha / z * (1.0 if _leads(nxt, threshold) else _settle_exact(nxt, abstain, remaining - 1, threshold, alpha, memo))
+    memo[key] = min(1.0, total)
+    return memo[key]
+
+
 def futile(
     votes: dict | Iterable[float], samples: int, remaining: int, futility: float,
     threshold: float = DEFAULT_THRESHOLD, concentration: float = 1.0,
 ) -> bool:
-    """Stop for futility: ``settle_probability_bound(...) <= futility``. Guarantee: under the
-    model of ``settle_probability_bound``, when it returns True the posterior predictive
-    probability that the remaining samples would settle the vote is at most ``futility``.
-    Never with nothing left to sample (there is nothing to save)."""
+    """Stop for futility: ``settle_probability(...) <= futility``. Guarantee: under the model of
+    ``settle_probability_bound``, when it returns True the posterior predictive probability that
+    the remaining samples would settle the vote is at most ``futility`` (exact for counts, a
+    union bound for PRM-weighted votes). Never with nothing left to sample (nothing to save)."""
     check_futility(futility)
     if remaining <= 0:
         return False
-    return settle_probability_bound(votes, samples, remaining, threshold, concentration) <= futility
+    return settle_probability(votes, samples, remaining, threshold, concentration) <= futility
 
 
 def check_futility(futility: float) -> None:
@@ -261,7 +348,9 @@ class EarlyStop:
     """``SearchConfig.early_stop`` for majority / best-of-N / weighted best-of-N: sample in
     rounds of ``round_size`` solutions (every live search's round advances in the same engine
     steps) and stop once ``should_stop`` holds at ``threshold`` after a round (majority: the
-    answer counts; best-of-N and weighted best-of-N: the PRM-weighted votes), or after n."""
+    answer counts; best-of-N and weighted best-of-N: the PRM-weighted votes), or, with
+    ``futility`` in (0, 1) set, once ``futile`` holds at that level (the vote is unlikely to
+    settle before the cap), or after n. ``futility=None`` (the default): the leader rule only."""
 
     threshold: float = DEFAULT_THRESHOLD
     round_size: int = 4
