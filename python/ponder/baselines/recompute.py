@@ -20,6 +20,9 @@ difference is caching:
   lookahead step with the whole text).
 * ``RecomputePRM.score_steps``: each path (and each path + lookahead) is rendered in full with
   the PRM's format, tokenized with the reference tokenization and scored from scratch, no cache.
+* ``RecomputePRM.score_paths`` (search-and-learn's best-of-N PRM): each finished solution is
+  rendered in full and run through the plain model once, every step read at its marker
+  (implicit-prm: both models run in full, the log-ratios summed from the question part on).
 
 With greedy decoding (temperature 0) both sides produce the same steps and the same scores (up
 to float rounding of a different attention code path: unpadded paged vs. padded SDPA); with a
