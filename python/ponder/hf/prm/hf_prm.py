@@ -8,7 +8,8 @@ tokens do not extend its parent's (a merged boundary, a template that is not pre
 starts a new sequence over the cached blocks of its longest equal prefix
 (``stats()["full_reencodes"]``). Marker formats take logits only at scored positions
 (``logits_to_keep``); implicit-prm takes every new position's log-probabilities under both
-models. Design notes: docs/prm.md.
+models. ``score_paths`` scores whole continuations of held nodes in one call (one row per
+path, every step read), keeping nothing. Design notes and measurements: docs/prm.md.
 """
 
 from __future__ import annotations
