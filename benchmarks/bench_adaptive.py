@@ -9,9 +9,13 @@ Built-in models (``builtin:policy-small`` + ``builtin:prm``), CPU. On the held-o
   so a prefix is an n-sample run), beam search and DVTS at each ``--tree-n`` (beam width 4, or
   n when smaller) -- measured by ``ponder.calibrate.collect``;
 * early-stopped majority and weighted best-of-N (cap n = ``--ref-n``, threshold 0.95, rounds
-  of 4), and ``method="auto"`` at each ``--budgets`` (n-equivalents) with ``--strategy`` (default:
-  the shipped ``ponder/toy/strategy.json``, calibrated on freshly generated problems) -- real
-  engine runs of those state machines.
+  of ``--round-size``; majority with the futility rule at ``--futility``, weighted best-of-N at
+  ``--weighted-futility``: the settings chosen on the calibration records), and
+  ``method="auto"`` at each ``--budgets`` (n-equivalents) with ``--strategy`` (default: the
+  shipped ``ponder/toy/strategy.json``, calibrated on freshly generated problems) -- real engine
+  runs of those state machines (``--runs`` caches them; ``--only`` runs a part);
+* ``early_stop_simulated``: early-stop rules replayed on the fixed methods' samples (no new
+  sampling), for comparing rules on the same draws.
 
 Policy tokens = prompt (once per problem) + generated, as ``ponder run`` rows count them.
 Figures (``--json`` keys): ``auto_tokens_to_match_best16_ratio`` (the fewest mean tokens of an
