@@ -6,7 +6,9 @@
   children are sampled, so round j expands root j; the roots share the prompt, which a
   prefix-sharing policy computes once and the budget counts once). After every round the
   stopping rule of ``ponder.methods.stopping`` decides: majority on the answer counts, the
-  best-of-N variants on the PRM-weighted votes (``vote_agg``). The vote is the method's own.
+  best-of-N variants on the PRM-weighted votes (``vote_agg``); with ``EarlyStop.futility`` set,
+  an unsettled vote that more samples are unlikely to settle stops too (``stopping.futile``).
+  The vote is the method's own.
 * ``Auto`` (``method="auto"``): a probe of k solutions (k from the plan), the difficulty
   estimate from them (``strategy.difficulty``), then the option the strategy table's plan
   gives the difficulty's bin: stop, more samples for a sampling vote, or a beam search / DVTS
