@@ -269,18 +269,18 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"ponder {__version__}"
 
 
-@pytest.mark.parametrize("command", ["bench", "toy"])
+@pytest.mark.parametrize("command", ["toy"])
 def test_a_command_without_subcommand_prints_its_help(capsys, command):
     assert _main([command]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"usage: ponder {command}") and ("core" if command == "bench" else "train") in out
+    assert out.startswith(f"usage: ponder {command}") and "train" in out
 
 
 RST = re.compile(r"`|:(func|class|meth|data|mod|attr):")  # RST literals, roles, interpreted text
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["bench", "--help"], ["toy", "--help"],
-                                  ["toy", "train", "--help"], ["bench", "core", "--help"], ["info", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["toy", "--help"],
+                                  ["toy", "train", "--help"], ["info", "--help"]])
 def test_help_texts_have_no_rst_markup(capsys, argv):
     assert _main(argv) == 0
     out = capsys.readouterr().out
