@@ -21,7 +21,7 @@ arrival.
 Memory: the sequential run records each request's peak KV blocks (policy, PRM) when searched
 alone; their sum is what the workload needs at once (every request live together). The engine
 runs first with large pools (``--pool-tokens``), then again with pools of a quarter of that need
-(``--pool-fraction``), where admission control and preemption must keep every request from
+(``--pool-fraction``; never below the largest request's own peak, which nothing could fit), where admission control and preemption must keep every request from
 failing: ``preemptions`` and ``kv_full_errors`` (requests that failed with ``KVCacheFull``) come
 from that run. ``same_answers``: the fraction of requests whose engine answer equals their
 sequential answer (per-request random streams: equal up to batch-composition numerics).
@@ -235,7 +235,10 @@ def main(argv=None) -> int:
     # what the workload needs at once: every request live together, each at its own peak
     need = {"policy": sum(p for p, _ in peaks), "prm": sum(r for _, r in peaks)}
     largest = {"policy": max(p for p, _ in peaks), "prm": max(r for _, r in peaks)}
-    small = {k: max(1, int(v * args.pool_fraction)) for k, v in need.items()}
+    # a quarter of the need at once, but never below the largest request's own peak: a request
+    # that alone does not fit fails whatever the engine does (with best-of-N scored once per
+    # solution the PRM's need at once can fall below 4x its largest request)
+    small = {k: max(1, int(v * args.pool_fraction), largest[k]) for k, v in need.items()}
     set_pool(policy, small["policy"] * policy.kv.block_size)
     set_pool(prm, small["prm"] * prm.kv.block_size)
     tight, _ = run_engine(policy, prm, arrivals, problems, configs, name="engine_quarter_pool")

@@ -177,6 +177,7 @@ def prms(tmp_path_factory):
         oracles[kind, fmt].prm = prm
         return prm, oracles[kind, fmt]
 
+    get.dirs = dirs
     return get
 
 
@@ -387,3 +388,22 @@ def test_score_paths_bad_arguments(prms):
         assert prm.score_paths([], []) == [] and prm.score_paths([0], [[]]) == [[]]
     finally:
         prm.release([0])
+
+
+@pytest.mark.parametrize("fmt", ["math-shepherd", "implicit-prm"])
+def test_score_paths_fits_a_pool_smaller_than_all_solutions(prms, fmt):
+    """score_paths keeps nothing, so it scores in chunks that fit the blocks free: eight
+    solutions that need about four times the pool together (each fits alone) get the scores a
+    large pool gives, and the pool is empty afterwards."""
+    kind = KINDS[0]
+    big, _ = prms(kind, fmt)
+    questions = [QUESTIONS[0]] * 8
+    solutions = [[f"Add {i} and 3 to get {i + 3}, then 7 more gives {i + 10}."] * 5 for i in range(8)]
+    want = _score_paths(big, questions, solutions)
+    bs = int(big.kv.block_size)
+    row_blocks = -(-len(big.encode_full(big.render(questions[0], solutions[0]))) // bs) + 2
+    small = HFPRM(prms.dirs[kind][_DIR[fmt]], format=fmt, kv_budget=2 * row_blocks * bs)
+    assert 8 * (row_blocks - 2) > 3 * small.kv_free_blocks()  # all eight at once cannot fit
+    got = _score_paths(small, questions, solutions)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-5)

@@ -455,7 +455,7 @@ class HFPRM:
         its own, so every score equals :meth:`score_steps`' for that step. Nothing is kept:
         every sequence made is freed before returning (full blocks stay in the prefix cache).
         KeyError / ValueError / TypeError as :func:`check_score_paths_args` and for ids not
-        held; KVCacheFull when one chunk of rows does not fit."""
+        held; KVCacheFull when one row alone does not fit the blocks free."""
         check_score_paths_args(node_ids, paths)
         node_ids = [int(n) for n in node_ids]
         missing = sorted({n for n in node_ids if n not in self._nodes})
@@ -495,17 +495,28 @@ class HFPRM:
             jobs += [(plan, [], []) for plan in extra]
             owners += [(i, k - 1) for i, k in lone]
         order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][0].path.tokens) - jobs[j][0].base_len)
-        # chunks of bounded new tokens: their sequences are freed before the next chunk
+        # chunks of bounded new tokens that fit the blocks free now (a row takes at most its new
+        # tokens' blocks + its fork's copied tail): each chunk's sequences are freed before the
+        # next, so a search's whole solutions never need the pool at once, only its longest row
         sizes = [[0] * max(1, len(jobs[j][0].path.tokens) - jobs[j][0].base_len) for j in order]
+        bs = int(self.kv.block_size)
+        need = [-(-len(x) // bs) + 1 for x in sizes]
         for a, b in self._batches(sizes):
-            chunk = [order[x] for x in range(a, b)]
-            seqs, scores = self._realize([jobs[j][0] for j in chunk], [jobs[j][1] for j in chunk])
-            self.kv.free(seqs)
-            for j, row in zip(chunk, scores):
-                i, last = owners[j]
-                for k, v in zip(jobs[j][2], row[:-1]):
-                    out[i][k] = float(v)
-                out[i][last] = float(row[-1])
+            x = a
+            while x < b:
+                free, y, used = self.kv_free_blocks(), x, 0
+                while y < b and (y == x or used + need[y] <= free):
+                    used += need[y]
+                    y += 1
+                chunk = [order[z] for z in range(x, y)]
+                x = y
+                seqs, scores = self._realize([jobs[j][0] for j in chunk], [jobs[j][1] for j in chunk])
+                self.kv.free(seqs)
+                for j, row in zip(chunk, scores):
+                    i, last = owners[j]
+                    for k, v in zip(jobs[j][2], row[:-1]):
+                        out[i][k] = float(v)
+                    out[i][last] = float(row[-1])
         self._steps_scored += sum(len(p) for p in paths)
         return out
 
