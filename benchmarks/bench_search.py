@@ -122,18 +122,6 @@ class Timed:
         return timed
 
 
-class StepByStep:
-    """A PRM with ``score_paths`` hidden: the engine scores every step as it is sampled."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name):
-        if name == "score_paths":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
 # ----------------------------------------------------------------------------- tiny models
 
 
@@ -311,6 +299,7 @@ def run_best_of_n(args, policy_dir: str, prm_dir: str) -> dict:
     from ponder.hf.policy import HFPolicy
     from ponder.hf.prm import HFPRM
     from ponder.protocols import SamplingParams
+    from ponder.testing.wrappers import StepByStep
 
     problems = args.problem_list[: args.problems]
     sampling = SamplingParams(temperature=args.bon_temperature, max_step_tokens=args.max_step_tokens, seed=args.seed)

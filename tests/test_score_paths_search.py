@@ -15,21 +15,10 @@ from ponder.hf.policy import HFPolicy
 from ponder.hf.prm import HFPRM
 from ponder.protocols import PathScorer, SamplingParams
 from ponder.testing.tiny import QUESTIONS, save_causal
+from ponder.testing.wrappers import StepByStep
 
 ATOL = 2e-5  # fp32 forwards over different row / batch shapes
 SAMPLING = SamplingParams(temperature=1.5, max_step_tokens=8)
-
-
-class StepByStep:
-    """The PRM with score_paths hidden: the engine scores every step as it is sampled."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name):
-        if name == "score_paths":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
 
 class Counting:
