@@ -72,6 +72,17 @@ class PooledPolicy(SeededScriptedPolicy):
         for x in node_ids:
             self.live.pop(int(x), None)
 
+    def restore(self, node_ids, paths):
+        # a node of depth d holds d + 1 blocks again, as when it was made (all or nothing)
+        self._take({int(x): len(p.steps) + 1 for x, p in zip(node_ids, paths)})
+        return super().restore(node_ids, paths)
+
+
+class RestartPolicy(PooledPolicy):
+    """PooledPolicy without ``restore``: a preempted search restarts from its root."""
+
+    restore = None
+
 
 def test_every_method_in_one_mixed_batch_matches_the_oracle_and_its_lone_run():
     policy, prm = SeededScriptedPolicy(), ScriptedPRM()
@@ -163,11 +174,17 @@ def test_cancel_frees_at_once_and_ends_with_cancelled():
     assert b.result().stopped is None and not policy.live
 
 
-def test_a_request_that_cannot_fit_waits_and_preemption_keeps_results():
+@pytest.mark.parametrize("policy_class", [PooledPolicy, RestartPolicy], ids=["keeps_tree", "restarts"])
+def test_a_request_that_cannot_fit_waits_and_preemption_keeps_results(policy_class):
     cfgs = [("alpha", _config(method="beam_search", n=8, beam_width=2, seed=s)) for s in range(4)]
     want = [signature(alone(p, c)) for p, c in cfgs]
-    policy = PooledPolicy(capacity=60)  # one search at a time fits, two do not for long
-    engine = Engine(policy, ScriptedPRM())
+    lone_tokens = 0
+    for p, c in cfgs:
+        lone = ScriptedPolicy()
+        Engine(lone, ScriptedPRM()).submit(p, c).result()
+        lone_tokens += lone.tokens_generated
+    policy, prm = policy_class(capacity=60), ScriptedPRM()  # one search at a time fits, two do not for long
+    engine = Engine(policy, prm)
     handles = [engine.submit(p, c) for p, c in cfgs]
     engine.step()
     assert engine.stats()["queued"] >= 1  # admission control held some back
@@ -177,6 +194,11 @@ def test_a_request_that_cannot_fit_waits_and_preemption_keeps_results():
     assert st["kv_full_errors"] == 0 and st["finished"] == 4
     assert st["preemptions"] >= 1 and st["kv_full_caught"] == policy.full_errors >= 1
     assert not policy.live
+    if policy_class is PooledPolicy:  # resumed with its tree: no step was sampled twice
+        assert st["resumed"] == st["preemptions"] and st["tokens_reprefilled"] > 0
+        assert policy.restored and prm.restored and policy.tokens_generated == lone_tokens
+    else:  # restarted from the root: the preempted searches' first tries were sampled again
+        assert st["resumed"] == st["tokens_reprefilled"] == 0 and policy.tokens_generated > lone_tokens
 
 
 METHOD_CFGS = [
@@ -195,19 +217,28 @@ METHOD_CFGS = [
             st.tuples(st.just("submit"), st.integers(0, len(METHOD_CFGS) - 1), st.integers(0, 3), st.integers(0, 9)),
             st.tuples(st.just("step"), st.integers(1, 3)),
             st.tuples(st.just("cancel"), st.integers(0, 20)),
+            # several searches at once: the pool runs out mid-search, the latest are preempted
+            st.tuples(st.just("burst"), st.lists(st.integers(0, len(METHOD_CFGS) - 1), min_size=2, max_size=5),
+                      st.integers(0, 9)),
         ),
         max_size=25,
     ),
     capacity=st.integers(45, 120),
+    resumable=st.booleans(),
 )
-def test_random_submit_cancel_preempt_leaks_nothing(ops, capacity):
-    policy, prm = PooledPolicy(capacity=capacity), ScriptedPRM()
+def test_random_submit_cancel_preempt_leaks_nothing(ops, capacity, resumable):
+    policy, prm = (PooledPolicy if resumable else RestartPolicy)(capacity=capacity), ScriptedPRM()
     engine = Engine(policy, prm)
     handles, cancelled = [], set()
     for op in ops:
         if op[0] == "submit":
             cfg = dataclasses.replace(METHOD_CFGS[op[1]], seed=op[3])
             handles.append((engine.submit(PROBLEMS[op[2] % 3], cfg), PROBLEMS[op[2] % 3], cfg))
+        elif op[0] == "burst":
+            for j, k in enumerate(op[1]):
+                cfg = dataclasses.replace(METHOD_CFGS[k], seed=op[2] + j)
+                handles.append((engine.submit(PROBLEMS[j % 3], cfg), PROBLEMS[j % 3], cfg))
+            engine.step()
         elif op[0] == "step":
             for _ in range(op[1]):
                 engine.step()
@@ -224,7 +255,13 @@ def test_random_submit_cancel_preempt_leaks_nothing(ops, capacity):
         else:  # preemption never changes a result
             assert signature(r) == signature(alone(p, cfg))
     assert not policy.live and policy.full_errors == engine.stats()["kv_full_caught"]
-    assert engine.stats()["kv_full_errors"] == 0
+    assert policy.kv_free_blocks() == capacity and policy.released == set(policy.paths)
+    st_ = engine.stats()
+    assert st_["kv_full_errors"] == 0
+    # every preempted search came back with its tree (or was cancelled while queued)
+    assert st_["resumed"] <= st_["preemptions"] and (st_["resumed"] == st_["preemptions"] or cancelled)
+    if not resumable:
+        assert st_["resumed"] == 0 and not policy.restored
     assert engine.tree.forest.stats()["live_nodes"] == 0 and not engine.tree.nodes
     assert prm.released == set(prm.paths)
     assert engine.stats()["live"] == engine.stats()["queued"] == 0

@@ -20,11 +20,15 @@ stream seeded by its seed, so they do not depend on which other searches share i
 
 Memory: before admitting a search the engine asks the policy (and the PRM) for free KV blocks
 (the optional ``kv_free_blocks()``) and admits it only when its first expansion fits; when a
-step hits ``KVCacheFull`` anyway, the most recently admitted search is preempted (its nodes
-freed, its state reset, requeued at the head of the queue) and the step is retried. A
-preempted search restarts from its root when readmitted (recompute preemption); with
-per-request streams its result is the same as without preemption. ``KVCacheFull`` reaches
-the caller only when a search alone does not fit (then that search fails with it).
+step hits ``KVCacheFull`` anyway, the most recently admitted search is preempted and requeued
+at the head of the queue, and the step is retried. When the policy and the PRM implement
+``ponder.protocols.Resumable`` the preempted search keeps its tree, its method's state and its
+random stream: the models free its nodes, and on readmission they rebuild the nodes it still
+needs (its live frontier) from their paths, the paged cache reusing every prefix block that
+survived (``stats()["tokens_reprefilled"]`` counts what they ran). Otherwise it restarts
+from its root (recompute preemption). Either way, with per-request streams its result is
+the same as without preemption. ``KVCacheFull`` reaches the caller only when a search alone
+does not fit (then that search fails with it).
 """
 
 from __future__ import annotations
@@ -168,7 +172,7 @@ class Engine:
         self._hold = False  # after a preemption: admit nothing until a live search ends
         self._counters = dict(
             steps=0, policy_calls=0, policy_rows=0, prm_calls=0, prm_rows=0,
-            preemptions=0, kv_full_caught=0, kv_full_errors=0, submitted=0, finished=0,
+            preemptions=0, resumed=0, tokens_reprefilled=0, kv_full_caught=0, kv_full_errors=0, submitted=0, finished=0,
             cancelled=0, timeout=0, budget=0,
         )
 
@@ -288,6 +292,10 @@ class Engine:
                 new.append(self._queue.pop(0))
         if not new:
             return
+        new = self._resume(new)
+        new = [r for r in new if r.method is None]
+        if not new:
+            return
         for r in new:
             r.method = method_class(r.search.config, METHOD_CLASSES)(self.tree, r.search)
             r.search.generated = r.search.prm_scored = 0
@@ -320,6 +328,38 @@ class Engine:
         with self._lock:
             self._live.extend(new)
 
+    def _resume(self, new: list[_Request]) -> list[_Request]:
+        """Readmit the suspended searches of ``new`` (preempted with their tree: the models
+        rebuild their nodes) and make them live. When one does not fit, it and every later
+        request go back to the head of the queue (a suspended search alone fails). Returns the
+        requests of ``new`` still to start (not suspended, not requeued)."""
+        for k, r in enumerate(new):
+            if r.search.suspended is None:
+                continue
+            try:
+                ran = self.tree.restore(r.search)
+            except KVCacheFull as exc:
+                self._counters["kv_full_caught"] += 1
+                rest = new[k:]
+                if not self._live and k == 0 and len(rest) == 1:
+                    self._counters["kv_full_errors"] += 1
+                    self._fail(r, exc)
+                    return []
+                self._admit_limit = max(1, k)
+                with self._lock:
+                    self._queue[:0] = rest
+                return new[:k]
+            except BaseException as exc:
+                self._fail(r, exc)
+                with self._lock:
+                    self._queue[:0] = new[k + 1 :]
+                raise
+            self._counters["resumed"] += 1
+            self._counters["tokens_reprefilled"] += ran
+            with self._lock:
+                self._live.append(r)
+        return new
+
     def _fits(self, candidates: list[_Request]) -> bool:
         """Admission control: the first expansion of every candidate fits the free KV blocks of
         the policy (and PRM) that report ``kv_free_blocks()``; models without it admit all."""
@@ -327,10 +367,18 @@ class Engine:
             free = getattr(model, "kv_free_blocks", None)
             if model is None or not callable(free):
                 continue
-            need = sum(_first_expansion_blocks(model, r.search) for r in candidates)
+            need = sum(self._resume_blocks(model, r.search) if r.search.suspended is not None
+                       else _first_expansion_blocks(model, r.search) for r in candidates)
             if need > int(free()):
                 return False
         return True
+
+    def _resume_blocks(self, model, search: Search) -> int:
+        """KV blocks a suspended search's restore takes at most (no prefix block survived)
+        plus one per node it holds (its next step's block)."""
+        block = int(getattr(model, "kv_block_size", 16) or 16)
+        held = len(search.suspended[0]) if search.suspended is not None else 0
+        return -(-self.tree.suspended_tokens(search) // block) + held
 
     def _apply_limits(self) -> None:
         now = time.perf_counter()
@@ -410,8 +458,9 @@ class Engine:
                 pass
 
     def _preempt_latest(self) -> bool:
-        """Free the most recently admitted search and requeue it at the head of the queue;
-        False when only one search is live (it alone does not fit)."""
+        """Free the most recently admitted search's KV state and requeue it at the head of the
+        queue: suspended with its tree when the models are ``Resumable``, else reset to restart
+        from its root. False when only one search is live (it alone does not fit)."""
         if len(self._live) <= 1:
             if self._live:
                 r = self._live[0]
@@ -421,11 +470,14 @@ class Engine:
             return False
         with self._lock:
             r = self._live.pop()
-        self.tree.drop(r.search)
-        self._close_stream(r)
-        r.method = None
+        if self.tree.resumable(r.search):
+            self.tree.suspend(r.search)
+        else:
+            self.tree.drop(r.search)
+            self._close_stream(r)
+            r.method = None
+            r.search.generated = r.search.prm_scored = 0
         r.preemptions += 1
-        r.search.generated = r.search.prm_scored = 0
         self._counters["preemptions"] += 1
         self._hold = True
         with self._lock:
@@ -448,6 +500,13 @@ class Engine:
             if r in self._live:
                 self._live.remove(r)
         cfg = r.search.config
+        if r.search.suspended is not None and self.tree.deferred(r.search):
+            # preempted with its tree: its open paths are scored from the PRM's roots
+            try:
+                self._counters["tokens_reprefilled"] += self.tree.restore(r.search)
+            except KVCacheFull:
+                self.tree.drop(r.search)  # no room now: it ends as if never admitted
+                r.method = None
         if r.method is None:  # never admitted
             pool, how, agg = [], cfg.final_vote, cfg.vote_agg
         elif stopped is None:
@@ -496,7 +555,8 @@ class Engine:
 
     def stats(self) -> dict[str, float]:
         """Counters: live / queued searches, preempted (queued searches that were preempted),
-        preemptions, kv_full_caught (handled by preemption), kv_full_errors (searches failed
+        preemptions, resumed (preempted searches readmitted with their tree), tokens_reprefilled
+        (tokens the models ran to rebuild them), kv_full_caught (handled by preemption), kv_full_errors (searches failed
         with it: one alone did not fit), steps, policy_calls, prm_calls, mean_policy_batch and
         mean_prm_batch (rows per call), submitted, finished (of which ended early: cancelled,
         timeout, budget), and {policy,prm}_kv_blocks_in_use when the models' ``stats()`` report it."""

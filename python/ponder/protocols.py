@@ -140,6 +140,49 @@ class KVCapacity(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class NodePath:
+    """What a model is told of one node it rebuilds (``Resumable.restore``).
+
+    problem: the root's problem (as given to ``start``); tokens: the policy's token ids of the
+    whole path, the root's prompt (what ``Policy.start`` returned) followed by every step's
+    tokens; steps: the step texts from the root's first child down to the node (empty for a
+    root)."""
+
+    problem: str
+    tokens: tuple[int, ...]
+    steps: tuple[str, ...]
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """Optional for a policy and a PRM: rebuild released nodes from their paths.
+
+    ``ponder.Engine`` preempts a search when the KV pool runs out by releasing every node the
+    models hold for it while keeping its tree; when the search is readmitted it calls
+    ``restore`` with the nodes it still needs (its live frontier) and goes on exactly where it
+    was. A model without ``restore`` makes a preempted search restart from its root."""
+
+    def restore(self, node_ids: Sequence[int], paths: Sequence[NodePath]) -> int:
+        """Hold node ``node_ids[i]`` again, in the state it had when it was created with path
+        ``paths[i]`` (for a PRM a root is a started root, any other node a scored path). All or
+        nothing: on an error (``KVCacheFull`` included) nothing is held. Returns the tokens run
+        through the model (a paged cache's reused prefix blocks excluded; 0 for a model that
+        keeps no per-token state). ValueError for unequal lengths or an id already held."""
+        ...
+
+
+def check_restore_args(held, owner: str, node_ids: Sequence[int], paths: Sequence[NodePath]) -> None:
+    """The checks every :meth:`Resumable.restore` starts with: ValueError for unequal lengths, a
+    repeated id or an id ``held`` already holds; TypeError for a path that is not a NodePath."""
+    if len(node_ids) != len(paths):
+        raise ValueError(f"node_ids has {len(node_ids)} entries but paths has {len(paths)}")
+    bad = [i for i, p in enumerate(paths) if not isinstance(p, NodePath)]
+    if bad:
+        raise TypeError(f"paths[{bad[0]}] must be a ponder.protocols.NodePath, got {type(paths[bad[0]]).__name__}")
+    check_node_ids(held, owner, new=[int(x) for x in node_ids])
+
+
 @runtime_checkable
 class PathScorer(Protocol):
     """Optional for a PRM: every step score of whole continuations of held nodes in one call,

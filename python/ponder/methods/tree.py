@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import grading
 from .._core import Forest
-from ..protocols import SamplingParams, Step
+from ..protocols import NodePath, SamplingParams, Step
 from .config import Budget, Completion, SearchConfig, SearchResult
 
 
@@ -110,6 +110,8 @@ class Search:
         self.prefilled = 0
         self.prm_scored = 0
         self.t0 = time.perf_counter()
+        # preempted with its tree kept (SearchTree.suspend): (policy ids, PRM ids) to restore
+        self.suspended: tuple[list[int], list[int]] | None = None
 
 
 @dataclasses.dataclass
@@ -396,6 +398,75 @@ class SearchTree:
             self.nodes.pop(x, None)
         search.node_ids = []
         search.prm_roots = []
+
+    # ------------------------------------------------------------------ preemption
+
+    def resumable(self, search: Search) -> bool:
+        """The models can rebuild this search's nodes (``ponder.protocols.Resumable``): the
+        policy, and the PRM when it scores the search."""
+        models = [self.policy] + ([self.prm] if search.scored and self.prm is not None else [])
+        return all(callable(getattr(m, "restore", None)) for m in models)
+
+    def suspend(self, search: Search) -> None:
+        """Free every node the models hold for the search (the policy's unreleased nodes; the
+        PRM's scored nodes, or a deferred search's roots) but keep its forest nodes and facts;
+        ``restore`` makes the models hold the same nodes again. Only for a ``resumable`` search."""
+        policy_ids = [x for x in search.node_ids if not self.nodes[x].released]
+        prm_ids = list(search.prm_roots) if self.deferred(search) else (
+            policy_ids if self._prm_held(search) else [])
+        self.release(policy_ids)
+        if search.prm_roots and self.prm is not None:
+            self.prm.release(search.prm_roots)
+        search.prm_roots = []
+        search.suspended = (policy_ids, list(prm_ids))
+
+    def node_paths(self, search: Search, node_ids: Sequence[int]) -> list[NodePath]:
+        """Each node's ``NodePath``: the search's problem, prompt + step tokens, step texts."""
+        ids = [int(x) for x in node_ids]
+        if not ids:
+            return []
+        flat, offsets = self.forest.path_tokens(np.array(ids, dtype=np.int32))
+        flat, offsets = flat.tolist(), offsets.tolist()
+        return [NodePath(search.problem, tuple(flat[offsets[i] : offsets[i + 1]]),
+                         tuple(self.nodes[y].text for y in self.path_nodes(x))) for i, x in enumerate(ids)]
+
+    def suspended_tokens(self, search: Search) -> int:
+        """Tokens of the distinct forest nodes on the paths a suspended search will restore
+        (an upper bound of what its restore computes, shared prefixes counted once)."""
+        if search.suspended is None:
+            return 0
+        on_paths: set[int] = set()
+        for x in search.suspended[0] + search.suspended[1]:
+            while x != -1 and x not in on_paths:
+                on_paths.add(x)
+                x = self.nodes[x].parent
+        if not on_paths:
+            return 0
+        return int(self.forest.nodes(np.array(sorted(on_paths), dtype=np.int32))["num_tokens"].sum())
+
+    def restore(self, search: Search) -> int:
+        """Undo ``suspend``: the policy (and the PRM) rebuild the nodes the search held, from
+        their paths (``Resumable.restore``). All or nothing: on an error (``KVCacheFull``
+        included) the models hold none of them and the search stays suspended. Returns the
+        tokens the models ran (``tokens_reprefilled``)."""
+        if search.suspended is None:
+            return 0
+        policy_ids, prm_ids = search.suspended
+        ran = 0
+        if policy_ids:
+            ran += int(self.policy.restore(policy_ids, self.node_paths(search, policy_ids)) or 0)
+        if prm_ids and self.prm is not None:
+            try:
+                ran += int(self.prm.restore(prm_ids, self.node_paths(search, prm_ids)) or 0)
+            except BaseException:
+                self.policy.release(policy_ids)
+                raise
+        for x in policy_ids:
+            self.nodes[x].released = False
+        if self.deferred(search):
+            search.prm_roots = list(prm_ids)
+        search.suspended = None
+        return ran
 
     # ------------------------------------------------------------------ reading
 

@@ -28,7 +28,7 @@ import re
 from collections import Counter
 
 from ponder.methods.config import SearchConfig
-from ponder.protocols import SamplingParams, Step
+from ponder.protocols import SamplingParams, Step, check_restore_args
 
 __all__ = [
     "DISTRIBUTIONS", "GOLD", "LIMIT", "MIXED_SEARCHES", "PROBLEMS", "SCORES",
@@ -92,6 +92,7 @@ class ScriptedPolicy:
         self.tokens_generated = 0
         self.sample_calls: list[tuple[list[int], list[int]]] = []
         self.rollout_calls: list[list[int]] = []
+        self.restored: list[list[int]] = []
 
     def start(self, root_ids, problems):
         out = []
@@ -185,6 +186,17 @@ class ScriptedPolicy:
             assert node not in self.released, f"node {node} released twice"
             self.released.add(node)
 
+    def restore(self, node_ids, paths):
+        """``Resumable.restore``: hold released (or unknown) nodes again from their paths;
+        returns the paths' token counts (this model keeps no cache: it would run them all).
+        Records ``restored`` (the ids of each call)."""
+        check_restore_args({x for x in self.paths if x not in self.released}, "policy", node_ids, paths)
+        self.restored.append([int(x) for x in node_ids])
+        for x, p in zip(node_ids, paths):
+            self.paths[int(x)] = (p.problem, "".join(p.steps), len(p.steps))
+            self.released.discard(int(x))
+        return sum(len(p.tokens) for p in paths)
+
 
 class SeededScriptedPolicy(ScriptedPolicy):
     """ScriptedPolicy with ``sample_steps_seeded``: row i samples with seed ``streams[i][1]``
@@ -227,6 +239,7 @@ class ScriptedPRM:
         self.released: set[int] = set()
         self.tokens_scored = 0
         self.calls: list[list[int]] = []
+        self.restored: list[list[int]] = []
 
     def value(self, problem: str, text: str) -> float:
         """The score of ``text`` (the whole scored path) under ``problem``."""
@@ -255,6 +268,17 @@ class ScriptedPRM:
         for node in node_ids:
             assert node not in self.released, f"PRM node {node} released twice"
             self.released.add(node)
+
+    def restore(self, node_ids, paths):
+        """``Resumable.restore``: hold released (or unknown) nodes again from their paths;
+        returns the characters of their texts (no cache: it would run them all). Records
+        ``restored`` (the ids of each call)."""
+        check_restore_args({x for x in self.paths if x not in self.released}, "PRM", node_ids, paths)
+        self.restored.append([int(x) for x in node_ids])
+        for x, p in zip(node_ids, paths):
+            self.paths[int(x)] = (p.problem, "".join(p.steps))
+            self.released.discard(int(x))
+        return sum(len(p.problem) + len("".join(p.steps)) for p in paths)
 
 
 # ----------------------------------------------------------------------------- table-driven models
