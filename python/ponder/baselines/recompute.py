@@ -46,7 +46,7 @@ from ..hf.policy import HFPolicy
 from ..hf.prm import HFPRM
 from ..hf.prm.hf_prm import check_score_paths_args
 from ..hf.sampling import SeededStream, sample_step_batch
-from ..protocols import SamplingParams, Step, check_sampling_params, check_score_steps_args
+from ..protocols import NodePath, SamplingParams, Step, check_restore_args, check_sampling_params, check_score_steps_args
 
 __all__ = ["RecomputePRM", "RecomputePolicy"]
 
@@ -132,6 +132,14 @@ class RecomputePolicy:
     def release(self, node_ids: Sequence[int]) -> None:
         for n in node_ids:
             self._paths.pop(int(n), None)
+
+    def restore(self, node_ids: Sequence[int], paths: Sequence[NodePath]) -> int:
+        """:meth:`ponder.protocols.Resumable.restore`: remember each node's token path (nothing
+        is computed until a step is asked; returns 0)."""
+        check_restore_args(self._paths, "policy", [int(x) for x in node_ids], paths)
+        for x, p in zip(node_ids, paths):
+            self._paths[int(x)] = list(p.tokens)
+        return 0
 
     def stats(self) -> dict[str, int]:
         """tokens_prefilled: tokens run through the model (full re-encodes + decoded tokens fed);
@@ -299,6 +307,16 @@ class RecomputePRM:
     def release(self, node_ids: Sequence[int]) -> None:
         for n in node_ids:
             self._nodes.pop(int(n), None)
+
+    def restore(self, node_ids: Sequence[int], paths: Sequence[NodePath]) -> int:
+        """:meth:`ponder.protocols.Resumable.restore`: remember each node's question and steps
+        (nothing is scored: every path is re-sent in full anyway; returns 0)."""
+        check_restore_args(self._nodes, "PRM", [int(x) for x in node_ids], paths)
+        for x, p in zip(node_ids, paths):
+            steps = tuple(p.steps)
+            text = self.inner._node_text(p.problem, steps) if steps else self.inner._fmt.root_text(p.problem)
+            self._nodes[int(x)] = (p.problem, steps, len(self.inner.encode_full(text)))
+        return 0
 
     def stats(self) -> dict[str, int]:
         """tokens_scored: formatted tokens run through the PRM (every full path, every call);

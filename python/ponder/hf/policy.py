@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..protocols import SamplingParams, Step, check_sampling_params
+from ..protocols import NodePath, SamplingParams, Step, check_restore_args, check_sampling_params
 from ._batching import prefill_batch_tokens, prefill_distinct, token_batches
 from ._loading import (
     _check_new_ids,
@@ -240,6 +240,24 @@ class HFPolicy:
             for g, state in saved.values():
                 g.set_state(state)
             raise
+
+    def restore(self, node_ids: Sequence[int], paths: Sequence[NodePath]) -> int:
+        """:meth:`ponder.protocols.Resumable.restore`: one sequence per node over its path's
+        token ids (prompt + steps: exact), computing each distinct path once and only past its
+        longest prefix still in the pool's prefix index; the node keeps its next-token logits.
+        Streams are untouched. Returns the tokens run through the model. All or nothing
+        (KVCacheFull when the paths do not fit); ValueError / TypeError as
+        :func:`ponder.protocols.check_restore_args`, ValueError for an empty path."""
+        node_ids = [int(x) for x in node_ids]
+        check_restore_args(self._nodes, "policy", node_ids, paths)
+        rows = [list(p.tokens) for p in paths]
+        if any(not r for r in rows):
+            raise ValueError("a restored path needs at least one token (its prompt)")
+        before = int(self.kv.stats()["tokens_appended"])
+        seqs, logits = prefill_distinct(self.kv, rows, lambda seqs, new: self._prefill(list(zip(seqs, new))))
+        for x, seq, row in zip(node_ids, seqs, logits):
+            self._nodes[x] = _Node(seq, None, row)
+        return int(self.kv.stats()["tokens_appended"]) - before
 
     def close_streams(self, stream_ids: Sequence[int]) -> None:
         """Forget these streams of :meth:`sample_steps_seeded` (unknown ids are ignored)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...protocols import check_score_steps_args
+from ...protocols import NodePath, check_restore_args, check_score_steps_args
 from .._batching import prefill_batch_tokens, prefill_distinct, token_batches
 from .._loading import (
     _check_new_ids,
@@ -387,6 +387,12 @@ class HFPRM:
         if len(root_ids) != len(problems):
             raise ValueError(f"root_ids has {len(root_ids)} entries but problems has {len(problems)}")
         self._check_new(root_ids)
+        for r, p in zip(root_ids, self._root_paths(problems)):
+            self._nodes[r] = p
+
+    def _root_paths(self, problems: Sequence[str]) -> list[_Path]:
+        """One root path per problem, its question part prefilled (each distinct one once; on
+        an error nothing is kept)."""
         paths = []
         for q in problems:
             text = self._fmt.root_text(q)
@@ -407,8 +413,34 @@ class HFPRM:
             paths[i].seq = seq
             if self.ref_model is not None:
                 paths[i].tail = tail
-        for r, p in zip(root_ids, paths):
-            self._nodes[r] = p
+        return paths
+
+    def restore(self, node_ids: Sequence[int], paths: Sequence[NodePath]) -> int:
+        """:meth:`ponder.protocols.Resumable.restore`: a root is started again; any other node
+        re-renders its question and steps and runs the tokens its path's cached prefix lacks
+        (what ``score_steps`` would have kept for it: same text, tokens and, for implicit-prm,
+        sums). Returns the tokens run through the PRM. All or nothing (KVCacheFull when they
+        do not fit); ValueError / TypeError as :func:`ponder.protocols.check_restore_args`."""
+        node_ids = [int(x) for x in node_ids]
+        check_restore_args(self._nodes, "PRM", node_ids, paths)
+        if not node_ids:
+            return 0
+        before = int(self.kv.stats()["tokens_appended"])
+        roots = self._root_paths([p.problem for p in paths])
+        deep = [i for i, p in enumerate(paths) if p.steps]
+        try:
+            plans = self._plans([roots[i] for i in deep], [list(paths[i].steps) for i in deep])
+            seqs, _ = self._realize(plans)
+        except BaseException:
+            self.kv.free([r.seq for r in roots if r.seq is not None])
+            raise
+        self.kv.free([roots[i].seq for i in deep if roots[i].seq is not None])
+        for i, plan, seq in zip(deep, plans, seqs):
+            plan.path.seq = seq
+            roots[i] = plan.path
+        for x, p in zip(node_ids, roots):
+            self._nodes[x] = p
+        return int(self.kv.stats()["tokens_appended"]) - before
 
     def score_steps(
         self,
