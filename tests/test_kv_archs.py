@@ -3,7 +3,8 @@
 For each model type AutoModelForCausalLM knows, a random-weight model is built from its own
 config class with tiny sizes (2 layers, hidden 64, vocabulary 100, sliding windows of 6 so
 that the probes cross them). ``ponder.hf.kv_fallback.cache_for_model`` then gives either the
-paged cache (the self-check accepted the model) or the fallback (refused), and a workload of
+paged cache (the self-check accepted the model, on the pool or the gathered layout:
+``ponder.hf.kv.paged_mode``) or the fallback (refused), and a workload of
 its own (two prompts of different lengths in one batch, a fork, a one-token decode step and
 a step of 3 / 1 / 2 tokens) must reproduce the model's cache-free forward on every path:
 never silently wrong. The families issue 12 names must be exact on the *paged* path.
@@ -53,9 +54,13 @@ OVERRIDES = {
 PAGED_FAMILIES = {"gpt_neox", "falcon", "opt", "bloom", "gpt_neo", "stablelm", "mpt", "phi", "gemma2", "gemma3_text",
                   "llama", "qwen2", "gpt2", "mistral"}
 # Known not (yet) paged: they must be refused and exact on the fallback (see docs/kv_compat.md).
-PAGED_PENDING = {"bloom", "mpt", "gpt_neo"}
-# Known silently wrong before the self-check: they must be refused.
-MUST_REFUSE = {"diffllama", "jetmoe", "doge"}
+PAGED_PENDING: set[str] = set()
+# They attend over their own layout of the pool: BLOOM (ALiBi in the layer), MPT and GPT-NeoX-Japanese
+# (their own attention code), GPT-Neo (local layers), PhiMoE (its window is in the mask only).
+GATHERED = {"bloom", "mpt", "gpt_neo", "gpt_neox_japanese", "phimoe"}
+# Silently wrong on the pool layout before the self-check (they change K/V or the mask after
+# cache.update): never on the pool layout.
+NOT_POOL = {"diffllama", "jetmoe", "doge"}
 MAX_PARAMS = 3_000_000
 RESULTS: dict[str, tuple[str, str]] = {}
 
@@ -139,7 +144,7 @@ def test_exact_or_refused(model_type):
         kv = cache_for_model(model, block_size=4, token_budget=256)
     assert isinstance(kv, FallbackKVCache) == (reason is not None)
     err, scale = run_workload(model, kv)
-    backend = "paged" if reason is None else f"fallback ({kv.mode})"
+    backend = f"paged ({pkv.paged_mode(model)})" if reason is None else f"fallback ({kv.mode})"
     RESULTS[model_type] = (backend, "" if reason is None else reason)
     assert err <= 1e-4 * max(scale, 1e-6), f"{model_type} on {backend}: max error {err:.3g}, logit scale {scale:.3g}"
     if reason is not None:
@@ -148,8 +153,10 @@ def test_exact_or_refused(model_type):
         assert reason.startswith(type(model).__name__)
     if model_type in PAGED_FAMILIES - PAGED_PENDING:
         assert reason is None, reason
-    if model_type in MUST_REFUSE:
-        assert reason is not None
+    if model_type in GATHERED:
+        assert pkv.paged_mode(model) == "gathered"
+    if model_type in NOT_POOL:
+        assert reason is not None or pkv.paged_mode(model) == "gathered"
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -58,6 +58,7 @@ __all__ = [
     "PagedBatch",
     "PagedKVCache",
     "kv_spec_of",
+    "paged_mode",
     "paged_refusal",
     "use_paged_attention",
 ]
@@ -98,8 +99,6 @@ def kv_spec_of(config: Any) -> KVSpec:
             f"{name}: layers of types {sorted(set(layer_types) - attention)} are not supported; "
             "PagedKVCache holds full- and sliding-window attention layers only"
         )
-    if "local" in (getattr(config, "attention_layers", None) or ()):
-        raise ValueError(f"{name}: local-attention layers (GPT-Neo) are not supported by PagedKVCache")
     layers = getattr(config, "num_hidden_layers", None)
     heads = getattr(config, "num_attention_heads", None)
     hidden = getattr(config, "hidden_size", None)
@@ -158,6 +157,34 @@ class PagedBatch:
     # prepare() checked slot_mapping / block_tables / kv_lens on the host (kernels.check_batch_indices),
     # so the per-layer kernel calls skip their own check (a host copy + sync per layer on CUDA).
     indices_checked: bool = False
+    # Set by gathered() only (the layout for models that attend over what cache.update returns):
+    # key_mask int64 [B, Lg] (0 = left padding), key_slots int64 [B, Lg] (the pool slot of each key).
+    key_mask: torch.Tensor | None = None
+    key_slots: torch.Tensor | None = None
+
+    @property
+    def key_length(self) -> int:
+        """Keys per row the model sees: L (pool layout) or Lg (gathered layout)."""
+        return int((self.key_mask if self.key_mask is not None else self.attention_mask).shape[-1])
+
+    def gathered(self) -> PagedBatch:
+        """This batch in the layout of transformers' own left-padded batches, for models that
+        compute attention themselves from what ``cache.update`` returns (the Cache API contract:
+        the layer's whole K/V). Each row's keys are left-padded to ``Lg = max(past) + T`` so that
+        query t of every row is key index Lg - T + t; ``update`` then returns K/V [B, H, Lg, D]
+        read from the pool, and the model builds its own causal / sliding-window / ALiBi masks
+        from ``key_mask`` (passed as the 2-D ``attention_mask``) and ``position_ids``."""
+        if self.key_slots is not None:
+            return self
+        T = self.input_ids.shape[1]
+        prev = self.kv_lens - self.q_lens  # [B]
+        Lg = int(prev.max()) + T
+        j = torch.arange(Lg, device=prev.device)[None, :] - (Lg - T - prev)[:, None]  # key position, [B, Lg]
+        key_mask = (j >= 0).long()  # the right end (padding queries' own keys) is never seen by a real query
+        j = torch.where((j >= 0) & (j < self.kv_lens[:, None]), j, torch.zeros_like(j))  # padding reads key 0
+        bs = self.cache.block_size
+        blocks = self.block_tables.long().gather(1, j // bs)
+        return dataclasses.replace(self, key_mask=key_mask, key_slots=blocks * bs + j % bs)
 
     def on(self, cache: PagedKVCache) -> PagedBatch:
         """This batch run against ``cache``'s pools: ``cache`` must be this batch's cache or one
@@ -169,25 +196,38 @@ class PagedBatch:
         if cache.device == self.cache.device:
             return dataclasses.replace(self, cache=cache)
         # index tensors follow the pools' device (a companion may live on another device)
-        moved = {f: getattr(self, f).to(cache.device) for f in ("input_ids", "position_ids", "attention_mask",
-                                                                 "slot_mapping", "block_tables", "kv_lens", "q_lens")}
+        fields = ("input_ids", "position_ids", "attention_mask", "slot_mapping", "block_tables", "kv_lens", "q_lens",
+                  "key_mask", "key_slots")
+        moved = {f: getattr(self, f).to(cache.device) for f in fields if getattr(self, f) is not None}
         return dataclasses.replace(self, cache=cache, **moved)
 
     def run(self, model: torch.nn.Module, **extra: Any):
-        """``model(**self.model_kwargs(), **extra)`` with this batch *active*: attention layers
+        """``model(**batch.model_kwargs(), **extra)`` with the batch *active*: attention layers
         that do not forward ``**kwargs`` to ``cache.update`` / the attention function (GPT-NeoX,
-        StableLM, MPT, ...) and models that ask the cache for its length (Falcon, OPT, BLOOM)
-        find it there. Returns the model's output."""
-        use_paged_attention(model)
+        StableLM, ...) and models that ask the cache for its length (Falcon, OPT) find it there.
+        A model the self-check put on the gathered layout (:func:`paged_mode`: BLOOM, MPT,
+        GPT-Neo, ...) runs on its own attention over :meth:`gathered`; any other on the
+        ``ponder_paged`` attention. Returns the model's output."""
+        own = _GATHERED.get(model)
+        if own is None:
+            use_paged_attention(model)
+            batch = self
+        else:
+            _set_attention(model, own)
+            batch = self.gathered()
         previous = getattr(_ACTIVE, "batch", None)
-        _ACTIVE.batch = self
+        _ACTIVE.batch = batch
         try:
-            return model(**self.model_kwargs(), **extra)
+            return model(**batch.model_kwargs(), **extra)
         finally:
             _ACTIVE.batch = previous
 
     def model_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``model(**batch.model_kwargs())``."""
+        """Keyword arguments for ``model(**batch.model_kwargs())`` (pool layout: a 4-D bool mask
+        and ``ponder_batch``; gathered layout: the 2-D ``key_mask``, run through :meth:`run`)."""
+        if self.key_mask is not None:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.key_mask,
+                    _cache_kwarg(): self.cache, "use_cache": True}
         return {
             "input_ids": self.input_ids,
             "position_ids": self.position_ids,
@@ -440,7 +480,6 @@ class PagedKVCache:
         """
         if logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
-        use_paged_attention(model)
         batch = self.prepare(seq_ids, tokens)
         if logits == "last":
             last = batch.q_lens - 1
@@ -452,7 +491,9 @@ class PagedKVCache:
     # ---- transformers Cache API (duck-typed: transformers' own paged cache is not a Cache either)
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs=None, **_):
         """Called by every attention layer with this step's K/V [B, Hkv, T, D]: write them into
-        their slots. Returns them unchanged (the ponder_paged attention reads the pool)."""
+        their slots. Pool layout: returns them unchanged (the ponder_paged attention reads the
+        pool). Gathered layout (:meth:`PagedBatch.gathered`): returns the layer's whole K/V
+        [B, Hkv, Lg, D] read from the pool, left-padded, for the model's own attention."""
         batch = _active_batch(kwargs) or _.get("ponder_batch")
         if batch is None or batch.cache is not self:
             raise ValueError(
@@ -468,6 +509,12 @@ class PagedKVCache:
             batch.slot_mapping,
             check_indices=not batch.indices_checked,
         )
+        if batch.key_slots is not None:
+            slots = batch.key_slots.reshape(-1)
+            shape = (*batch.key_slots.shape, H, D)
+            # contiguous like DynamicCache's K/V: some models .view() them
+            return (self.k[layer_idx].view(-1, H, D)[slots].view(shape).transpose(1, 2).contiguous(),
+                    self.v[layer_idx].view(-1, H, D)[slots].view(shape).transpose(1, 2).contiguous())
         return key_states, value_states
 
     # Most models ask a cache for its length only when a call lacks position_ids or a ready 4-D
@@ -485,12 +532,12 @@ class PagedKVCache:
 
     def get_seq_length(self, *_args, **_kwargs) -> int:
         batch = self._batch_or_raise()
-        return int(batch.attention_mask.shape[-1] - batch.input_ids.shape[1])
+        return batch.key_length - int(batch.input_ids.shape[1])
 
     get_query_offset = get_seq_length
 
     def get_mask_sizes(self, *_args, **_kwargs) -> tuple[int, int]:
-        return int(self._batch_or_raise().attention_mask.shape[-1]), 0
+        return self._batch_or_raise().key_length, 0
 
 
 # ----------------------------------------------------------------------------- attention
@@ -615,6 +662,8 @@ def _register() -> None:
 _TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 _PROBE_WINDOW = 5  # sliding windows are shrunk to this during the probe so that it crosses them
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> refusal (None: exact)
+# Models on the gathered layout -> the attention implementation they run with (their own).
+_GATHERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def paged_refusal(model: torch.nn.Module, *, self_check: bool = True) -> str | None:
@@ -696,59 +745,88 @@ def _probe_tokens(model: torch.nn.Module, generator: torch.Generator, n: int) ->
     return out
 
 
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+
+
 @torch.inference_mode()
 def _probe(model: torch.nn.Module) -> str | None:
+    """Try the pool layout (ponder_paged attention), then the gathered layout (the model's own
+    attention over the K/V ``update`` returns); None when one is exact, else the reasons."""
     name = type(model).__name__
     own = _own_attention(model)
+    passed = False
+    try:
+        if "local" in (getattr(model.config, "attention_layers", None) or ()):
+            # GPT-Neo builds its local window into a buffer at init: the probe could not shrink it,
+            # and ponder_paged would not apply it; its own attention does, on the gathered layout
+            pool = f"{name}: GPT-Neo's local-attention layers need the model's own attention"
+        else:
+            pool = _probe_run(model, own, gathered=False)
+        if pool is None:
+            passed = True
+            return None
+        _GATHERED[model] = own
+        gathered = _probe_run(model, own, gathered=True)
+        if gathered is None:
+            return None
+        del _GATHERED[model]
+        return f"{pool}; with its own attention on the gathered K/V: {gathered[len(name) + 2:]}"
+    finally:
+        with contextlib.suppress(Exception):
+            _set_attention(model, ATTN_IMPLEMENTATION if passed else own)
+
+
+def _probe_run(model: torch.nn.Module, own: str, *, gathered: bool) -> str | None:
+    name = type(model).__name__
     param = next(model.parameters())
     g = torch.Generator().manual_seed(20240611)
     paths: dict[int, list[int]] = {}
     got: list[tuple[int, int, torch.Tensor]] = []  # (seq, length after the step, logits [n, V])
-    passed = False
-    try:
-        with _small_windows(model, _PROBE_WINDOW):
-            try:
-                use_paged_attention(model)
-                cache = PagedKVCache(kv_spec_of(model.config), num_blocks=32, block_size=4,
-                                     dtype=param.dtype, device=param.device)
-                a, b = _probe_tokens(model, g, 7), _probe_tokens(model, g, 5)
-                sa, _ = cache.new_sequence(a)
-                sb, _ = cache.new_sequence(b)
-                paths = {sa: list(a), sb: list(b)}
-                out = cache.forward(model, [sa, sb], [a, b], logits="all")
-                got += [(sa, 7, out[0, :7]), (sb, 5, out[1, :5])]
-                kids = [int(k) for k in cache.fork(sa, 2)]
-                rows = [kids[0], kids[1], sb]
-                for chunk, mode in (((1, 1, 1), "last"), ((3, 1, 2), "all")):
-                    new = [_probe_tokens(model, g, n) for n in chunk]
-                    for s, t in zip(rows, new):
-                        paths[s] = paths.get(s, paths[sa]) + t
-                    out = cache.forward(model, rows, new, logits=mode)
-                    for i, (s, n) in enumerate(zip(rows, chunk)):
-                        got.append((s, len(paths[s]), out[i][None] if mode == "last" else out[i, :n]))
-            except Exception as exc:  # any failure of the paged path is a refusal
-                first = (str(exc).strip().splitlines() or [""])[0][:160]
-                return f"{name}: the paged KV path fails on a probe ({type(exc).__name__}: {first})"
-            err = scale = 0.0
-            try:
-                _set_attention(model, own)
-                for s, length, logits in got:
-                    ref = model(input_ids=torch.tensor([paths[s][:length]], device=param.device),
-                                use_cache=False).logits[0, length - logits.shape[0]: length].float()
-                    err = max(err, float((logits.float() - ref).abs().max()))
-                    scale = max(scale, float(ref.abs().max()))
-            except Exception as exc:  # no reference, no proof: refuse
-                first = (str(exc).strip().splitlines() or [""])[0][:160]
-                return f"{name}: the model's own cache-free forward fails on a probe ({type(exc).__name__}: {first})"
-        tol = _TOLERANCE.get(param.dtype, 5e-2) * max(scale, 1e-6)
-        if not math.isfinite(err) or err > tol:
-            return (f"{name}: the paged KV path does not reproduce the model's own logits "
-                    f"(max error {err:.3g} > tolerance {tol:.3g})")
-        passed = True
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            _set_attention(model, ATTN_IMPLEMENTATION if passed else own)
+    with _small_windows(model, _PROBE_WINDOW):
+        try:
+            cache = PagedKVCache(kv_spec_of(model.config), num_blocks=32, block_size=4,
+                                 dtype=param.dtype, device=param.device)
+            a, b = _probe_tokens(model, g, 7), _probe_tokens(model, g, 5)
+            sa, _ = cache.new_sequence(a)
+            sb, _ = cache.new_sequence(b)
+            paths = {sa: list(a), sb: list(b)}
+            out = cache.forward(model, [sa, sb], [a, b], logits="all")
+            got += [(sa, 7, out[0, :7]), (sb, 5, out[1, :5])]
+            kids = [int(k) for k in cache.fork(sa, 2)]
+            rows = [kids[0], kids[1], sb]
+            for chunk, mode in (((1, 1, 1), "last"), ((3, 1, 2), "all")):
+                new = [_probe_tokens(model, g, n) for n in chunk]
+                for s, t in zip(rows, new):
+                    paths[s] = paths.get(s, paths[sa]) + t
+                out = cache.forward(model, rows, new, logits=mode)
+                for i, (s, n) in enumerate(zip(rows, chunk)):
+                    got.append((s, len(paths[s]), out[i][None] if mode == "last" else out[i, :n]))
+        except Exception as exc:  # any failure of the paged path is a refusal
+            return f"{name}: the paged KV path fails on a probe ({_first_line(exc)})"
+        err = scale = 0.0
+        try:
+            _set_attention(model, own)
+            for s, length, logits in got:
+                ref = model(input_ids=torch.tensor([paths[s][:length]], device=param.device),
+                            use_cache=False).logits[0, length - logits.shape[0]: length].float()
+                err = max(err, float((logits.float() - ref).abs().max()))
+                scale = max(scale, float(ref.abs().max()))
+        except Exception as exc:  # no reference, no proof: refuse
+            return f"{name}: the model's own cache-free forward fails on a probe ({_first_line(exc)})"
+    tol = _TOLERANCE.get(param.dtype, 5e-2) * max(scale, 1e-6)
+    if not math.isfinite(err) or err > tol:
+        return (f"{name}: the paged KV path does not reproduce the model's own logits "
+                f"(max error {err:.3g} > tolerance {tol:.3g})")
+    return None
+
+
+def paged_mode(model: torch.nn.Module) -> str:
+    """How ``model`` runs on :class:`PagedKVCache`: ``"pool"`` (the ``ponder_paged`` attention
+    reads the pool) or ``"gathered"`` (the self-check found the model exact only on its own
+    attention over the K/V ``update`` returns, :meth:`PagedBatch.gathered`). A model never
+    probed (``self_check=False``) is ``"pool"``."""
+    return "gathered" if model in _GATHERED else "pool"
 
 
 def use_paged_attention(model: torch.nn.Module) -> None:
