@@ -22,9 +22,13 @@ Memory: the sequential run records each request's peak KV blocks (policy, PRM) w
 alone; their sum is what the workload needs at once (every request live together). The engine
 runs first with large pools (``--pool-tokens``), then again with pools of a quarter of that need
 (``--pool-fraction``; never below the largest request's own peak, which nothing could fit), where admission control and preemption must keep every request from
-failing: ``preemptions`` and ``kv_full_errors`` (requests that failed with ``KVCacheFull``) come
-from that run. ``same_answers``: the fraction of requests whose engine answer equals their
-sequential answer (per-request random streams: equal up to batch-composition numerics).
+failing: ``preemptions``, ``resumed`` (preempted requests readmitted with their tree),
+``reprefill_tokens`` (tokens the models ran to rebuild them: only what the prefix index had
+lost), ``kv_full_errors`` (requests that failed with ``KVCacheFull``) and
+``throughput_quarter_pool_over_sequential`` come from that run. ``same_answers``
+(``same_answers_quarter_pool``): the fraction of requests whose engine answer (in the quarter
+pool) equals their sequential answer (per-request random streams: equal up to
+batch-composition numerics).
 
 ``--json`` prints one JSON object; ``--quick`` runs a reduced version (under ~60 s).
 """
@@ -191,6 +195,8 @@ def run_engine(policy, prm, arrivals, problems, configs, name="engine"):
         "mean_prm_batch": st["mean_prm_batch"],
         "steps": st["steps"],
         "preemptions": st["preemptions"],
+        "resumed": st["resumed"],
+        "reprefill_tokens": st["tokens_reprefilled"],
         "kv_full_errors": kv_full,
         "peak_policy_blocks": peak["policy"],
         "peak_prm_blocks": peak["prm"],
@@ -241,7 +247,7 @@ def main(argv=None) -> int:
     small = {k: max(1, int(v * args.pool_fraction), largest[k]) for k, v in need.items()}
     set_pool(policy, small["policy"] * policy.kv.block_size)
     set_pool(prm, small["prm"] * prm.kv.block_size)
-    tight, _ = run_engine(policy, prm, arrivals, problems, configs, name="engine_quarter_pool")
+    tight, tight_answers = run_engine(policy, prm, arrivals, problems, configs, name="engine_quarter_pool")
     set_pool(policy, big)
     set_pool(prm, big)
 
@@ -260,15 +266,20 @@ def main(argv=None) -> int:
         "blocks_needed_at_once": need,
         "largest_request_blocks": largest,
         "preemptions": tight["preemptions"],
+        "resumed": tight["resumed"],
+        "reprefill_tokens": tight["reprefill_tokens"],
         "kv_full_errors": tight["kv_full_errors"],
+        "throughput_quarter_pool_over_sequential": tight["requests_per_s"] / seq["requests_per_s"],
         "same_answers": float(np.mean([a == b for a, b in zip(seq_answers, eng_answers)])),
+        "same_answers_quarter_pool": float(np.mean([a == b for a, b in zip(seq_answers, tight_answers)])),
         "goal_throughput_over_sequential": GOAL_THROUGHPUT,
     }
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
     print(f"{num} requests, n in {ns}, Poisson rate {args.rate}/s; models loaded in {load_s:.1f} s")
-    cols = ["requests_per_s", "policy_tokens_per_s", "p50_latency_s", "p99_latency_s", "mean_policy_batch", "mean_prm_batch", "preemptions", "kv_full_errors"]
+    cols = ["requests_per_s", "policy_tokens_per_s", "p50_latency_s", "p99_latency_s", "mean_policy_batch", "mean_prm_batch", "preemptions",
+            "reprefill_tokens", "kv_full_errors"]
     print("| run | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for r in out["runs"]:
@@ -277,8 +288,10 @@ def main(argv=None) -> int:
     print(f"throughput over sequential: {out['throughput_over_sequential']:.2f}x (goal >= {GOAL_THROUGHPUT}x); "
           f"over static: {out['throughput_over_static']:.2f}x")
     print(f"p99 latency: engine {out['p99_latency_s']:.2f} s, sequential {out['p99_latency_sequential_s']:.2f} s")
-    print(f"quarter pool ({small} blocks of {need} needed at once; largest request {largest}): {out['preemptions']} preemptions, "
-          f"{out['kv_full_errors']} KVCacheFull errors; same answers as sequential: {out['same_answers']:.0%}")
+    print(f"quarter pool ({small} blocks of {need} needed at once; largest request {largest}): {out['preemptions']} preemptions "
+          f"({out['resumed']} resumed with their tree, {out['reprefill_tokens']} tokens re-prefilled), "
+          f"{out['kv_full_errors']} KVCacheFull errors, {out['throughput_quarter_pool_over_sequential']:.2f}x sequential; "
+          f"same answers as sequential: {out['same_answers']:.0%} (quarter pool {out['same_answers_quarter_pool']:.0%})")
     return 0
 
 

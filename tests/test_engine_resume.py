@@ -166,3 +166,31 @@ def test_restore_that_does_not_fit_holds_nothing(models):
     with pytest.raises(KVCacheFull):
         policy.restore([1], [long])
     assert 1 not in policy._nodes and policy.kv_free_blocks() == free
+
+
+class FlakyPRM(HFPRM):
+    """HFPRM whose ``score_steps`` call number ``fail_at`` raises ``KVCacheFull`` (nothing made),
+    after the policy has sampled the step: the engine must rewind the searches' streams."""
+
+    fail_at = 2
+
+    def score_steps(self, *a, **kw):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.fail_at:
+            raise KVCacheFull("injected: the PRM pool is full")
+        return super().score_steps(*a, **kw)
+
+
+def test_kv_full_after_sampling_rewinds_the_streams(models):
+    """A step that fails at the PRM after sampling is retried with every search's stream where
+    it was before the step: the preempted search and the one retried alone both end as alone."""
+    policy, prm = _models(models)
+    problems = [("What is 2 + 3?", _cfg("beam_search", 1)), ("Compute 4 * 6 - 5.", _cfg("beam_search", 2))]
+    want = [rounded(Engine(policy, prm).submit(q, c).result()) for q, c in problems]
+    flaky = FlakyPRM(models["prm"], kv_budget=4096, block_size=4)
+    engine = Engine(policy, flaky)
+    handles = [engine.submit(q, c) for q, c in problems]
+    engine.run_until_done()
+    st = engine.stats()
+    assert st["kv_full_caught"] == st["preemptions"] == st["resumed"] == 1
+    assert [rounded(h.result()) for h in handles] == want

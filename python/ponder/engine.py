@@ -406,6 +406,8 @@ class Engine:
         spent = [(r.search, r.search.generated, r.search.prm_scored) for r, _ in owners]
         batch = tree.expand(wants)
         stage = "sample"
+        save = getattr(self.policy, "stream_states", None)
+        streams = save(list(dict.fromkeys(r.search.stream for r, _ in owners))) if tree.seeded and callable(save) else None
         try:
             tree.sample(batch)
             tree.look_ahead(batch)
@@ -422,6 +424,8 @@ class Engine:
                 self._release_quietly(self.prm, batch.children.tolist())
             for search, gen, scored in spent:
                 search.generated, search.prm_scored = gen, scored
+            if streams is not None:  # the retried step samples the same steps
+                self.policy.set_stream_states(streams)
             raise
         except BaseException as exc:
             for r, _ in owners:

@@ -130,6 +130,21 @@ class SeededPolicy(Protocol):
 
 
 @runtime_checkable
+class StreamRewind(Protocol):
+    """Optional for a ``SeededPolicy`` whose streams keep state: ``ponder.Engine`` saves the
+    streams of a step's searches before sampling and rewinds them when a later stage of the
+    step (lookahead, scoring) raises ``KVCacheFull``, so the retried step draws the same steps."""
+
+    def stream_states(self, stream_ids: Sequence[int]) -> dict:
+        """stream id -> an opaque copy of where the stream is now (None: not created yet)."""
+        ...
+
+    def set_stream_states(self, states: dict) -> None:
+        """Put streams back where ``stream_states`` found them (None: forget the stream)."""
+        ...
+
+
+@runtime_checkable
 class KVCapacity(Protocol):
     """Optional for a policy or a PRM with a KV pool: what ``ponder.Engine`` admits by."""
 

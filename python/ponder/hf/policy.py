@@ -241,6 +241,24 @@ class HFPolicy:
                 g.set_state(state)
             raise
 
+    def stream_states(self, stream_ids: Sequence[int]) -> dict[int, torch.Tensor | None]:
+        """:meth:`ponder.protocols.StreamRewind.stream_states`: each stream's generator state
+        (None: not created yet)."""
+        out: dict[int, torch.Tensor | None] = {}
+        for sid in stream_ids:
+            g = self._streams.get(int(sid))
+            out[int(sid)] = None if g is None else g.get_state()
+        return out
+
+    def set_stream_states(self, states: dict[int, torch.Tensor | None]) -> None:
+        """:meth:`ponder.protocols.StreamRewind.set_stream_states`: rewind each stream to a state
+        of :meth:`stream_states` (None: forget it, it starts again from its seed)."""
+        for sid, state in states.items():
+            if state is None:
+                self._streams.pop(int(sid), None)
+            elif int(sid) in self._streams:
+                self._streams[int(sid)].set_state(state)
+
     def restore(self, node_ids: Sequence[int], paths: Sequence[NodePath]) -> int:
         """:meth:`ponder.protocols.Resumable.restore`: one sequence per node over its path's
         token ids (prompt + steps: exact), computing each distinct path once and only past its
