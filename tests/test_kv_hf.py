@@ -191,8 +191,7 @@ def test_unsupported_layouts_are_rejected_with_a_clear_error():
         pkv.kv_spec_of(cfg)
     cfg = transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
                                     attention_types=[[["global", "local"], 1]])
-    with pytest.raises(ValueError, match="local-attention"):
-        pkv.kv_spec_of(cfg)
+    assert pkv.kv_spec_of(cfg).num_layers == 2  # local layers: the gathered layout applies them
 
 
 def test_sliding_window_is_applied_from_the_pool():
@@ -231,18 +230,44 @@ def _tiny(cls_name, **extra):
     return model
 
 
+@pytest.fixture
+def refuse_diffllama(monkeypatch):
+    """DiffLlama refused by the self-check (it runs exactly on the gathered layout, so the
+    fallback tests force its refusal); every other model is probed as usual."""
+    probe = pkv._probe_run
+
+    def refusing(model, own, *, gathered):
+        if type(model).__name__ == "DiffLlamaForCausalLM":
+            return "DiffLlamaForCausalLM: refused for this test"
+        return probe(model, own, gathered=gathered)
+
+    monkeypatch.setattr(pkv, "_probe_run", refusing)
+
+
 @pytest.mark.parametrize("arch", ["DiffLlamaForCausalLM", "JetMoeForCausalLM", "DogeForCausalLM"])
-def test_self_check_refuses_models_the_pool_would_get_wrong(arch):
-    """These models change K/V after cache.update; the paged attention would read the pool and
-    be wrong by O(1). for_model refuses them naming the class; self_check=False trusts it."""
+def test_models_the_pool_would_get_wrong_run_on_the_gathered_layout(arch):
+    """These models change K/V or the mask after cache.update; the ponder_paged attention reads
+    the pool and would be wrong by O(1). The self-check refuses the pool layout and puts them
+    on the gathered layout (their own attention over the K/V update returns), where a prefill,
+    forks and uneven steps equal their cache-free forward."""
     model = _tiny(arch)
-    reason = pkv.paged_refusal(model)
-    assert reason is not None and reason.startswith(arch) and "\n" not in reason
-    with pytest.raises(ValueError, match=f"^{arch}: .*kv_fallback.cache_for_model"):
-        pkv.PagedKVCache.for_model(model, num_blocks=8)
-    assert pkv.PagedKVCache.for_model(model, num_blocks=8, self_check=False).num_blocks == 8
-    # the refused model is back on its own attention: its plain forward is unchanged
-    assert model.config._attn_implementation != pkv.ATTN_IMPLEMENTATION
+    assert pkv._probe_run(model, pkv._own_attention(model), gathered=False) is not None
+    assert pkv.paged_refusal(model) is None and pkv.paged_mode(model) == "gathered"
+    assert model.config._attn_implementation != pkv.ATTN_IMPLEMENTATION  # it runs on its own attention
+    kv = pkv.PagedKVCache.for_model(model, block_size=4, num_blocks=64)
+    rng = np.random.default_rng(4)
+    prompt = rng_tokens(rng, 9)
+    seq, _ = kv.new_sequence(prompt)
+    torch.testing.assert_close(kv.forward(model, [seq], [prompt], logits="all")[0], full_logits(model, prompt),
+                               atol=1e-4, rtol=0)
+    kids = [int(k) for k in kv.fork(seq, 2)]
+    paths = {k: list(prompt) for k in kids}
+    for chunk in ((3, 1), (1, 1), (2, 5)):
+        new = [rng_tokens(rng, n) for n in chunk]
+        got = kv.forward(model, kids, new, logits="all")
+        for i, (k, t) in enumerate(zip(kids, new)):
+            paths[k] += t
+            torch.testing.assert_close(got[i, : len(t)], full_logits(model, paths[k])[-len(t):], atol=1e-4, rtol=0)
 
 
 def test_self_check_turns_paged_path_exceptions_into_refusals(monkeypatch):
@@ -253,15 +278,16 @@ def test_self_check_turns_paged_path_exceptions_into_refusals(monkeypatch):
 
     monkeypatch.setattr(pkv.PagedKVCache, "update", broken)
     reason = pkv.paged_refusal(model)
-    assert reason == "LlamaForCausalLM: the paged KV path fails on a probe (RuntimeError: boom in the paged path)"
+    assert reason == ("LlamaForCausalLM: the paged KV path fails on a probe (RuntimeError: boom in the paged path); "
+                      "on the gathered layout: fails on a probe (RuntimeError: boom in the paged path)")
     assert pkv.paged_refusal(model) is reason  # once per model
 
 
-def test_cache_for_model_falls_back_once_with_a_warning_and_stays_exact():
+def test_cache_for_model_falls_back_once_with_a_warning_and_stays_exact(refuse_diffllama):
     from ponder.hf.kv_fallback import FallbackKVCache, cache_for_model
 
     model = _tiny("DiffLlamaForCausalLM")
-    with pytest.warns(RuntimeWarning, match="DiffLlamaForCausalLM: the paged KV path does not reproduce"):
+    with pytest.warns(RuntimeWarning, match="DiffLlamaForCausalLM: refused for this test"):
         kv = cache_for_model(model, block_size=4, token_budget=64)
     assert isinstance(kv, FallbackKVCache) and kv.mode == "cache"
     st = kv.stats()
@@ -303,7 +329,7 @@ def _save_with_tokenizer(path, arch, seed=0):
     return path, tok
 
 
-def test_policy_on_a_refused_model_searches_exactly_on_the_fallback(tmp_path):
+def test_policy_on_a_refused_model_searches_exactly_on_the_fallback(tmp_path, refuse_diffllama):
     """HFPolicy on DiffLlama: greedy steps (forks, decode, rollout) equal the argmax of the
     model's cache-free forward over each path, and stats() reports the fallback."""
     from ponder.hf.policy import HFPolicy
@@ -336,7 +362,7 @@ def test_policy_on_a_refused_model_searches_exactly_on_the_fallback(tmp_path):
     assert pol.stats()["kv_blocks_in_use"] == 0
 
 
-def test_prms_on_refused_models_score_exactly_on_the_fallback(tmp_path):
+def test_prms_on_refused_models_score_exactly_on_the_fallback(tmp_path, refuse_diffllama):
     """A math-shepherd PRM that is a DiffLlama, and an implicit PRM whose model is a DiffLlama
     over a Llama reference (the companion goes to the fallback with it): scores equal the
     published full-path usage."""
@@ -434,21 +460,23 @@ def test_companion_cache_runs_a_second_model_over_the_same_sequences(model_dir):
         pkv.PagedKVCache(pkv.kv_spec_of(other.config), num_blocks=8, block_size=4, manager=kv.manager)
 
 
-def test_gpt_neo_loads_as_ponder_paged_and_is_refused_not_wrong(tmp_path):
+def test_gpt_neo_loads_as_ponder_paged_and_runs_its_local_layers_on_the_gathered_layout(tmp_path):
     """GPT-Neo picks its attention class by name (a KeyError for ponder_paged before): it loads,
-    the self-check refuses it (local layers; its eager attention ignores the pool) and the
-    fallback reproduces its own logits."""
-    from ponder.hf.kv_fallback import FallbackKVCache, cache_for_model
+    and its local layers (a window built into a buffer at init, which neither ponder_paged nor
+    the probe can shrink) put it on the gathered layout, where prompts and chunks longer than
+    the window reproduce its own logits."""
+    from ponder.hf.kv_fallback import cache_for_model
 
     torch.manual_seed(0)
     cfg = transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, window_size=4,
                                     attention_types=[[["global", "local"], 1]], max_position_embeddings=128)
     transformers.GPTNeoForCausalLM(cfg).save_pretrained(tmp_path)
     model = load(tmp_path)
-    assert "local-attention" in pkv.paged_refusal(model)
-    with pytest.warns(RuntimeWarning, match="GPTNeoForCausalLM"):
+    assert pkv.paged_refusal(model) is None and pkv.paged_mode(model) == "gathered"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         kv = cache_for_model(model, block_size=4, token_budget=64)
-    assert isinstance(kv, FallbackKVCache)
+    assert isinstance(kv, pkv.PagedKVCache)
     rng = np.random.default_rng(2)
     prompt = rng_tokens(rng, 9)
     seq, _ = kv.new_sequence(prompt)

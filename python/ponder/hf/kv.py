@@ -702,6 +702,10 @@ def _own_attention(model: torch.nn.Module) -> str:
 def _set_attention(model: torch.nn.Module, impl: str) -> None:
     if getattr(model.config, "_attn_implementation", None) != impl:
         model.set_attn_implementation(impl)
+    if impl != ATTN_IMPLEMENTATION and getattr(model.config, "_attn_implementation", impl) != impl:
+        # A model that cannot switch (GPT-Neo picks its attention classes at init and ignores the
+        # call) still builds its masks for the implementation its config names: name its own.
+        model.config._attn_implementation = impl
 
 
 # Window sizes a short probe would never reach: sliding windows, Doge's dynamic-mask window.
@@ -771,7 +775,7 @@ def _probe(model: torch.nn.Module) -> str | None:
         if gathered is None:
             return None
         del _GATHERED[model]
-        return f"{pool}; with its own attention on the gathered K/V: {gathered[len(name) + 2:]}"
+        return f"{pool}; on the gathered layout: {gathered[len(name) + 2:].removeprefix('the paged KV path ')}"
     finally:
         with contextlib.suppress(Exception):
             _set_attention(model, ATTN_IMPLEMENTATION if passed else own)
