@@ -32,7 +32,7 @@ EXPECTED = {
                              "best_of_n_wall_over_baseline", "beam_search_wall_over_baseline"}),
     "bench_verifier.py": ([], {"levels", "n", "temperature", "seconds"}),
     "bench_engine.py": ([], {"throughput_over_sequential", "throughput_over_static", "p99_latency_s",
-                             "p99_latency_sequential_s", "preemptions", "kv_full_errors"}),
+                             "p99_latency_sequential_s", "preemptions", "kv_full_errors", "reprefill_tokens"}),
     "bench_adaptive.py": ([], {"auto_tokens_to_match_best16_ratio", "auto_gain_at_n16_tokens", "early_stop_token_ratio",
                                "early_stop_accuracy_delta"}),
     "bench_serve.py": ([], {"throughput_32_over_1", "errors", "kv_blocks_leaked", "p99_latency_s"}),
