@@ -18,6 +18,12 @@ How a Hugging Face model runs on it, through transformers' own extension points 
   sequence adds one token; gather + SDPA for multi-token chunks); without one it is plain SDPA,
   so the model still works everywhere else.
 
+That is the *pool* layout. A model the load-time self-check finds wrong on it (attention in its
+own code: BLOOM's and MPT's ALiBi, GPT-Neo's local layers; K/V or masks changed after
+``update``) is tried on the *gathered* layout (:meth:`PagedBatch.gathered`): ``update`` returns
+each row's whole K/V read from the pool, left-padded like transformers' own padded batches, and
+the model runs on its own attention and builds its own masks (:func:`paged_mode` says which).
+
 Typical use::
 
     kv = PagedKVCache.for_model(model, token_budget=65536)
