@@ -194,3 +194,20 @@ def test_kv_full_after_sampling_rewinds_the_streams(models):
     st = engine.stats()
     assert st["kv_full_caught"] == st["preemptions"] == st["resumed"] == 1
     assert [rounded(h.result()) for h in handles] == want
+
+
+def test_openai_policy_restore_rebuilds_the_paths_it_would_send():
+    from ponder.openai_policy import OpenAIPolicy
+
+    policy = OpenAIPolicy("http://127.0.0.1:9/v1", "builtin:policy-small", api_key="test", client=object())
+    (prompt,) = policy.start([0], ["Compute 1 + 2."])
+    step_tokens = policy.tokenizer.encode("Step 1\n\n", add_special_tokens=False)
+    paths = [NodePath("Compute 1 + 2.", tuple(prompt), ()),
+             NodePath("Compute 1 + 2.", tuple(prompt + step_tokens), ("Step 1\n\n",))]
+    assert policy.restore([5, 6], paths) == 0
+    assert (policy._nodes[5].tokens, policy._nodes[5].text) == (policy._nodes[0].tokens, policy._nodes[0].text)
+    assert policy._nodes[6].tokens == prompt + step_tokens
+    assert policy._nodes[6].text == policy._nodes[0].text + "Step 1\n\n"
+    with pytest.raises(ValueError, match="already held"):
+        policy.restore([6], paths[1:])
+    assert isinstance(policy, Resumable)

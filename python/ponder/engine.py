@@ -351,8 +351,8 @@ class Engine:
                 return new[:k]
             except BaseException as exc:
                 self._fail(r, exc)
-                with self._lock:
-                    self._queue[:0] = new[k + 1 :]
+                with self._lock:  # the others wait: fresh ones of new[:k] were not started yet
+                    self._queue[:0] = [x for x in new[:k] if x.method is None] + new[k + 1 :]
                 raise
             self._counters["resumed"] += 1
             self._counters["tokens_reprefilled"] += ran

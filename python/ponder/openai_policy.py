@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .protocols import SamplingParams, Step, check_node_ids, check_sampling_params
+from .protocols import NodePath, SamplingParams, Step, check_node_ids, check_restore_args, check_sampling_params
 
 __all__ = ["LocalVLLMServer", "OpenAIPolicy", "RemotePolicyError", "derive_seed"]
 
@@ -298,6 +298,22 @@ class OpenAIPolicy:
         with self._lock:
             for n in node_ids:
                 self._nodes.pop(int(n), None)
+
+    def restore(self, node_ids: Sequence[int], paths: Sequence[NodePath]) -> int:
+        """:meth:`ponder.protocols.Resumable.restore`: remember each node's path again (token ids
+        as given; text = the prompt as :meth:`start` spells it + the steps). Nothing is sent;
+        returns 0. ValueError / TypeError as :func:`ponder.protocols.check_restore_args`."""
+        node_ids = [int(x) for x in node_ids]
+        check_restore_args((), "policy", node_ids, paths)  # lengths, types, repeats
+        nodes = []
+        for p in paths:
+            prompt = self.tokenizer.decode(self.prompt_tokens(p.problem), skip_special_tokens=False)
+            nodes.append(_Node(list(p.tokens), prompt + "".join(p.steps)))
+        with self._lock:
+            check_restore_args(self._nodes, "policy", node_ids, paths)
+            for x, node in zip(node_ids, nodes):
+                self._nodes[x] = node
+        return 0
 
     def stats(self) -> dict[str, int]:
         """Counters, from the servers' ``usage``: tokens_generated (completion tokens, rollouts
