@@ -787,6 +787,7 @@ def _probe(model: torch.nn.Module) -> str | None:
             _set_attention(model, ATTN_IMPLEMENTATION if passed else own)
 
 
+@torch.inference_mode()
 def _probe_run(model: torch.nn.Module, own: str, *, gathered: bool) -> str | None:
     name = type(model).__name__
     param = next(model.parameters())
