@@ -211,3 +211,59 @@ def test_openai_policy_restore_rebuilds_the_paths_it_would_send():
     with pytest.raises(ValueError, match="already held"):
         policy.restore([6], paths[1:])
     assert isinstance(policy, Resumable)
+
+
+# ----------------------------------------------------------------------------- scripted: restore that fails
+
+
+def _scripted_pair(fail_restores):
+    from ponder.testing.scripted import ScriptedPRM, SeededScriptedPolicy
+
+    class Policy(SeededScriptedPolicy):
+        failures = fail_restores
+
+        def restore(self, node_ids, paths):
+            if self.failures:
+                self.failures -= 1
+                raise KVCacheFull("injected: no room to rebuild")
+            return super().restore(node_ids, paths)
+
+    return Policy(), ScriptedPRM()
+
+
+def test_a_restore_that_does_not_fit_waits_then_resumes():
+    from ponder.testing.scripted import search_alone
+
+    cfgs = [("alpha", _config(method="beam_search", n=4, beam_width=2, seed=1)),
+            ("beta", _config(method="dvts", n=4, beam_width=2, seed=2))]
+    policy, prm = _scripted_pair(1)
+    engine = Engine(policy, prm)
+    handles = [engine.submit(p, c) for p, c in cfgs]
+    engine.step()
+    assert engine._preempt_latest()
+    engine._hold = False
+    engine.step()  # the restore fails: it waits at the head of the queue, the other goes on
+    st = engine.stats()
+    assert (st["live"], st["queued"], st["kv_full_caught"], st["resumed"]) == (1, 1, 1, 0)
+    engine.run_until_done()
+    assert engine.stats()["resumed"] == 1 and engine.stats()["kv_full_errors"] == 0
+    assert [signature(h.result()) for h in handles] == [signature(search_alone(p, c)) for p, c in cfgs]
+    assert policy.released == set(policy.paths) and prm.released == set(prm.paths)
+
+
+def test_a_restore_that_does_not_fit_alone_fails_that_search_only():
+    cfgs = [("alpha", _config(method="beam_search", n=4, beam_width=2, seed=1)),
+            ("beta", _config(method="dvts", n=4, beam_width=2, seed=2))]
+    policy, prm = _scripted_pair(10**6)
+    engine = Engine(policy, prm)
+    a, b = (engine.submit(p, c) for p, c in cfgs)
+    engine.step()
+    assert engine._preempt_latest()
+    engine.run_until_done()
+    assert a.result().stopped is None
+    with pytest.raises(KVCacheFull, match="injected"):
+        b.result()
+    st = engine.stats()
+    assert st["kv_full_errors"] == 1 and st["finished"] == 1
+    assert engine.tree.forest.stats()["live_nodes"] == 0 and not engine.tree.nodes
+    assert policy.released == set(policy.paths) and prm.released == set(prm.paths)
