@@ -374,10 +374,11 @@ class Engine:
         return True
 
     def _resume_blocks(self, model, search: Search) -> int:
-        """KV blocks a suspended search's restore takes at most (no prefix block survived)
-        plus one per node it holds (its next step's block)."""
+        """KV blocks a suspended search's restore takes in ``model``, estimated from the policy's
+        tokens of its paths (shared prefixes once; no prefix block assumed to survive), plus
+        one per node the model will hold (its next step's block)."""
         block = int(getattr(model, "kv_block_size", 16) or 16)
-        held = len(search.suspended[0]) if search.suspended is not None else 0
+        held = len(search.suspended[1 if model is self.prm else 0]) if search.suspended is not None else 0
         return -(-self.tree.suspended_tokens(search) // block) + held
 
     def _apply_limits(self) -> None:
