@@ -1,6 +1,6 @@
 """Control-plane benchmark: ``ponder._core.Forest`` (C++) against ``ponder.twins.Forest``.
 
-Run as ``python benchmarks/bench_core.py``.
+Run as ``python benchmarks/bench_core.py`` (or ``ponder bench core`` from a source checkout).
 
 What is measured
 ----------------

@@ -269,18 +269,18 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"ponder {__version__}"
 
 
-@pytest.mark.parametrize("command", ["toy"])
+@pytest.mark.parametrize("command", ["bench", "toy"])
 def test_a_command_without_subcommand_prints_its_help(capsys, command):
     assert _main([command]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"usage: ponder {command}") and "train" in out
+    assert out.startswith(f"usage: ponder {command}") and ("core" if command == "bench" else "train") in out
 
 
 RST = re.compile(r"`|:(func|class|meth|data|mod|attr):")  # RST literals, roles, interpreted text
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["toy", "--help"],
-                                  ["toy", "train", "--help"], ["info", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["bench", "--help"], ["toy", "--help"],
+                                  ["toy", "train", "--help"], ["bench", "core", "--help"], ["info", "--help"]])
 def test_help_texts_have_no_rst_markup(capsys, argv):
     assert _main(argv) == 0
     out = capsys.readouterr().out
@@ -474,3 +474,14 @@ def test_search_option_mistakes_name_the_option(tmp_path, models, capsys):
         assert _main(_args(tmp_path, "--methods", "beam_search", "--n", "4", *extra)) == 2
         assert message in _error_of(capsys), extra
     assert models == [] and not (tmp_path / "out").exists()
+
+
+def test_bench_core_without_a_source_checkout(monkeypatch, tmp_path, capsys):
+    """An installed ponder has no benchmarks/: `ponder bench core --help` says where the benchmark
+    is (exit 0), `ponder bench core` refuses in one line (exit 2)."""
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "ponder" / "cli.py"))
+    assert _main(["bench", "core", "--help"]) == 0
+    assert "source checkout" in capsys.readouterr().out
+    assert _main(["bench", "core"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bench_core.py" in err

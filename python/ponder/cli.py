@@ -3,6 +3,7 @@
     ponder run            evaluate search methods on a dataset (accuracy vs test-time compute);
                           with no arguments: the built-in models on builtin:arith, on CPU
     ponder toy train      retrain the built-in models from a seed
+    ponder bench core     C++ core vs the pure-Python reference on beam-search/DVTS workloads
     ponder info           what the extension was built with and whether CUDA kernels can run
 """
 
@@ -23,6 +24,29 @@ def _info(_args: argparse.Namespace) -> int:
     info["cuda_available"] = cuda_available()
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _bench_core(args: argparse.Namespace) -> int:
+    """`ponder bench core`: benchmarks/control_plane.py of the source checkout ponder is
+    installed from (editable); an installed wheel has no benchmarks/ and says so (exit 2)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "control_plane.py"
+    if not path.is_file():
+        if {"-h", "--help"} & set(args.rest):
+            print("usage: ponder bench core [options]\n\nThe control-plane benchmark (C++ core vs the "
+                  "pure-Python twin) runs from a source checkout\n(benchmarks/control_plane.py); this ponder "
+                  "is installed without one: run\npython benchmarks/bench_core.py --help in a checkout.")
+            return 0
+        print("ponder bench core: the benchmark is not part of an installed ponder; "
+              "run python benchmarks/bench_core.py in a source checkout", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("control_plane", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("control_plane", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.main(args.rest, prog="ponder bench core")
 
 
 DEFAULT_POLICY = "builtin:policy-small"
@@ -71,7 +95,7 @@ Methods: greedy (one completion at temperature 0, run once as n=1), majority,
 best_of_n, weighted_best_of_n, beam_search, dvts, particle_filtering, rebase, auto.
 greedy and majority need no PRM.
 --reference-policy adds a second policy's greedy accuracy to the table (rows labelled with
-that policy).
+that policy). The control-plane benchmark is: ponder bench core.
 """
 
 
@@ -699,6 +723,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("rest", nargs=argparse.REMAINDER, help="see: ponder run --help")
     run.set_defaults(func=lambda a: _run(a.rest))
 
+    bench = sub.add_parser("bench", help="benchmarks (ponder bench core)", description="Benchmarks.")
+    bench_sub = bench.add_subparsers(dest="which")
+    core = bench_sub.add_parser("core", help="control plane: C++ core vs pure-Python reference", add_help=False)
+    core.add_argument("rest", nargs=argparse.REMAINDER, help="see: ponder bench core --help")
+    core.set_defaults(func=_bench_core)
+    bench.set_defaults(func=lambda _a: _print_help(bench))
 
     toy = sub.add_parser("toy", help="the built-in task and models (ponder toy train)",
                          description="The built-in task (builtin:arith) and its models.")
@@ -732,9 +762,11 @@ def main(argv: list[str] | None = None) -> int:
     line, one line on stderr; 130 interrupted with Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        # `run` and `toy train` hand every later option to their own parser.
+        # `run`, `bench core` and `toy train` hand every later option to their own parser.
         if argv[:1] == ["run"]:
             return _run(argv[1:])
+        if argv[:2] == ["bench", "core"]:
+            return _bench_core(argparse.Namespace(rest=argv[2:]))
         if argv[:2] == ["toy", "train"]:
             return _toy_train(argparse.Namespace(rest=argv[2:]))
         if argv[:1] == ["calibrate"]:  # ponder calibrate: python/ponder/calibrate.py
