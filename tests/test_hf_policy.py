@@ -160,3 +160,24 @@ def test_policy_rejects_bad_calls(dirs):
     with pytest.raises(ValueError, match="already held"):
         pol.start([0], QUESTIONS[:1])
     assert pol.sample_steps([0], [1], p)[0].tokens  # still usable
+
+
+def test_builtin_policy_warns_once_on_problems_it_cannot_read():
+    """The shipped policies only understand builtin:arith's "Compute <expression>." problems:
+    HFPolicy warns once (per policy) when given others, never on that form or on a user model."""
+    import warnings
+
+    from ponder.toy.builtin import is_builtin_model, resolve_model, unlike_builtin_problems
+
+    assert is_builtin_model(resolve_model("builtin:policy-small")) and not is_builtin_model("/tmp/some-model")
+    assert unlike_builtin_problems(["Compute (2 + 3) * 4.", "What is 2 + 2?"]) == ["What is 2 + 2?"]
+    policy = HFPolicy("builtin:policy-small", device="cpu")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        policy.start([0], ["Compute 7 - 5."])
+        assert not [w for w in seen if "only understands" in str(w.message)]
+        policy.start([1, 2], ["What is 2 + 2?", "Name a prime."])
+        policy.start([3], ["What is 3 + 3?"])
+    said = [w for w in seen if "only understands" in str(w.message)]
+    assert len(said) == 1 and "What is 2 + 2?" in str(said[0].message)
+    policy.release([0, 1, 2, 3])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from .toy import arith as _arith
 
@@ -62,7 +63,6 @@ DEFAULT_PER_LEVEL = _arith.DEFAULT_PER_LEVEL
 # tokens (the engine admits a batch's searches as the pool frees blocks)
 KV_POOL_CAP = 32768
 #: what the built-in policies were trained on (builtin:arith's problems)
-BUILTIN_PROBLEM_FORM = r"Compute [-+*() 0-9]+\."
 
 
 def _toy_train(args: argparse.Namespace) -> int:
@@ -449,16 +449,17 @@ def _quiet_loading() -> None:
 
 def _warn_builtin_policy(args: argparse.Namespace, problems: list) -> None:
     """Once: a built-in policy on problems not of the form it was trained on."""
-    import re
+    from .toy.builtin import unlike_builtin_problems
 
     builtin = [args.labels[a] for a in ("policy", "reference_policy") if str(args.labels.get(a, "")).startswith("builtin:")]
     if not builtin:
         return
-    odd = [p for p in problems if not re.fullmatch(BUILTIN_PROBLEM_FORM, p.problem.strip())]
-    if odd:
+    odd = unlike_builtin_problems([p.problem for p in problems])
+    if odd:  # said here with the CLI's options; HFPolicy's own warning would repeat it
+        warnings.filterwarnings("ignore", message="HFPolicy: the built-in policy only understands")
         print(f"ponder run: warning: {builtin[0]} only understands problems of the form \"Compute <expression>.\" "
               f"({DEFAULT_DATASET}); {len(odd)} of {len(problems)} problems of --dataset {args.dataset} are not "
-              f"(e.g. {odd[0].problem[:60]!r}), so expect accuracy near 0; pass your own --policy / --prm",
+              f"(e.g. {odd[0][:60]!r}), so expect accuracy near 0; pass your own --policy / --prm",
               file=sys.stderr)
 
 

@@ -27,6 +27,7 @@ Typical use::
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -119,6 +120,10 @@ class HFPolicy:
         from transformers import AutoModelForCausalLM
 
         model_id_or_path = resolve_model_ref(model_id_or_path)
+        from ..toy.builtin import is_builtin_model
+
+        # the shipped policies only understand builtin:arith's problems: warn once otherwise
+        self._warn_unlike_builtin = is_builtin_model(model_id_or_path)
         self.device = default_device() if device is None else torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = load_tokenizer(model_id_or_path, trust_remote_code)
@@ -170,6 +175,15 @@ class HFPolicy:
             # whatever ran on this policy before (evaluations reuse one policy across methods,
             # batches and resumed runs).
             self._stream.restart()
+        if self._warn_unlike_builtin:
+            from ..toy.builtin import unlike_builtin_problems
+
+            odd = unlike_builtin_problems(problems)
+            if odd:
+                self._warn_unlike_builtin = False
+                warnings.warn(f"HFPolicy: the built-in policy only understands problems of the form \"Compute "
+                              f"<expression>.\" (builtin:arith); got e.g. {odd[0][:60]!r}, so expect accuracy near 0",
+                              UserWarning, stacklevel=2)
         prompts = [self.prompt_tokens(p) for p in problems]
         for p, toks in zip(problems, prompts):
             if not toks:

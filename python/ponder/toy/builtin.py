@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
+#: the problems the shipped policies understand (builtin:arith's form)
+PROBLEM_FORM = r"Compute [-+*() 0-9]+\."
 #: builtin model name -> (directory under MODELS_DIR, what it is)
 BUILTIN_MODELS = {
     "policy-small": "the small policy (~1M-parameter Llama)",
@@ -147,3 +149,20 @@ def resolve_model(spec: str | os.PathLike) -> str:
     if text.startswith("builtin:"):
         return str(builtin_model_path(text[len("builtin:") :]))
     return text
+
+
+def is_builtin_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (as ``resolve_model`` returns it) is one of the shipped models."""
+    try:
+        return Path(path).resolve().parent == MODELS_DIR
+    except OSError:
+        return False
+
+
+def unlike_builtin_problems(problems) -> list[str]:
+    """The problems (question texts) not of ``PROBLEM_FORM``: the shipped policies answer those
+    no better than chance."""
+    import re
+
+    form = re.compile(PROBLEM_FORM)
+    return [q for q in problems if not form.fullmatch(str(q).strip())]
