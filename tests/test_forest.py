@@ -389,6 +389,99 @@ def test_set_steps_rejects_a_parent_listed_after_its_child(impl):
         set_steps(f, [a], [[3]], [0.5])
 
 
+# ----------------------------------------------------------------------------- set_scores
+
+
+def best_of_n_forest(Forest, scores):
+    """Two problems grown as best-of-N grows them (each path one child at a time, paths
+    interleaved), every step scored with ``scores[node id]``; a pruned branch, an unstepped
+    leaf and answers on the finished ones. Returns (forest, scored ids)."""
+    f = Forest()
+    roots = add_roots(f, [4, 9], [[1, 2], [3]])
+    paths = [[roots[0]]] * 3 + [[roots[1]]] * 2
+    scored = []
+    for depth in range(3):
+        parents = [p[-1] for p in paths]
+        kids = expand(f, parents, [1] * len(parents))
+        set_steps(f, kids, [[k % 5] for k in kids], [scores[k] for k in kids], [depth == 2] * len(kids))
+        scored += kids
+        paths = [p + [k] for p, k in zip(paths, kids)]
+    extra = expand(f, [paths[0][1]], [2])  # a stepped, then pruned, branch and an unstepped leaf
+    set_steps(f, extra[:1], [[7]], [scores[extra[0]]])
+    f.prune(extra[:1])
+    f.set_answers([p[-1] for p in paths], [1, 2, 1, 3, 3])
+    return f, scored + extra[:1]
+
+
+SCORES = [math.nan] * 2 + [0.1 * k - 0.35 + (0.3 if k % 3 == 0 else 0.0) for k in range(2, 20)]
+
+
+def test_set_scores_late_equals_scores_given_to_set_steps(impl):
+    """The key equality: placeholder scores first, the real ones through set_scores, gives
+    exactly the forest (float64 path scores included) that set_steps with the real scores gives."""
+    now, scored = best_of_n_forest(impl, SCORES)
+    late, same_ids = best_of_n_forest(impl, [0.0] * len(SCORES))
+    assert same_ids == scored
+    assert late.path_scores(scored, "prod").tolist() == [0.0] * len(scored)
+    order = [scored[i] for i in np.random.default_rng(0).permutation(len(scored))]
+    late.set_scores(np.array(order, dtype=np.int32), np.array([SCORES[x] for x in order]))
+    assert_same(snapshot(late), snapshot(now))
+    for how in AGGREGATIONS:
+        assert_same(late.path_scores(scored, how), now.path_scores(scored, how), how)
+        assert_same(late.vote(scored, "weighted", how), now.vote(scored, "weighted", how), how)
+
+
+def test_set_scores_path_by_path_with_ancestors_last(impl):
+    """Paths set one at a time, leaves before their ancestors: each ancestor set later
+    recomputes everything below it."""
+    now, scored = best_of_n_forest(impl, SCORES)
+    late, _ = best_of_n_forest(impl, [0.0] * len(SCORES))
+    fields = now.nodes(scored)
+    by_depth = sorted(scored, key=lambda x: -int(fields["depth"][scored.index(x)]))
+    for x in by_depth:
+        late.set_scores([x], [SCORES[x]])
+    assert_same(snapshot(late), snapshot(now))
+    for how in AGGREGATIONS:
+        assert_same(late.path_scores(scored, how), now.path_scores(scored, how), how)
+
+
+def test_set_scores_recomputes_descendants_only(impl):
+    f = impl()
+    root, a, b = chain(f, 1, [1], [[2], [3]], [0.5, 0.25])
+    (c,) = children_with_scores(f, root, [[4]], [0.75])  # a sibling path: untouched
+    (d,) = expand(f, [b], [1])  # no step: stays without one
+    f.set_scores([a], [0.25])
+    assert f.nodes([a, b, c, d])["score"].tolist()[:3] == [0.25, 0.25, 0.75]
+    assert f.aggregate([a, b, c], "prod").tolist() == [0.25, 0.0625, 0.75]
+    assert f.aggregate([a, b, c], "mean").tolist() == [0.25, 0.25, 0.75]
+    assert f.aggregate([b], "min").tolist() == [0.25]
+    assert not f.nodes([d])["has_step"][0]
+    # d takes the new aggregates when it gets its step
+    set_steps(f, [d], [[5]], [0.5])
+    assert f.aggregate([d], "prod").tolist() == [0.03125]
+    # tokens, status, answers and ids given stay
+    assert tokens_of(f.path_tokens([d])) == [[1, 2, 3, 5]]
+    assert f.nodes([a, b])["status"].tolist() == [ACTIVE, ACTIVE]
+    assert spec_stats(f)["ids_given"] == 5
+
+
+def test_set_scores_on_finished_and_pruned_nodes(impl):
+    f, ids = build_standard_forest(impl)
+    f.set_scores([ids.finished, ids.pruned, ids.with_stepped_child], [0.25, 0.5, 1.0])
+    fields = f.nodes([ids.finished, ids.pruned, ids.with_stepped_child, ids.finished_deep])
+    assert fields["score"].tolist() == [0.25, 0.5, 1.0, 0.5]
+    assert fields["status"].tolist() == [FINISHED, PRUNED, ACTIVE, FINISHED]
+    assert f.aggregate([ids.finished_deep], "mean").tolist() == [0.75]  # (1.0 + 0.5) / 2
+
+
+def test_set_scores_empty_input_is_a_no_op(impl):
+    f, _ = build_standard_forest(impl)
+    before = snapshot(f)
+    assert f.set_scores([], []) is None
+    f.set_scores(np.zeros(0, np.int32), np.zeros(0, np.float32))
+    assert_same(snapshot(f), before)
+
+
 # ----------------------------------------------------------------------------- aggregate
 
 
@@ -633,6 +726,7 @@ RELEASED_ID_CALLS = {
     "aggregate": lambda f, x: f.aggregate([x], "last"),
     "expand": lambda f, x: f.expand([x], [1]),
     "set_steps": lambda f, x: f.set_steps([x], [1], [0, 1], [0.5], [False]),
+    "set_scores": lambda f, x: f.set_scores([x], [0.5]),
     "set_answers": lambda f, x: f.set_answers([x], [1]),
     "prune": lambda f, x: f.prune([x]),
     "select_beam": lambda f, x: f.select_beam([x], 1, "last"),

@@ -249,6 +249,33 @@ for label, value in [
     case(f"finished-{label}", "set_steps", replace(set_steps_base, 4, value), ValueError, "finished")
 
 
+# ---- set_scores(node_ids, step_scores)
+def set_scores_base(ids):
+    return ([ids.with_stepped_child, ids.pruned, ids.finished_deep], [0.5, 0.25, 0.75])
+
+
+id_cases("set_scores", set_scores_base, 0, "node_ids", 3)
+for label, build in [
+    ("duplicate", lambda ids: [ids.finished, ids.active_leaf, ids.finished]),
+    ("root", lambda ids: [ids.active_leaf, ids.finished, ids.root]),
+    ("pruned-root", lambda ids: [ids.active_leaf, ids.finished, ids.pruned_root]),
+    ("unstepped", lambda ids: [ids.active_leaf, ids.finished, ids.unstepped]),
+    ("first-bad", lambda ids: [ids.unstepped, ids.active_leaf, ids.finished]),
+]:
+    case(f"node_ids-{label}", "set_scores", replace(set_scores_base, 0, build), ValueError, "node_ids")
+for label, value in bad_float_arrays(3) + [
+    ("nan", [0.5, NAN, 0.5]),
+    ("nan-float32", np.array([NAN, 0.5, 0.5], dtype=np.float32)),
+    ("inf", [INF, 0.5, 0.5]),
+    ("minus-inf", [0.5, 0.5, -INF]),
+    ("strided-nan", np.array([0.5, 0.0, 0.5, 0.0, NAN, 0.0])[::2]),
+    ("too-short", [0.5, 0.5]),
+    ("too-long", [0.5, 0.5, 0.5, 0.5]),
+    ("empty", []),
+]:
+    case(f"step_scores-{label}", "set_scores", replace(set_scores_base, 1, value), ValueError, "step_scores")
+
+
 # ---- set_answers(node_ids, answer_ids)
 def set_answers_base(ids):
     return ([ids.active_leaf, ids.root], [5, 6])
@@ -393,6 +420,7 @@ BASES = {
     "add_roots": add_roots_base,
     "expand": expand_base,
     "set_steps": set_steps_base,
+    "set_scores": set_scores_base,
     "set_answers": set_answers_base,
     "prune": prune_base,
     "aggregate": aggregate_base,
@@ -422,7 +450,7 @@ def test_base_calls_are_valid(standard, key):
 def test_every_entry_point_has_bad_input_cases():
     methods = {p.values[0] for p in CASES}
     assert methods == {
-        "add_roots", "expand", "set_steps", "set_answers", "prune", "release_problem", "problem_nodes",
+        "add_roots", "expand", "set_steps", "set_scores", "set_answers", "prune", "release_problem", "problem_nodes",
         "aggregate", "path_scores", "nodes", "path_tokens", "step_tokens", "select_beam", "select_dvts", "vote",
     }
 
@@ -436,6 +464,9 @@ def test_failed_call_in_a_batch_applies_no_earlier_entry(standard):
         (ValueError, "node_ids", forest.set_steps, [ids.unstepped, ids.active_leaf, ids.root], [1, 2, 3], [0, 1, 2, 3], [0.5] * 3, [False] * 3),
         (ValueError, "step_scores", forest.set_steps, [ids.unstepped, ids.active_leaf], [1, 2], [0, 1, 2], [0.5, NAN], [True, True]),
         (IndexError, "node_ids", forest.set_steps, [ids.unstepped, ids.released[1]], [1, 2], [0, 1, 2], [0.5, 0.5], [True, True]),
+        (ValueError, "node_ids", forest.set_scores, [ids.with_stepped_child, ids.finished, ids.unstepped], [0.1] * 3),
+        (ValueError, "step_scores", forest.set_scores, [ids.with_stepped_child, ids.finished], [0.1, INF]),
+        (IndexError, "node_ids", forest.set_scores, [ids.with_stepped_child, ids.released[1]], [0.1, 0.1]),
         (ValueError, "parent_ids", forest.expand, [ids.root, ids.active_leaf, ids.finished], [1, 1, 1]),
         (IndexError, "parent_ids", forest.expand, [ids.root, ids.released[0]], [3, 1]),
         (ValueError, "counts", forest.expand, [ids.root, ids.active_leaf], [3, -1]),

@@ -56,6 +56,15 @@ ponder.twins.Forest, whose docstrings define every operation; inputs are 1-D arr
           "node_ids int [n], tokens_flat int [total], offsets int [n + 1], step_scores float [n], "
           "finished bool [n]. Sets each step and its path aggregates.")
       .def(
+          "set_scores",
+          [](Forest& f, py::handle ids, py::handle scores) {
+            Args a;
+            f.set_scores(a.view(ids, "node_ids"), a.view(scores, "step_scores"));
+          },
+          py::arg("node_ids"), py::arg("step_scores"),
+          "node_ids int [n] (unique, with a step), step_scores float [n] (finite). New step scores; the path "
+          "aggregates of these nodes and their descendants become what set_steps would have computed.")
+      .def(
           "set_answers",
           [](Forest& f, py::handle ids, py::handle answers) {
             Args a;

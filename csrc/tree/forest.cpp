@@ -440,6 +440,55 @@ void Forest::set_steps(const NumView& node_ids, const NumView& tokens_flat, cons
   }
 }
 
+void Forest::set_scores(const NumView& node_ids, const NumView& step_scores) {
+  const std::vector<int32_t> ids = live_ids(node_ids, "node_ids");
+  const size_t n = ids.size();
+  const std::vector<double> scores = to_finite_doubles(step_scores, "step_scores");
+  check_length(n, scores.size(), "step_scores");
+  IdSet in_call;
+  check_unique(ids, "node_ids", &in_call);
+  for (size_t i = 0; i < n; ++i) {
+    Ref r = ref(ids[i]);
+    if (!r.page->has_step[r.slot])
+      throw std::invalid_argument(at("node_ids", i, ids[i]) +
+                                  " has no step; set_steps gives a node its step and score");
+  }
+
+  std::unordered_map<int32_t, int32_t> first;  // problem slot -> lowest id of the call in it
+  for (size_t i = 0; i < n; ++i) {
+    Ref r = ref(ids[i]);
+    r.page->score[r.slot] = scores[i];
+    auto it = first.emplace(r.page->problem_slot[r.slot], ids[i]).first;
+    it->second = std::min(it->second, ids[i]);
+  }
+  // Ids grow from parent to child: one ascending pass over a problem's nodes from the call's
+  // lowest id there recomputes every changed node after its parent, as set_steps would.
+  std::vector<uint8_t> changed;  // per node of the pass, from `begin`
+  for (const auto& [slot, start] : first) {
+    const std::vector<int32_t>& all = problems_[static_cast<size_t>(slot)].nodes;
+    const auto begin = std::lower_bound(all.begin(), all.end(), start);
+    changed.assign(static_cast<size_t>(all.end() - begin), 0);
+    for (auto it = begin; it != all.end(); ++it) {
+      const int32_t id = *it;
+      Ref r = ref(id);
+      if (!r.page->has_step[r.slot]) continue;
+      const int32_t parent = r.page->parent[r.slot];
+      bool mine = in_call.contains(id);
+      if (!mine && parent >= start) {
+        const auto p = std::lower_bound(begin, it, parent);
+        mine = changed[static_cast<size_t>(p - begin)] != 0;
+      }
+      if (!mine) continue;
+      changed[static_cast<size_t>(it - begin)] = 1;
+      Ref pr = ref(parent);
+      const double s = r.page->score[r.slot];
+      r.page->min_score[r.slot] = std::min(pr.page->min_score[pr.slot], s);
+      r.page->prod_score[r.slot] = pr.page->prod_score[pr.slot] * s;
+      r.page->sum_score[r.slot] = pr.page->sum_score[pr.slot] + s;
+    }
+  }
+}
+
 void Forest::set_answers(const NumView& node_ids, const NumView& answer_ids) {
   const std::vector<int32_t> ids = live_ids(node_ids, "node_ids");
   const std::vector<int64_t> answers = to_ints(answer_ids, "answer_ids", kNoAnswer + 1, kInt64Max);

@@ -73,6 +73,9 @@ class Forest {
   std::vector<int32_t> expand(const NumView& parent_ids, const NumView& counts);
   void set_steps(const NumView& node_ids, const NumView& tokens_flat, const NumView& offsets,
                  const NumView& step_scores, const NumView& finished);
+  // New PRM scores for nodes that have a step; the path aggregates of those nodes and of all
+  // their descendants become what set_steps would have computed with these scores.
+  void set_scores(const NumView& node_ids, const NumView& step_scores);
   void set_answers(const NumView& node_ids, const NumView& answer_ids);
   void prune(const NumView& node_ids);
   void release_problem(int64_t problem_id);

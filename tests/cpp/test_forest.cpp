@@ -565,6 +565,95 @@ TEST_CASE("forest: set_steps errors") {
   CHECK(agg(f, {6}, "mean") == F32{f32((0.5 + 0.25 + 1.0) / 3)});
 }
 
+// ================================================================================ set_scores
+
+TEST_CASE("forest: set_scores late gives the aggregates set_steps gives with the same scores") {
+  // Two problems; problem 0: 0 -> 1 -> 3 -> 4 and 0 -> 2 -> 5 (6 unstepped under 5, 7 pruned
+  // under 3); problem 1: 8 -> 9. `late` gets placeholders first, `now` the real scores.
+  const F64 real{0.3, 0.7, 0.1, 0.9, 0.6, 0.2, 0.45};  // nodes 1, 2, 3, 4, 5, 7, 9
+  auto build = [](Forest& f, const F64& s) {
+    add_roots(f, {0}, {0}, {{1, 2}});                              // 0
+    expand(f, {0}, {2});                                           // 1, 2
+    set_steps(f, {1, 2}, {{3}, {4, 4}}, {s[0], s[1]}, {0, 0});
+    expand(f, {1}, {1});                                           // 3
+    set_steps(f, {3}, {{5}}, {s[2]}, {0});
+    expand(f, {3}, {1});                                           // 4
+    set_steps(f, {4}, {{6}}, {s[3]}, {1});
+    expand(f, {2}, {1});                                           // 5
+    set_steps(f, {5}, {{}}, {s[4]}, {0});
+    expand(f, {5}, {1});                                           // 6, no step
+    expand(f, {3}, {1});                                           // 7
+    set_steps(f, {7}, {{7}}, {s[5]}, {0});
+    f.prune(N({7}));
+    add_roots(f, {1}, {0}, {{9}});                                 // 8
+    expand(f, {8}, {1});                                           // 9
+    set_steps(f, {9}, {{8}}, {s[6]}, {1});
+    set_answers(f, {4, 9}, {11, 12});
+  };
+  Forest now, late;
+  build(now, real);
+  build(late, F64(real.size(), 0.0));
+  const I32 scored{1, 2, 3, 4, 5, 7, 9};
+  CHECK(agg(late, scored, "prod") == F32(7, 0.0f));
+
+  SUBCASE("all at once, in any order, across problems") {
+    late.set_scores(N({9, 4, 1, 7, 3, 5, 2}), D(F64{0.45, 0.9, 0.3, 0.2, 0.1, 0.6, 0.7}));
+    CHECK(snapshot(late) == snapshot(now));
+    for (const char* how : {"last", "min", "prod", "mean"}) CHECK(path_scores(late, scored, how) == path_scores(now, scored, how));
+  }
+  SUBCASE("a path at a time: an ancestor set later recomputes its descendants") {
+    late.set_scores(N({4, 3}), D(F64{0.9, 0.1}));
+    CHECK(path_scores(late, {4}, "min") == F64{0.0});  // 1 still holds its placeholder
+    late.set_scores(N({1, 7}), D(F64{0.3, 0.2}));
+    CHECK(path_scores(late, {4}, "prod") == path_scores(now, {4}, "prod"));
+    CHECK(path_scores(late, {4}, "mean") == F64{(0.3 + 0.1 + 0.9) / 3});
+    late.set_scores(N({2, 5, 9}), D(F64{0.7, 0.6, 0.45}));
+    CHECK(snapshot(late) == snapshot(now));
+  }
+  SUBCASE("the unstepped child stays unstepped; it takes the new aggregates when it gets its step") {
+    late.set_scores(N({1, 2, 3, 4, 5, 7, 9}), D(real));
+    set_steps(late, {6}, {{1}}, {0.5}, {0});
+    set_steps(now, {6}, {{1}}, {0.5}, {0});
+    CHECK(snapshot(late) == snapshot(now));
+    CHECK(path_scores(late, {6}, "prod") == F64{0.7 * 0.6 * 0.5});
+  }
+  SUBCASE("setting the same scores again changes nothing") {
+    const Snapshot before = snapshot(now);
+    now.set_scores(N({3, 1}), D(F64{0.1, 0.3}));
+    CHECK(snapshot(now) == before);
+  }
+}
+
+TEST_CASE("forest: set_scores errors") {
+  Forest f;
+  add_roots(f, {0}, {0}, {{1}});                          // 0
+  expand(f, {0}, {3});                                    // 1..3
+  set_steps(f, {1, 2}, {{1}, {2}}, {0.5, 0.25}, {0, 0});  // 3 without a step
+  const F64 half{0.5}, halves{0.5, 0.5};
+  CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, f.set_scores(N({0}), D(half))),
+                 "node_ids[0] = 0 has no step"));
+  CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, f.set_scores(N({1, 3}), D(halves))),
+                 "node_ids[1] = 3 has no step"));
+  CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, f.set_scores(N({1, 1}), D(halves))),
+                 "node_ids[1] = 1 appears more than once"));
+  CHECK(contains(THROWS_UNCHANGED(f, std::out_of_range, f.set_scores(N({1, 4}), D(halves))), "node_ids[1] = 4"));
+  THROWS_UNCHANGED(f, std::out_of_range, f.set_scores(N({-1}), D(half)));
+  for (double bad : {kNaN, kInf, -kInf}) {
+    CAPTURE(bad);
+    CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, f.set_scores(N({1, 2}), D(F64{0.5, bad}))),
+                   "step_scores[1]"));
+  }
+  CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, f.set_scores(N({1, 2}), D(half))),
+                 "step_scores must have length 2"));
+  THROWS_UNCHANGED(f, std::invalid_argument, f.set_scores(N({1}), B(U8{1})));
+  // Ids are checked first: a bad id wins over a bad score.
+  THROWS_UNCHANGED(f, std::out_of_range, f.set_scores(N({99}), D(F64{kNaN})));
+  // After a release the ids are rejected; an empty call is fine.
+  f.set_scores(N(I32{}), D(F64{}));
+  f.release_problem(0);
+  THROWS_UNCHANGED(f, std::out_of_range, f.set_scores(N({1}), D(half)));
+}
+
 // ================================================================================ set_answers
 
 TEST_CASE("forest: set_answers records answers; later entries win") {

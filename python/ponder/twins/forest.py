@@ -310,6 +310,42 @@ class Forest:
             node.num_scored = parent.num_scored + 1
             node.status = FINISHED if is_done else ACTIVE
 
+    def set_scores(self, node_ids, step_scores) -> None:
+        """Replace the PRM score of steps already set and recompute the path aggregates of those
+        nodes and of every node below them, exactly (bit for bit) as if ``set_steps`` had been
+        given these scores; tokens, status and answers stay. (Best-of-N records its steps with
+        a placeholder score and sets the real ones when their path has been scored.)
+
+        node_ids: int [n], unique, each with a step (pruned nodes and nodes with children are
+        fine); step_scores: float [n], finite. Ids are checked first (``IndexError``), then
+        step_scores, the lengths, duplicates and steps (``ValueError``).
+        """
+        ids, nodes = self._nodes_of(node_ids, "node_ids")
+        scores = float_array(step_scores, "step_scores")
+        check_same_length(len(ids), step_scores=scores)
+        check_unique(ids, "node_ids")
+        for i, node in enumerate(nodes):
+            if not node.has_step:
+                raise ValueError(f"node_ids[{i}] = {ids[i]} has no step; set_steps gives a node its step and score")
+        for node, score in zip(nodes, scores):
+            node.score = score
+        # Ids grow from parent to child, so one ascending pass over each problem's nodes from
+        # its lowest given id reaches every descendant after its parent.
+        changed = set(ids)
+        first: dict[int, int] = {}
+        for node_id, node in zip(ids, nodes):
+            first[node.problem] = min(first.get(node.problem, node_id), node_id)
+        for problem, start in first.items():
+            for node_id in self._problem_nodes[problem]:
+                node = self._nodes[node_id]
+                if node_id < start or not node.has_step or (node_id not in changed and node.parent not in changed):
+                    continue
+                changed.add(node_id)
+                parent = self._nodes[node.parent]
+                node.min_score = min(parent.min_score, node.score)
+                node.prod_score = parent.prod_score * node.score
+                node.sum_score = parent.sum_score + node.score
+
     def set_answers(self, node_ids, answer_ids) -> None:
         """Record the int64 id of each node's normalized final answer (computed in Python).
 
