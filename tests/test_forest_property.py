@@ -45,7 +45,7 @@ SCORES = st.one_of(st.sampled_from([0.25, 0.5, 0.75, 1.0, 0.0]), st.floats(-1, 1
 ANSWERS = st.integers(0, 2)
 PROBLEMS = st.integers(0, 4)
 ERRORS = (ValueError, IndexError, OverflowError)
-MUTATING = {"add_roots", "expand", "set_steps", "set_answers", "prune", "release_problem"}
+MUTATING = {"add_roots", "expand", "set_steps", "set_scores", "set_answers", "prune", "release_problem"}
 
 
 # ----------------------------------------------------------------------------- input forms
@@ -234,6 +234,20 @@ class ForestTwins(RuleBasedStateMachine):
         )
 
     @rule(data=st.data())
+    def set_scores(self, data):
+        v = self.view()
+        use_any = data.draw(st.integers(0, 9), label="any node?") == 0
+        ids = self.pick(data, v.ids if use_any else v.scored, max_size=4)
+        ids = self.maybe_corrupt_ids(data, ids, v)
+        n = len(ids)
+        scores = data.draw(st.lists(SCORES, min_size=n, max_size=n), label="scores")
+        if n and data.draw(st.integers(0, 9), label="bad score?") == 0:
+            scores[data.draw(st.integers(0, n - 1))] = data.draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+        if data.draw(st.integers(0, 19), label="bad length?") == 0:
+            scores = scores[:-1] if scores else [0.5]
+        self.both("set_scores", int_input(data, ids), float_input(data, scores))
+
+    @rule(data=st.data())
     def grow(self, data):
         """Valid growth: expand an expandable node and give its new children steps."""
         v = self.view()
@@ -375,13 +389,15 @@ TestForestTwins = ForestTwins.TestCase
 
 
 def build_random_forest(data, Forest):
-    """A random forest built by valid calls only. Scores are float32 values, so that the
-    float64 path aggregates can be recomputed exactly from ``nodes()['score']``. Steps are set
-    in ascending id order (parents before children)."""
+    """A random forest built by valid calls only (set_scores included). Scores are float32
+    values, so that the float64 path aggregates can be recomputed exactly from
+    ``nodes()['score']``. Steps are set in ascending id order (parents before children)."""
     f = Forest()
     for _ in range(data.draw(st.integers(1, 12), label="rounds")):
         v = view(f)
-        op = data.draw(st.sampled_from(["roots", "expand", "expand", "steps", "steps", "steps", "answers", "prune", "release"]))
+        op = data.draw(
+            st.sampled_from(["roots", "expand", "expand", "steps", "steps", "steps", "rescore", "answers", "prune", "release"])
+        )
         if op == "roots" or not v.ids:
             n = data.draw(st.integers(1, 3))
             flat, offsets = csr(data.draw(st.lists(PROMPT, min_size=n, max_size=n)))
@@ -405,6 +421,9 @@ def build_random_forest(data, Forest):
                 data.draw(st.lists(SCORES, min_size=n, max_size=n)),
                 data.draw(st.lists(st.booleans(), min_size=n, max_size=n)),
             )
+        elif op == "rescore" and v.scored:
+            ids = data.draw(st.lists(st.sampled_from(v.scored), min_size=1, max_size=6, unique=True))
+            f.set_scores(ids, data.draw(st.lists(SCORES, min_size=len(ids), max_size=len(ids))))
         elif op == "answers":
             ids = data.draw(st.lists(st.sampled_from(v.ids), min_size=1, max_size=4))
             f.set_answers(ids, data.draw(st.lists(ANSWERS, min_size=len(ids), max_size=len(ids))))
@@ -451,6 +470,56 @@ def test_aggregates_follow_path_scores(impl, data):
         exact = np.array([aggregates64(v, i)[how] for i in v.scored], dtype=np.float64)
         np.testing.assert_array_equal(f.path_scores(v.scored, how), exact, err_msg=how, strict=True)
         np.testing.assert_array_equal(f.aggregate(v.scored, how), exact.astype(np.float32), err_msg=how, strict=True)
+
+
+@INVARIANT_SETTINGS
+@given(data=st.data())
+def test_scores_set_late_equal_scores_given_with_the_steps(impl, data):
+    """Two forests grown by the same calls, except that ``late`` records every step with a
+    placeholder score and gets the real ones through ``set_scores`` (some in between, in any
+    subsets, the rest at the end, in random chunks and order): the two end up identical, float64
+    path scores included (the deferred scoring of best-of-N relies on it)."""
+    now, late = impl(), impl()
+    real: dict[int, float] = {}
+
+    def both(method, *args):
+        out = getattr(now, method)(*args)
+        assert_same(getattr(late, method)(*args), out, method)
+        return out
+
+    both("add_roots", [0, 1], [0, 0], [1, 2], [0, 1, 2])
+    for _ in range(data.draw(st.integers(1, 16), label="rounds")):
+        v = view(now)
+        op = data.draw(st.sampled_from(["roots", "expand", "expand", "steps", "steps", "steps", "late", "prune", "release"]))
+        if op == "roots":
+            both("add_roots", [data.draw(PROBLEMS)], [0], [1], [0, 1])
+        elif op == "expand" and v.expandable:
+            parents = data.draw(st.lists(st.sampled_from(v.expandable), min_size=1, max_size=3))
+            both("expand", parents, data.draw(st.lists(st.integers(1, 3), min_size=len(parents), max_size=len(parents))))
+        elif op == "steps" and v.steppable:
+            ids = sorted(data.draw(st.lists(st.sampled_from(v.steppable), min_size=1, max_size=6, unique=True)))
+            n = len(ids)
+            flat, offsets = csr(data.draw(st.lists(STEP, min_size=n, max_size=n)))
+            scores = data.draw(st.lists(SCORES, min_size=n, max_size=n), label="scores")
+            done = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+            placeholder = data.draw(st.sampled_from([0.0, 1.0, -0.5]), label="placeholder")
+            now.set_steps(ids, flat, offsets, scores, done)
+            late.set_steps(ids, flat, offsets, [placeholder] * n, done)
+            real.update(zip(ids, scores))
+        elif op == "late" and v.scored:
+            ids = data.draw(st.lists(st.sampled_from(v.scored), min_size=1, max_size=6, unique=True))
+            late.set_scores(ids, [real[x] for x in ids])
+        elif op == "prune":
+            both("prune", data.draw(st.lists(st.sampled_from(v.ids), max_size=1)))
+        elif op == "release" and len(v.problems) > 1:
+            both("release_problem", data.draw(st.sampled_from(v.problems)))
+    scored = data.draw(st.permutations(view(now).scored), label="order")
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(scored)), max_size=3), label="cuts"))
+    for a, b in zip([0] + cuts, cuts + [len(scored)]):
+        late.set_scores(scored[a:b], np.array([real[x] for x in scored[a:b]], dtype=np.float64))
+    assert_same(snapshot(late), snapshot(now))
+    for how in AGGREGATIONS:
+        assert_same(late.path_scores(scored, how), now.path_scores(scored, how), how)
 
 
 @INVARIANT_SETTINGS
@@ -616,7 +685,7 @@ def test_twins_agree_on_a_long_fixed_run(seed):
     ref, core = ponder.twins.Forest(), ponder._core.Forest()
     for _ in range(300):
         v = view(ref)
-        op = rng.choice(["roots", "expand", "steps", "steps", "answers", "query", "prune", "release"])
+        op = rng.choice(["roots", "expand", "steps", "steps", "answers", "query", "prune", "release", "rescore"])
         if op == "roots" or not v.ids:
             n = int(rng.integers(1, 4))
             prompts = [rng.integers(0, 4, size=int(rng.integers(0, 4))).tolist() for _ in range(n)]
@@ -633,6 +702,9 @@ def test_twins_agree_on_a_long_fixed_run(seed):
             steps = [rng.integers(0, 4, size=int(rng.integers(0, 3))).tolist() for _ in range(n)]
             scores = rng.choice([0.25, 0.5, 0.75, rng.random()], size=n)
             calls = [("set_steps", (ids, *csr(steps), scores, rng.random(n) < 0.2))]
+        elif op == "rescore" and v.scored:
+            ids = rng.choice(v.scored, size=min(5, len(v.scored)), replace=False)
+            calls = [("set_scores", (ids, rng.choice([0.25, 0.5, 0.75, rng.random()], size=len(ids))))]
         elif op == "answers":
             ids = rng.choice(v.ids, size=min(4, len(v.ids)))
             calls = [("set_answers", (ids, rng.integers(0, 3, size=len(ids))))]
