@@ -1,7 +1,9 @@
 """Best-of-N with a PRM that scores whole solutions (``PathScorer.score_paths``) gives what
-step-by-step scoring gives: the same answers, completions, step scores (to float rounding of a
-different batch shape), trees and budgets; a search stopped early still gets every step of its
-partial solutions scored. Tiny random Hugging Face models, fully offline (as test_search_hf)."""
+step-by-step scoring gives, with every path aggregation (``agg`` last / min / prod / mean: the
+forest's ``set_scores`` recomputes the aggregates once a path is scored): the same answers,
+completions, step scores and path scores (to float rounding of a different batch shape), trees
+and budgets; a search stopped early still gets every step of its partial solutions scored.
+Tiny random Hugging Face models, fully offline (as test_search_hf)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ponder.testing.tiny import QUESTIONS, save_causal
 from ponder.testing.wrappers import StepByStep
 
 ATOL = 2e-5  # fp32 forwards over different row / batch shapes
+AGGS = ["last", "min", "prod", "mean"]
 SAMPLING = SamplingParams(temperature=1.5, max_step_tokens=8)
 
 
@@ -86,9 +89,10 @@ def test_hfprm_is_a_path_scorer(models):
     assert isinstance(HFPRM(models["prm"], kv_budget=256, block_size=4), PathScorer)
 
 
+@pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("method", ["best_of_n", "weighted_best_of_n"])
-def test_best_of_n_scores_each_solution_once_and_equals_step_by_step(models, method):
-    cfg = SearchConfig(method=method, n=4, max_steps=4, seed=5, sampling=SAMPLING)
+def test_best_of_n_scores_each_solution_once_and_equals_step_by_step(models, method, agg):
+    cfg = SearchConfig(method=method, n=4, max_steps=4, seed=5, sampling=SAMPLING, agg=agg)
     got, calls, st = run(models, cfg, lambda p: p)
     want, calls_step, st_step = run(models, cfg, StepByStep)
     same(got, want)
@@ -98,8 +102,9 @@ def test_best_of_n_scores_each_solution_once_and_equals_step_by_step(models, met
     assert st["tokens_scored"] <= st_step["tokens_scored"] * 1.05
 
 
-def test_search_sampled_defers_too(models):
-    cfg = SearchConfig(method="best_of_n", n=4, max_steps=3, seed=2, sampling=SAMPLING)
+@pytest.mark.parametrize("agg", ["last", "prod"])
+def test_search_sampled_defers_too(models, agg):
+    cfg = SearchConfig(method="best_of_n", n=4, max_steps=3, seed=2, sampling=SAMPLING, agg=agg)
     methods = ["majority", "best_of_n", "weighted_best_of_n"]
     got, calls, _ = run(models, cfg, lambda p: p, methods)
     want, _, _ = run(models, cfg, StepByStep, methods)
@@ -108,10 +113,11 @@ def test_search_sampled_defers_too(models):
         same(got[m], want[m])
 
 
-def test_a_search_stopped_early_scores_its_partial_solutions(models):
+@pytest.mark.parametrize("agg", AGGS)
+def test_a_search_stopped_early_scores_its_partial_solutions(models, agg):
     """max_policy_tokens stops the search before its paths end: the partial paths are scored
     (with their whole path) before the vote, as step by step would have scored them."""
-    cfg = SearchConfig(method="best_of_n", n=4, max_steps=8, seed=1, max_policy_tokens=12,
+    cfg = SearchConfig(method="best_of_n", n=4, max_steps=8, seed=1, max_policy_tokens=12, agg=agg,
                        sampling=SamplingParams(temperature=1.5, max_step_tokens=4, step_delimiter="\u00a7"))
     got, _, _ = run(models, cfg, lambda p: p)
     want, _, _ = run(models, cfg, StepByStep)
@@ -119,8 +125,9 @@ def test_a_search_stopped_early_scores_its_partial_solutions(models):
     same(got, want)
 
 
-@pytest.mark.parametrize("kw", [{"agg": "prod"}, {"early_stop": 0.9}])
-def test_searches_that_read_step_scores_stay_step_by_step(models, kw):
-    cfg = SearchConfig(method="best_of_n", n=4, max_steps=3, seed=4, sampling=SAMPLING, **kw)
+@pytest.mark.parametrize("agg", ["last", "prod"])
+def test_searches_that_read_step_scores_stay_step_by_step(models, agg):
+    """Early stopping reads step scores while the paths grow: no deferral, whatever the agg."""
+    cfg = SearchConfig(method="best_of_n", n=4, max_steps=3, seed=4, sampling=SAMPLING, agg=agg, early_stop=0.9)
     _, calls, _ = run(models, cfg, lambda p: p)
     assert calls["score_paths"] == 0 and calls["score_steps"] >= 1

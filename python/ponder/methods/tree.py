@@ -75,7 +75,7 @@ class Node:
         self.answer: str | None = None
 
 
-#: methods whose searches read step scores only through finished paths (with agg "last")
+#: methods whose searches read step scores only through finished paths (any agg)
 FINAL_SCORE_METHODS = ("best_of_n", "weighted_best_of_n")
 
 
@@ -94,9 +94,9 @@ class Search:
         self.problem = problem
         self.config = config
         self.scored = scored
-        # the method reads only finished paths' scores (best-of-N and weighted best-of-N with
-        # agg "last", no early stopping): with a PathScorer PRM each path is scored when it ends
-        self.final_only = scored and config.method in FINAL_SCORE_METHODS and config.agg == "last" and not any(
+        # the method reads only finished paths' scores (best-of-N and weighted best-of-N, any
+        # agg, no early stopping or budget): with a PathScorer PRM each path is scored when it ends
+        self.final_only = scored and config.method in FINAL_SCORE_METHODS and not any(
             x is not None for x in (config.early_stop, config.budget, config.budget_tokens)
         )
         self.stream = stream
@@ -119,7 +119,8 @@ class Batch:
     """The rows of one engine step: for every wanted expansion of every search, one child.
 
     parents, children: int32 [k]; searches: the search of each row; lookahead: per row, the
-    greedy steps to roll out after its step; steps / rollouts / scores: filled by the stages.
+    greedy steps to roll out after its step; steps / rollouts / scores: filled by the stages;
+    path_ends: the children whose whole path ``score`` scored (deferred searches).
     """
 
     parents: np.ndarray
@@ -129,6 +130,7 @@ class Batch:
     steps: list[Step] = dataclasses.field(default_factory=list)
     rollouts: list[list[Step]] | None = None
     scores: np.ndarray | None = None
+    path_ends: list[int] = dataclasses.field(default_factory=list)
     policy_calls: int = 0
     prm_rows: int = 0
 
@@ -154,7 +156,8 @@ class SearchTree:
         """The search's paths are scored once each, when they end, by ``PRM.score_paths``
         from their roots (``final_only`` and the PRM is a ``PathScorer``): the PRM holds only
         its roots, until the search is dropped. Until its path is scored a node's score is NaN
-        here and a placeholder 0 in the forest."""
+        here and a placeholder 0 in the forest; then ``Forest.set_scores`` gives the forest the
+        real scores, and every path aggregate (any ``agg``) is what step-by-step scoring gives."""
         return search.final_only and self.path_scorer
 
     def _prm_held(self, search: Search) -> bool:
@@ -306,8 +309,8 @@ class SearchTree:
                 s.prm_scored += len(batch.steps[i].tokens) + look
                 scores[i] = got[j]
         if ended:
-            last = self.score_paths([int(batch.children[i]) for i in ended],
-                                    {int(batch.children[i]): len(batch.steps[i].tokens) for i in ended})
+            batch.path_ends = [int(batch.children[i]) for i in ended]
+            last = self.score_paths(batch.path_ends, {int(batch.children[i]): len(batch.steps[i].tokens) for i in ended})
             scores[ended] = last
         batch.scores = scores
 
@@ -342,6 +345,7 @@ class SearchTree:
         flat, offsets = _csr([s.tokens for s in batch.steps])
         done = np.array([self.nodes[c].finished for c in children], dtype=bool)
         self.forest.set_steps(batch.children, flat, offsets, batch.scores, done)
+        self._set_path_scores(batch.path_ends)
         answered, answer_ids = [], []
         for c in children:
             node = self.nodes[c]
@@ -513,19 +517,24 @@ class SearchTree:
 
     # ------------------------------------------------------------------ the end
 
+    def _set_path_scores(self, leaves: Sequence[int]) -> None:
+        """The scores ``score_paths`` gave the paths to ``leaves`` (recorded in the forest with
+        placeholders) into the forest, in one ``Forest.set_scores``: the path aggregates become
+        what the scores would have given at ``set_steps`` (steps, tokens and status unchanged)."""
+        ids = list(dict.fromkeys(x for leaf in leaves for x in self.path_nodes(leaf)))
+        if ids:
+            scores = np.array([self.nodes[x].score for x in ids], dtype=np.float64)
+            self.forest.set_scores(np.array(ids, dtype=np.int32), scores)
+
     def _score_open_ends(self, completions: Sequence[int]) -> None:
         """A deferred search stopped early: score the paths of its completions that did not
-        end (their steps are in the forest with a placeholder score), and set the real score
-        of each such leaf in the forest (its step, tokens and status unchanged)."""
+        end (their steps are in the forest with a placeholder score) and set their scores in
+        the forest."""
         leaves = [x for x in dict.fromkeys(int(c) for c in completions)
                   if self.nodes[x].parent != -1 and math.isnan(self.nodes[x].score)]
-        if not leaves:
-            return
-        got = self.score_paths(leaves)
-        ids = np.array(leaves, dtype=np.int32)
-        flat, offsets = self.forest.step_tokens(ids)
-        done = np.array([self.nodes[x].finished for x in leaves], dtype=bool)
-        self.forest.set_steps(ids, flat, offsets, np.asarray(got, dtype=np.float64), done)
+        if leaves:
+            self.score_paths(leaves)
+            self._set_path_scores(leaves)
 
     def results(
         self,
@@ -556,9 +565,6 @@ class SearchTree:
         if search.node_ids:
             ids = self.forest.problem_nodes(search.problem_id)
             tree = {"node_id": ids, **self.forest.nodes(ids)}
-            if self.deferred(search):  # the forest holds placeholders for steps scored with their path
-                mine = np.array([self.nodes[x].score if x in self.nodes else math.nan for x in ids.tolist()], np.float32)
-                tree["score"] = np.where(np.isnan(mine), tree["score"], mine)
         else:
             ids = np.zeros(0, dtype=np.int32)
             tree = {"node_id": ids, **{k: v[:0] for k, v in _EMPTY_TREE.items()}}
