@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     url = args.base_url
     if url is None and args.vllm_python:
         log("starting the vLLM server ...")
-        server = LocalVLLMServer(args.vllm_python, policy_dir).start()
+        server = LocalVLLMServer(args.vllm_python, policy_dir, timeout=600).start()  # start-up is slow on loaded CPUs
         url = server.url
         report["vllm_startup_s"] = round(server.startup_s, 1)
         log(f"vLLM server ready in {server.startup_s:.1f} s at {url}")
