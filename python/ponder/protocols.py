@@ -204,7 +204,7 @@ class PathScorer(Protocol):
     nothing kept.
 
     ``ponder.Engine`` uses it for searches that read only finished paths' scores (best-of-N and
-    weighted best-of-N with ``agg="last"``, no early stopping): the PRM holds only their roots,
+    weighted best-of-N with any ``agg``, no early stopping or budget): the PRM holds only their roots,
     and each solution is scored once, when it ends, instead of step by step."""
 
     def score_paths(self, node_ids: Sequence[int], paths: Sequence[Sequence[str]]) -> list[list[float]]:
