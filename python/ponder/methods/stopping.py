@@ -237,7 +237,9 @@ def settle_probability_bound(
             total += beta_binomial_sf(x, remaining, c, max(m - c, 0.0) + concentration)
     x = _votes_to_settle(0.0, values[0] if values else 0.0, remaining, threshold)
     if x is not None:
-        total += beta_binomial_sf(x, remaining, concentration, max(m, 1e-12))
+        # no completion yet (m = 0): every future vote goes to a not-yet-seen answer, the
+        # b -> 0 limit of BetaBinomial(remaining, alpha, b) (all its mass at remaining)
+        total += beta_binomial_sf(x, remaining, concentration, m) if m > 0 else float(x <= remaining)
     return min(1.0, total)
 
 
