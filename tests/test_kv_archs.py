@@ -135,6 +135,7 @@ def run_workload(model, kv):
     return err, scale
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
 def test_exact_or_refused(model_type):
     model = tiny_model(model_type)

@@ -321,6 +321,7 @@ REQUIRED = {
 }
 
 
+@pytest.mark.slow
 def test_cli_run_end_to_end_and_resume(models, tmp_path, capsys):
     data = tmp_path / "problems.jsonl"
     rows = [
