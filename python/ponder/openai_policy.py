@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .prompts import prompt_token_ids, render_prompt
 from .protocols import NodePath, SamplingParams, Step, check_node_ids, check_restore_args, check_sampling_params
 
 __all__ = ["LocalVLLMServer", "OpenAIPolicy", "RemotePolicyError", "derive_seed"]
@@ -196,18 +197,12 @@ class OpenAIPolicy:
 
     # ---------------------------------------------------------------- prompts
     def format_prompt(self, problem: str) -> str:
-        """The prompt text of a problem (chat template + system prompt + generation prompt),
-        exactly as :meth:`ponder.HFPolicy.format_prompt` renders it."""
-        if not self.use_chat_template:
-            return problem
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": problem})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """The prompt text of a problem (``ponder.prompts.render_prompt``)."""
+        return render_prompt(self.tokenizer, problem, self.system_prompt, self.use_chat_template)
 
     def prompt_tokens(self, problem: str) -> list[int]:
-        """The prompt's token ids (a chat template writes its own BOS; a plain prompt gets the
-        tokenizer's special tokens), as HFPolicy's."""
-        return list(self.tokenizer.encode(self.format_prompt(problem), add_special_tokens=not self.use_chat_template))
+        """The prompt's token ids (``ponder.prompts.prompt_token_ids``)."""
+        return prompt_token_ids(self.tokenizer, problem, self.system_prompt, self.use_chat_template)
 
     # ---------------------------------------------------------------- Policy protocol
     def start(self, root_ids: Sequence[int], problems: Sequence[str]) -> list[list[int]]:

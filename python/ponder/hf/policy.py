@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..prompts import prompt_token_ids, render_prompt
 from ..protocols import NodePath, SamplingParams, Step, check_restore_args, check_sampling_params
 from ._batching import prefill_batch_tokens, prefill_distinct, token_batches
 from ._loading import (
@@ -148,19 +149,12 @@ class HFPolicy:
 
     # ---------------------------------------------------------------- prompts
     def format_prompt(self, problem: str) -> str:
-        """The prompt text of a problem: the chat template with the system prompt and the
-        generation prompt, or the problem itself without a template."""
-        if not self.use_chat_template:
-            return problem
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": problem})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """The prompt text of a problem (``ponder.prompts.render_prompt``)."""
+        return render_prompt(self.tokenizer, problem, self.system_prompt, self.use_chat_template)
 
     def prompt_tokens(self, problem: str) -> list[int]:
-        """Token ids of the prompt. A chat template writes its own special tokens (BOS), so they
-        are not added again; a plain prompt gets the tokenizer's (e.g. BOS)."""
-        text = self.format_prompt(problem)
-        return list(self.tokenizer.encode(text, add_special_tokens=not self.use_chat_template))
+        """The prompt's token ids (``ponder.prompts.prompt_token_ids``)."""
+        return prompt_token_ids(self.tokenizer, problem, self.system_prompt, self.use_chat_template)
 
     # ---------------------------------------------------------------- Policy protocol
     def start(self, root_ids: Sequence[int], problems: Sequence[str]) -> list[list[int]]:
