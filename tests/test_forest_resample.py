@@ -5,8 +5,9 @@ filtering (multinomial / systematic resampling).
    ``ponder._core.Forest`` give bit-identical counts (or the same exception type) for random
    candidates, totals, aggregations, modes, temperatures and seeds.
 2. Properties on each implementation: counts sum to the total per problem; proportional
-   counts (and systematic ones, up to rounding) are within one of the quota total * w / sum(w);
-   candidates of weight 0 get nothing; results are deterministic in the seed.
+   counts (and systematic ones, up to rounding) are within one of the quota total * w / sum(w)
+   (w: softmax, or the odds r / (1 - r) to the power 1 / T for ``weights="logit"``, times the
+   multiplicity); candidates of weight 0 get nothing; results are deterministic in the seed.
 3. The generator is splitmix64 (checked against its published first output) and the
    multinomial frequencies follow the weights.
 4. Bad inputs raise ValueError / IndexError naming the argument, and change nothing.
@@ -25,22 +26,24 @@ from ponder.testing.forest import IMPLS, add_roots, assert_unchanged_after_raise
 from ponder.twins.forest import SplitMix64, count_weights
 
 MODES = ("proportional", "multinomial", "systematic")
+WEIGHTS = ("softmax", "logit")
 AGGS = ("last", "min", "prod", "mean")
 SCORES = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 0.5, 1.0]), st.floats(-1, 1, width=32))
+PROBS = st.one_of(st.sampled_from([0.0, 1e-9, 0.25, 0.5, 0.5, 1.0 - 1e-9, 1.0]), st.floats(0, 1, width=32))
 TEMPS = st.one_of(st.sampled_from([0.0, 0.05, 0.1, 1.0, 10.0]), st.floats(1e-3, 100))
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def plan(data):
+def plan(data, scores_st=SCORES):
     """A random forest as a list of build steps: per problem, root children and grandchildren."""
     problems = data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=3, unique=True), label="problems")
     out = []
     for p in problems:
         k = data.draw(st.integers(1, 6), label="children")
-        scores = data.draw(st.lists(SCORES, min_size=k, max_size=k), label="scores")
+        scores = data.draw(st.lists(scores_st, min_size=k, max_size=k), label="scores")
         finished = data.draw(st.lists(st.booleans(), min_size=k, max_size=k), label="finished")
         deeper = data.draw(st.lists(st.integers(0, 3), min_size=k, max_size=k), label="grandchildren")
-        sub = [data.draw(st.lists(SCORES, min_size=d, max_size=d), label="grandchild scores") for d in deeper]
+        sub = [data.draw(st.lists(scores_st, min_size=d, max_size=d), label="grandchild scores") for d in deeper]
         pruned = data.draw(st.lists(st.booleans(), min_size=k, max_size=k), label="pruned")
         out.append((p, scores, finished, sub, pruned))
     return out
@@ -67,6 +70,8 @@ def build(Forest, steps):
 
 def draw_call(data, selectable):
     ids = data.draw(st.lists(st.sampled_from(selectable), unique=True, max_size=10), label="candidates") if selectable else []
+    multiplicity = data.draw(st.one_of(st.none(), st.lists(st.integers(1, 5), min_size=len(ids), max_size=len(ids))),
+                             label="multiplicity")
     return dict(
         candidate_ids=np.array(ids, dtype=np.int64),
         total_per_problem=data.draw(st.integers(0, 12), label="total"),
@@ -74,13 +79,16 @@ def draw_call(data, selectable):
         mode=data.draw(st.sampled_from(MODES), label="mode"),
         temperature=data.draw(TEMPS, label="temperature"),
         seed=data.draw(st.integers(-(2**63), 2**63 - 1), label="seed"),
+        weights=data.draw(st.sampled_from(WEIGHTS), label="weights"),
+        multiplicity=None if multiplicity is None else np.array(multiplicity, dtype=np.int32),
     )
 
 
 @SETTINGS
-@given(data=st.data())
-def test_twins_agree(data):
-    steps = plan(data)
+@given(data=st.data(), probabilities=st.booleans())
+def test_twins_agree(data, probabilities):
+    # probabilities: scores in [0, 1] (PRM outputs), so that weights="logit" accepts them
+    steps = plan(data, PROBS if probabilities else SCORES)
     (ref, sel), (core, _) = build(IMPLS["reference"], steps), build(IMPLS["core"], steps)
     kwargs = draw_call(data, sel)
     outcomes = []
@@ -96,17 +104,27 @@ def test_twins_agree(data):
         np.testing.assert_array_equal(outcomes[1], outcomes[0], strict=True)
 
 
-def quotas(f, ids, how, total, temperature):
+def odds_weights(ranks, temperature):
+    """weights="logit" written another way: (odds / best odds) ** (1 / T), odds of the clamped score."""
+    odds = [0.0 if r == -math.inf else min(max(r, 1e-7), 1 - 1e-7) / (1 - min(max(r, 1e-7), 1 - 1e-7)) for r in ranks]
+    top = max(odds)
+    return [(o / top) ** (1 / temperature) if top > 0 else 0.0 for o in odds]
+
+
+def quotas(f, ids, how, total, temperature, weights="softmax", multiplicity=None):
     """Expected share of each candidate: total * w / sum(w), per problem (float64)."""
     fields = f.nodes(ids)
     values = [float(v) for v in f.aggregate(ids, how)] if len(ids) else []
+    mult = [1] * len(ids) if multiplicity is None else [int(m) for m in multiplicity]
     groups = {}
     for i, p in enumerate(fields["problem"].tolist()):
         groups.setdefault(p, []).append(i)
     q = [0.0] * len(ids)
     for members in groups.values():
         ranks = [-math.inf if math.isnan(values[i]) else values[i] for i in members]
-        w = count_weights(ranks, temperature)
+        w = odds_weights(ranks, temperature) if weights == "logit" else count_weights(ranks, temperature)
+        w = [x * mult[i] for i, x in zip(members, w)]
+        w = w if sum(w) > 0 else [float(mult[i]) for i in members]
         s = sum(w)
         for i, x in zip(members, w):
             q[i] = total * x / s
@@ -117,13 +135,14 @@ def quotas(f, ids, how, total, temperature):
 @SETTINGS
 @given(data=st.data())
 def test_counts_properties(name, data):
-    f, sel = build(IMPLS[name], plan(data))
+    f, sel = build(IMPLS[name], plan(data, PROBS))  # scores in [0, 1]: every weighting accepts them
     kwargs = draw_call(data, sel)
-    kwargs["temperature"] = max(kwargs["temperature"], 0.05)  # softmax: no sign requirement
+    kwargs["temperature"] = max(kwargs["temperature"], 0.05)
     ids = kwargs["candidate_ids"]
     counts = f.children_counts(**kwargs)
     assert counts.dtype == np.int32 and counts.shape == ids.shape
-    groups, q = quotas(f, ids, kwargs["how"], kwargs["total_per_problem"], kwargs["temperature"])
+    groups, q = quotas(f, ids, kwargs["how"], kwargs["total_per_problem"], kwargs["temperature"], kwargs["weights"],
+                       kwargs["multiplicity"])
     for members in groups.values():
         assert sum(int(counts[i]) for i in members) == kwargs["total_per_problem"]
     if kwargs["mode"] != "multinomial":  # float32 aggregates in quotas(): allow a hair of slack
@@ -183,6 +202,33 @@ def test_proportional_and_raw_weights(name):
 
 
 @pytest.mark.parametrize("name", list(IMPLS))
+def test_logit_weights_are_the_odds(name):
+    f = IMPLS[name]()
+    (root,) = add_roots(f, [0], [[1]])
+    kids = children_with_scores(f, root, [[2], [3], [4]], [0.2, 0.5, 0.8])
+    # odds 1/4, 1, 4: quotas 1, 4, 16 of 21; at T=0.5 the squares 1/16, 1, 16: 1, 16, 256 of 273
+    assert f.children_counts(kids, 21, "last", "proportional", 1.0, 0, "logit").tolist() == [1, 4, 16]
+    assert f.children_counts(kids, 273, "last", "proportional", 0.5, 0, "logit").tolist() == [1, 16, 256]
+    # multiplicity: 4 particles of odds 1/4 weigh as much as one of odds 1
+    assert f.children_counts(kids, 12, "last", "proportional", 1.0, 0, "logit", [4, 1, 1]).tolist() == [2, 2, 8]
+    assert f.children_counts(kids, 12, "last", "proportional", 1.0, 0, "softmax", [1, 1, 1]).tolist() == \
+        f.children_counts(kids, 12, "last", "proportional", 1.0, 0).tolist()
+    # 0 and 1 are clamped to [1e-7, 1 - 1e-7]: odds 1e-7 / (1 - 1e-7) and its inverse, both finite
+    (r2,) = add_roots(f, [1], [[1]])
+    edge = children_with_scores(f, r2, [[2], [3], [4]], [0.0, 1.0, 1.0])
+    assert f.children_counts(edge, 10, "last", "proportional", 1.0, 0, "logit").tolist() == [0, 5, 5]
+    # all-zero (raw) weights: each candidate weighs its multiplicity
+    (r3,) = add_roots(f, [2], [[1]])
+    zero = children_with_scores(f, r3, [[2], [3]], [0.0, 0.0])
+    assert f.children_counts(zero, 4, "last", "proportional", 0.0, 0, "softmax", [3, 1]).tolist() == [3, 1]
+    # multinomial draws follow the odds (chi-square, 2 degrees of freedom, p = 0.001)
+    total = 3000 if name == "reference" else 30000
+    counts = f.children_counts(kids, total, "last", "multinomial", 1.0, 11, "logit")
+    expected = total * np.array([0.25, 1.0, 4.0]) / 5.25
+    assert float((((counts - expected) ** 2) / expected).sum()) < 13.8
+
+
+@pytest.mark.parametrize("name", list(IMPLS))
 def test_bad_inputs_raise_and_change_nothing(name):
     f = IMPLS[name]()
     (root,) = add_roots(f, [0], [[1]])
@@ -212,3 +258,19 @@ def test_bad_inputs_raise_and_change_nothing(name):
     (r,) = add_roots(g, [0], [[1]])
     neg = children_with_scores(g, r, [[2], [3]], [-0.5, 0.5])
     assert_unchanged_after_raise(g, ValueError, "negative", g.children_counts, neg, 3, "last", "proportional", 0.0, 0)
+    # logit weights: scores in [0, 1], temperature > 0; weights and multiplicity checked
+    probs = children_with_scores(g, r, [[4], [5]], [0.5, 0.25])
+    logit_cases = [
+        (ValueError, r"outside \[0, 1\]", dict(candidate_ids=neg[1:] + probs + neg[:1])),
+        (ValueError, "temperature", dict(temperature=0.0)),
+        (ValueError, "weights", dict(weights="odds")),
+        (ValueError, "multiplicity", dict(multiplicity=[1])),
+        (ValueError, "multiplicity", dict(multiplicity=[1, 0])),
+        (ValueError, "multiplicity", dict(multiplicity=[1.0, 2.0])),
+        (ValueError, "multiplicity", dict(multiplicity=[1, 2, 3])),
+    ]
+    for exc, match, change in logit_cases:
+        kwargs = dict(candidate_ids=probs, total_per_problem=3, how="last", mode="multinomial", temperature=1.0,
+                      seed=0, weights="logit")
+        kwargs.update(change)
+        assert_unchanged_after_raise(g, exc, match, g.children_counts, **kwargs)

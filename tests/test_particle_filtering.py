@@ -1,29 +1,33 @@
 """Particle filtering on the engine: equal to the per-problem oracle (``ponder.baselines.oracle_pf``)
-on scripted models for both resampling schemes, both weightings and several ESS thresholds;
-resampled particles fork their parent's KV sequence on tiny HF models; config validation."""
+on scripted models for both resampling schemes, the three weightings, several ESS thresholds and
+both handlings of finished particles; the defaults are its_hub's; resampled particles fork their
+parent's KV sequence on tiny HF models; config validation."""
 
 from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
 from ponder import SamplingParams, SearchConfig, search
+from ponder._core import FINISHED
 from ponder.baselines import oracle_pf as oracle
 from ponder.methods.particle_filtering import ess, resample_seed
 from ponder.testing.scripted import PROBLEMS, ScriptedPolicy, ScriptedPRM
 from ponder.testing.scripted import assert_matches_oracle as _assert_matches_oracle
 from ponder.testing.scripted import scripted_config as _config
 
-GRID = list(itertools.product(["multinomial", "systematic"], ["softmax", "raw"], [0.0, 0.5, 1.0]))
+GRID = list(itertools.product(["multinomial", "systematic"], ["logit", "softmax", "raw"], [0.0, 0.5, 1.0],
+                               ["resample", "keep"]))
 
 
-@pytest.mark.parametrize("scheme,weights,threshold", GRID)
-def test_engine_equals_oracle(scheme, weights, threshold):
-    runs = resampled = 0
+@pytest.mark.parametrize("scheme,weights,threshold,finished", GRID)
+def test_engine_equals_oracle(scheme, weights, threshold, finished):
+    runs = resampled = dropped = 0
     for (n, agg), seed, levels in itertools.product([(4, "last"), (6, "min"), (8, "prod"), (3, "mean")], range(2), (None, 3)):
         cfg = _config(method="particle_filtering", n=n, agg=agg, seed=seed, pf_resampling=scheme, pf_weights=weights,
-                      pf_ess_threshold=threshold, pf_temperature=0.1 if seed else 1.0)
+                      pf_ess_threshold=threshold, pf_temperature=0.1 if seed else 1.0, pf_finished=finished)
         models, oracle_models = (ScriptedPolicy(), ScriptedPRM(levels)), (ScriptedPolicy(), ScriptedPRM(levels))
         got = search(PROBLEMS, *models, cfg)
         want = oracle.particle_filtering(PROBLEMS, *oracle_models, cfg)
@@ -32,12 +36,44 @@ def test_engine_equals_oracle(scheme, weights, threshold):
             assert len(r.completions) <= n
             parents = r.tree["parent"][r.tree["depth"] >= 2].tolist()
             resampled += len(parents) != len(set(parents))  # a particle drawn twice: two children
+            done = r.tree["node_id"][r.tree["status"] == FINISHED].tolist()
+            dropped += len(set(done) - {c.node_id for c in r.completions})  # a finished path resampled away
         runs += 1
     assert runs == 16
-    if threshold == 1.0:  # resample whenever the weights are not all equal
+    if threshold == 1.0:  # resample at every step
         assert resampled > 0
+        assert (dropped > 0) == (finished == "resample")  # "keep" never drops a finished path
     elif threshold == 0.0:  # never resample: every particle has at most one child below the first level
-        assert resampled == 0
+        assert resampled == 0 and dropped == 0
+
+
+def test_defaults_are_its_hubs():
+    """its_hub's ParticleFiltering: weights softmax(logit(r)) of the last step's reward, multinomial
+    resampling of all particles (finished ones too) at every step, the argmax particle's answer."""
+    d = SearchConfig(method="particle_filtering")
+    assert (d.pf_weights, d.pf_temperature, d.pf_resampling, d.pf_ess_threshold, d.pf_finished, d.agg, d.vote) == \
+        ("logit", 1.0, "multinomial", 1.0, "resample", "last", None)
+    for seed in range(3):
+        cfg = _config(method="particle_filtering", n=8, seed=seed)
+        for r in search(PROBLEMS, ScriptedPolicy(), ScriptedPRM(), cfg):
+            answered = [c for c in r.completions if c.answer is not None]
+            if not answered:
+                continue
+            best = max(answered, key=lambda c: (c.score, -c.node_id))  # argmax, ties to the lower id
+            assert (r.answer, r.answer_node) == (best.answer, best.node_id)
+
+
+def test_finished_particles_are_held_with_multiplicity():
+    """pf_finished="resample": the root's N particles, then never more than N generating at a depth
+    (particles holding finished paths generate nothing); each surviving completion returned once."""
+    for seed in range(4):
+        cfg = _config(method="particle_filtering", n=8, seed=seed, num_iterations=6, pf_temperature=0.5)
+        for r in search(PROBLEMS, ScriptedPolicy(), ScriptedPRM(), cfg):
+            t = r.tree
+            per_depth = np.bincount(t["depth"][t["depth"] >= 1], minlength=2)
+            assert per_depth[1] == 8
+            assert all(k <= 8 for k in per_depth.tolist())
+            assert len({c.node_id for c in r.completions}) == len(r.completions) <= 8
 
 
 def test_longer_runs_equal_oracle():
@@ -61,6 +97,8 @@ def test_same_seed_same_search():
 def test_helpers():
     assert ess([1.0, 1.0, 1.0, 1.0]) == 4.0
     assert ess([1.0, 0.0, 0.0]) == 1.0
+    assert ess([3.0, 1.0], [3, 1]) == 4.0  # 3 particles of weight 1 and one of 1: all equal
+    assert ess([2.0, 0.0], [2, 1]) == 2.0
     assert resample_seed(3, 1) != resample_seed(3, 2) != resample_seed(4, 1)
     assert 0 <= resample_seed(-5, 0) < 2**63
 
@@ -71,6 +109,7 @@ def test_helpers():
         (dict(pf_temperature=0), "pf_temperature"),
         (dict(pf_temperature=-1.0), "pf_temperature"),
         (dict(pf_weights="log"), "pf_weights"),
+        (dict(pf_finished="drop"), "pf_finished"),
         (dict(pf_resampling="residual"), "pf_resampling"),
         (dict(pf_ess_threshold=1.5), "pf_ess_threshold"),
         (dict(pf_ess_threshold=-0.1), "pf_ess_threshold"),

@@ -161,19 +161,25 @@ ponder.twins.Forest, whose docstrings define every operation; inputs are 1-D arr
       .def(
           "children_counts",
           [](const Forest& f, py::handle ids, py::handle total, py::handle how, py::handle mode,
-             py::handle temperature, py::handle seed) {
+             py::handle temperature, py::handle seed, py::handle weights, py::handle multiplicity) {
             Args a;
             const int64_t t = a.scalar(total, "total_per_problem", 0, kI32Max);
             py::list one;
             one.append(temperature);
             const std::vector<double> temp = to_finite_doubles(a.view(one, "temperature"), "temperature");
             const int64_t s = a.scalar(seed, "seed", INT64_MIN, kI64Max);
-            return to_numpy(f.children_counts(a.view(ids, "candidate_ids"), t, option(how), option(mode), temp[0], s));
+            const NumView view = a.view(ids, "candidate_ids");
+            if (multiplicity.is_none())
+              return to_numpy(f.children_counts(view, t, option(how), option(mode), temp[0], s, option(weights)));
+            const NumView m = a.view(multiplicity, "multiplicity");
+            return to_numpy(f.children_counts(view, t, option(how), option(mode), temp[0], s, option(weights), &m));
           },
           py::arg("candidate_ids"), py::arg("total_per_problem"), py::arg("how"), py::arg("mode") = "proportional",
-          py::arg("temperature") = 1.0, py::arg("seed") = 0,
+          py::arg("temperature") = 1.0, py::arg("seed") = 0, py::arg("weights") = "softmax",
+          py::arg("multiplicity") = py::none(),
           "int32 [n]: per problem, each candidate's share of total_per_problem from softmax(aggregate / "
-          "temperature) (0: raw aggregate); mode proportional | multinomial | systematic.")
+          "temperature) (0: raw aggregate), or weights='logit': softmax(logit(aggregate) / temperature), "
+          "times multiplicity (int [n] >= 1, None: 1 each); mode proportional | multinomial | systematic.")
       .def(
           "vote",
           [](const Forest& f, py::handle ids, py::handle how, py::handle agg) {

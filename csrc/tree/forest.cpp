@@ -799,6 +799,18 @@ CountMode parse_count_mode(const std::string& mode) {
   throw std::invalid_argument("mode must be one of proportional, multinomial, systematic; got '" + mode + "'");
 }
 
+enum class WeightMode { Softmax, Logit };
+
+WeightMode parse_weight_mode(const std::string& weights) {
+  if (weights == "softmax") return WeightMode::Softmax;
+  if (weights == "logit") return WeightMode::Logit;
+  throw std::invalid_argument("weights must be one of softmax, logit; got '" + weights + "'");
+}
+
+// weights="logit": scores are clamped to [kLogitEps, 1 - kLogitEps] (its_hub's clip) before
+// log(r / (1 - r)), so 0 and 1 give finite logits.
+constexpr double kLogitEps = 1e-7;
+
 // splitmix64 (Steele et al. 2014): state += golden gamma, then the finalizer; uniforms in [0, 1)
 // from the top 53 bits. The twin computes the same integers and the same doubles.
 struct SplitMix64 {
@@ -826,23 +838,41 @@ size_t pick(const std::vector<double>& cum, const std::vector<double>& w, double
 
 std::vector<int32_t> Forest::children_counts(const NumView& candidate_ids, int64_t total_per_problem,
                                              const std::string& how, const std::string& mode, double temperature,
-                                             int64_t seed) const {
+                                             int64_t seed, const std::string& weights,
+                                             const NumView* multiplicity) const {
   const Agg agg = parse_agg(how, "how");
   const CountMode cm = parse_count_mode(mode);
+  const WeightMode wm = parse_weight_mode(weights);
   if (total_per_problem < 0 || total_per_problem > kInt32Max)
     throw std::invalid_argument("total_per_problem[0] = " + std::to_string(total_per_problem) +
                                 " is out of range [0, " + std::to_string(kInt32Max) + "]");
   if (!std::isfinite(temperature) || temperature < 0)
     throw std::invalid_argument("temperature must be a finite number >= 0, got " + std::to_string(temperature));
+  if (wm == WeightMode::Logit && temperature == 0)
+    throw std::invalid_argument("temperature must be > 0 with weights='logit', got 0");
   const std::vector<int32_t> ids = scored_ids(candidate_ids, "candidate_ids", /*allow_pruned=*/false);
   check_unique(ids, "candidate_ids");
+  std::vector<int64_t> mult(ids.size(), 1);
+  if (multiplicity != nullptr) {
+    mult = to_ints(*multiplicity, "multiplicity", 1, kInt32Max);
+    check_length(ids.size(), mult.size(), "multiplicity");
+  }
   std::vector<double> rank(ids.size());
   for (size_t i = 0; i < ids.size(); ++i) {
     rank[i] = rank_of(value(ids[i], agg));
+    if (wm == WeightMode::Logit && rank[i] != -kInf && !(rank[i] >= 0 && rank[i] <= 1))
+      throw std::invalid_argument(at("candidate_ids", i, ids[i]) +
+                                  " has an aggregate outside [0, 1]; weights='logit' needs scores in [0, 1]");
     if (temperature == 0 && rank[i] < 0 && rank[i] != -kInf)
       throw std::invalid_argument(at("candidate_ids", i, ids[i]) +
                                   " has a negative aggregate; temperature 0 (raw weights) needs scores >= 0");
   }
+  if (wm == WeightMode::Logit)  // the logit replaces the score; the softmax below is unchanged
+    for (double& r : rank)
+      if (r != -kInf) {
+        const double c = std::min(std::max(r, kLogitEps), 1.0 - kLogitEps);
+        r = std::log(c / (1.0 - c));
+      }
   // Group positions (not ids) by problem, first-appearance order.
   std::vector<int32_t> pos(ids.size());
   for (size_t i = 0; i < ids.size(); ++i) pos[i] = static_cast<int32_t>(i);
@@ -870,10 +900,10 @@ std::vector<int32_t> Forest::children_counts(const NumView& candidate_ids, int64
       else w[k] = std::exp((r - top) / temperature);
     }
     double sum = 0;
-    for (size_t k = 0; k < n; ++k) sum += w[k];
-    if (!(sum > 0)) {
-      w.assign(n, 1.0);
-      sum = static_cast<double>(n);
+    for (size_t k = 0; k < n; ++k) sum += (w[k] *= static_cast<double>(mult[members[k]]));
+    if (!(sum > 0)) {  // every weight 0: each copy weighs the same
+      sum = 0;
+      for (size_t k = 0; k < n; ++k) sum += (w[k] = static_cast<double>(mult[members[k]]));
     }
     if (cm == CountMode::Proportional) {
       std::vector<std::pair<double, size_t>> rest;  // (fractional part, k)

@@ -99,11 +99,14 @@ class Forest {
   std::vector<int32_t> select_dvts(const NumView& candidate_ids, const std::string& how) const;
   VoteResult vote(const NumView& node_ids, const std::string& how, const std::string& agg) const;
   // Per problem, how many of `total_per_problem` children (or resampled copies) each candidate
-  // gets, from weights softmax(aggregate / temperature) (temperature 0: the raw aggregate).
+  // gets, from weights softmax(aggregate / temperature) (temperature 0: the raw aggregate), or
+  // with weights="logit" softmax(logit(clamp(aggregate, 1e-7, 1 - 1e-7)) / temperature), times
+  // the candidate's multiplicity (nullptr: 1 each).
   // mode: proportional (largest remainder) | multinomial | systematic (seeded splitmix64).
   std::vector<int32_t> children_counts(const NumView& candidate_ids, int64_t total_per_problem,
                                        const std::string& how, const std::string& mode, double temperature,
-                                       int64_t seed) const;
+                                       int64_t seed, const std::string& weights = "softmax",
+                                       const NumView* multiplicity = nullptr) const;
 
  private:
   struct Page {

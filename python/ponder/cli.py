@@ -199,15 +199,19 @@ def build_run_parser() -> argparse.ArgumentParser:
     pf = p.add_argument_group("particle filtering / REBASE (docs/methods_pf_rebase.md)")
     d = SearchConfig()
     pf.add_argument("--pf-temperature", type=float, default=d.pf_temperature, metavar="T",
-                    help=f"particle_filtering: particle weights softmax(score / T), T > 0 (default {d.pf_temperature:g})")
+                    help=f"particle_filtering: temperature T > 0 of the particle weights (default {d.pf_temperature:g})")
     pf.add_argument("--pf-weights", default=d.pf_weights, metavar="W",
-                    help=f"particle_filtering: softmax (of score / --pf-temperature) or raw (the aggregated scores "
-                         f"themselves, >= 0) (default {d.pf_weights})")
+                    help="particle_filtering: logit (softmax(logit(score) / T): the odds r / (1 - r) at T=1, its_hub's), "
+                         "softmax (of score / T) or raw (the aggregated scores themselves, >= 0) "
+                         f"(default {d.pf_weights})")
+    pf.add_argument("--pf-finished", default=d.pf_finished, metavar="F",
+                    help="particle_filtering: resample (finished particles are resampled with the others, its_hub's) "
+                         f"or keep (kept as completions, never resampled) (default {d.pf_finished})")
     pf.add_argument("--pf-resampling", default=d.pf_resampling, metavar="R",
                     help=f"particle_filtering: multinomial or systematic resampling (default {d.pf_resampling})")
     pf.add_argument("--pf-ess-threshold", type=float, default=d.pf_ess_threshold, metavar="E",
                     help="particle_filtering: resample when the effective sample size is below E x particles, E in "
-                         f"[0, 1] (1: every step unless the weights are all equal; 0: never) (default {d.pf_ess_threshold:g})")
+                         f"[0, 1] (1: at every step, its_hub's; 0: never) (default {d.pf_ess_threshold:g})")
     pf.add_argument("--rebase-temperature", type=float, default=d.rebase_temperature, metavar="T",
                     help=f"rebase: children per node proportional to softmax(score / T), T > 0 (default {d.rebase_temperature:g})")
 
@@ -535,7 +539,7 @@ def _eval_config(args: argparse.Namespace, problems: list):
         sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, max_step_tokens=limits["max_step_tokens"]),
         budget_tokens=args.budget_tokens, strategy=args.strategy,
         pf_temperature=args.pf_temperature, pf_weights=args.pf_weights, pf_resampling=args.pf_resampling,
-        pf_ess_threshold=args.pf_ess_threshold, rebase_temperature=args.rebase_temperature,
+        pf_ess_threshold=args.pf_ess_threshold, pf_finished=args.pf_finished, rebase_temperature=args.rebase_temperature,
     )
     ns = sorted(set(args.budget or args.n))  # dynamic compute: budgets are n-equivalents
     return EvalConfig(methods=list(dict.fromkeys(args.methods)), ns=ns, base_config=base, batch_size=args.batch_size)

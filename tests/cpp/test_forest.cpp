@@ -948,6 +948,42 @@ TEST_CASE("forest: children_counts proportional / multinomial / systematic") {
   CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, counts({2, 3}, 3, "proportional", 1.0)), "pruned"));
 }
 
+TEST_CASE("forest: children_counts logit weights and multiplicity") {
+  Forest f;
+  CHECK(add_roots(f, {0, 1}, {0, 0}, {{1}, {2}}) == I32{0, 1});
+  CHECK(expand(f, {0, 1}, {3, 2}) == I32{2, 3, 4, 5, 6});
+  set_steps(f, {2, 3, 4, 5, 6}, {{1}, {2}, {3}, {4}, {5}}, {0.2, 0.5, 0.8, 0.0, 1.0}, {0, 0, 1, 0, 0});
+  auto counts = [&](const I32& ids, int64_t total, double t, const std::vector<int64_t>* mult = nullptr) {
+    if (mult == nullptr) return f.children_counts(N(ids), total, "last", "proportional", t, 0, "logit");
+    const NumView m = NumView::of(*mult);
+    return f.children_counts(N(ids), total, "last", "proportional", t, 0, "logit", &m);
+  };
+  // Odds 1/4, 1, 4 (a finished node is a candidate like any other): quotas 1, 4, 16 of 21; at
+  // T = 0.5 their squares: 1, 16, 256 of 273.
+  CHECK(counts({2, 3, 4}, 21, 1.0) == I32{1, 4, 16});
+  CHECK(counts({2, 3, 4}, 273, 0.5) == I32{1, 16, 256});
+  // Multiplicity 4 of odds 1/4 weighs as one of odds 1: 2, 2, 8 of 12.
+  const std::vector<int64_t> m{4, 1, 1};
+  CHECK(counts({2, 3, 4}, 12, 1.0, &m) == I32{2, 2, 8});
+  // 0 and 1 are clamped to [1e-7, 1 - 1e-7]: finite odds, the 0 gets nothing of 10.
+  CHECK(counts({5, 6}, 10, 1.0) == I32{0, 10});
+  // Errors: temperature 0, a score outside [0, 1], a bad weights name, bad multiplicities.
+  CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, counts({2}, 3, 0.0)), "logit"));
+  const std::vector<int64_t> zero{0}, two{1, 1};
+  CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, counts({2}, 3, 1.0, &zero)), "multiplicity"));
+  CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument, counts({2}, 3, 1.0, &two)), "multiplicity"));
+  CHECK(contains(THROWS_UNCHANGED(f, std::invalid_argument,
+                                  f.children_counts(N({2}), 3, "last", "multinomial", 1.0, 0, "odds")),
+                 "weights"));
+  Forest g;
+  CHECK(add_roots(g, {0}, {0}, {{1}}) == I32{0});
+  CHECK(expand(g, {0}, {2}) == I32{1, 2});
+  set_steps(g, {1, 2}, {{1}, {2}}, {0.5, 1.5}, {0, 0});
+  CHECK(contains(THROWS_UNCHANGED(g, std::invalid_argument,
+                                  g.children_counts(N({1, 2}), 3, "last", "multinomial", 1.0, 0, "logit")),
+                 "[0, 1]"));
+}
+
 // ================================================================================ vote
 
 TEST_CASE("forest: vote majority / weighted / best with ties, abstaining nodes and NO_ANSWER rows") {

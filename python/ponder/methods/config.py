@@ -18,6 +18,9 @@ from .stopping import EarlyStop
 
 METHODS = ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts", "particle_filtering", "rebase", "auto")
 
+PF_WEIGHTS = ("logit", "softmax", "raw")  # particle filtering's weightings (SearchConfig.pf_weights)
+PF_FINISHED = ("resample", "keep")  # what particle filtering does with finished particles
+
 # The vote each non-tree method implies (beam search and DVTS take ``SearchConfig.vote``).
 IMPLIED_VOTE = {"majority": "majority", "best_of_n": "best", "weighted_best_of_n": "weighted"}
 
@@ -79,15 +82,20 @@ class SearchConfig:
     budget: float | None = None
     budget_tokens: float | None = None
     strategy: str | None = None
-    # particle_filtering (ponder.methods.particle_filtering): weights softmax(agg / pf_temperature)
-    # (pf_weights="softmax") or the raw aggregate ("raw", scores >= 0); resample with
-    # pf_resampling ("multinomial" | "systematic") when ESS < pf_ess_threshold * particles
-    # (1.0: every step unless the weights are all equal; 0: never). rebase (ponder.methods.rebase):
-    # children per node proportional to softmax(agg / rebase_temperature).
+    # particle_filtering (ponder.methods.particle_filtering; defaults: its_hub's ParticleFiltering,
+    # docs/methods_pf_rebase.md): weights softmax(logit(agg) / pf_temperature), i.e. the odds
+    # r / (1 - r) at T=1 (pf_weights="logit"), softmax(agg / pf_temperature) ("softmax") or the
+    # raw aggregate ("raw", scores >= 0); resample with pf_resampling ("multinomial" |
+    # "systematic") at every step (pf_ess_threshold 1.0) or when ESS < pf_ess_threshold *
+    # particles (0: never); pf_finished: "resample" (finished particles are resampled with the
+    # others and hold their copies' share of the N particles) or "keep" (kept as completions,
+    # never resampled). Its final vote is `vote`, default "best" (its_hub's argmax particle).
+    # rebase (ponder.methods.rebase): children per node proportional to softmax(agg / rebase_temperature).
     pf_temperature: float = 1.0
-    pf_weights: str = "softmax"
+    pf_weights: str = "logit"
     pf_resampling: str = "multinomial"
     pf_ess_threshold: float = 1.0
+    pf_finished: str = "resample"
     rebase_temperature: float = 0.1
 
     def validate(self) -> SearchConfig:
@@ -126,8 +134,10 @@ class SearchConfig:
             t = getattr(self, name)
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
                 raise ValueError(f"{name} must be a finite number > 0; got {t!r}")
-        if self.pf_weights not in ("softmax", "raw"):
-            raise ValueError(f"pf_weights must be one of softmax, raw; got {self.pf_weights!r}")
+        if self.pf_weights not in PF_WEIGHTS:
+            raise ValueError(f"pf_weights must be one of {', '.join(PF_WEIGHTS)}; got {self.pf_weights!r}")
+        if self.pf_finished not in PF_FINISHED:
+            raise ValueError(f"pf_finished must be one of {', '.join(PF_FINISHED)}; got {self.pf_finished!r}")
         if self.pf_resampling not in ("multinomial", "systematic"):
             raise ValueError(f"pf_resampling must be one of multinomial, systematic; got {self.pf_resampling!r}")
         e = self.pf_ess_threshold

@@ -542,14 +542,19 @@ class Forest:
         }
 
     def children_counts(self, candidate_ids, total_per_problem, how: str, mode: str = "proportional",
-                         temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+                         temperature: float = 1.0, seed: int = 0, weights: str = "softmax",
+                         multiplicity=None) -> np.ndarray:
         """Per problem, how many of ``total_per_problem`` children (or resampled copies) each
         candidate gets; the selection step of REBASE and particle filtering.
 
         candidate_ids: int [n], unique, scored, not pruned. how: the aggregation whose float64
         value scores a path (NaN ranks as -inf). Weights: softmax(score / temperature) per problem
         (temperature > 0), or the raw score (temperature 0; a negative score is a ValueError);
-        see ``count_weights``. mode: ``proportional`` (each gets floor(total * w / sum), the rest
+        with ``weights="logit"``, softmax(logit(score) / temperature): the odds r / (1 - r) at
+        temperature 1, r clamped to [1e-7, 1 - 1e-7] first (temperature must be > 0, every
+        non-NaN score in [0, 1], else ValueError). multiplicity: int [n] >= 1 or None (1 each):
+        a candidate standing for m identical particles weighs m times its weight (all-zero
+        weights: each weighs its multiplicity); see ``count_weights``. mode: ``proportional`` (each gets floor(total * w / sum), the rest
         one each to the largest remainders, ties to the lower id; seed unused), ``multinomial``
         (``total`` independent draws) or ``systematic`` (points (u + j) / total of one draw u).
         Every problem's draws come from ``SplitMix64(seed)`` restarted for that problem (a caller
@@ -558,26 +563,37 @@ class Forest:
         """
         check_choice(how, "how", AGGREGATIONS)
         check_choice(mode, "mode", COUNT_MODES)
+        check_choice(weights, "weights", WEIGHT_MODES)
         total = int_array([total_per_problem], "total_per_problem", 0, INT32_MAX)[0]
         temp = float_array([temperature], "temperature")[0]
         if temp < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {temp}")
         seed_value = int_array([seed], "seed", -(2**63), 2**63 - 1)[0]
+        if weights == "logit" and temp == 0:
+            raise ValueError("temperature must be > 0 with weights='logit', got 0")
         ids, nodes = self._scored(candidate_ids, "candidate_ids", allow_pruned=False)
         check_unique(ids, "candidate_ids")
+        mult = [1] * len(ids)
+        if multiplicity is not None:
+            mult = int_array(multiplicity, "multiplicity", 1, INT32_MAX)
+            if len(mult) != len(ids):
+                raise ValueError(f"multiplicity must have length {len(ids)}, got {len(mult)}")
         ranks = [self._rank(self._value(node, how)) for node in nodes]
-        if temp == 0:
-            for i, r in enumerate(ranks):
-                if r < 0 and r != -math.inf:
-                    raise ValueError(
-                        f"candidate_ids[{i}] = {ids[i]} has a negative aggregate; temperature 0 (raw weights) needs scores >= 0"
-                    )
+        for i, r in enumerate(ranks):
+            if weights == "logit" and r != -math.inf and not 0 <= r <= 1:
+                raise ValueError(
+                    f"candidate_ids[{i}] = {ids[i]} has an aggregate outside [0, 1]; weights='logit' needs scores in [0, 1]"
+                )
+            if temp == 0 and r < 0 and r != -math.inf:
+                raise ValueError(
+                    f"candidate_ids[{i}] = {ids[i]} has a negative aggregate; temperature 0 (raw weights) needs scores >= 0"
+                )
         groups: dict[int, list[int]] = {}
         for i, node in enumerate(nodes):
             groups.setdefault(node.problem, []).append(i)
         out = [0] * len(ids)
         for members in groups.values():
-            w = count_weights([ranks[i] for i in members], temp)
+            w = count_weights([ranks[i] for i in members], temp, weights, [mult[i] for i in members])
             counts = counts_from_weights(w, [ids[i] for i in members], total, mode, seed_value)
             for i, c in zip(members, counts):
                 out[i] = c
@@ -595,6 +611,8 @@ class Forest:
 # ----------------------------------------------------------------------------- children counts
 
 COUNT_MODES = ("proportional", "multinomial", "systematic")
+WEIGHT_MODES = ("softmax", "logit")
+LOGIT_EPS = 1e-7  # its_hub's clip of the PRM reward before its logit
 _MASK64 = 2**64 - 1
 
 
@@ -617,10 +635,25 @@ class SplitMix64:
         return (self.next() >> 11) * 2.0**-53
 
 
-def count_weights(ranks: list[float], temperature: float) -> list[float]:
+def logit(r: float) -> float:
+    """log(c / (1 - c)) of r clamped to [LOGIT_EPS, 1 - LOGIT_EPS] (-inf stays -inf)."""
+    if r == -math.inf:
+        return r
+    c = min(max(r, LOGIT_EPS), 1.0 - LOGIT_EPS)
+    return math.log(c / (1.0 - c))
+
+
+def count_weights(ranks: list[float], temperature: float, weights: str = "softmax",
+                  multiplicity: list[int] | None = None) -> list[float]:
     """Unnormalized weights of one problem's candidates from their ranks (aggregate; NaN ->
-    -inf): exp((r - max) / temperature), or r itself when temperature is 0. -inf weighs 0;
-    when some rank is +inf, exactly the +inf ones weigh 1; when all weigh 0, all weigh 1."""
+    -inf): exp((r - max) / temperature), or r itself when temperature is 0; with
+    ``weights="logit"`` the rank is ``logit(r)`` first (so temperature 1 gives the odds
+    r / (1 - r) over the best one's). -inf weighs 0; when some rank is +inf, exactly the +inf
+    ones weigh 1. Each weight is then multiplied by its multiplicity (None: 1 each); when all
+    weigh 0, each weighs its multiplicity."""
+    if weights == "logit":
+        ranks = [logit(r) for r in ranks]
+    mult = [1] * len(ranks) if multiplicity is None else multiplicity
     top = max(ranks)
     w = []
     for r in ranks:
@@ -633,9 +666,10 @@ def count_weights(ranks: list[float], temperature: float) -> list[float]:
         else:
             w.append(math.exp((r - top) / temperature))
     total = 0.0
-    for x in w:
-        total += x
-    return w if total > 0 else [1.0] * len(w)
+    for k in range(len(w)):
+        w[k] *= float(mult[k])
+        total += w[k]
+    return w if total > 0 else [float(m) for m in mult]
 
 
 def _pick(cum: list[float], w: list[float], target: float) -> int:
