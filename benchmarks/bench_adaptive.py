@@ -48,7 +48,7 @@ try:
 except ImportError:  # running from a checkout without an install
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
-from ponder.calibrate import collect, load_records, save_records
+from ponder.calibrate import collect, load_records
 from ponder.methods.config import SearchConfig
 from ponder.methods.stopping import EarlyStop, futile, should_stop, tally
 from ponder.methods.strategy import OPTION_VOTE, SAMPLING, TREES, load_cached, vote
@@ -107,63 +107,100 @@ def _strategy_digest(strategy: str | None) -> str:
 
 def engine_runs(problems, policy, prm, base: SearchConfig, ref_n: int, budgets: list[int], strategy: str | None,
                 early_stop: EarlyStop, weighted_early_stop: EarlyStop, cache: str | None = None,
-                only: str | None = None):
+                only: str | None = None, seeds: dict[str, int] | None = None, chunk: int = 0,
+                sample: bool = True):
     """Early-stopped majority (``early_stop``) and weighted best-of-N (``weighted_early_stop``) and
-    auto at every budget, all
-    problems of all of them in one engine. ``cache``: a JSON file of earlier runs keyed by kind,
-    settings (the rule; the budget and the strategy file's digest) and problems; a kind found
-    there is not run again, the ones run are added. ``only``: "early_stop" or "auto": run only
-    those kinds (the others are left out of the result unless cached)."""
+    auto at every budget. ``cache``: a JSON file of earlier runs, keyed by kind and settings (the
+    rule; the budget and the strategy file's digest), then by problem id; what is found there is
+    not run again. The rest runs in chunks of ``chunk`` problems (0: all at once), every kind of
+    a chunk in one engine, and the cache is written after each chunk (a cut run keeps its
+    finished chunks). ``seeds``: each problem's seed by id (default: its position here).
+    ``only``: "early_stop" or "auto": run only those kinds. ``sample=False``: run nothing.
+    Returns {kind: [per-problem row, in ``problems`` order, only problems that have it]}."""
     from ponder.engine import Engine
     from ponder.grading import is_equivalent
 
-    engine = Engine(policy, prm)
     saved = json.load(open(cache)) if cache and os.path.exists(cache) else {}
-    ids = [str(p.id) for p in problems]
+    seeds = seeds or {str(p.id): i for i, p in enumerate(problems)}
     digest = _strategy_digest(strategy)
     kinds = [("majority+early_stop", dataclasses.replace(base, method="majority", n=ref_n, early_stop=early_stop))]
     kinds.append(("weighted_best_of_n+early_stop",
                   dataclasses.replace(base, method="weighted_best_of_n", n=ref_n, early_stop=weighted_early_stop)))
     for b in budgets:
         kinds.append((f"auto@{b}", dataclasses.replace(base, method="auto", n=b, budget=b, strategy=strategy)))
-    out, keys, wanted = {}, {}, []
+    keys = {}
     for name, cfg in kinds:
         settings = repr(cfg.early_stop) if cfg.method != "auto" else f"budget={cfg.budget} strategy={digest}"
-        keys[name] = f"{name} | {settings} | {len(ids)} problems {hash_ids(ids)}"
-        if keys[name] in saved:
-            out[name] = saved[keys[name]]
-        elif only is None or name.startswith("auto") == (only == "auto"):
-            wanted.append((name, cfg))
-    handles = {name: [engine.submit(p.problem, dataclasses.replace(cfg, seed=BENCH_SEED + 7 + 1000 * i))
-                      for i, p in enumerate(problems)] for name, cfg in wanted}
+        keys[name] = f"{name} | {settings}"
+        saved.setdefault(keys[name], {})
+    wanted = [(name, cfg) for name, cfg in kinds if only is None or name.startswith("auto") == (only == "auto")]
+    todo = [p for p in problems if any(str(p.id) not in saved[keys[name]] for name, _ in wanted)] if sample else []
+    size = chunk or max(1, len(todo))
     t0 = time.perf_counter()
-    while engine.has_work():
-        engine.step()
-    log(f"engine runs of {[n for n, _ in wanted]}: {time.perf_counter() - t0:.0f} s")
-    for name, hs in handles.items():
-        per = []
-        for p, h in zip(problems, hs):
-            r = h.result()
-            per.append({
-                "id": str(p.id), "level": p.level,
-                "correct": bool(is_equivalent(r.answer, p.answer)) if r.answer is not None else False,
-                "tokens": r.budget.policy_tokens_generated + r.budget.policy_tokens_prefilled,
-                "difficulty": r.difficulty, "chosen": r.chosen,
-            })
-        out[name] = per
-        saved[keys[name]] = per
-    if cache and handles:
-        tmp = cache + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(saved, f)
-        os.replace(tmp, cache)
+    for c0 in range(0, len(todo), size):
+        part = todo[c0:c0 + size]
+        engine = Engine(policy, prm)
+        handles = {name: [(p, engine.submit(p.problem, dataclasses.replace(cfg, seed=BENCH_SEED + 7 + 1000 * seeds[str(p.id)])))
+                          for p in part if str(p.id) not in saved[keys[name]]] for name, cfg in wanted}
+        while engine.has_work():
+            engine.step()
+        for name, hs in handles.items():
+            for p, h in hs:
+                r = h.result()
+                saved[keys[name]][str(p.id)] = {
+                    "id": str(p.id), "level": p.level,
+                    "correct": bool(is_equivalent(r.answer, p.answer)) if r.answer is not None else False,
+                    "tokens": r.budget.policy_tokens_generated + r.budget.policy_tokens_prefilled,
+                    "difficulty": r.difficulty, "chosen": r.chosen,
+                }
+        if cache:
+            tmp = cache + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(saved, f)
+            os.replace(tmp, cache)
+        log(f"engine runs of {[n for n, _ in wanted]}: {c0 + len(part)}/{len(todo)} problems, "
+            f"{time.perf_counter() - t0:.0f} s")
+    return {name: [saved[keys[name]][str(p.id)] for p in problems if str(p.id) in saved[keys[name]]]
+            for name, _ in kinds}
+
+
+def level_order(problems: list) -> list:
+    """Round robin over the levels (each level's first problem, then each one's second, ...):
+    every prefix of the order is balanced across levels, so a run cut short stays a fair slice."""
+    by: dict = {}
+    for p in problems:
+        by.setdefault(p.level, []).append(p)
+    out = []
+    for i in range(max((len(v) for v in by.values()), default=0)):
+        out += [v[i] for _, v in sorted(by.items(), key=lambda kv: str(kv[0])) if i < len(v)]
     return out
 
 
-def hash_ids(ids: list[str]) -> str:
-    import hashlib
-
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+def fixed_records(problems, policy, prm, base: SearchConfig, samples: int, tree_ns: list[int], path: str | None,
+                  seeds: dict[str, int], chunk: int, sample: bool = True, progress: bool = True) -> dict:
+    """The fixed methods' measurements (``ponder.calibrate.collect``) of ``problems`` by id:
+    read from ``path`` (JSONL records; one with fewer samples or tree n than asked is measured
+    again), the rest measured in chunks of ``chunk`` (0: all at once), each appended to
+    ``path`` when done. ``sample=False``: only what ``path`` holds."""
+    have = {}
+    if path and os.path.exists(path):
+        for r in load_records(path):
+            if len(r.samples) >= samples and all(n in r.trees.get(m, {}) for m in TREES for n in tree_ns):
+                have[r.id] = r
+    todo = [p for p in problems if str(p.id) not in have] if sample else []
+    size = chunk or max(1, len(todo))
+    t0 = time.perf_counter()
+    for c0 in range(0, len(todo), size):
+        part = todo[c0:c0 + size]
+        got = collect(part, policy, prm, base, samples=samples, tree_ns=tree_ns, beam_width=4, seed=BENCH_SEED,
+                      progress=progress, seeds=[BENCH_SEED + 1000 * seeds[str(p.id)] for p in part])
+        for r in got:
+            have[r.id] = r
+        if path:
+            with open(path, "a") as f:
+                f.write("".join(json.dumps(r.to_dict()) + "\n" for r in got))
+        log(f"fixed methods: {c0 + len(part)}/{len(todo)} problems, {time.perf_counter() - t0:.0f} s")
+    return have
 
 
 def replay_early_stop(record, rule: EarlyStop, cap: int, weighted: bool) -> tuple[bool, int]:
@@ -295,6 +332,13 @@ def table_md(fixed: list[dict], figs: dict) -> str:
     return "\n".join(lines)
 
 
+def _slice_name(args, problems) -> str:
+    asked = "all 500" if args.full else f"first {args.per_level} per level"
+    if len(problems) == (500 if args.full else 5 * args.per_level):
+        return f"{asked} ({len(problems)} problems)"
+    return f"{len(problems)} problems measured in full of the {asked} (level round robin)"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -306,8 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", type=_ints, default=[2, 4, 8, 16])
     ap.add_argument("--ref-n", type=int, default=16)
     ap.add_argument("--strategy", default=None, help="strategy.json (default: the shipped one)")
-    ap.add_argument("--records", default=None, help="cache of the fixed-method measurements (read if present)")
-    ap.add_argument("--runs", default=None, help="cache of the early-stop and auto engine runs (read if present)")
+    ap.add_argument("--records", default=None,
+                    help="cache of the fixed-method measurements (JSONL by problem id; read if present, appended to per chunk)")
+    ap.add_argument("--runs", default=None,
+                    help="cache of the early-stop and auto engine runs (JSON by kind and problem id; written per chunk)")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="measure the problems in chunks of this many (level round robin), each saved to the caches "
+                         "when done (default 0: all at once)")
+    ap.add_argument("--available", action="store_true",
+                    help="sample nothing: report on the problems of the slice that --records and --runs hold in full")
     ap.add_argument("--only", choices=("early_stop", "auto"), default=None,
                     help="run only these engine runs into --runs and stop (a later run without --only reports)")
     ap.add_argument("--plot", default=None, help="write the frontier plot here (e.g. docs/adaptive.png)")
@@ -321,35 +372,47 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.only and not args.runs:
         ap.error("--only needs --runs (where the engine runs are kept for the report)")
+    if args.available and not (args.records and args.runs):
+        ap.error("--available needs --records and --runs (what it reports on)")
     if args.quick:
         args.per_level, args.samples, args.tree_n, args.budgets, args.ref_n = 1, 4, [4], [2, 4], 4
     import ponder
     from ponder.data import load_problems
 
-    problems = load_problems("builtin:arith", limit=None if args.full else 5 * args.per_level)
+    problems = level_order(load_problems("builtin:arith", limit=None if args.full else 5 * args.per_level))
+    # a problem's seed is its place in the whole held-out set: its results do not depend on the slice
+    seeds = {str(p.id): i for i, p in enumerate(load_problems("builtin:arith"))}
     t0 = time.perf_counter()
     policy = ponder.HFPolicy("builtin:policy-small", device="cpu", kv_budget=args.kv_budget)
     prm = ponder.HFPRM("builtin:prm", device="cpu", kv_budget=args.kv_budget)
     base = base_config()
-    if args.records and os.path.exists(args.records):
-        records = load_records(args.records)
-        log(f"fixed-method records read from {args.records}")
-    else:
-        records = collect(problems, policy, prm, base, samples=args.samples, tree_ns=args.tree_n, beam_width=4,
-                          seed=BENCH_SEED, progress=not args.json)
-        if args.records:
-            save_records(records, args.records)
+    sample = not args.available
+    have = {}
+    if args.only != "auto" or args.available:  # the fixed methods are measured first, unless only auto is asked
+        have = fixed_records(problems, policy, prm, base, args.samples, args.tree_n, args.records, seeds, args.chunk,
+                             sample, progress=not args.json)
     t_fixed = time.perf_counter() - t0
-    fixed = fixed_rows(records, args.samples, args.tree_n)
     table = load_cached(args.strategy)
     t1 = time.perf_counter()
     rule = EarlyStop(args.threshold, args.round_size, args.futility or None).validate()
     wrule = EarlyStop(args.threshold, args.round_size, args.weighted_futility or None).validate()
     runs = engine_runs(problems, policy, prm, base, args.ref_n, args.budgets, args.strategy, rule, wrule, args.runs,
-                       args.only)
+                       args.only, seeds, args.chunk, sample)
     if args.only:
         log(f"--only {args.only}: engine runs saved to {args.runs}; run again without --only to report")
         return 0
+    # the report covers the problems measured in full (all of the slice unless --available)
+    done = {x["id"] for x in runs["majority+early_stop"]}
+    for v in runs.values():
+        done &= {x["id"] for x in v}
+    problems = [p for p in problems if str(p.id) in have and str(p.id) in done]
+    if not problems:
+        log("no problem of the slice is measured in full yet")
+        return 1
+    ids = {str(p.id) for p in problems}
+    runs = {k: [x for x in v if x["id"] in ids] for k, v in runs.items()}
+    records = [have[str(p.id)] for p in problems]
+    fixed = fixed_rows(records, args.samples, args.tree_n)
     figs = figures(fixed, runs, args.ref_n, args.budgets, table)
     plain = EarlyStop(args.threshold, 4, None)
     figs["early_stop_rule"] = dataclasses.asdict(rule)
@@ -357,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     figs["early_stop_simulated"] = simulated_early_stop(
         records, args.ref_n, list(dict.fromkeys([plain, rule, wrule, *(EarlyStop(args.threshold, 4, f) for f in (0.05, 0.1))])))
     out = {
-        "slice": "all 500" if args.full else f"first {args.per_level} per level ({len(problems)} problems)",
+        "slice": _slice_name(args, problems),
+        "levels": {str(lv): sum(p.level == lv for p in problems) for lv in sorted({p.level for p in problems})},
         "problems": len(problems),
         "samples": args.samples, "tree_n": args.tree_n, "budgets": args.budgets,
         "strategy": args.strategy or "ponder/toy/strategy.json",

@@ -241,3 +241,81 @@ def test_records_with_more_samples_add_larger_options_only_where_they_exist():
             right = [r.sampled_outcome(strategy.OPTION_VOTE[c["method"]], c["n"])[0] for r in have]
             assert c["accuracy"] == pytest.approx(sum(right) / len(right))
     assert any(c["n"] == 8 and c["method"] in strategy.SAMPLING for c in table.cells)
+
+
+def test_length_groups_make_a_grid_of_bins(tmp_path):
+    """length_bins > 1: the bin is (length group, difficulty bin) of the grid; every cell is the
+    mean of exactly the records whose probe falls in it, and the table round-trips."""
+    records = _records()
+    # the scripted solutions all have one length: stretch the hard ones so the groups differ
+    records = [dataclasses.replace(r, samples=[dict(x, tokens=x["tokens"] * (5 if r.id.startswith("hard") else 1))
+                                               for x in r.samples]) for r in records]
+    table = fit(records, probes=(2,), bins=2, budgets=(4,), beam_width=2, length_bins=2)
+    assert len(table.length_edges[2]) == 1
+    assert table.num_bins(2) == (len(table.bin_edges[2]) + 1) * 2
+    groups = {r.id[:4]: r.probe_length(2) > table.length_edges[2][0] for r in records}
+    assert groups == {"easy": False, "hard": True}
+    for c in table.cells:
+        members = [r for r in records if table.bin_of(2, r.probe_difficulty(2), r.probe_length(2)) == c["bin"]]
+        got = [r.outcome(2, Option(c["method"], c["n"], c["beam_width"])) for r in members]
+        assert c["count"] == len(got) and c["accuracy"] == pytest.approx(sum(x[0] for x in got) / len(got))
+    with pytest.raises(ValueError, match="length"):
+        table.bin_of(2, 0.5)
+    back = StrategyTable.load(table.save(tmp_path / "s.json"))
+    assert back == table
+    acc, tokens = strategy.simulate(table, records, table.tokens_for_n(4))
+    plan = table.plan(table.tokens_for_n(4))
+    assert acc == pytest.approx(plan.accuracy) and tokens == pytest.approx(plan.tokens)
+
+
+def test_version_1_tables_still_load(tmp_path):
+    table = fit(_records(), probes=(2,), bins=2, budgets=(4,), beam_width=2)
+    d = table.to_dict()
+    d["version"] = 1
+    del d["length_edges"]
+    p = tmp_path / "v1.json"
+    p.write_text(json.dumps(d))
+    assert StrategyTable.load(p) == table
+
+
+def test_pruning_keeps_only_gains_beyond_the_noise():
+    """min_gain_se: a cell is pruned exactly when its paired gain over a cheaper kept cell of
+    its bin is within z standard errors; the cheapest cell of a bin is never pruned, and plans
+    never choose a pruned cell."""
+    records = _records()
+    z = 1.0
+    table = fit(records, probes=(2,), bins=2, budgets=(2, 4, 8), beam_width=2, min_gain_se=z)
+    assert any(c.get("pruned") for c in table.cells)
+    for k, b in {(c["probe"], c["bin"]) for c in table.cells}:
+        members = [r for r in records if table.bin_of(k, r.probe_difficulty(k)) == b]
+        cells = sorted((c for c in table.cells if c["bin"] == b),
+                       key=lambda c: (c["tokens"], strategy.OPTION_METHODS.index(c["method"]), c["n"]))
+        assert not cells[0].get("pruned")
+        kept = []
+        for c in cells:
+            o = Option(c["method"], c["n"], c["beam_width"])
+            right = [r.outcome(k, o)[0] for r in members]
+            beats_all = True
+            for other in kept:
+                diff = [float(a) - float(b_) for a, b_ in zip(right, other)]
+                m = sum(diff) / len(diff)
+                se = (sum((x - m) ** 2 for x in diff) / max(1, len(diff) - 1) / len(diff)) ** 0.5
+                beats_all &= m > z * se
+            assert bool(c.get("pruned")) == (not beats_all)
+            if beats_all:
+                kept.append(right)
+    for b, p in table.plans.items():
+        for i, o in enumerate(p["options"]):
+            assert not table.cell(p["probe"], i, Option(o["method"], o["n"], o["beam_width"])).get("pruned")
+
+
+def test_collect_seeds_per_problem_make_results_independent_of_the_batch():
+    problems = [Problem(id=f"{k}{i}", problem=k, answer=GOLD[k]) for k in ("easy", "hard") for i in range(3)]
+    seeds = [11 + 1000 * i for i in range(len(problems))]
+    together = collect(problems, VotePolicy(1), VotePRM(), BASE, samples=4, tree_ns=(2,), beam_width=2,
+                       progress=False, seeds=seeds)
+    alone = collect(problems[3:4], VotePolicy(1), VotePRM(), BASE, samples=4, tree_ns=(2,), beam_width=2,
+                    progress=False, seeds=seeds[3:4])
+    assert together[3].to_dict() == alone[0].to_dict()
+    with pytest.raises(ValueError, match="one per problem"):
+        collect(problems, VotePolicy(1), VotePRM(), BASE, samples=4, tree_ns=(2,), seeds=seeds[:2], progress=False)

@@ -83,22 +83,29 @@ def collect(
     beam_width: int = 4,
     seed: int = 0,
     progress: bool = True,
+    seeds: Sequence[int] | None = None,
 ) -> list[ProblemRecord]:
     """Measure every problem (see the module docstring); ``base`` gives the sampling,
-    aggregation and limits. Returns one ``ProblemRecord`` per problem, in order."""
+    aggregation and limits. Problem i's searches draw from ``seed + 1000 * i`` (plus a
+    per-search offset), or from ``seeds[i]`` when given (one per problem: a problem's results
+    then do not depend on which others are measured with it). Returns one ``ProblemRecord``
+    per problem, in order."""
+    if seeds is not None and len(seeds) != len(problems):
+        raise ValueError(f"seeds: one per problem expected, got {len(seeds)} for {len(problems)} problems")
     from .engine import Engine
     from .grading import is_equivalent
 
     engine = Engine(policy, prm)
     handles = []
     for i, p in enumerate(problems):
-        s = dataclasses.replace(base, method="weighted_best_of_n", n=samples, vote=None, seed=seed + 1000 * i,
+        ps = seed + 1000 * i if seeds is None else int(seeds[i])
+        s = dataclasses.replace(base, method="weighted_best_of_n", n=samples, vote=None, seed=ps,
                                 early_stop=None, budget=None, budget_tokens=None)
         hs = {"samples": engine.submit(p.problem, s)}
         for m in TREES:
             for j, n in enumerate(tree_ns):
                 c = dataclasses.replace(base, method=m, n=n, beam_width=min(beam_width, n),
-                                        seed=seed + 1000 * i + 100 * (1 + TREES.index(m)) + j,
+                                        seed=ps + 100 * (1 + TREES.index(m)) + j,
                                         early_stop=None, budget=None, budget_tokens=None)
                 hs[(m, n)] = engine.submit(p.problem, c)
         handles.append(hs)
@@ -125,9 +132,11 @@ def collect(
         for m in TREES:
             for n in tree_ns:
                 tr = hs[(m, n)].result()
+                win = next((c for c in tr.completions if c.node_id == tr.answer_node), None)
                 trees.setdefault(m, {})[int(n)] = {
                     "correct": bool(is_equivalent(tr.answer, p.answer)) if tr.answer is not None else False,
                     "tokens": int(tr.budget.policy_tokens_generated), "beam_width": min(beam_width, n),
+                    "answer": tr.answer, "score": None if win is None or win.score != win.score else float(win.score),
                 }
         records.append(ProblemRecord(str(p.id), int(r.budget.policy_tokens_prefilled), smp, trees, p.level))
     return records

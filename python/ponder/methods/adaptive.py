@@ -41,6 +41,17 @@ def _answers(tree, nodes) -> list[str | None]:
     return [tree.nodes[int(x)].answer for x in nodes]
 
 
+def _mean_generated(tree, nodes) -> float:
+    """The mean generated tokens of the paths to ``nodes`` (steps only, the root excluded):
+    the probe's solution length, as ``ProblemRecord.probe_length`` measures it."""
+    total = 0
+    for x in nodes:
+        path = tree.path_nodes(int(x))
+        if path:
+            total += int(tree.forest.nodes(np.array(path, dtype=np.int32))["num_tokens"].sum())
+    return total / max(1, len(nodes))
+
+
 class EarlyStopSampling(Method):
     """Sampled solutions in rounds with the stopping rule (see the module docstring).
     ``solutions``: the finished rounds' last nodes, in sampling order."""
@@ -184,6 +195,7 @@ class Auto(Method):
         self.option = None
         self.bin = -1
         self.difficulty: float | None = None
+        self.length: float | None = None
 
     def wants(self):
         if self.inner is not None:
@@ -215,7 +227,8 @@ class Auto(Method):
         self.probe = ends.tolist()
         scores = self.tree.path_scores(self.probe, self.table.agg)
         self.difficulty = difficulty(_answers(self.tree, self.probe), scores)
-        self.bin, self.option = self.plan.option_for(self.table, self.difficulty)
+        self.length = _mean_generated(self.tree, self.probe)
+        self.bin, self.option = self.plan.option_for(self.table, self.difficulty, self.length)
         o = self.option
         if o.method == "stop" or (o.method in SAMPLING and o.n <= self.k):
             self.phase, self.done = "done", True
@@ -250,7 +263,8 @@ class Auto(Method):
             "difficulty": self.difficulty,
             "chosen": None if o is None else {
                 "method": o.method, "n": self.k if o.method == "stop" else o.n, "beam_width": o.beam_width,
-                "probe": self.k, "bin": self.bin, "budget_tokens": self.plan.budget_tokens,
+                "probe": self.k, "bin": self.bin, "probe_length": self.length,
+                "budget_tokens": self.plan.budget_tokens,
             },
         }
 

@@ -49,7 +49,9 @@ TREES = ("beam_search", "dvts")
 OPTION_METHODS = ("stop", *SAMPLING, *TREES)
 #: the vote each option answers with
 OPTION_VOTE = {"stop": "weighted", "majority": "majority", "best_of_n": "best", "weighted_best_of_n": "weighted"}
-VERSION = 1
+VERSION = 2
+#: table versions this ponder reads (1: difficulty bins only, no ``length_edges``)
+READS = (1, 2)
 BUILTIN_PATH = Path(__file__).resolve().parent.parent / "toy" / "strategy.json"
 
 
@@ -133,6 +135,11 @@ class ProblemRecord:
         s = self.samples[:k]
         return difficulty([x["answer"] for x in s], [x["score"] for x in s])
 
+    def probe_length(self, k: int) -> float:
+        """The mean generated tokens of the first k samples (the probe's solution length)."""
+        s = self.samples[:k]
+        return sum(x["tokens"] for x in s) / max(1, len(s))
+
     def sampled_outcome(self, how: str, n: int) -> tuple[bool, int]:
         """(correct, policy tokens) of voting ``how`` over the first n samples."""
         s = self.samples[:n]
@@ -185,8 +192,10 @@ class Plan:
     accuracy: float
     tokens: float
 
-    def option_for(self, table: StrategyTable, d: float) -> tuple[int, Option]:
-        b = table.bin_of(self.probe, d)
+    def option_for(self, table: StrategyTable, d: float, length: float | None = None) -> tuple[int, Option]:
+        """(bin, option) of a probe with difficulty ``d`` and mean generated tokens ``length``
+        (needed only when the table splits by length)."""
+        b = table.bin_of(self.probe, d, length)
         return b, self.options[b]
 
 
@@ -195,9 +204,14 @@ class StrategyTable:
     """The fitted table (see the module docstring). Fields, all JSON-able:
 
     probes: the probe sizes fitted. bin_edges[k]: the inner quantile edges of the
-    difficulty at probe k (bin of d: the number of edges below d, so bin b is (e[b-1], e[b]]). bin_fractions[k]: the share of
-    calibration problems per bin. cells: every (probe, bin, option) measured: dicts with
-    probe, bin, method, n, beam_width, accuracy, tokens, count. reference_tokens: {n: mean
+    difficulty at probe k (difficulty bin of d: the number of edges below d, so bin b is
+    (e[b-1], e[b]]). length_edges[k]: the inner quantile edges of the probe's mean generated
+    tokens per completion (its solution length; empty or absent: no length split); a bin is a
+    cell of the grid, ``length group * (len(bin_edges[k]) + 1) + difficulty bin``.
+    bin_fractions[k]: the share of calibration problems per bin. cells: every (probe, bin,
+    option) measured: dicts with probe, bin, method, n, beam_width, accuracy, tokens, count
+    (from ``fit`` also ``planning_accuracy`` when shrunk, ``pruned: True`` when plans may not
+    choose it). reference_tokens: {n: mean
     policy tokens of best-of-N at n} (n-equivalent budgets). plans: precomputed plans
     {budget n: plan dict} for reading (``plan`` recomputes them from the cells for any budget).
     agg: the aggregation the scores were made with. meta: provenance (calibration data, models,
@@ -211,6 +225,7 @@ class StrategyTable:
     plans: dict[int, dict] = dataclasses.field(default_factory=dict)
     agg: str = "last"
     meta: dict = dataclasses.field(default_factory=dict)
+    length_edges: dict[int, list[float]] = dataclasses.field(default_factory=dict)
 
     # -------------------------------------------------------------- file
 
@@ -220,6 +235,7 @@ class StrategyTable:
             "probes": list(self.probes),
             "bin_edges": {str(k): v for k, v in self.bin_edges.items()},
             "bin_fractions": {str(k): v for k, v in self.bin_fractions.items()},
+            "length_edges": {str(k): v for k, v in self.length_edges.items()},
             "reference_tokens": {str(k): v for k, v in self.reference_tokens.items()},
             "agg": self.agg,
             "plans": {str(k): v for k, v in self.plans.items()},
@@ -229,8 +245,8 @@ class StrategyTable:
 
     @classmethod
     def from_dict(cls, d: dict) -> StrategyTable:
-        if d.get("version") != VERSION:
-            raise ValueError(f"strategy table version {d.get('version')!r}; this ponder reads version {VERSION}")
+        if d.get("version") not in READS:
+            raise ValueError(f"strategy table version {d.get('version')!r}; this ponder reads versions {READS}")
         return cls(
             probes=[int(k) for k in d["probes"]],
             bin_edges={int(k): [float(x) for x in v] for k, v in d["bin_edges"].items()},
@@ -240,6 +256,7 @@ class StrategyTable:
             plans={int(k): v for k, v in d.get("plans", {}).items()},
             agg=str(d.get("agg", "last")),
             meta=dict(d.get("meta", {})),
+            length_edges={int(k): [float(x) for x in v] for k, v in d.get("length_edges", {}).items()},
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -261,11 +278,19 @@ class StrategyTable:
 
     # -------------------------------------------------------------- use
 
-    def bin_of(self, probe: int, d: float) -> int:
-        return bisect.bisect_left(self.bin_edges[probe], d)
+    def bin_of(self, probe: int, d: float, length: float | None = None) -> int:
+        """The bin of a probe of size ``probe`` with difficulty ``d`` and mean generated tokens
+        per completion ``length`` (ValueError when the table splits by length and it is None)."""
+        db = bisect.bisect_left(self.bin_edges[probe], d)
+        le = self.length_edges.get(probe)
+        if not le:
+            return db
+        if length is None:
+            raise ValueError("this strategy table bins by the probe's length: pass length=")
+        return bisect.bisect_left(le, length) * (len(self.bin_edges[probe]) + 1) + db
 
     def num_bins(self, probe: int) -> int:
-        return len(self.bin_edges[probe]) + 1
+        return (len(self.bin_edges[probe]) + 1) * (len(self.length_edges.get(probe) or ()) + 1)
 
     def tokens_for_n(self, n: float) -> float:
         """Mean policy tokens of best-of-N at n on the calibration set, interpolated
@@ -325,7 +350,7 @@ def _knapsack(table: StrategyTable, k: int, budget: float, grid: int = 400) -> P
     for b in range(nb):
         opts = []
         for c in table.cells:
-            if c["probe"] == k and c["bin"] == b and c["count"] > 0:
+            if c["probe"] == k and c["bin"] == b and c["count"] > 0 and not c.get("pruned"):
                 acc = c.get("planning_accuracy", c["accuracy"])
                 opts.append((Option(c["method"], int(c["n"]), int(c.get("beam_width", 0))), acc, c["tokens"]))
         # cheaper first: equal accuracy goes to the cheaper option
@@ -404,6 +429,8 @@ def fit(
     agg: str = "last",
     meta: dict | None = None,
     prior: float = 0.0,
+    length_bins: int = 1,
+    min_gain_se: float = 0.0,
 ) -> StrategyTable:
     """Fit a ``StrategyTable`` on calibration records (never the evaluation set).
 
@@ -415,9 +442,18 @@ def fit(
     ``reference_tokens``: best-of-N's mean tokens at n = 1, 2, 4, ... up to the samples every
     record has. ``plans``: the plan of every budget in ``budgets`` (n-equivalents).
 
+    ``length_bins`` > 1: the bins are a grid, ``length_bins`` quantile groups of the probe's mean
+    generated tokens per completion (``length_edges``) times the difficulty bins (each a
+    quantile of all records, so a group may leave some of its bins empty).
+
     ``prior`` > 0: plans use each cell's accuracy shrunk toward the same option's accuracy over
     all bins, ``(correct + prior * pooled) / (count + prior)`` (``planning_accuracy``; empirical
-    Bayes against the noise of small bins); ``accuracy`` stays the measured one."""
+    Bayes against the noise of small bins); ``accuracy`` stays the measured one.
+
+    ``min_gain_se`` > 0: in each bin, options are taken cheapest first, and one is ``pruned``
+    (never planned) unless its accuracy exceeds that of every cheaper unpruned option by more
+    than ``min_gain_se`` standard errors of the paired difference over the bin's records that
+    measured both (a gain within the noise of the calibration set buys nothing)."""
     if not records:
         raise ValueError("fit needs at least one calibration record")
     smin = min(len(r.samples) for r in records)
@@ -434,28 +470,36 @@ def fit(
     if not probes:
         raise ValueError(f"no probe size fits the {smin} samples per record")
     options = default_options(smax, tree_ns)
-    edges, fractions, cells = {}, {}, []
+    edges, lengths, fractions, cells = {}, {}, {}, []
     for k in probes:
         ds = sorted(r.probe_difficulty(k) for r in records)
-        e = sorted({_quantile(ds, q / bins) for q in range(1, bins)})
-        edges[k] = e
-        which = [bisect.bisect_left(e, r.probe_difficulty(k)) for r in records]
-        nb = len(e) + 1
+        edges[k] = sorted({_quantile(ds, q / bins) for q in range(1, bins)})
+        if length_bins > 1:
+            ls = sorted(r.probe_length(k) for r in records)
+            lengths[k] = sorted({_quantile(ls, q / length_bins) for q in range(1, length_bins)})
+        grid = StrategyTable([k], {k: edges[k]}, {}, [], {}, length_edges={k: lengths.get(k, [])})
+        which = [grid.bin_of(k, r.probe_difficulty(k), r.probe_length(k)) for r in records]
+        nb = grid.num_bins(k)
         fractions[k] = [which.count(b) / len(records) for b in range(nb)]
         for b in range(nb):
             members = [r for r, w in zip(records, which) if w == b]
+            measured = []
             for o in options:
                 if o.method in SAMPLING and o.n <= k:
                     continue
-                got = [x for x in (r.outcome(k, Option(o.method, k) if o.method == "stop" else o) for r in members) if x]
+                oo = Option(o.method, k) if o.method == "stop" else o
+                got = {r.id: x for r in members if (x := r.outcome(k, oo))}
                 if not got:
                     continue
                 cells.append({
-                    "probe": k, "bin": b, "method": o.method, "n": k if o.method == "stop" else o.n,
+                    "probe": k, "bin": b, "method": o.method, "n": oo.n,
                     "beam_width": o.beam_width, "count": len(got),
-                    "accuracy": sum(c for c, _ in got) / len(got) if got else 0.0,
-                    "tokens": sum(t for _, t in got) / len(got) if got else 0.0,
+                    "accuracy": sum(c for c, _ in got.values()) / len(got),
+                    "tokens": sum(t for _, t in got.values()) / len(got),
                 })
+                measured.append((cells[-1], got))
+            if min_gain_se > 0:
+                _prune(measured, min_gain_se)
     if prior > 0:
         pooled: dict = {}
         for c in cells:
@@ -473,10 +517,30 @@ def fit(
         n *= 2
     meta = dict(meta or {})
     meta["prior"] = prior
-    table = StrategyTable(list(probes), edges, fractions, cells, reference, {}, agg, meta)
+    table = StrategyTable(list(probes), edges, fractions, cells, reference, {}, agg, meta,
+                          {k: v for k, v in lengths.items()})
     for b in budgets:
         table.plans[int(b)] = plan_to_dict(table.plan(table.tokens_for_n(b)))
     return table
+
+
+def _prune(measured: list[tuple[dict, dict]], z: float) -> None:
+    """Mark ``pruned`` the cells of one bin whose gain over a cheaper kept cell is within ``z``
+    standard errors of the paired difference (``fit``'s ``min_gain_se``)."""
+    kept: list[tuple[dict, dict]] = []
+    for cell, got in sorted(measured, key=lambda t: (t[0]["tokens"], OPTION_METHODS.index(t[0]["method"]), t[0]["n"])):
+        for _cheap, other in kept:
+            both = [r for r in got if r in other]
+            if not both:
+                continue
+            diff = [float(got[r][0]) - float(other[r][0]) for r in both]
+            m = sum(diff) / len(diff)
+            var = sum((x - m) ** 2 for x in diff) / max(1, len(diff) - 1)
+            if m <= z * math.sqrt(var / len(diff)):
+                cell["pruned"] = True
+                break
+        else:
+            kept.append((cell, got))
 
 
 def simulate(table: StrategyTable, records: Sequence[ProblemRecord], budget_tokens: float) -> tuple[float, float]:
@@ -487,7 +551,7 @@ def simulate(table: StrategyTable, records: Sequence[ProblemRecord], budget_toke
     plan = table.plan(budget_tokens)
     right = tokens = 0.0
     for r in records:
-        _, o = plan.option_for(table, r.probe_difficulty(plan.probe))
+        _, o = plan.option_for(table, r.probe_difficulty(plan.probe), r.probe_length(plan.probe))
         got = r.outcome(plan.probe, Option(o.method, plan.probe) if o.method == "stop" else o)
         if got is None:
             got = (False, r.sampled_outcome("weighted", plan.probe)[1])
