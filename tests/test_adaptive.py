@@ -145,6 +145,33 @@ def test_auto_follows_its_table(tmp_path, hard_option):
     assert hard.difficulty > 0.3 or hard.chosen["method"] == "stop"
 
 
+@pytest.mark.parametrize("edge", [1.0, 1e6])
+def test_auto_bins_by_the_probe_length_when_the_table_does(tmp_path, edge):
+    """A table with a length split: the probe's mean generated tokens per completion picks the
+    group (below ``edge``: group 0, stop; above: group 1, weighted best-of-N at 4), the
+    difficulty the bin within it; the row reports the length it measured."""
+    cells = []
+    for b in range(4):
+        o = ("stop", 2) if b < 2 else ("weighted_best_of_n", 4)
+        cells.append({"probe": 2, "bin": b, "method": o[0], "n": o[1], "beam_width": 0, "count": 10,
+                      "accuracy": 0.9, "tokens": 10.0})
+    t = StrategyTable([2], {2: [0.3]}, {2: [0.25] * 4}, cells, {1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0},
+                      length_edges={2: [edge]})
+    path = str(t.save(tmp_path / "strategy.json"))
+    cfg = dataclasses.replace(BASE, method="auto", n=8, strategy=path)
+    (easy, hard), policy = run(["easy", "hard"], cfg, steps=2)
+    long = edge < 10
+    for r in (easy, hard):
+        assert r.chosen["method"] == ("weighted_best_of_n" if long else "stop")
+        assert r.chosen["bin"] == t.bin_of(2, r.difficulty, r.chosen["probe_length"])
+        assert r.chosen["bin"] // 2 == int(long)
+    # stopped after the probe: its mean length is what the policy generated over its 2 solutions
+    if not long:
+        assert easy.chosen["probe_length"] == pytest.approx(policy.generated["easy"] / 2)
+    else:
+        assert len(easy.completions) == 4
+
+
 def test_auto_budget_in_tokens_picks_the_plan_for_that_budget(tmp_path):
     table = StrategyTable(
         [2], {2: [0.3]}, {2: [0.5, 0.5]},
