@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 # How many new tokens a prefill forward may hold on an accelerator: bounds the gathered K/V and
@@ -21,23 +22,55 @@ def prefill_batch_tokens(device: torch.device | str) -> int:
     return CPU_PREFILL_BATCH_TOKENS if torch.device(device).type == "cpu" else PREFILL_BATCH_TOKENS
 
 
-def token_batches(lengths: Sequence[int], limit: int) -> Iterator[tuple[int, int]]:
+# What one more forward costs beyond its tokens, in padded new tokens (the split-or-pad trade-off
+# of :func:`token_batches`). On CPU a forward of the built-in models costs ~30 (the implicit PRM's
+# two models) to ~65 (the policy) tokens' worth of fixed overhead (benchmarks/profile_engine.py);
+# on an accelerator a forward is launch-bound, so padding is cheap and batches stay large.
+CPU_FORWARD_OVERHEAD_TOKENS = 32
+FORWARD_OVERHEAD_TOKENS = 1024
+
+
+def forward_overhead_tokens(device: torch.device | str) -> int:
+    """The fixed cost of one forward on ``device`` in padded new tokens:
+    ``CPU_FORWARD_OVERHEAD_TOKENS`` on CPU, ``FORWARD_OVERHEAD_TOKENS`` elsewhere."""
+    return CPU_FORWARD_OVERHEAD_TOKENS if torch.device(device).type == "cpu" else FORWARD_OVERHEAD_TOKENS
+
+
+def token_batches(lengths: Sequence[int], limit: int, overhead: int = 64) -> Iterator[tuple[int, int]]:
     """Consecutive (i, j) row ranges of ``lengths`` (new tokens per row), every row in exactly
-    one range, in order. A range holds at most ``limit`` tokens (one row at least) and ends
-    before a row that would make its padded size (rows x longest row) more than 1.25x its
-    tokens + 64: rows are padded to the longest, so mixed lengths waste compute (callers that
-    sort rows by length get few ranges)."""
-    i, n = 0, len(lengths)
-    while i < n:
-        j, total, longest = i, 0, 0
-        while j < n:
-            m = int(lengths[j])
-            if j > i and (total + m > limit or (j - i + 1) * max(longest, m) > 1.25 * (total + m) + 64):
-                break
-            total, longest = total + m, max(longest, m)
-            j += 1
-        yield i, j
-        i = j
+    one range, in order. Rows are padded to the longest of their range, so a range costs
+    ``overhead + rows x longest`` (padded tokens; ``overhead``: one forward's fixed cost in
+    tokens, :func:`forward_overhead_tokens`); the ranges minimise the total cost (exactly, by
+    dynamic programming) subject to ``rows x longest <= limit`` (a longer row alone is a range).
+    Callers that sort rows by length get few ranges and little padding."""
+    m = np.asarray([int(x) for x in lengths], dtype=np.int64)
+    n = len(m)
+    if n == 0:
+        return
+    cost = np.zeros(n + 1)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        lo = max(0, j - max(1, int(limit)))  # a range of more rows than limit exceeds it
+        longest = np.maximum.accumulate(m[lo:j][::-1])  # longest[k]: of rows j-1-k .. j-1
+        padded = np.arange(1, len(longest) + 1) * longest
+        k = max(1, int(np.searchsorted(padded, limit, side="right")))  # padded is non-decreasing
+        total = cost[j - 1 - np.arange(k)] + padded[:k]
+        best = int(np.argmin(total))
+        cost[j] = total[best] + overhead
+        start[j] = j - 1 - best
+    ranges = []
+    j = n
+    while j > 0:
+        ranges.append((int(start[j]), j))
+        j = int(start[j])
+    yield from reversed(ranges)
+
+
+def sorted_token_batches(lengths: Sequence[int], limit: int, overhead: int) -> list[list[int]]:
+    """:func:`token_batches` over the rows sorted by length (stable): lists of row indices, one
+    per forward, shortest rows first. Every row is in exactly one list."""
+    order = sorted(range(len(lengths)), key=lambda i: int(lengths[i]))
+    return [order[i:j] for i, j in token_batches([lengths[i] for i in order], limit, overhead)]
 
 
 def prefill_distinct(kv, rows: Sequence[Sequence[int]], run: Callable[[list[int], list[list[int]]], Sequence[Any]]

@@ -36,7 +36,7 @@ import torch
 
 from ..prompts import prompt_token_ids, render_prompt
 from ..protocols import NodePath, SamplingParams, Step, check_restore_args, check_sampling_params
-from ._batching import prefill_batch_tokens, prefill_distinct, token_batches
+from ._batching import prefill_batch_tokens, prefill_distinct, sorted_token_batches
 from ._loading import (
     _check_new_ids,
     _eos_ids,
@@ -382,12 +382,14 @@ class HFPolicy:
         return self.kv.forward(self.model, seqs, tokens, logits="last")
 
     def _prefill(self, rows: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
-        """Prefill (seq, tokens) rows in batches of at most this device's prefill budget of
-        tokens (:func:`ponder.hf._batching.token_batches`); each row's last logits, [V]."""
-        out: list[torch.Tensor] = []
-        for i, j in token_batches([len(t) for _, t in rows], self._batch_tokens):
-            logits = self._forward([s for s, _ in rows[i:j]], [t for _, t in rows[i:j]])
-            out.extend(logits.unbind(0))
+        """Prefill (seq, tokens) rows in forwards of at most this device's prefill budget of
+        padded tokens, rows of similar length together
+        (:func:`ponder.hf._batching.sorted_token_batches`); each row's last logits, [V]."""
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        for idx in sorted_token_batches([len(t) for _, t in rows], self._batch_tokens, 64):
+            logits = self._forward([rows[r][0] for r in idx], [rows[r][1] for r in idx])
+            for r, row in zip(idx, logits.unbind(0)):
+                out[r] = row
         return out
 
     def _ensure_logits(self, node_ids: list[int]) -> None:

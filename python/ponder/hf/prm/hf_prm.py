@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...protocols import NodePath, check_restore_args, check_score_steps_args
-from .._batching import prefill_batch_tokens, prefill_distinct, token_batches
+from .._batching import forward_overhead_tokens, prefill_batch_tokens, prefill_distinct, sorted_token_batches, token_batches
 from .._loading import (
     _check_new_ids,
     _hub_kwargs,
@@ -152,6 +152,7 @@ class HFPRM:
         else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **hub).to(self.device).eval()
         self._batch_tokens = prefill_batch_tokens(self.device)
+        self._overhead = forward_overhead_tokens(self.device)
         # paged when the model passes the self-check, else transformers' own cache (ponder.hf.kv_fallback)
         self.kv = cache_for_model(self.model, block_size=block_size, token_budget=kv_budget, self_check=self_check)
         self.ref_model = None
@@ -268,26 +269,35 @@ class HFPRM:
 
     # ---------------------------------------------------------------- model
     def _batches(self, new_tokens: list[list[int]], limit: int | None = None):
-        """(i, j) row ranges of at most ``limit`` new tokens (default: this device's prefill
-        budget), split where padding would waste compute (:func:`ponder.hf._batching.token_batches`)."""
-        return token_batches([len(r) for r in new_tokens], self._batch_tokens if limit is None else limit)
+        """(i, j) row ranges of at most ``limit`` padded new tokens (default: this device's
+        prefill budget), split where padding costs more than another forward
+        (:func:`ponder.hf._batching.token_batches`)."""
+        return token_batches([len(r) for r in new_tokens], self._batch_tokens if limit is None else limit, self._overhead)
+
+    def _sorted_batches(self, new_tokens: list[list[int]], limit: int | None = None) -> list[list[int]]:
+        """Row indices per forward, rows sorted by their new tokens so that each forward pads
+        little (:func:`ponder.hf._batching.sorted_token_batches`); a row's results do not
+        depend on its batch beyond float rounding."""
+        return sorted_token_batches([len(r) for r in new_tokens], self._batch_tokens if limit is None else limit,
+                                    self._overhead)
 
     @torch.inference_mode()
     def _logratios(self, seqs: list[int], new_tokens: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """implicit-prm: append ``new_tokens[i]`` to ``seqs[i]`` in both models. Returns, per
         row, float32 [m-1] (CPU): log pi_theta - log pi_ref of new token t+1 at new position t,
         and float32 [V] (model device): the log-ratio row of the last new position."""
-        gathered: list[torch.Tensor] = []
-        tails: list[torch.Tensor] = []
-        for i, j in self._batches(new_tokens, self._logratio_batch_tokens):
-            batch = self.kv.prepare(seqs[i:j], new_tokens[i:j])
+        gathered: list[torch.Tensor | None] = [None] * len(seqs)
+        tails: list[torch.Tensor | None] = [None] * len(seqs)
+        for rows in self._sorted_batches(new_tokens, self._logratio_batch_tokens):
+            batch = self.kv.prepare([seqs[r] for r in rows], [new_tokens[r] for r in rows])
             ratio = batch.run(self.model).logits.float().log_softmax(-1)
             ratio -= batch.on(self.ref_kv).run(self.ref_model).logits.float().log_softmax(-1)
-            for r, toks in enumerate(new_tokens[i:j]):
+            for b, r in enumerate(rows):
+                toks = new_tokens[r]
                 m = len(toks)
                 nxt = torch.tensor(toks[1:], dtype=torch.long, device=ratio.device)
-                gathered.append(ratio[r, : m - 1].gather(-1, nxt[:, None]).squeeze(-1).cpu())
-                tails.append(ratio[r, m - 1].clone())
+                gathered[r] = ratio[b, : m - 1].gather(-1, nxt[:, None]).squeeze(-1).cpu()
+                tails[r] = ratio[b, m - 1].clone()
         return gathered, tails
 
     def _implicit_scores(self, plans: list[_Plan], seqs: list[int], rows: list[list[int]], starts: list[int]) -> torch.Tensor:
@@ -316,20 +326,21 @@ class HFPRM:
         """Append ``new_tokens[i]`` to ``seqs[i]``; P(correct) read at each index of
         ``positions[i]`` (indices into row i's new tokens). Returns per row float32
         [len(positions[i])] (CPU). Rows go in batches of bounded size."""
-        out: list[torch.Tensor] = []
-        for i, j in self._batches(new_tokens):
-            batch = self.kv.prepare(seqs[i:j], new_tokens[i:j])
-            counts = [len(p) for p in positions[i:j]]
-            flat = torch.tensor([x for p in positions[i:j] for x in p], dtype=torch.long)
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        for idx in self._sorted_batches(new_tokens):
+            batch = self.kv.prepare([seqs[r] for r in idx], [new_tokens[r] for r in idx])
+            counts = [len(positions[r]) for r in idx]
+            flat = torch.tensor([x for r in idx for x in positions[r]], dtype=torch.long)
             keep, where = torch.unique(flat, return_inverse=True)
             # Only the scored positions get logits (a vocabulary-sized row per new token would
             # dominate memory for large vocabularies).
             logits = batch.run(self.model, logits_to_keep=keep.to(self.device)).logits  # [b, len(keep), V]
-            row_of = torch.repeat_interleave(torch.arange(j - i), torch.tensor(counts))
+            row_of = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor(counts))
             rows = logits[row_of.to(self.device), where.to(self.device)]  # [sum(counts), V or 2]
             if self._columns is not None:
                 rows = rows[:, self._columns]
-            out.extend(self._fmt.probability(rows).cpu().split(counts))
+            for r, got in zip(idx, self._fmt.probability(rows).cpu().split(counts)):
+                out[r] = got
         return out
 
     def _realize(self, plans: list[_Plan], also: list[list[int]] | None = None) -> tuple[list[int], list[list[float]]]:
