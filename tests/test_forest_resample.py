@@ -5,7 +5,8 @@ filtering (multinomial / systematic resampling).
    ``ponder._core.Forest`` give bit-identical counts (or the same exception type) for random
    candidates, totals, aggregations, modes, temperatures and seeds.
 2. Properties on each implementation: counts sum to the total per problem; proportional
-   counts (and systematic ones, up to rounding) are within one of the quota total * w / sum(w)
+   counts (and systematic ones, up to rounding) are within one of the quota total * w / sum(w),
+   ceil counts never favour a lighter candidate over a heavier one
    (w: softmax, or the odds r / (1 - r) to the power 1 / T for ``weights="logit"``, times the
    multiplicity); candidates of weight 0 get nothing; results are deterministic in the seed.
 3. The generator is splitmix64 (checked against its published first output) and the
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 from ponder.testing.forest import IMPLS, add_roots, assert_unchanged_after_raise, children_with_scores, expand, set_steps
 from ponder.twins.forest import SplitMix64, count_weights
 
-MODES = ("proportional", "multinomial", "systematic")
+MODES = ("proportional", "ceil", "multinomial", "systematic")
 WEIGHTS = ("softmax", "logit")
 AGGS = ("last", "min", "prod", "mean")
 SCORES = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 0.5, 1.0]), st.floats(-1, 1, width=32))
@@ -145,9 +146,17 @@ def test_counts_properties(name, data):
                        kwargs["multiplicity"])
     for members in groups.values():
         assert sum(int(counts[i]) for i in members) == kwargs["total_per_problem"]
-    if kwargs["mode"] != "multinomial":  # float32 aggregates in quotas(): allow a hair of slack
+    if kwargs["mode"] in ("proportional", "systematic"):  # float32 aggregates in quotas(): a hair of slack
         for i in range(len(ids)):
             assert abs(counts[i] - q[i]) < 1 + 1e-6, (counts.tolist(), q)
+    if kwargs["mode"] == "ceil":  # the heaviest gets at least its quota; a heavier one never gets fewer
+        for members in groups.values():
+            top = max(members, key=lambda i: q[i])
+            assert counts[top] >= math.floor(q[top] - 1e-6)
+            for i in members:
+                for j in members:
+                    if q[i] > q[j] * (1 + 1e-5) + 1e-9:
+                        assert counts[i] >= counts[j], (counts.tolist(), q)
     for i in range(len(ids)):
         if q[i] == 0.0:
             assert counts[i] == 0
@@ -199,6 +208,9 @@ def test_proportional_and_raw_weights(name):
     assert both == [1, 1, 2, 2, 1, 1]
     # a low temperature concentrates on the best
     assert f.children_counts(kids, 4, "last", "systematic", 1e-3, 1).tolist() == [0, 0, 4]
+    # ceil (REBASE's released code): the best gets ceil(4 * .5) = 2, the next ceil(2 * .3 / .5) = 2
+    assert f.children_counts(kids, 4, "last", "ceil", 0.0).tolist() == [0, 2, 2]
+    assert f.children_counts(same, 2, "last", "ceil", 1.0).tolist() == [1, 1, 0]  # ties: the lower id first
 
 
 @pytest.mark.parametrize("name", list(IMPLS))

@@ -15,10 +15,12 @@ from ponder.testing.scripted import assert_matches_oracle as _assert_matches_ora
 from ponder.testing.scripted import scripted_config as _config
 
 
-@pytest.mark.parametrize("n,agg", list(itertools.product([4, 6, 3], ["last", "min", "prod", "mean"])))
-def test_engine_equals_oracle(n, agg):
+@pytest.mark.parametrize("n,agg,allocation", list(itertools.product([4, 6, 3], ["last", "min", "prod", "mean"],
+                                                                   ["ceil", "proportional"])))
+def test_engine_equals_oracle(n, agg, allocation):
     for seed, temperature, levels in itertools.product(range(2), (0.1, 1.0), (None, 3)):
-        cfg = _config(method="rebase", n=n, agg=agg, seed=seed, rebase_temperature=temperature)
+        cfg = _config(method="rebase", n=n, agg=agg, seed=seed, rebase_temperature=temperature,
+                      rebase_allocation=allocation)
         models, oracle_models = (ScriptedPolicy(), ScriptedPRM(levels)), (ScriptedPolicy(), ScriptedPRM(levels))
         got = search(PROBLEMS, *models, cfg)
         want = oracle.rebase(PROBLEMS, *oracle_models, cfg)
@@ -35,10 +37,16 @@ def test_longer_runs_equal_oracle():
                                "min", models, oracle_models)
 
 
-def test_children_follow_softmax_of_scores():
-    """Second level of the tree: each first-level node's children = the forest's proportional
-    allocation of the remaining budget over the unfinished first-level nodes."""
-    cfg = _config(method="rebase", n=8, num_iterations=3, max_steps=6, rebase_temperature=0.02)
+def test_defaults_are_the_released_codes():
+    """thu-wyz/inference_scaling: hype-parameters/rebase.yaml softmax_temperature 0.2, the
+    newest step's reward (agg last), select_softmax's ceiling rounding, weighted vote."""
+    d = SearchConfig(method="rebase")
+    assert (d.rebase_temperature, d.rebase_allocation, d.agg, d.final_vote) == (0.2, "ceil", "last", "weighted")
+
+
+def _second_level(allocation):
+    cfg = _config(method="rebase", n=8, num_iterations=3, max_steps=6, rebase_temperature=0.02,
+                  rebase_allocation=allocation)
     (r,) = search(["alpha"], ScriptedPolicy(truncation=False), ScriptedPRM(), cfg)
     t = r.tree
     parent = dict(zip(t["node_id"].tolist(), t["parent"].tolist()))
@@ -50,7 +58,31 @@ def test_children_follow_softmax_of_scores():
     open1 = [x for x in level1 if status[x] != 1]  # not finished
     kids = {x: sum(1 for y in parent if parent[y] == x) for x in open1}
     assert sum(kids.values()) == 8 - (len(level1) - len(open1))
+    return open1, kids, score
 
+
+def test_children_follow_the_ceiling_rule():
+    """Default rounding: best first, each node ceil(left * w / weight left) of what the better
+    ones left (float32 scores in the arrays: checked where no share is near an integer)."""
+    open1, kids, score = _second_level("ceil")
+    order = sorted(open1, key=lambda x: (-score[x], x))
+    w = {x: math.exp((score[x] - score[order[0]]) / 0.02) for x in open1}
+    left, left_w = sum(kids.values()), sum(w.values())
+    for x in order:
+        share = left * w[x] / left_w
+        if abs(share - round(share)) > 1e-3:
+            assert kids[x] == min(math.ceil(share), left), (x, share, kids)
+        left -= kids[x]
+        left_w -= w[x]
+    assert left == 0
+    assert len(set(kids.values())) > 1  # the tree is uneven: good nodes get more
+
+
+def test_children_follow_softmax_of_scores():
+    """rebase_allocation="proportional": second level of the tree: each first-level node's
+    children = the forest's proportional allocation of the remaining budget over the
+    unfinished first-level nodes."""
+    open1, kids, score = _second_level("proportional")
     w = [math.exp((score[x] - max(score[y] for y in open1)) / 0.02) for x in open1]
     q = [sum(kids.values()) * v / sum(w) for v in w]
     for x, quota in zip(open1, q):
@@ -64,6 +96,7 @@ def test_children_follow_softmax_of_scores():
         (dict(rebase_temperature=0), "rebase_temperature"),
         (dict(rebase_temperature=float("nan")), "rebase_temperature"),
         (dict(rebase_temperature=True), "rebase_temperature"),
+        (dict(rebase_allocation="floor"), "rebase_allocation"),
     ],
 )
 def test_config_validation(kwargs, match):

@@ -179,7 +179,7 @@ ponder.twins.Forest, whose docstrings define every operation; inputs are 1-D arr
           py::arg("multiplicity") = py::none(),
           "int32 [n]: per problem, each candidate's share of total_per_problem from softmax(aggregate / "
           "temperature) (0: raw aggregate), or weights='logit': softmax(logit(aggregate) / temperature), "
-          "times multiplicity (int [n] >= 1, None: 1 each); mode proportional | multinomial | systematic.")
+          "times multiplicity (int [n] >= 1, None: 1 each); mode proportional | ceil | multinomial | systematic.")
       .def(
           "vote",
           [](const Forest& f, py::handle ids, py::handle how, py::handle agg) {

@@ -790,13 +790,14 @@ VoteResult Forest::vote(const NumView& node_ids, const std::string& how, const s
 namespace ponder::tree {
 namespace {
 
-enum class CountMode { Proportional, Multinomial, Systematic };
+enum class CountMode { Proportional, Ceil, Multinomial, Systematic };
 
 CountMode parse_count_mode(const std::string& mode) {
   if (mode == "proportional") return CountMode::Proportional;
+  if (mode == "ceil") return CountMode::Ceil;
   if (mode == "multinomial") return CountMode::Multinomial;
   if (mode == "systematic") return CountMode::Systematic;
-  throw std::invalid_argument("mode must be one of proportional, multinomial, systematic; got '" + mode + "'");
+  throw std::invalid_argument("mode must be one of proportional, ceil, multinomial, systematic; got '" + mode + "'");
 }
 
 enum class WeightMode { Softmax, Logit };
@@ -920,6 +921,28 @@ std::vector<int32_t> Forest::children_counts(const NumView& candidate_ids, int64
         return ids[members[a.second]] < ids[members[b.second]];
       });
       for (int64_t j = 0; given + j < total; ++j) ++counts[members[rest[static_cast<size_t>(j) % n].second]];
+      continue;
+    }
+    if (cm == CountMode::Ceil) {  // heaviest first (ties: lower id), each ceil(rest * w / rest of the weight)
+      std::vector<size_t> order(n);
+      for (size_t k = 0; k < n; ++k) order[k] = k;
+      std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+        if (w[a] != w[b]) return w[a] > w[b];
+        return ids[members[a]] < ids[members[b]];
+      });
+      int64_t left = total;
+      double left_w = sum;
+      for (const size_t k : order) {
+        int64_t c = 0;
+        if (left > 0 && left_w > 0) {
+          const double x = static_cast<double>(left) * w[k] / left_w;
+          c = x >= static_cast<double>(left) ? left : (x > 0 ? static_cast<int64_t>(std::ceil(x)) : 0);
+        }
+        counts[members[k]] = static_cast<int32_t>(c);
+        left -= c;
+        left_w -= w[k];
+      }
+      if (n > 0) counts[members[order[0]]] += static_cast<int32_t>(left);  // rounding left some: to the heaviest
       continue;
     }
     cum.assign(n, 0.0);

@@ -102,7 +102,8 @@ class Forest {
   // gets, from weights softmax(aggregate / temperature) (temperature 0: the raw aggregate), or
   // with weights="logit" softmax(logit(clamp(aggregate, 1e-7, 1 - 1e-7)) / temperature), times
   // the candidate's multiplicity (nullptr: 1 each).
-  // mode: proportional (largest remainder) | multinomial | systematic (seeded splitmix64).
+  // mode: proportional (largest remainder) | ceil (heaviest first, each the ceiling of its share
+  // of what is left: REBASE's released code) | multinomial | systematic (seeded splitmix64).
   std::vector<int32_t> children_counts(const NumView& candidate_ids, int64_t total_per_problem,
                                        const std::string& how, const std::string& mode, double temperature,
                                        int64_t seed, const std::string& weights = "softmax",

@@ -214,6 +214,9 @@ def build_run_parser() -> argparse.ArgumentParser:
                          f"[0, 1] (1: at every step, its_hub's; 0: never) (default {d.pf_ess_threshold:g})")
     pf.add_argument("--rebase-temperature", type=float, default=d.rebase_temperature, metavar="T",
                     help=f"rebase: children per node proportional to softmax(score / T), T > 0 (default {d.rebase_temperature:g})")
+    pf.add_argument("--rebase-allocation", default=d.rebase_allocation, metavar="A",
+                    help="rebase: rounding of the children counts: ceil (best first, each the ceiling of its share of "
+                         f"what is left, the released code's) or proportional (largest remainder) (default {d.rebase_allocation})")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", default=None, help="output directory (default runs/<timestamp>)")
@@ -540,6 +543,7 @@ def _eval_config(args: argparse.Namespace, problems: list):
         budget_tokens=args.budget_tokens, strategy=args.strategy,
         pf_temperature=args.pf_temperature, pf_weights=args.pf_weights, pf_resampling=args.pf_resampling,
         pf_ess_threshold=args.pf_ess_threshold, pf_finished=args.pf_finished, rebase_temperature=args.rebase_temperature,
+        rebase_allocation=args.rebase_allocation,
     )
     ns = sorted(set(args.budget or args.n))  # dynamic compute: budgets are n-equivalents
     return EvalConfig(methods=list(dict.fromkeys(args.methods)), ns=ns, base_config=base, batch_size=args.batch_size)

@@ -930,6 +930,12 @@ TEST_CASE("forest: children_counts proportional / multinomial / systematic") {
     CHECK(a == counts({2, 3, 4}, 9, mode, 0.5, 42));
     CHECK(a[0] + a[1] + a[2] == 9);
   }
+  // Ceil (REBASE's released code): heaviest first, ceil of the share of what is left: 4 of raw
+  // weights .5, .3, .2 -> 2 (of 4 * .5), 2 (ceil of 2 * .3 / .5), 0; ties to the lower id.
+  CHECK(counts({2, 3, 4}, 4, "ceil", 0.0) == I32{0, 2, 2});
+  CHECK(counts({7, 6, 5}, 4, "ceil", 1.0) == I32{1, 1, 2});
+  CHECK(counts({5, 6, 7}, 2, "ceil", 1.0) == I32{1, 1, 0});
+  CHECK(counts({5, 6, 7}, 0, "ceil", 1.0) == I32{0, 0, 0});
   // Systematic: every count within one of its quota 1000 * softmax(score / 0.1).
   const I32 s = counts({2, 3, 4}, 1000, "systematic", 0.1, 3);
   const double w0 = std::exp(-3.0), w1 = std::exp(-2.0), sum = w0 + w1 + 1.0;

@@ -8,8 +8,8 @@ compared with it call for call on deterministic scripted models. The selection a
 
 Both methods, per problem: the root gets N children; each iteration every frontier path gets
 its count of children (one sampled step each); the finished ones join the completions; the
-budget ``B = N - completions`` is split over the unfinished ones (REBASE: proportionally to
-softmax(score / T); particle filtering with ``pf_finished="keep"``: resampled at every step
+budget ``B = N - completions`` is split over the unfinished ones (REBASE: by softmax(score
+/ T), rounded by ``rebase_allocation``; particle filtering with ``pf_finished="keep"``: resampled at every step
 with threshold 1, else when the ESS of the weights is below threshold * B, else one each);
 the last iteration runs every path to its end. The result: completions in finishing order,
 then the unfinished paths of the last iteration. Particle filtering with
@@ -34,7 +34,7 @@ def _ranks(beams: list[Beam], agg: str) -> list[float]:
 
 def _rebase_counts(beams, budget, config, iteration, seed) -> list[int]:
     w = count_weights(_ranks(beams, config.agg), config.rebase_temperature)
-    return counts_from_weights(w, [b.node for b in beams], budget, "proportional", 0)
+    return counts_from_weights(w, [b.node for b in beams], budget, config.rebase_allocation, 0)
 
 
 def _pf_counts(beams, budget, config, iteration, seed, mult=None) -> list[int]:

@@ -20,6 +20,7 @@ METHODS = ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts",
 
 PF_WEIGHTS = ("logit", "softmax", "raw")  # particle filtering's weightings (SearchConfig.pf_weights)
 PF_FINISHED = ("resample", "keep")  # what particle filtering does with finished particles
+REBASE_ALLOCATIONS = ("ceil", "proportional")  # how REBASE rounds its children counts
 
 # The vote each non-tree method implies (beam search and DVTS take ``SearchConfig.vote``).
 IMPLIED_VOTE = {"majority": "majority", "best_of_n": "best", "weighted_best_of_n": "weighted"}
@@ -90,13 +91,17 @@ class SearchConfig:
     # particles (0: never); pf_finished: "resample" (finished particles are resampled with the
     # others and hold their copies' share of the N particles) or "keep" (kept as completions,
     # never resampled). Its final vote is `vote`, default "best" (its_hub's argmax particle).
-    # rebase (ponder.methods.rebase): children per node proportional to softmax(agg / rebase_temperature).
+    # rebase (ponder.methods.rebase; defaults: Wu et al.'s released code, docs/methods_pf_rebase.md):
+    # children per node from softmax(agg / rebase_temperature), rounded by rebase_allocation:
+    # "ceil" (best first, each the ceiling of its share of what is left) or "proportional"
+    # (largest remainder).
     pf_temperature: float = 1.0
     pf_weights: str = "logit"
     pf_resampling: str = "multinomial"
     pf_ess_threshold: float = 1.0
     pf_finished: str = "resample"
-    rebase_temperature: float = 0.1
+    rebase_temperature: float = 0.2
+    rebase_allocation: str = "ceil"
 
     def validate(self) -> SearchConfig:
         """Raise ValueError naming the first bad field; return self when all are good."""
@@ -136,6 +141,10 @@ class SearchConfig:
                 raise ValueError(f"{name} must be a finite number > 0; got {t!r}")
         if self.pf_weights not in PF_WEIGHTS:
             raise ValueError(f"pf_weights must be one of {', '.join(PF_WEIGHTS)}; got {self.pf_weights!r}")
+        if self.rebase_allocation not in REBASE_ALLOCATIONS:
+            raise ValueError(
+                f"rebase_allocation must be one of {', '.join(REBASE_ALLOCATIONS)}; got {self.rebase_allocation!r}"
+            )
         if self.pf_finished not in PF_FINISHED:
             raise ValueError(f"pf_finished must be one of {', '.join(PF_FINISHED)}; got {self.pf_finished!r}")
         if self.pf_resampling not in ("multinomial", "systematic"):

@@ -6,10 +6,13 @@ Per problem, one iteration per engine step (every live search advances together)
 2. Every frontier node's children sample one step each; the PRM scores them. Children that
    finished (EOS or a boxed answer) join the completions and use up one unit of the budget
    each.
-3. The remaining budget ``B = N - completions`` is split over the unfinished children:
-   ``Forest.children_counts(children, B, agg, "proportional", rebase_temperature)`` gives
-   child j ``B * softmax(score / T)_j`` children (largest-remainder rounding, ties to the
-   lower id). Children given none are pruned; the others form the next frontier.
+3. The remaining budget ``B = N - completions`` is split over the unfinished children by
+   ``Forest.children_counts(children, B, agg, rebase_allocation, rebase_temperature)``:
+   child j's share is ``B * softmax(score / T)_j``, rounded with ``rebase_allocation``:
+   ``ceil`` (default, the released code's: best first, ties to the lower id, each gets the
+   ceiling of its share of what the better ones left) or ``proportional`` (largest
+   remainder, ties to the lower id). Children given none are pruned; the others form the
+   next frontier.
 4. The last iteration (``num_iterations``) runs every frontier path to its end (EOS, a boxed
    answer or ``max_steps`` steps) without allocation. A problem stops early when its budget
    is spent or no unfinished path is left.
@@ -33,7 +36,8 @@ class Rebase(FrontierSearch):
         """Children per active node, summing to ``budget``."""
         cfg = self.config
         ids = np.array(active, dtype=np.int32)
-        return self.tree.forest.children_counts(ids, budget, cfg.agg, "proportional", cfg.rebase_temperature, 0).tolist()
+        return self.tree.forest.children_counts(ids, budget, cfg.agg, cfg.rebase_allocation, cfg.rebase_temperature,
+                                                0).tolist()
 
     def next_frontier(self, active: list[int]) -> tuple[list[int], list[int]]:
         budget = self.config.n - len(self.completed)

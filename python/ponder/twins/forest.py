@@ -555,7 +555,9 @@ class Forest:
         non-NaN score in [0, 1], else ValueError). multiplicity: int [n] >= 1 or None (1 each):
         a candidate standing for m identical particles weighs m times its weight (all-zero
         weights: each weighs its multiplicity); see ``count_weights``. mode: ``proportional`` (each gets floor(total * w / sum), the rest
-        one each to the largest remainders, ties to the lower id; seed unused), ``multinomial``
+        one each to the largest remainders, ties to the lower id; seed unused), ``ceil`` (REBASE's
+        released code: heaviest first, ties to the lower id, each gets ceil(left * w / weight
+        left) of what the heavier ones left, at most all of it; seed unused), ``multinomial``
         (``total`` independent draws) or ``systematic`` (points (u + j) / total of one draw u).
         Every problem's draws come from ``SplitMix64(seed)`` restarted for that problem (a caller
         that wants independent streams per problem passes different calls or seeds).
@@ -610,7 +612,7 @@ class Forest:
 
 # ----------------------------------------------------------------------------- children counts
 
-COUNT_MODES = ("proportional", "multinomial", "systematic")
+COUNT_MODES = ("proportional", "ceil", "multinomial", "systematic")
 WEIGHT_MODES = ("softmax", "logit")
 LOGIT_EPS = 1e-7  # its_hub's clip of the PRM reward before its logit
 _MASK64 = 2**64 - 1
@@ -703,6 +705,20 @@ def counts_from_weights(w: list[float], ids: list[int], total: int, mode: str, s
         rest.sort()
         for j in range(total - sum(counts)):
             counts[rest[j % n][2]] += 1
+        return counts
+    if mode == "ceil":  # heaviest first (ties: lower id), each ceil(left * w / weight left)
+        order = sorted(range(n), key=lambda k: (-w[k], ids[k]))
+        left, left_w = total, s
+        for k in order:
+            c = 0
+            if left > 0 and left_w > 0:
+                x = float(left) * w[k] / left_w
+                c = left if x >= float(left) else (math.ceil(x) if x > 0 else 0)
+            counts[k] = c
+            left -= c
+            left_w -= w[k]
+        if n > 0:
+            counts[order[0]] += left  # rounding left some: to the heaviest
         return counts
     rng = SplitMix64(seed)
     if mode == "multinomial":
