@@ -162,8 +162,10 @@ def test_the_shipped_table_is_the_fit_of_the_shipped_records():
     assert {r.id for r in records} == set(fresh)  # every record is a fresh problem of a listed chunk
     assert not held & {p.problem for p in fresh.values()}
     refit = fit(records, probes=table.probes, bins=table.meta["bins"], budgets=sorted(table.plans),
-                beam_width=table.meta["beam_width"], agg=table.agg, meta=table.meta, prior=table.meta["prior"])
+                beam_width=table.meta["beam_width"], agg=table.agg, meta=table.meta, prior=table.meta["prior"],
+                length_bins=table.meta.get("length_bins", 1), min_gain_se=table.meta.get("min_gain_se", 0.0))
     assert refit.cells == table.cells and refit.bin_edges == table.bin_edges
+    assert refit.length_edges == table.length_edges
     assert refit.reference_tokens == table.reference_tokens and refit.plans == table.plans
 
 

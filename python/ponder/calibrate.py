@@ -184,6 +184,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--bins", type=int, default=5, help="difficulty bins (default 5)")
     p.add_argument("--prior", type=float, default=0.0,
                    help="plan with cell accuracies shrunk toward each option's accuracy over all bins, this many pseudo-problems (default 0: none)")
+    p.add_argument("--length-bins", type=int, default=1,
+                   help="groups of the probe's solution length (mean generated tokens) crossed with the difficulty "
+                        "bins (default 1: difficulty only)")
+    p.add_argument("--min-gain-se", type=float, default=0.0,
+                   help="plan an option only if it beats every cheaper one of its bin by more than this many standard "
+                        "errors of the paired difference (default 0: any gain)")
     p.add_argument("--agg", default="last", choices=("last", "min", "prod", "mean"), help="step-score aggregation (default last)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
     p.add_argument("--max-step-tokens", type=int, default=None, help="most tokens per step (default 256; 96 on builtin:arith problems)")
@@ -252,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"records: {rec_path}", file=sys.stderr)
     meta["problems"] = len(records)
     table = fit(records, probes=args.probes, bins=args.bins, budgets=args.budgets, beam_width=args.beam_width,
-                agg=args.agg, meta=meta, prior=args.prior)
+                agg=args.agg, meta=meta, prior=args.prior, length_bins=args.length_bins, min_gain_se=args.min_gain_se)
     table.save(out)
     print(summary(table))
     print(f"wrote {out}")

@@ -517,6 +517,8 @@ def fit(
         n *= 2
     meta = dict(meta or {})
     meta["prior"] = prior
+    meta["length_bins"] = length_bins
+    meta["min_gain_se"] = min_gain_se
     table = StrategyTable(list(probes), edges, fractions, cells, reference, {}, agg, meta,
                           {k: v for k, v in lengths.items()})
     for b in budgets:
