@@ -84,12 +84,13 @@ def collect(
     seed: int = 0,
     progress: bool = True,
     seeds: Sequence[int] | None = None,
+    trees: Sequence[str] = TREES,
 ) -> list[ProblemRecord]:
     """Measure every problem (see the module docstring); ``base`` gives the sampling,
     aggregation and limits. Problem i's searches draw from ``seed + 1000 * i`` (plus a
     per-search offset), or from ``seeds[i]`` when given (one per problem: a problem's results
     then do not depend on which others are measured with it). Returns one ``ProblemRecord``
-    per problem, in order."""
+    per problem, in order. ``trees``: the tree methods measured (of ``TREES``)."""
     if seeds is not None and len(seeds) != len(problems):
         raise ValueError(f"seeds: one per problem expected, got {len(seeds)} for {len(problems)} problems")
     from .engine import Engine
@@ -102,7 +103,7 @@ def collect(
         s = dataclasses.replace(base, method="weighted_best_of_n", n=samples, vote=None, seed=ps,
                                 early_stop=None, budget=None, budget_tokens=None)
         hs = {"samples": engine.submit(p.problem, s)}
-        for m in TREES:
+        for m in trees:
             for j, n in enumerate(tree_ns):
                 c = dataclasses.replace(base, method=m, n=n, beam_width=min(beam_width, n),
                                         seed=ps + 100 * (1 + TREES.index(m)) + j,
@@ -128,17 +129,17 @@ def collect(
              "score": float(c.score), "tokens": int(t)}
             for c, t in zip(r.completions, toks)
         ]
-        trees: dict[str, dict[int, dict]] = {}
-        for m in TREES:
+        measured: dict[str, dict[int, dict]] = {}
+        for m in trees:
             for n in tree_ns:
                 tr = hs[(m, n)].result()
                 win = next((c for c in tr.completions if c.node_id == tr.answer_node), None)
-                trees.setdefault(m, {})[int(n)] = {
+                measured.setdefault(m, {})[int(n)] = {
                     "correct": bool(is_equivalent(tr.answer, p.answer)) if tr.answer is not None else False,
                     "tokens": int(tr.budget.policy_tokens_generated), "beam_width": min(beam_width, n),
                     "answer": tr.answer, "score": None if win is None or win.score != win.score else float(win.score),
                 }
-        records.append(ProblemRecord(str(p.id), int(r.budget.policy_tokens_prefilled), smp, trees, p.level))
+        records.append(ProblemRecord(str(p.id), int(r.budget.policy_tokens_prefilled), smp, measured, p.level))
     return records
 
 
@@ -179,6 +180,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--budgets", type=_ints, default=[2, 4, 8, 16], help="n-equivalent budgets to precompute plans for")
     p.add_argument("--samples", type=int, default=16, help="solutions sampled per problem (the largest sampling n)")
     p.add_argument("--tree-n", type=_ints, default=[4, 8], help="n of beam search and DVTS to measure (default 4,8)")
+    p.add_argument("--trees", default=",".join(TREES),
+                   help=f"tree methods to measure at each --tree-n (default {','.join(TREES)}; a method some records "
+                        "lack is left out of the fit)")
     p.add_argument("--beam-width", type=int, default=4, help="beam width of beam search and DVTS (default 4)")
     p.add_argument("--probes", type=_ints, default=[1, 2, 4], help="probe sizes to fit (default 1,2,4)")
     p.add_argument("--bins", type=int, default=5, help="difficulty bins (default 5)")
@@ -251,8 +255,13 @@ def run(args: argparse.Namespace) -> int:
         policy = HFPolicy(resolve_model(args.policy), device=args.device, kv_budget=args.kv_budget)
         prm = HFPRM(resolve_model(args.prm), format=args.prm_format, device=args.device, kv_budget=args.kv_budget)
         t0 = time.perf_counter()
+        trees = [m for m in args.trees.split(",") if m]
+        if not set(trees) <= set(TREES):
+            print(f"ponder calibrate: --trees takes methods of {', '.join(TREES)}; got {args.trees!r}", file=sys.stderr)
+            return 2
+        meta["trees"] = trees
         records = collect(problems, policy, prm, base, samples=args.samples, tree_ns=args.tree_n,
-                          beam_width=args.beam_width, seed=args.seed)
+                          beam_width=args.beam_width, seed=args.seed, trees=trees)
         meta["collect_s"] = round(time.perf_counter() - t0, 1)
         rec_path = save_records(records, out.with_name(out.stem + ".records.jsonl"))
         print(f"records: {rec_path}", file=sys.stderr)
