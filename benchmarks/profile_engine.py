@@ -41,7 +41,9 @@ CLOCK = time.thread_time
 
 
 def _rows(B: int, n: int, salt: int) -> list[list[int]]:
-    return [[1 + (b * 7 + i * 3 + salt) % 100 for i in range(n)] for b in range(B)]
+    """B token rows of n ids in 1..100, distinct in their first two tokens (so no KV block is
+    shared through the prefix index)."""
+    return [([1 + b % 100, 1 + b // 100] + [1 + (b * 7 + i * 3 + salt) % 100 for i in range(n)])[:n] for b in range(B)]
 
 
 def forward_cost(kv, model, B: int, ctx: int, T: int, reps: int, companion=None) -> float:
@@ -50,11 +52,8 @@ def forward_cost(kv, model, B: int, ctx: int, T: int, reps: int, companion=None)
     implicit PRM runs them, plus its log-ratio)."""
     import torch
 
-    seqs = []
-    for b, row in enumerate(_rows(B, ctx, 0)):
-        seq, _ = kv.new_sequence(row + [b])  # distinct rows: no prefix sharing
-        seqs.append(seq)
-    full = [row + [b] for b, row in enumerate(_rows(B, ctx, 0))]
+    full = _rows(B, ctx, 0)
+    seqs = [kv.new_sequence(row)[0] for row in full]
     with torch.inference_mode():
         for i in range(0, B, 8):
             batch = kv.prepare(seqs[i:i + 8], full[i:i + 8])

@@ -86,3 +86,20 @@ def _check_new_ids(ids: Sequence[int], held, owner: str) -> None:
     taken = sorted(i for i in ids if i in held)
     if taken:
         raise ValueError(f"nodes {taken[:8]} are already held by this {owner}")
+
+
+#: config fields that bound a model's positions, in the order they are read
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def max_positions(model) -> int | None:
+    """The most positions ``model`` was built for (its config's ``max_position_embeddings`` or
+    an equivalent field, :data:`POSITION_FIELDS`); None when the config names none. Inputs past
+    it are refused or their paths ended, never run: rotary models would compute them silently
+    (extrapolated), learned position tables would index past their end."""
+    cfg = getattr(model, "config", None)
+    for name in POSITION_FIELDS:
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None

@@ -44,6 +44,7 @@ from ._loading import (
     _model_stats,
     default_device,
     load_tokenizer,
+    max_positions,
     resolve_dtype,
     resolve_model_ref,
 )
@@ -102,6 +103,12 @@ class HFPolicy:
     and the same calls give the same steps. Greedy (temperature 0) draws nothing from it.
     Memory: besides its KV blocks, a node that was expanded or rolled out keeps its next-token
     logits (one [vocab] row, model dtype) until released.
+
+    Context: ``max_positions`` (the config's ``max_position_embeddings`` or equivalent; None
+    when it names none) bounds every path. A step stops (``truncated``) when its path reaches
+    ``max_positions`` tokens, so its last token can still be run; a path at the limit cannot be
+    extended (``sample_steps`` / ``rollout`` raise ValueError; the search tree ends such paths).
+    Prompts longer than the limit are refused (ValueError).
     """
 
     def __init__(
@@ -141,6 +148,8 @@ class HFPolicy:
         self.max_steps_per_rollout = int(max_steps_per_rollout)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        # the longest path (prompt + steps) the model may run; None: its config names no limit
+        self.max_positions = max_positions(self.model)
         self._nodes: dict[int, _Node] = {}
         self._stream = SeededStream(self.device)
         self._streams: dict[int, torch.Generator] = {}  # sample_steps_seeded's per-request streams
@@ -182,6 +191,9 @@ class HFPolicy:
         for p, toks in zip(problems, prompts):
             if not toks:
                 raise ValueError(f"problem {p!r} renders to an empty prompt; the policy needs at least one token")
+            if self.max_positions is not None and len(toks) > self.max_positions:
+                raise ValueError(f"problem {p[:40]!r}... renders to a prompt of {len(toks)} tokens, more than the "
+                                 f"policy's {self.max_positions} positions; shorten it")
         seqs, logits = prefill_distinct(self.kv, prompts, lambda seqs, rows: self._prefill(list(zip(seqs, rows))))
         for r, seq, row in zip(root_ids, seqs, logits):
             self._nodes[r] = _Node(seq, None, row)  # identical prompts share the first one's logits row
@@ -206,11 +218,12 @@ class HFPolicy:
             return []
         self._check_live(parent_ids)
         self._check_new(child_ids)
+        room = self._room(parent_ids)
         self._ensure_logits(list(dict.fromkeys(parent_ids)))
         seqs = self._fork_rows([self._nodes[p].seq for p in parent_ids])
         try:
             first = torch.stack([self._nodes[p].logits for p in parent_ids])
-            steps = self._decode(seqs, first, params, gens)
+            steps = self._decode(seqs, first, params, gens, room)
         except BaseException:
             self.kv.free(seqs)
             raise
@@ -279,6 +292,9 @@ class HFPolicy:
         rows = [list(p.tokens) for p in paths]
         if any(not r for r in rows):
             raise ValueError("a restored path needs at least one token (its prompt)")
+        if self.max_positions is not None and max(map(len, rows), default=0) > self.max_positions:
+            raise ValueError(f"a restored path has {max(map(len, rows))} tokens, more than the policy's "
+                             f"{self.max_positions} positions")
         before = int(self.kv.stats()["tokens_appended"])
         seqs, logits = prefill_distinct(self.kv, rows, lambda seqs, new: self._prefill(list(zip(seqs, new))))
         for x, seq, row in zip(node_ids, seqs, logits):
@@ -310,16 +326,21 @@ class HFPolicy:
         if num_steps <= 0 or not node_ids:
             return out
         self._check_live(node_ids)
+        room = self._room(node_ids)
         self._ensure_logits(list(dict.fromkeys(node_ids)))
         seqs = self._fork_rows([self._nodes[n].seq for n in node_ids])
         try:
             rows = list(range(len(node_ids)))
             logits = torch.stack([self._nodes[n].logits for n in node_ids])
             for k in range(num_steps):
-                steps = self._decode([seqs[i] for i in rows], logits, params)
+                steps = self._decode([seqs[i] for i in rows], logits, params, None,
+                                     None if room is None else [room[i] for i in rows])
                 for i, step in zip(rows, steps):
                     out[i].append(step)
-                keep = [j for j, step in enumerate(steps) if not step.eos]
+                    if room is not None:
+                        room[i] -= len(step.tokens)
+                # a row at its context end stops like one at EOS
+                keep = [j for j, step in enumerate(steps) if not step.eos and (room is None or room[rows[j]] > 0)]
                 if k + 1 == num_steps or not keep:
                     break
                 rows = [rows[j] for j in keep]
@@ -363,6 +384,20 @@ class HFPolicy:
     def _check_new(self, ids: Sequence[int]) -> None:
         _check_new_ids(ids, self._nodes, "policy")
 
+    def _room(self, node_ids: list[int]) -> list[int] | None:
+        """Tokens each node's path may still gain (``max_positions`` - its length, pending token
+        included); None without a limit. ValueError when a node's path is already full."""
+        if self.max_positions is None:
+            return None
+        nodes = [self._nodes[n] for n in node_ids]
+        lens = self.kv.seq_lens([node.seq for node in nodes]).tolist()
+        room = [self.max_positions - int(k) - (node.pending is not None) for node, k in zip(nodes, lens)]
+        full = [n for n, r in zip(node_ids, room) if r < 1]
+        if full:
+            raise ValueError(f"nodes {full[:8]}: their paths already have the policy's {self.max_positions} positions "
+                             "(max_position_embeddings), so they cannot be extended; end those paths")
+        return room
+
     def _fork_rows(self, parent_seqs: list[int]) -> list[int]:
         """One fork per row, forking each distinct parent once for all its rows (row order kept)."""
         counts = Counter(parent_seqs)
@@ -404,15 +439,17 @@ class HFPolicy:
     def _rng(self, params: SamplingParams) -> torch.Generator | None:
         return self._stream.generator(params)
 
-    def _decode(self, seqs: list[int], logits: torch.Tensor, params: SamplingParams, gens: list | None = None) -> list[Step]:
+    def _decode(self, seqs: list[int], logits: torch.Tensor, params: SamplingParams, gens: list | None = None,
+                room: list[int] | None = None) -> list[Step]:
         """Sample one step per row. seqs: the rows' sequences (their whole path is in the cache);
-        logits: [B, V] next-token logits of each row. Every sampled token but each row's last is
-        appended to its sequence; finished rows leave the batch at once."""
+        logits: [B, V] next-token logits of each row; room: the most tokens each row may take
+        (its context end; None: no limit). Every sampled token but each row's last is appended
+        to its sequence; finished rows leave the batch at once."""
 
         def advance(rows: list[int], _positions: list[int], last: list[int]) -> torch.Tensor:
             return self._forward([seqs[i] for i in rows], [[t] for t in last])
 
         rng = self._rng(params) if gens is None or params.temperature <= 0 else gens
-        steps = sample_step_batch(logits, params, rng, self.tokenizer, self.eos_ids, advance)
+        steps = sample_step_batch(logits, params, rng, self.tokenizer, self.eos_ids, advance, room)
         self._tokens_generated += sum(len(s.tokens) for s in steps)
         return steps

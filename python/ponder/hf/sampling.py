@@ -60,11 +60,13 @@ def sample_step_batch(
     tokenizer,
     eos_ids: set[int],
     advance,
+    row_limits: list[int] | None = None,
 ) -> list[Step]:
     """Sample one step for each of B rows, token by token, with the stopping rules every
     ponder policy shares: a row stops at an EOS id (``eos``), once its decoded tail holds
     ``params.step_delimiter`` (the delimiter stays in the step), or at ``max_step_tokens``
-    (``truncated``); a stopped row leaves the batch at once.
+    (``truncated``); a stopped row leaves the batch at once. ``row_limits[i]`` (>= 1): row i
+    also stops (``truncated``) at that many tokens (a policy's context end).
 
     logits: float [B, V], the next-token logits of each row. advance(rows, positions, last):
     run the models one token further for the rows still going (``rows``: their indices in
@@ -78,6 +80,9 @@ def sample_step_batch(
     tokens: list[list[int]] = [[] for _ in range(B)]
     eos = [False] * B
     truncated = [False] * B
+    limits = [params.max_step_tokens] * B if row_limits is None else [min(params.max_step_tokens, int(x)) for x in row_limits]
+    if len(limits) != B or min(limits, default=1) < 1:
+        raise ValueError(f"row_limits must hold {B} limits >= 1")
     active = list(range(B))
     while active:
         gen = [generator[i] for i in active] if isinstance(generator, list) else generator
@@ -93,7 +98,7 @@ def sample_step_batch(
                 eos[i] = True
             elif delim in tail:
                 pass  # the step ends with its delimiter
-            elif len(tokens[i]) >= params.max_step_tokens:
+            elif len(tokens[i]) >= limits[i]:
                 truncated[i] = True
             else:
                 keep.append(j)

@@ -64,12 +64,14 @@ def boxed_answer(text: str) -> str | None:
 class Node:
     """What the tree knows of one node: ``parent`` (-1 for a root), its ``search``, ``depth``,
     ``text`` (the step; "" for roots), ``score`` (the PRM's step score; NaN unscored),
-    ``finished``, ``truncated``, ``answer`` (the box of a finished path, else None)."""
+    ``finished``, ``truncated``, ``answer`` (the box of a finished path, else None), ``length``
+    (the policy's tokens of its path: prompt + steps; set when the step is sampled)."""
 
-    __slots__ = ("answer", "depth", "finished", "parent", "released", "score", "search", "text", "truncated")
+    __slots__ = ("answer", "depth", "finished", "length", "parent", "released", "score", "search", "text", "truncated")
 
     def __init__(self, parent: int, search: Search, depth: int) -> None:
         self.parent, self.search, self.depth = parent, search, depth
+        self.length = 0
         self.text, self.score = "", math.nan
         self.finished = self.truncated = self.released = False
         self.answer: str | None = None
@@ -151,6 +153,11 @@ class SearchTree:
         self.per_request_streams = per_request_streams
         self.seeded = per_request_streams and callable(getattr(policy, "sample_steps_seeded", None))
         self.path_scorer = prm is not None and callable(getattr(prm, "score_paths", None))
+        # the longest path the models may run (their optional ``max_positions``): a path that
+        # reaches it ends (finished, truncated) instead of running past the models' positions
+        limits = [getattr(m, "max_positions", None) for m in (policy, prm)]
+        limits = [x for x in limits if isinstance(x, int) and x > 0]
+        self.max_positions = min(limits) if limits else None
 
     def deferred(self, search: Search) -> bool:
         """The search's paths are scored once each, when they end, by ``PRM.score_paths``
@@ -197,6 +204,8 @@ class SearchTree:
             raise RuntimeError("forest root ids differ from the ids given to the models")
         self._new_nodes(got, [-1] * got.size, owners)
         out, start = [], 0
+        for x, p in zip(got.tolist(), prompts):
+            self.nodes[x].length = len(p)
         for s, k in zip(searches, subtrees):
             # A problem's prompt is prefilled once: all its roots and paths share it.
             s.prefilled = len(prompts[start])
@@ -252,9 +261,12 @@ class SearchTree:
         batch.steps = steps  # type: ignore[assignment]
         for child, s, st in zip(children, batch.searches, batch.steps):
             node = self.nodes[child]
+            node.length = self.nodes[node.parent].length + len(st.tokens)
             ended = bool(st.eos) or len(st.tokens) == 0 or boxed_answer(st.text) is not None
             at_limit = node.depth >= s.config.max_steps
             cut = bool(st.truncated) or (at_limit and not ended)
+            if self.max_positions is not None and node.length >= self.max_positions and not ended:
+                ended = cut = True  # the models' context is full: the path ends here, cut
             node.text = st.text
             node.finished = ended or (s.compat and cut)
             node.truncated = cut

@@ -30,6 +30,7 @@ from .._loading import (
     _model_stats,
     default_device,
     load_tokenizer,
+    max_positions,
     resolve_dtype,
     resolve_model_ref,
 )
@@ -166,6 +167,9 @@ class HFPRM:
         elif reference is not None or beta is not None:
             raise ValueError(f"reference= and beta= apply to format 'implicit-prm' only (this PRM is {format!r})")
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        # the longest input the PRM (and an implicit PRM's reference) may run; None: no limit named
+        limits = [x for x in (max_positions(self.model), max_positions(self.ref_model)) if x is not None]
+        self.max_positions = min(limits) if limits else None
         if self.ref_model is not None:  # both run for every token
             self.num_parameters += sum(p.numel() for p in self.ref_model.parameters())
         self._lead = _leading_special(self.tokenizer) if self._fmt.add_special_tokens else []
@@ -343,12 +347,22 @@ class HFPRM:
                 out[r] = got
         return out
 
+    def _check_positions(self, lengths: Sequence[int]) -> None:
+        """ValueError when an input of ``lengths`` tokens would run past ``max_positions``
+        (scores there would be silently wrong)."""
+        longest = max(lengths, default=0)
+        if self.max_positions is not None and longest > self.max_positions:
+            raise ValueError(f"HFPRM: a path's input has {longest} tokens, more than the PRM's {self.max_positions} "
+                             "positions (max_position_embeddings); end paths earlier (SearchConfig.max_steps, "
+                             "SamplingParams.max_step_tokens) or use a PRM with a longer context")
+
     def _realize(self, plans: list[_Plan], also: list[list[int]] | None = None) -> tuple[list[int], list[list[float]]]:
         """Create one sequence per plan (fork of its base, or a new sequence over the cached
         prefix) and run its new tokens. Returns (sequences, scores): ``scores[i]`` holds the
         score at each absolute token index of ``also[i]`` (prefixes of the plan's path ending
         there; none: ``also`` None) followed by the score at the plan's own position."""
         also = [[] for _ in plans] if also is None else also
+        self._check_positions([len(plan.path.tokens) for plan in plans])
         seqs: list[int] = []
         rows: list[list[int]] = []
         positions: list[list[int]] = []
@@ -412,6 +426,7 @@ class HFPRM:
                 raise ValueError(f"format {self.format!r}: the question part of the input is empty, so no "
                                  "token can score the first step (a chat template renders at least the user turn)")
             paths.append(_Path(q, (), text, tokens, None, answer_start=len(tokens)))
+        self._check_positions([len(p.tokens) for p in paths])
         held = [i for i, p in enumerate(paths) if p.tokens]  # an empty question part has no sequence
         if self.ref_model is not None:  # the last position's log-ratio row scores the first step's first token
             def run(seqs, rows):
