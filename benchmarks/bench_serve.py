@@ -8,13 +8,15 @@ back until the level's request count or time bound is reached; requests alternat
 PRM beam search (n=4, beam width 4) and best-of-N (n=4) on ``builtin:arith`` problems
 (levels 1-3, round robin). Levels run in the order 1, 8, 32, 32, 8, 1 with half their budget
 each time (a machine shared with other jobs drifts; this order cancels a steady drift), and
-are pooled. Reported per level: requests/s, p50/p99 latency, errors (any
-non-200 or transport error), engine mean policy batch; overall: the server's RSS when idle
+are pooled. Reported per level: requests/s, requests per CPU second of the server process
+(all its threads: ``requests_per_server_cpu_s``, which other jobs on a shared machine do not
+change), p50/p99 latency, errors (any non-200 or transport error), engine mean policy batch; overall: the server's RSS when idle
 before the run, after it, and its peak (VmHWM), and the KV blocks still in use once idle
 after the run (``kv_blocks_leaked``; must be 0). Targets (issue 16): 0 errors; throughput at
 32 clients >= 4x one client's; KV blocks and RSS back to idle values.
 
-JSON keys: ``throughput_32_over_1``, ``errors``, ``kv_blocks_leaked``, ``p99_latency_s`` (the
+JSON keys: ``throughput_32_over_1`` (wall clock), ``throughput_32_over_1_server_cpu``,
+``load_average`` (at the end), ``errors``, ``kv_blocks_leaked``, ``p99_latency_s`` (the
 worst level's p99), ``levels`` (per level numbers), ``rss_mb`` (idle, after, peak).
 """
 
@@ -52,6 +54,15 @@ def _rss_mb(pid: int) -> dict[str, float]:
             if line.startswith(("VmRSS:", "VmHWM:")):
                 out[line.split(":")[0]] = int(line.split()[1]) / 1024
     return {"rss": out.get("VmRSS", float("nan")), "peak": out.get("VmHWM", float("nan"))}
+
+
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system, all threads) the process has used so far; NaN without one."""
+    if pid is None:
+        return float("nan")
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _problems(k: int) -> list[str]:
@@ -145,10 +156,12 @@ def _combine(runs: list[dict]) -> dict:
         return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
 
     wall = sum(r["wall_s"] for r in runs)
+    cpu = sum(r["server_cpu_s"] for r in runs)
     calls = sum(r["policy_calls"] for r in runs)
     return {"clients": runs[0]["clients"], "requests": len(lat), "errors": sum(r["errors"] for r in runs),
             "error_samples": [e for r in runs for e in r["error_samples"]][:3], "wall_s": wall,
             "requests_per_s": len(lat) / wall if wall > 0 else 0.0, "p50_latency_s": q(0.50), "p99_latency_s": q(0.99),
+            "server_cpu_s": cpu, "requests_per_server_cpu_s": len(lat) / cpu if cpu > 0 else float("nan"),
             "mean_policy_batch": sum(r["policy_rows"] for r in runs) / calls if calls else 0.0,
             "preemptions": sum(r["preemptions"] for r in runs),
             "requests_per_s_by_run": [r["requests_per_s"] for r in runs]}
@@ -184,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         parts: dict[int, list[dict]] = {c: [] for c in levels}
         for c in levels + levels[::-1]:
             before = _health(url)
+            cpu0 = _cpu_s(proc.pid if proc else None)
             n, secs = budget[c]
             res = asyncio.run(run_level(url, c, max(c, n // 2), secs / 2, problems))
+            res["server_cpu_s"] = _cpu_s(proc.pid if proc else None) - cpu0
             after = _wait_idle(url)
             res["policy_calls"] = after["policy_calls"] - before["policy_calls"]
             res["policy_rows"] = after["policy_rows"] - before["policy_rows"]
@@ -204,9 +219,14 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
     by = {r["clients"]: r for r in results}
     ratio = (by[32]["requests_per_s"] / by[1]["requests_per_s"]) if 1 in by and 32 in by and by[1]["requests_per_s"] else None
+    cpu_ratio = (by[32]["requests_per_server_cpu_s"] / by[1]["requests_per_server_cpu_s"]) if 1 in by and 32 in by else None
     out = {
         "levels": results,
         "throughput_32_over_1": ratio,
+        # the same ratio per CPU second the server spent (all its threads): robust to other jobs
+        # on a shared machine, which stretch wall time but not the server's own work
+        "throughput_32_over_1_server_cpu": cpu_ratio,
+        "load_average": os.getloadavg(),
         "errors": sum(r["errors"] for r in results),
         "kv_blocks_leaked": kv_end - kv_idle,
         "p99_latency_s": max(r["p99_latency_s"] for r in results),
@@ -216,11 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"{'clients':>7} {'reqs':>5} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'errors':>6} {'batch':>6}")
+        print(f"{'clients':>7} {'reqs':>5} {'req/s':>7} {'req/cpu-s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>6} {'batch':>6}")
         for r in results:
-            print(f"{r['clients']:>7} {r['requests']:>5} {r['requests_per_s']:>7.2f} {r['p50_latency_s']:>7.2f} "
-                  f"{r['p99_latency_s']:>7.2f} {r['errors']:>6} {r['mean_policy_batch']:>6.1f}")
-        print(f"throughput 32/1: {ratio if ratio is None else round(ratio, 2)}  errors: {out['errors']}  "
+            print(f"{r['clients']:>7} {r['requests']:>5} {r['requests_per_s']:>7.2f} {r['requests_per_server_cpu_s']:>9.2f} "
+                  f"{r['p50_latency_s']:>7.2f} {r['p99_latency_s']:>7.2f} {r['errors']:>6} {r['mean_policy_batch']:>6.1f}")
+        print(f"throughput 32/1: {ratio if ratio is None else round(ratio, 2)} (per server CPU second: "
+              f"{cpu_ratio if cpu_ratio is None else round(cpu_ratio, 2)}; load average {out['load_average'][0]:.1f})  "
+              f"errors: {out['errors']}  "
               f"KV blocks leaked: {out['kv_blocks_leaked']}  RSS MB idle/after/peak: "
               f"{rss_idle:.0f}/{mem['rss']:.0f}/{mem['peak']:.0f}")
     return 0

@@ -174,15 +174,19 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    import bench_engine
     import ponder
     from ponder.toy.builtin import resolve_model
 
-    policy = ponder.HFPolicy(resolve_model("builtin:policy-small"), kv_budget=40960)
-    prm = ponder.HFPRM(resolve_model("builtin:prm"), kv_budget=40960)
+    # pools for 256 rows of 192 tokens in the bound; bench_engine's large pools for the stages
+    policy = ponder.HFPolicy(resolve_model("builtin:policy-small"), kv_budget=1 << 17)
+    prm = ponder.HFPRM(resolve_model("builtin:prm"), kv_budget=1 << 17)
     out: dict = {}
     if args.part in ("bound", "both"):
         out["bound_ms_per_token"] = run_bound(policy, prm, args.quick)
     if args.part in ("stages", "both"):
+        bench_engine.set_pool(policy, 40960)
+        bench_engine.set_pool(prm, 40960)
         out["stages"] = run_stages(policy, prm, args)
     if args.json:
         print(json.dumps(out, indent=1))
