@@ -83,13 +83,17 @@ def fixed_rows(records, samples: int, tree_ns: list[int]) -> list[dict]:
     while n <= samples:
         for m in SAMPLING:
             got = [r.sampled_outcome(OPTION_VOTE[m], n) for r in records]
-            rows.append(_row(m, n, got))
+            rows.append(_row(m, n, got, by_level=_levels(records, got)))
         n *= 2
     for m in TREES:
         for n in tree_ns:
             got = [(r.trees[m][n]["correct"], r.prompt_tokens + r.trees[m][n]["tokens"]) for r in records]
-            rows.append(_row(m, n, got))
+            rows.append(_row(m, n, got, by_level=_levels(records, got)))
     return rows
+
+
+def _levels(records, got) -> dict:
+    return by_level([{"level": r.level, "correct": c, "tokens": t} for r, (c, t) in zip(records, got)])
 
 
 def _row(method: str, n, got, **extra) -> dict:
@@ -251,6 +255,16 @@ def interpolate(points: list[tuple[float, float]], x: float) -> tuple[float, str
     return pts[-1][1], "beyond the largest auto budget: its accuracy (extrapolation not attempted)"
 
 
+def by_level(per: list[dict]) -> dict:
+    """{level: {"problems", "accuracy", "mean_policy_tokens"}} of per-problem rows."""
+    out = {}
+    for lv in sorted({x["level"] for x in per}, key=str):
+        xs = [x for x in per if x["level"] == lv]
+        out[str(lv)] = {"problems": len(xs), "accuracy": sum(x["correct"] for x in xs) / len(xs),
+                        "mean_policy_tokens": sum(x["tokens"] for x in xs) / len(xs)}
+    return out
+
+
 def figures(fixed: list[dict], runs: dict, ref_n: int, budgets: list[int], table) -> dict:
     at_ref = [r for r in fixed if r["n"] == ref_n]
     best = max(at_ref, key=lambda r: (r["accuracy"], -r["mean_policy_tokens"]))
@@ -265,6 +279,7 @@ def figures(fixed: list[dict], runs: dict, ref_n: int, budgets: list[int], table
             label = c.get("method", "?") + ("" if c.get("method") == "stop" else f"@{c.get('n')}")
             chosen[label] = chosen.get(label, 0) + 1
         row["chosen"] = chosen
+        row["by_level"] = by_level(per)
         auto.append(row)
     reach = [a for a in auto if a["accuracy"] >= best["accuracy"]]
     ratio = min(a["mean_policy_tokens"] for a in reach) / best["mean_policy_tokens"] if reach else None
