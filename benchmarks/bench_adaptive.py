@@ -27,6 +27,12 @@ that method's accuracy), ``early_stop_token_ratio`` and ``early_stop_accuracy_de
 half a point). Targets (issue 15): ratio <= 0.5, gain >= 0.02, token ratio <= 0.4 with delta
 >= -0.005. ``--plot`` writes the frontier (docs/adaptive.png).
 
+Long runs: ``--records`` and ``--runs`` cache every measurement by problem id (a problem's
+seeds come from its place in the whole held-out set, so its results do not depend on the slice);
+``--chunk K`` measures K problems at a time in level round robin and saves each chunk, so a run
+cut short keeps a level-balanced prefix; ``--available`` samples nothing and reports on the
+problems the caches hold in full. Every row carries ``by_level`` (accuracy and tokens per level).
+
 ``--quick``: 1 problem per level, 4 samples, tree n 4, budgets 2 and 4, ref n 4 (~1 minute).
 """
 
