@@ -24,7 +24,7 @@ def prefill_batch_tokens(device: torch.device | str) -> int:
 
 # What one more forward costs beyond its tokens, in padded new tokens (the split-or-pad trade-off
 # of :func:`token_batches`). On CPU a forward of the built-in models costs ~30 (the implicit PRM's
-# two models) to ~65 (the policy) tokens' worth of fixed overhead (benchmarks/profile_engine.py);
+# two models) to ~65 (the policy) tokens' worth of fixed overhead (benchmarks/bench_engine_profile.py);
 # on an accelerator a forward is launch-bound, so padding is cheap and batches stay large.
 CPU_FORWARD_OVERHEAD_TOKENS = 32
 FORWARD_OVERHEAD_TOKENS = 1024
