@@ -334,16 +334,19 @@ def test_hf_engine_search_alone_equals_search_in_a_mix(hf_models):
     assert all(o.result().stopped is None for o in others)
 
 
-def test_hf_engine_small_pool_preempts_keeps_results_and_returns_every_block(hf_models):
+def test_hf_engine_small_pool_keeps_results_and_returns_every_block(hf_models):
     big = Engine(*_hf(hf_models))
     want = [rounded(big.submit(q, _hf_config(m, s)).result()) for q, m, s in HF_MIX]
     policy, prm = _hf(hf_models, policy_tokens=200, prm_tokens=4096)
     free0 = (policy.kv_free_blocks(), prm.kv_free_blocks())
     engine = Engine(policy, prm)
     handles = [engine.submit(q, _hf_config(m, s)) for q, m, s in HF_MIX]
-    engine.run_until_done()
+    waited = False  # admission held a search back while others ran (forced preemption: test_engine_resume.py)
+    while engine.has_work():
+        engine.step()
+        waited |= engine.stats()["queued"] > 0 and engine.stats()["live"] > 0
     st = engine.stats()
-    assert st["kv_full_errors"] == 0 and st["preemptions"] + st["kv_full_caught"] >= 1
+    assert st["kv_full_errors"] == 0 and (waited or st["preemptions"] >= 1)
     assert [rounded(h.result()) for h in handles] == want
     assert (policy.kv_free_blocks(), prm.kv_free_blocks()) == free0
     assert policy.stats()["live_nodes"] == prm.stats()["live_nodes"] == 0

@@ -67,7 +67,7 @@ def test_a_preempted_search_resumes_with_its_tree_and_the_same_result(models, pr
     assert engine.stats()["live"] == 2
     latest = engine._live[-1]
     kept = list(latest.search.node_ids)
-    assert engine._preempt_latest()  # what a KVCacheFull mid-search does
+    engine._preempt(engine._live[-1])  # what a KVCacheFull mid-search may do
     st = engine.stats()
     assert (st["live"], st["queued"], st["preempted"]) == (1, 1, 1)
     assert latest.method is not None and latest.search.node_ids == kept  # the tree stays
@@ -94,10 +94,9 @@ def test_resume_reuses_surviving_prefix_blocks(models):
     engine.step()
     engine.step()
     s = engine._live[-1].search
-    assert engine._preempt_latest()
+    engine._preempt(engine._live[-1])
     held = s.suspended[0]
     path_tokens = sum(len(p.tokens) for p in engine.tree.node_paths(s, held))
-    engine._hold = False
     engine._admit()
     assert s.suspended is None and engine.stats()["resumed"] == 1
     assert 0 < engine.stats()["tokens_reprefilled"] < path_tokens
@@ -116,7 +115,7 @@ def test_cancel_while_preempted_ends_with_what_it_has(models):
     engine.step()
     engine.step()
     assert engine.tree.deferred(engine._live[-1].search)
-    assert engine._preempt_latest()
+    engine._preempt(engine._live[-1])
     b.cancel()
     r = b.result()
     assert r.stopped == "cancelled" and r.completions and all(c.score == c.score for c in r.completions)
@@ -240,8 +239,7 @@ def test_a_restore_that_does_not_fit_waits_then_resumes():
     engine = Engine(policy, prm)
     handles = [engine.submit(p, c) for p, c in cfgs]
     engine.step()
-    assert engine._preempt_latest()
-    engine._hold = False
+    engine._preempt(engine._live[-1])
     engine.step()  # the restore fails: it waits at the head of the queue, the other goes on
     st = engine.stats()
     assert (st["live"], st["queued"], st["kv_full_caught"], st["resumed"]) == (1, 1, 1, 0)
@@ -258,7 +256,7 @@ def test_a_restore_that_does_not_fit_alone_fails_that_search_only():
     engine = Engine(policy, prm)
     a, b = (engine.submit(p, c) for p, c in cfgs)
     engine.step()
-    assert engine._preempt_latest()
+    engine._preempt(engine._live[-1])
     engine.run_until_done()
     assert a.result().stopped is None
     with pytest.raises(KVCacheFull, match="injected"):

@@ -33,11 +33,14 @@ does not fit (then that search fails with it).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
+import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +58,13 @@ from .methods.method import Method
 from .methods.particle_filtering import ParticleFiltering
 from .methods.rebase import Rebase
 from .methods.tree import Search, SearchTree
+
+#: a step's tokens assumed before any step was sampled
+BLOCK_GUESS = 16
+#: the most the step-growth estimate is scaled up after KVCacheFull
+MAX_MARGIN = 4.0
+#: finished searches per (model, method) whose peaks set the projection of new ones
+PER_PATH_WINDOW = 32
 
 #: method name (``ponder.methods.config.METHODS``) -> its state machine class
 METHOD_CLASSES: dict[str, type[Method]] = {
@@ -145,6 +155,8 @@ class _Request:
         self.method: Method | None = None
         self.cancelled = False
         self.preemptions = 0
+        self.rows = search.config.n  # children its last step expanded (its first: n)
+        self.peak: dict[str, int] = {}  # model -> the most KV blocks it was estimated to hold (step included)
 
 
 class Engine:
@@ -169,7 +181,11 @@ class Engine:
         self._cancels: list[_Request] = []
         self._background = False
         self._admit_limit: int | None = None  # after a start hit KVCacheFull: admit at most this many
-        self._hold = False  # after a preemption: admit nothing until a live search ends
+        # memory scheduling (see "Memory" in the module docstring)
+        self._step_tokens = float(BLOCK_GUESS)  # running mean of a sampled step's tokens
+        self._margin = 1.0  # step-growth safety factor: x1.5 on each KVCacheFull, back to 1 as steps succeed
+        self._per_path: dict[tuple[str, str], deque] = {}  # (model, method) -> peak blocks / n of finished searches
+        self._capacity: dict[str, int] = {}  # model -> the most free blocks seen with nothing live
         self._counters = dict(
             steps=0, policy_calls=0, policy_rows=0, prm_calls=0, prm_rows=0,
             preemptions=0, resumed=0, tokens_reprefilled=0, kv_full_caught=0, kv_full_errors=0, submitted=0, finished=0,
@@ -259,14 +275,17 @@ class Engine:
             self._apply_cancels()
             self._admit()
             self._apply_limits()
+            self._make_room()
             while True:
                 try:
                     self._advance()
                     break
                 except KVCacheFull:
                     self._counters["kv_full_caught"] += 1
-                    if not self._preempt_latest():
+                    self._margin = min(MAX_MARGIN, self._margin * 1.5)  # the step outgrew its estimate
+                    if not self._preempt_for_retry():
                         raise
+            self._margin = max(1.0, self._margin * 0.9)
             self._counters["steps"] += 1
         return self.has_work()
 
@@ -279,16 +298,17 @@ class Engine:
 
     def _admit(self) -> None:
         new: list[_Request] = []
-        if self._hold and self._live:
-            return
-        self._hold = False
+        room = self._room()
         with self._lock:
             while self._queue and (self.max_live is None or len(self._live) + len(new) < self.max_live):
                 if self._admit_limit is not None and len(new) >= self._admit_limit:
                     break
-                r = self._queue[0]
-                if (self._live or new) and not self._fits(new + [r]):
+                r = self._queue[0]  # FIFO: nothing overtakes the head (no starvation)
+                need = {key: self._projected(r, key, block) for key, _, block in self._kv_models()}
+                if (self._live or new) and any(need[key] > room[key] for key in room):
                     break
+                for key in room:
+                    room[key] -= need[key]
                 new.append(self._queue.pop(0))
         if not new:
             return
@@ -360,26 +380,145 @@ class Engine:
                 self._live.append(r)
         return new
 
-    def _fits(self, candidates: list[_Request]) -> bool:
-        """Admission control: the first expansion of every candidate fits the free KV blocks of
-        the policy (and PRM) that report ``kv_free_blocks()``; models without it admit all."""
-        for model in (self.policy, self.prm):
-            free = getattr(model, "kv_free_blocks", None)
-            if model is None or not callable(free):
-                continue
-            need = sum(self._resume_blocks(model, r.search) if r.search.suspended is not None
-                       else _first_expansion_blocks(model, r.search) for r in candidates)
-            if need > int(free()):
-                return False
-        return True
+    # ------------------------------------------------------------------ memory scheduling
 
-    def _resume_blocks(self, model, search: Search) -> int:
-        """KV blocks a suspended search's restore takes in ``model``, estimated from the policy's
-        tokens of its paths (shared prefixes once; no prefix block assumed to survive), plus
-        one per node the model will hold (its next step's block)."""
-        block = int(getattr(model, "kv_block_size", 16) or 16)
-        held = len(search.suspended[1 if model is self.prm else 0]) if search.suspended is not None else 0
-        return -(-self.tree.suspended_tokens(search) // block) + held
+    def _kv_models(self) -> list[tuple[str, Any, int]]:
+        """(name, model, block size) of the models that report ``kv_free_blocks()``."""
+        out = []
+        for key, model in (("policy", self.policy), ("prm", self.prm)):
+            if model is not None and callable(getattr(model, "kv_free_blocks", None)):
+                out.append((key, model, int(getattr(model, "kv_block_size", 16) or 16)))
+        return out
+
+    def _held(self, search: Search, key: str) -> list[int]:
+        """The nodes a model holds for a live search: the policy its unreleased nodes; the PRM
+        the same for a search it scores step by step, a deferred search's roots, else none."""
+        tree = self.tree
+        if search.suspended is not None:
+            return []
+        if key == "prm":
+            if not search.scored:
+                return []
+            if tree.deferred(search):
+                return list(search.prm_roots)
+        return [x for x in search.node_ids if not tree.nodes[x].released]
+
+    def _blocks(self, search: Search, key: str, block: int) -> int:
+        """KV blocks a live search holds in a model, estimated from the policy's tokens of its
+        held nodes' paths: distinct tokens (shared prefixes once) in blocks, plus one partly
+        filled block per held node."""
+        nodes, seen, tokens = self.tree.nodes, set(), 0
+        held = self._held(search, key)
+        for x in held:
+            while x != -1 and x not in seen:
+                seen.add(x)
+                node = nodes[x]
+                tokens += node.length - (nodes[node.parent].length if node.parent != -1 else 0)
+                x = node.parent
+        return -(-tokens // block) + len(held)
+
+    def _step_need(self, r: _Request, key: str, block: int) -> int:
+        """KV blocks a search's next step adds in a model (expected): per child a copied
+        partial block and its step's tokens (``_step_tokens`` x ``_margin`` / block size), and
+        as much again per lookahead step (temporary forks). 0 in a PRM that holds no per-node
+        state for it (majority; a deferred search's paths are scored in pieces that fit)."""
+        s = r.search
+        if key == "prm" and (not s.scored or self.tree.deferred(s)):
+            return 0
+        per_row = 1.0 + self._step_tokens * self._margin / block
+        look = int(getattr(s.config, "lookahead", 0) or 0) if s.config.method in ("beam_search", "dvts") else 0
+        return math.ceil(r.rows * per_row * (1 + look))
+
+    def _projected(self, r: _Request, key: str, block: int) -> int:
+        """The most KV blocks a queued search is expected to hold in a model at once: the
+        largest of its roots and first step, its own recorded peak (a preempted
+        search), its restore plus one step (a suspended one), and n x the per-path peak of
+        the last finished searches of its method (90th percentile)."""
+        s, cfg = r.search, r.search.config
+        step = self._step_need(r, key, block)
+        if s.suspended is not None:
+            held = len(s.suspended[1 if key == "prm" else 0])
+            first = -(-self.tree.suspended_tokens(s) // block) + held + step
+        else:
+            first = (_prompt_blocks(block, s) if key == "policy" or s.scored else 0) + step
+        hist = self._per_path.get((key, cfg.method))
+        learned = math.ceil(cfg.n * float(np.quantile(hist, 0.9))) if hist else 0
+        return max(first, learned, r.peak.get(key, 0))
+
+    def _room(self) -> dict[str, int]:
+        """Per model: the free blocks left for new searches after every live search's reserve
+        (what it may still grow to: its projected peak, at least its next step, less what it
+        holds) and a watermark of 1 % of the pool."""
+        room = {}
+        for key, model, block in self._kv_models():
+            free = int(model.kv_free_blocks())
+            if not self._live:
+                self._capacity[key] = max(self._capacity.get(key, 0), free)
+            reserve = 0
+            for r in self._live:
+                if r.method is None:
+                    continue
+                held = self._blocks(r.search, key, block)
+                grow = self._step_need(r, key, block)
+                hist = self._per_path.get((key, r.search.config.method))
+                if hist:
+                    grow = max(grow, math.ceil(r.search.config.n * float(np.quantile(hist, 0.9))) - held)
+                reserve += grow
+            watermark = -(-self._capacity.get(key, free) // 100)
+            room[key] = free - reserve - watermark
+        return room
+
+    def _make_room(self) -> int:
+        """Before a step: while the live searches' next step does not fit a model's free
+        blocks (estimated, ``_step_need``), preempt one (``_victim``); the oldest live search
+        is never preempted. Records each search's peak. Returns the searches preempted."""
+        done = 0
+        while True:
+            deficit: dict[str, int] = {}
+            usage: dict[int, dict[str, tuple[int, int]]] = {}
+            for key, model, block in self._kv_models():
+                need = 0
+                for r in self._live:
+                    u = (self._blocks(r.search, key, block), self._step_need(r, key, block))
+                    usage.setdefault(id(r), {})[key] = u
+                    r.peak[key] = max(r.peak.get(key, 0), u[0] + u[1])
+                    need += u[1]
+                short = need - int(model.kv_free_blocks())
+                if short > 0:
+                    deficit[key] = short
+            if not deficit or len(self._live) <= 1:
+                return done
+            self._preempt(self._victim(deficit, usage))
+            done += 1
+
+    def _victim(self, deficit: dict[str, int], usage: dict[int, dict[str, tuple[int, int]]]) -> _Request:
+        """The live search to preempt for ``deficit`` blocks per model: of those whose
+        preemption frees enough (its blocks and its next step's), the one losing the least work
+        (resumable: the blocks a resume re-prefills at most; else the tokens it computed), the
+        newest on a tie; when none frees enough, the newest. Never the oldest (lowest id)."""
+        oldest = min(self._live, key=lambda r: r.handle.id)
+        cands = [r for r in self._live if r is not oldest]
+
+        def frees_enough(r: _Request) -> bool:
+            return all(sum(usage[id(r)].get(k, (0, 0))) >= d for k, d in deficit.items())
+
+        def lost(r: _Request) -> int:
+            if self.tree.resumable(r.search):
+                return sum(b for b, _ in usage[id(r)].values())
+            return r.search.generated + r.search.prm_scored
+
+        enough = [r for r in cands if frees_enough(r)]
+        if enough:
+            return min(enough, key=lambda r: (lost(r), -r.handle.id))
+        return max(cands, key=lambda r: r.handle.id)
+
+    def _record_step(self, batch) -> None:
+        """After a recorded step: the running mean of a step's policy tokens (``_step_tokens``)."""
+        nodes = self.tree.nodes
+        ids = batch.children.tolist()
+        if ids:
+            mean = sum(nodes[x].length - nodes[nodes[x].parent].length for x in ids) / len(ids)
+            self._step_tokens = 0.7 * self._step_tokens + 0.3 * mean
 
     def _apply_limits(self) -> None:
         now = time.perf_counter()
@@ -433,6 +572,7 @@ class Engine:
                 self._fail(r, exc)
             raise
         tree.record(batch)
+        self._record_step(batch)
         self._counters["policy_calls"] += batch.policy_calls
         self._counters["policy_rows"] += int(batch.children.size)
         if batch.prm_rows:
@@ -443,6 +583,7 @@ class Engine:
             children = batch.children[start : start + k]
             rows = range(start, start + k)
             start += k
+            r.rows = k
             self._events_of_step(r, children, [batch.steps[i].text for i in rows])
             try:
                 r.method.scored(children)
@@ -462,10 +603,10 @@ class Engine:
             except Exception:  # noqa: BLE001 - ids a failed call never created
                 pass
 
-    def _preempt_latest(self) -> bool:
-        """Free the most recently admitted search's KV state and requeue it at the head of the
-        queue: suspended with its tree when the models are ``Resumable``, else reset to restart
-        from its root. False when only one search is live (it alone does not fit)."""
+    def _preempt_for_retry(self) -> bool:
+        """After a step raised ``KVCacheFull``: preempt what ``_make_room`` finds short (at
+        least one search, ``_victim``) so the step can be retried. A search live alone fails
+        with it (it does not fit alone). False when nothing is live."""
         if len(self._live) <= 1:
             if self._live:
                 r = self._live[0]
@@ -473,8 +614,17 @@ class Engine:
                 self._fail(r, KVCacheFull(f"search {r.handle.id} alone does not fit the KV cache"))
                 return True  # retry: nothing is live now
             return False
+        if not self._make_room():
+            usage = {id(r): {key: (self._blocks(r.search, key, block), self._step_need(r, key, block))
+                             for key, _, block in self._kv_models()} for r in self._live}
+            self._preempt(self._victim({}, usage))
+        return True
+
+    def _preempt(self, r: _Request) -> None:
+        """Free a live search's KV state and requeue it in arrival order: suspended with its
+        tree when the models are ``Resumable``, else reset to restart from its root."""
         with self._lock:
-            r = self._live.pop()
+            self._live.remove(r)
         if self.tree.resumable(r.search):
             self.tree.suspend(r.search)
         else:
@@ -484,10 +634,8 @@ class Engine:
             r.search.generated = r.search.prm_scored = 0
         r.preemptions += 1
         self._counters["preemptions"] += 1
-        self._hold = True
         with self._lock:
-            self._queue.insert(0, r)
-        return True
+            bisect.insort(self._queue, r, key=lambda q: q.handle.id)
 
     # ------------------------------------------------------------------ events and the end
 
@@ -530,9 +678,12 @@ class Engine:
         except BaseException as exc:
             self._fail(r, exc)
             raise
+        if stopped is None and r.method is not None:
+            n = max(1, cfg.n)
+            for key, peak in r.peak.items():
+                self._per_path.setdefault((key, cfg.method), deque(maxlen=PER_PATH_WINDOW)).append(peak / n)
         self.tree.drop(r.search)
         self._close_stream(r)
-        self._hold = False  # its blocks are free: admission may resume
         r.handle._results = results
         self._counters["finished"] += 1
         if stopped is not None:
@@ -546,7 +697,6 @@ class Engine:
                 self._live.remove(r)
         self.tree.drop(r.search, strict=False)
         self._close_stream(r)
-        self._hold = False
         r.handle._error = exc
         r.handle._done.set()
         r.handle._emit(Event("end", r.handle.id, error=exc))
@@ -592,16 +742,12 @@ def _vote_of(cfg: SearchConfig) -> tuple[str, str]:
     return how, agg
 
 
-def _first_expansion_blocks(model, search: Search) -> int:
-    """KV blocks a search's first expansion takes at least: its prompt (estimated from its
-    characters plus a chat template's 64 tokens: the engine has no tokenizer) once per root,
-    and one block per child (its first step's block; a fork shares the prompt's full blocks).
-    Later growth is the preemption's business."""
-    block = int(getattr(model, "kv_block_size", 16) or 16)
+def _prompt_blocks(block: int, search: Search) -> int:
+    """KV blocks a search's roots take: its prompt (estimated from its characters plus a chat
+    template's 64 tokens: the engine has no tokenizer) once per root (DVTS: n / beam_width)."""
     cfg = search.config
     roots = cfg.n // cfg.beam_width if cfg.method == "dvts" else 1
-    prompt = -(-(len(search.problem) + 64) // block)
-    return prompt * roots + cfg.n
+    return -(-(len(search.problem) + 64) // block) * roots
 
 
 class AsyncEngine:
