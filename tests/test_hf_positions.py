@@ -102,3 +102,41 @@ def test_prm_refuses_inputs_past_its_positions(dirs, tmp_path):
     with pytest.raises(ValueError, match="more than the PRM's 40 positions"):
         prm.score_paths([1], [["the answer is 5 " * 20]])
     assert prm.stats()["live_nodes"] == 2  # the refused calls kept nothing
+
+
+def test_prm_fit_steps_cuts_the_new_step_to_its_positions(dirs, tmp_path):
+    prm = HFPRM(with_positions(dirs["ms"], tmp_path / "ms", 40), kv_budget=4096, block_size=8)
+    q = QUESTIONS[0]
+    long = "the answer is 5 " * 20
+    (short, full_short), (cut, full_cut) = prm.fit_steps([q, q], [["2 + 3 = 5."], ["2 + 3 = 5.", long]])
+    assert short == "2 + 3 = 5." and not full_short
+    assert full_cut and long.startswith(cut) and len(cut) < len(long)
+    # the cut step is the longest prefix that fits: one more character does not
+    fits = len(prm.encode_full(prm._node_text(q, ["2 + 3 = 5.", cut])))
+    assert fits <= 40 < len(prm.encode_full(prm._node_text(q, ["2 + 3 = 5.", long[: len(cut) + 1]])))
+    # and the PRM scores it
+    prm.start([0], [q])
+    prm.score_steps([0], [1], ["2 + 3 = 5."])
+    assert 0.0 <= prm.score_steps([1], [2], [cut])[0] <= 1.0
+    with pytest.raises(ValueError, match="not even an empty"):
+        prm.fit_steps([q], [["x " * 60, "y"]])
+    with pytest.raises(ValueError, match="questions for"):
+        prm.fit_steps([q], [])
+
+
+def test_search_cuts_steps_at_the_prm_context_end(dirs, tmp_path, positions_seen):
+    """A PRM with fewer positions than the policy's paths reach: the tree cuts the steps that
+    would not fit the PRM and ends those paths, instead of failing (or scoring past the limit)."""
+    policy = HFPolicy(dirs["implicit_ref"], kv_budget=8192, block_size=8)
+    prm = HFPRM(with_positions(dirs["ms"], tmp_path / "ms", 40), kv_budget=8192, block_size=8)
+    assert policy.max_positions > 40 == prm.max_positions
+    for method in ("beam_search", "best_of_n"):
+        cfg = ponder.SearchConfig(method=method, n=4, beam_width=2, num_iterations=8, max_steps=64, seed=1,
+                                  sampling=SamplingParams(max_step_tokens=12, step_delimiter="@@never@@"))
+        (res,) = ponder.search(QUESTIONS[:1], policy, prm, cfg)
+        assert res.completions and all(c.finished or c.truncated for c in res.completions)
+        assert any(c.truncated for c in res.completions), "no path reached the PRM's limit: the test proves nothing"
+        for c in res.completions:  # what was scored fits, and the step texts are the cut ones
+            assert len(prm.encode_full(prm._node_text(QUESTIONS[0], list(c.steps)))) <= 40
+    assert positions_seen[prm.kv] <= 39
+    assert policy.stats()["live_nodes"] == 0 and prm.stats()["live_nodes"] == 0

@@ -61,6 +61,8 @@ from .methods.tree import Search, SearchTree
 
 #: a step's tokens assumed before any step was sampled
 BLOCK_GUESS = 16
+#: a chat template's tokens around the problem assumed before any prompt was seen
+TEMPLATE_GUESS = 64
 #: the most the step-growth estimate is scaled up after KVCacheFull
 MAX_MARGIN = 4.0
 #: finished searches per (model, method) whose peaks set the projection of new ones
@@ -183,6 +185,7 @@ class Engine:
         self._admit_limit: int | None = None  # after a start hit KVCacheFull: admit at most this many
         # memory scheduling (see "Memory" in the module docstring)
         self._step_tokens = float(BLOCK_GUESS)  # running mean of a sampled step's tokens
+        self._template = float(TEMPLATE_GUESS)  # running mean of a prompt's tokens beyond its problem's characters
         self._margin = 1.0  # step-growth safety factor: x1.5 on each KVCacheFull, back to 1 as steps succeed
         self._per_path: dict[tuple[str, str], deque] = {}  # (model, method) -> peak blocks / n of finished searches
         self._capacity: dict[str, int] = {}  # model -> the most free blocks seen with nothing live
@@ -345,6 +348,8 @@ class Engine:
         self._admit_limit = None
         for r, rs in zip(new, roots):
             r.method.start(rs)
+            extra = max(0, self.tree.nodes[int(rs[0])].length - len(r.search.problem))
+            self._template = 0.7 * self._template + 0.3 * extra
         with self._lock:
             self._live.extend(new)
 
@@ -440,7 +445,7 @@ class Engine:
             held = len(s.suspended[1 if key == "prm" else 0])
             first = -(-self.tree.suspended_tokens(s) // block) + held + step
         else:
-            first = (_prompt_blocks(block, s) if key == "policy" or s.scored else 0) + step
+            first = (_prompt_blocks(block, s, self._template) if key == "policy" or s.scored else 0) + step
         hist = self._per_path.get((key, cfg.method))
         learned = math.ceil(cfg.n * float(np.quantile(hist, 0.9))) if hist else 0
         return max(first, learned, r.peak.get(key, 0))
@@ -742,12 +747,13 @@ def _vote_of(cfg: SearchConfig) -> tuple[str, str]:
     return how, agg
 
 
-def _prompt_blocks(block: int, search: Search) -> int:
-    """KV blocks a search's roots take: its prompt (estimated from its characters plus a chat
-    template's 64 tokens: the engine has no tokenizer) once per root (DVTS: n / beam_width)."""
+def _prompt_blocks(block: int, search: Search, template: float) -> int:
+    """KV blocks a search's roots take: its prompt (estimated as one token per character of
+    the problem plus ``template`` tokens: the engine has no tokenizer) once per root (DVTS:
+    n / beam_width)."""
     cfg = search.config
     roots = cfg.n // cfg.beam_width if cfg.method == "dvts" else 1
-    return -(-(len(search.problem) + 64) // block) * roots
+    return -(-(len(search.problem) + math.ceil(template)) // block) * roots
 
 
 class AsyncEngine:

@@ -155,6 +155,20 @@ class KVCapacity(Protocol):
         ...
 
 
+@runtime_checkable
+class ContextFit(Protocol):
+    """Optional for a PRM with a context limit (``max_positions``): the search tree asks it,
+    after every step is sampled, to cut what would not fit, so no input runs past the limit."""
+
+    max_positions: int | None
+
+    def fit_steps(self, questions: Sequence[str], paths: Sequence[Sequence[str]]) -> list[tuple[str, bool]]:
+        """For each path (problem, step texts with the new step last): the new step cut to the
+        longest prefix whose input fits (unchanged when it fits) and whether the path is full
+        (cut, or no room for another step). ValueError when not even an empty step fits."""
+        ...
+
+
 @dataclass(frozen=True)
 class NodePath:
     """What a model is told of one node it rebuilds (``Resumable.restore``).

@@ -271,6 +271,33 @@ class SearchTree:
             node.finished = ended or (s.compat and cut)
             node.truncated = cut
             s.generated += len(st.tokens)
+        self._fit_prm_context(batch)
+
+    def _fit_prm_context(self, batch: Batch) -> None:
+        """Where the PRM has a context limit (``ContextFit``): a new step of a scored search
+        whose PRM input would not fit is cut to the longest prefix that does, and a path left
+        without room for another step ends (finished, truncated), like at the policy's limit.
+        The cut text is what the PRM scores and what the path's answer is read from."""
+        if not self._fits_context():
+            return
+        rows = [i for i, s in enumerate(batch.searches) if s.scored]
+        if not rows:
+            return
+        children = batch.children.tolist()
+        paths = [[self.nodes[x].text for x in self.path_nodes(children[i])] for i in rows]
+        got = self.prm.fit_steps([batch.searches[i].problem for i in rows], paths)
+        if len(got) != len(rows):
+            raise ValueError(f"prm.fit_steps returned {len(got)} rows for {len(rows)} paths")
+        for i, (text, full) in zip(rows, got):
+            node, st = self.nodes[children[i]], batch.steps[i]
+            if text != st.text:
+                batch.steps[i] = dataclasses.replace(st, text=text, truncated=True)
+                node.text = text
+            if full:
+                node.finished = node.truncated = True
+
+    def _fits_context(self) -> bool:
+        return getattr(self.prm, "max_positions", None) is not None and callable(getattr(self.prm, "fit_steps", None))
 
     def look_ahead(self, batch: Batch) -> None:
         """Stage 3: greedy rollouts of the unfinished children of rows with lookahead (one call
@@ -290,6 +317,19 @@ class SearchTree:
             for i, extra in zip(rows, got):
                 batch.rollouts[i] = list(extra)
                 batch.searches[i].generated += sum(len(x.tokens) for x in extra)
+        if self._fits_context():
+            # lookahead stops at the PRM's context end: the steps that would not fit are dropped
+            for rows in groups.values():
+                for i in rows:
+                    s, extra = batch.searches[i], batch.rollouts[i]
+                    if not s.scored:
+                        continue
+                    path = [self.nodes[x].text for x in self.path_nodes(children[i])]
+                    while extra:
+                        ((text, _),) = self.prm.fit_steps([s.problem], [path + [x.text for x in extra]])
+                        if text == extra[-1].text:
+                            break
+                        extra.pop()
 
     def score(self, batch: Batch) -> None:
         """Stage 4: one ``score_steps`` call for the rows of every scored search whose PRM keeps

@@ -173,6 +173,7 @@ class HFPRM:
         if self.ref_model is not None:  # both run for every token
             self.num_parameters += sum(p.numel() for p in self.ref_model.parameters())
         self._lead = _leading_special(self.tokenizer) if self._fmt.add_special_tokens else []
+        self._step_cost: int | None = None  # see _reserve
         self._marker_id = self._fmt.marker_id()
         self._columns = None if self._fmt.columns is None else torch.tensor(self._fmt.columns, device=self.device)
         self._nodes: dict[int, _Path] = {}
@@ -355,6 +356,50 @@ class HFPRM:
             raise ValueError(f"HFPRM: a path's input has {longest} tokens, more than the PRM's {self.max_positions} "
                              "positions (max_position_embeddings); end paths earlier (SearchConfig.max_steps, "
                              "SamplingParams.max_step_tokens) or use a PRM with a longer context")
+
+    def _reserve(self) -> int:
+        """Tokens a path's input must have left for one more (one-character) step: the format's
+        per-step tokens (separator, marker, template tail) measured once, plus 2 for merges."""
+        if self._step_cost is None:
+            q, a = "1 + 1?", ["1 + 1 = 2."]
+            one = self._encode_many([self._node_text(q, a), self._node_text(q, a + ["x"])])
+            self._step_cost = max(1, len(one[1]) - len(one[0])) + 2
+        return self._step_cost
+
+    def fit_steps(self, questions: Sequence[str], paths: Sequence[Sequence[str]]) -> list[tuple[str, bool]]:
+        """:meth:`ponder.protocols.ContextFit.fit_steps`: for each path (its problem and step
+        texts, the last one new), the last step cut to its longest prefix whose input fits
+        ``max_positions`` (unchanged when it fits) and whether the path is *full*: cut, or
+        fewer tokens left than another step needs. ValueError when not even an empty last step
+        fits (its parent was full). Without ``max_positions`` every step fits."""
+        if len(questions) != len(paths):
+            raise ValueError(f"fit_steps: {len(questions)} questions for {len(paths)} paths")
+        if any(not p for p in paths):
+            raise ValueError("fit_steps: every path needs at least its new step")
+        if self.max_positions is None:
+            return [(str(p[-1]), False) for p in paths]
+        limit, reserve = self.max_positions, self._reserve()
+        texts = [self._node_text(str(q), [str(x) for x in p]) for q, p in zip(questions, paths)]
+        out = []
+        for q, p, toks in zip(questions, paths, self._encode_many(texts)):
+            step = str(p[-1])
+            if len(toks) <= limit:
+                out.append((step, limit - len(toks) < reserve))
+                continue
+            head = [str(x) for x in p[:-1]]
+
+            def fits(k: int) -> bool:
+                return len(self.encode_full(self._node_text(str(q), head + [step[:k]]))) <= limit
+
+            if not fits(0):
+                raise ValueError(f"HFPRM: the path already fills the PRM's {limit} positions: not even an empty "
+                                 "step fits after it; end such paths earlier")
+            lo, hi = 0, len(step)  # fits(lo), not fits(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            out.append((step[:lo], True))
+        return out
 
     def _realize(self, plans: list[_Plan], also: list[list[int]] | None = None) -> tuple[list[int], list[list[float]]]:
         """Create one sequence per plan (fork of its base, or a new sequence over the cached
