@@ -124,11 +124,14 @@ def test_prm_fit_steps_cuts_the_new_step_to_its_positions(dirs, tmp_path):
         prm.fit_steps([q], [])
 
 
-def test_search_cuts_steps_at_the_prm_context_end(dirs, tmp_path, positions_seen):
+@pytest.mark.parametrize("fmt", ["ms", "implicit"])
+def test_search_cuts_steps_at_the_prm_context_end(fmt, dirs, tmp_path, positions_seen):
     """A PRM with fewer positions than the policy's paths reach: the tree cuts the steps that
     would not fit the PRM and ends those paths, instead of failing (or scoring past the limit)."""
     policy = HFPolicy(dirs["implicit_ref"], kv_budget=8192, block_size=8)
-    prm = HFPRM(with_positions(dirs["ms"], tmp_path / "ms", 40), kv_budget=8192, block_size=8)
+    if fmt == "implicit":  # its reference is named by a path relative to the checkpoint
+        shutil.copytree(dirs["implicit_ref"], tmp_path / dirs["implicit_ref"].name)
+    prm = HFPRM(with_positions(dirs[fmt], tmp_path / fmt, 40), kv_budget=8192, block_size=8)
     assert policy.max_positions > 40 == prm.max_positions
     for method in ("beam_search", "best_of_n"):
         cfg = ponder.SearchConfig(method=method, n=4, beam_width=2, num_iterations=8, max_steps=64, seed=1,

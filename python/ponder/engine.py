@@ -18,17 +18,25 @@ Determinism: with ``per_request_streams`` (the default) and a policy that implem
 stream seeded by its seed, so they do not depend on which other searches share its batches
 (up to the floating-point effect of batch composition on the model's logits).
 
-Memory: before admitting a search the engine asks the policy (and the PRM) for free KV blocks
-(the optional ``kv_free_blocks()``) and admits it only when its first expansion fits; when a
-step hits ``KVCacheFull`` anyway, the most recently admitted search is preempted and requeued
-at the head of the queue, and the step is retried. When the policy and the PRM implement
-``ponder.protocols.Resumable`` the preempted search keeps its tree, its method's state and its
-random stream: the models free its nodes, and on readmission they rebuild the nodes it still
-needs (its live frontier) from their paths, the paged cache reusing every prefix block that
-survived (``stats()["tokens_reprefilled"]`` counts what they ran). Otherwise it restarts
-from its root (recompute preemption). Either way, with per-request streams its result is
-the same as without preemption. ``KVCacheFull`` reaches the caller only when a search alone
-does not fit (then that search fails with it).
+Memory: the engine schedules the policy's and the PRM's KV blocks (their optional
+``kv_free_blocks()``). A queued search is admitted (FIFO, nothing overtakes the head) when its
+*projected peak* fits what is left after every live search's *reserve* and a watermark of 1 %
+of the pool. The projected peak is the largest of its prompt blocks plus one step, its own
+recorded peak (a preempted search) and n x the per-path peak of the last finished searches of
+its method (90th percentile, learned per model); a live search's reserve is what it may still
+grow to (that projection less what it holds, at least its next step). Before each step,
+while the live searches' estimated next step does not fit, one search is preempted: of those
+whose preemption frees enough, the one that loses the least work (the newest on a tie), never
+the oldest. When a step still hits ``KVCacheFull`` (a step outgrew its estimate: the estimate's
+margin grows x1.5, decaying back as steps succeed), it is undone and retried after the same
+preemption. A preempted search is requeued in arrival order. When the policy and the PRM
+implement ``ponder.protocols.Resumable`` it keeps its tree, its method's state and its random
+stream: the models free its nodes, and on readmission they rebuild the nodes it still needs
+(its live frontier) from their paths, the paged cache reusing every prefix block that survived
+(``stats()["tokens_reprefilled"]`` counts what they ran). Otherwise it restarts from its root
+(recompute preemption). Either way, with per-request streams its result is the same as
+without preemption. ``KVCacheFull`` reaches the caller only when a search alone does not fit
+(then that search fails with it).
 """
 
 from __future__ import annotations

@@ -174,6 +174,11 @@ class HFPRM:
             self.num_parameters += sum(p.numel() for p in self.ref_model.parameters())
         self._lead = _leading_special(self.tokenizer) if self._fmt.add_special_tokens else []
         self._step_cost: int | None = None  # see _reserve
+        # HFPRM checks its inputs against max_positions itself (fit_steps tokenizes texts longer
+        # than the limit on purpose, to cut them): the tokenizer's own length warning would mislead
+        warned = getattr(self.tokenizer, "deprecation_warnings", None)
+        if isinstance(warned, dict):
+            warned["sequence-length-is-longer-than-the-specified-maximum"] = True
         self._marker_id = self._fmt.marker_id()
         self._columns = None if self._fmt.columns is None else torch.tensor(self._fmt.columns, device=self.device)
         self._nodes: dict[int, _Path] = {}
