@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
+from collections import Counter, deque
 
 import numpy as np
 import pytest
@@ -351,3 +351,35 @@ def test_hf_engine_small_pool_keeps_results_and_returns_every_block(hf_models):
     assert (policy.kv_free_blocks(), prm.kv_free_blocks()) == free0
     assert policy.stats()["live_nodes"] == prm.stats()["live_nodes"] == 0
     assert policy.kv.stats()["blocks_in_use"] == prm.kv.stats()["blocks_in_use"] == 0
+
+
+def test_preemption_victim_frees_enough_with_the_least_lost_work_never_the_oldest():
+    engine = Engine(PooledPolicy(capacity=1000), ScriptedPRM())
+    for s in range(3):
+        engine.submit("alpha", _config(method="beam_search", n=4, beam_width=2, seed=s))
+    engine._admit()  # live, not stepped
+    a, b, c = sorted(engine._live, key=lambda r: r.handle.id)
+    usage = {id(a): {"policy": (10, 1)}, id(b): {"policy": (5, 1)}, id(c): {"policy": (8, 1)}}
+    assert engine._victim({"policy": 4}, usage) is b  # b and c free enough; b loses less
+    assert engine._victim({"policy": 7}, usage) is c  # only c frees enough (a, the oldest, is never taken)
+    assert engine._victim({"policy": 10}, usage) is c  # a alone would: the newest instead
+    assert engine._victim({"policy": 100}, usage) is c  # none frees enough: the newest
+
+
+def test_admission_waits_for_the_learned_peak_of_its_method():
+    engine = Engine(PooledPolicy(capacity=100), ScriptedPRM())
+    cfg = _config(method="beam_search", n=8, beam_width=2)
+    first = engine.submit("alpha", dataclasses.replace(cfg, seed=0))
+    engine._admit()
+    # finished beam searches peaked at 10 blocks per path: a new one projects 80, and the live
+    # one's reserve (80 less what it holds) leaves less than that
+    engine._per_path[("policy", "beam_search")] = deque([10.0])
+    second = engine.submit("alpha", dataclasses.replace(cfg, seed=1))
+    engine._admit()
+    assert engine.stats()["queued"] == 1 and engine.stats()["live"] == 1
+    engine._per_path.clear()  # nothing learned: the first step's need fits, it is admitted
+    engine._admit()
+    assert engine.stats()["queued"] == 0 and engine.stats()["live"] == 2
+    engine.run_until_done()
+    assert signature(first.result()) == signature(alone("alpha", dataclasses.replace(cfg, seed=0)))
+    assert signature(second.result()) == signature(alone("alpha", dataclasses.replace(cfg, seed=1)))
