@@ -407,9 +407,11 @@ def test_pf_and_rebase_options_reach_the_search_configs(tmp_path, models, capsys
     ("--pf-temperature", "0", "--pf-temperature must be a finite number > 0; got 0.0"),
     ("--pf-temperature", "nan", "--pf-temperature must be a finite number > 0"),
     ("--rebase-temperature", "-1", "--rebase-temperature must be a finite number > 0; got -1.0"),
-    ("--pf-weights", "cubic", "--pf-weights must be one of softmax, raw; got 'cubic'"),
+    ("--pf-weights", "cubic", "--pf-weights must be one of logit, softmax, raw; got 'cubic'"),
     ("--pf-resampling", "stratified", "--pf-resampling must be one of multinomial, systematic; got 'stratified'"),
     ("--pf-ess-threshold", "1.5", "--pf-ess-threshold must be a number in [0, 1]; got 1.5"),
+    ("--pf-finished", "drop", "--pf-finished must be one of resample, keep; got 'drop'"),
+    ("--rebase-allocation", "round", "--rebase-allocation must be one of ceil, proportional; got 'round'"),
 ])
 def test_bad_pf_and_rebase_options_are_one_line(tmp_path, models, capsys, flag, value, message):
     assert _main(_args(tmp_path, "--methods", "particle_filtering,rebase", "--n", "4", flag, value)) == 2
