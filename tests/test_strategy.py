@@ -321,3 +321,22 @@ def test_collect_seeds_per_problem_make_results_independent_of_the_batch():
     assert together[3].to_dict() == alone[0].to_dict()
     with pytest.raises(ValueError, match="one per problem"):
         collect(problems, VotePolicy(1), VotePRM(), BASE, samples=4, tree_ns=(2,), seeds=seeds[:2], progress=False)
+
+
+def test_ponder_calibrate_makes_the_out_folder_and_refuses_an_unwritable_one_before_any_work(tmp_path, capsys):
+    from ponder.cli import main
+
+    rec = save_records(_records(), tmp_path / "cal.records.jsonl")
+    out = tmp_path / "new" / "deeper" / "strategy.json"  # folders that do not exist yet
+    assert main(["calibrate", "--from-records", str(rec), "--probes", "2", "--bins", "2", "--budgets", "4",
+                 "--beam-width", "2", "--out", str(out)]) == 0
+    assert StrategyTable.load(out).meta["problems"] == 24
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    capsys.readouterr()
+    # a folder path through a file: refused in one line, nothing sampled (no --from-records)
+    assert main(["calibrate", "--per-level", "1", "--out", str(blocker / "strategy.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ponder calibrate: cannot write --out") and len(err.strip().splitlines()) == 1
+    assert main(["calibrate", "--per-level", "1", "--trees", "mcts", "--out", str(out)]) == 2
+    assert "--trees takes methods of" in capsys.readouterr().err

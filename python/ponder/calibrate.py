@@ -229,6 +229,21 @@ def calibration_config(args: argparse.Namespace, problems: Sequence | None) -> S
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    # before any work: the output's folder exists and takes files (hours of sampling are not
+    # lost to a missing folder at the end)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f".{out.name}.writable")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        print(f"ponder calibrate: cannot write --out {str(out)!r} ({exc.strerror or exc}); pass a writable path",
+              file=sys.stderr)
+        return 2
+    trees = [m for m in args.trees.split(",") if m]
+    if not set(trees) <= set(TREES):
+        print(f"ponder calibrate: --trees takes methods of {', '.join(TREES)}; got {args.trees!r}", file=sys.stderr)
+        return 2
     meta = {"policy": args.policy, "prm": args.prm, "dataset": args.dataset, "seed": args.seed,
             "samples": args.samples, "tree_n": args.tree_n, "beam_width": args.beam_width,
             "temperature": args.temperature}
@@ -255,10 +270,6 @@ def run(args: argparse.Namespace) -> int:
         policy = HFPolicy(resolve_model(args.policy), device=args.device, kv_budget=args.kv_budget)
         prm = HFPRM(resolve_model(args.prm), format=args.prm_format, device=args.device, kv_budget=args.kv_budget)
         t0 = time.perf_counter()
-        trees = [m for m in args.trees.split(",") if m]
-        if not set(trees) <= set(TREES):
-            print(f"ponder calibrate: --trees takes methods of {', '.join(TREES)}; got {args.trees!r}", file=sys.stderr)
-            return 2
         meta["trees"] = trees
         records = collect(problems, policy, prm, base, samples=args.samples, tree_ns=args.tree_n,
                           beam_width=args.beam_width, seed=args.seed, trees=trees)
