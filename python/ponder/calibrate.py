@@ -201,6 +201,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--kv-budget", type=int, default=65536, help="KV pool of each model in tokens (default 65536)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--from-records", default=None, help="refit from a records file instead of sampling")
+    p.add_argument("--chunk", type=int, default=50,
+                   help="problems measured together; each chunk's records are appended to the records file when it "
+                        "finishes (default 50)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run cut short: keep the problems its records file holds, measure the rest "
+                        "(every setting must match the run's)")
     p.add_argument("--out", default="strategy.json", help="where to write the table (default strategy.json; records beside it)")
     return p
 
@@ -267,14 +273,37 @@ def run(args: argparse.Namespace) -> int:
         from .hf.prm import HFPRM
         from .toy.builtin import resolve_model
 
-        policy = HFPolicy(resolve_model(args.policy), device=args.device, kv_budget=args.kv_budget)
-        prm = HFPRM(resolve_model(args.prm), format=args.prm_format, device=args.device, kv_budget=args.kv_budget)
-        t0 = time.perf_counter()
         meta["trees"] = trees
-        records = collect(problems, policy, prm, base, samples=args.samples, tree_ns=args.tree_n,
-                          beam_width=args.beam_width, seed=args.seed, trees=trees)
+        rec_path = out.with_name(out.stem + ".records.jsonl")
+        settings = {"policy": args.policy, "prm": args.prm, "prm_format": args.prm_format, "dataset": args.dataset,
+                    "split": args.split, "limit": args.limit, "per_level": args.per_level, "seed": args.seed,
+                    "samples": args.samples, "tree_n": list(args.tree_n), "trees": trees,
+                    "beam_width": args.beam_width, "agg": args.agg, "temperature": args.temperature,
+                    "max_step_tokens": base.sampling.max_step_tokens, "max_steps": base.max_steps}
+        done = _resume_records(rec_path, settings, args.resume)
+        if done is None:
+            return 2
+        if args.chunk < 1:
+            print(f"ponder calibrate: --chunk must be >= 1; got {args.chunk}", file=sys.stderr)
+            return 2
+        # problem i draws from seed + 1000 * i whatever the chunks: a resumed run measures the same
+        todo = [(i, p) for i, p in enumerate(problems) if str(p.id) not in done]
+        if done:
+            print(f"[calibrate] resuming: {len(done)} of {len(problems)} problems already measured", file=sys.stderr)
+        t0 = time.perf_counter()
+        if todo:
+            policy = HFPolicy(resolve_model(args.policy), device=args.device, kv_budget=args.kv_budget)
+            prm = HFPRM(resolve_model(args.prm), format=args.prm_format, device=args.device, kv_budget=args.kv_budget)
+        for c in range(0, len(todo), args.chunk):
+            part = todo[c:c + args.chunk]
+            got = collect([p for _, p in part], policy, prm, base, samples=args.samples, tree_ns=args.tree_n,
+                          beam_width=args.beam_width, seeds=[args.seed + 1000 * i for i, _ in part], trees=trees)
+            with rec_path.open("a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r.to_dict()) + "\n" for r in got))
+            done.update((r.id, r) for r in got)
+            print(f"[calibrate] {len(done)}/{len(problems)} problems saved to {rec_path}", file=sys.stderr)
         meta["collect_s"] = round(time.perf_counter() - t0, 1)
-        rec_path = save_records(records, out.with_name(out.stem + ".records.jsonl"))
+        records = [done[str(p.id)] for p in problems]
         print(f"records: {rec_path}", file=sys.stderr)
     meta["problems"] = len(records)
     table = fit(records, probes=args.probes, bins=args.bins, budgets=args.budgets, beam_width=args.beam_width,
@@ -283,6 +312,39 @@ def run(args: argparse.Namespace) -> int:
     print(summary(table))
     print(f"wrote {out}")
     return 0
+
+
+def _resume_records(rec_path: Path, settings: dict, resume: bool) -> dict | None:
+    """The records a run already saved (id -> record) and the run's settings file beside
+    them. A new run starts an empty records file; an existing one is continued only with
+    ``resume`` and the same settings. None (after one line on stderr) when refused."""
+    meta_path = rec_path.with_name(rec_path.name + ".settings.json")
+    if not rec_path.exists():
+        if resume:
+            print(f"ponder calibrate: --resume: {rec_path} does not exist; run without --resume", file=sys.stderr)
+            return None
+        meta_path.write_text(json.dumps(settings, indent=1), encoding="utf-8")
+        rec_path.write_text("", encoding="utf-8")
+        return {}
+    if not resume:
+        print(f"ponder calibrate: {rec_path} exists; pass --resume to continue that run, or another --out",
+              file=sys.stderr)
+        return None
+    if not meta_path.exists():
+        print(f"ponder calibrate: --resume: {meta_path} is missing, so the records' settings are unknown; "
+              "use another --out", file=sys.stderr)
+        return None
+    old = json.loads(meta_path.read_text(encoding="utf-8"))
+    for k, v in settings.items():
+        if old.get(k) != v:
+            print(f"ponder calibrate: --resume: the run in {rec_path} has {k}={old.get(k)!r}, this one {v!r}; "
+                  "resume with the same settings or use another --out", file=sys.stderr)
+            return None
+    lines = rec_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):  # cut mid-write: that record is measured again
+        lines.pop()
+        rec_path.write_text("".join(lines), encoding="utf-8")
+    return {r.id: r for r in (ProblemRecord.from_dict(json.loads(x)) for x in lines if x.strip())}
 
 
 def summary(table: StrategyTable) -> str:
