@@ -218,3 +218,18 @@ def test_plain_methods_report_no_difficulty():
     assert r.difficulty is None and r.chosen is None
     assert GOLD["easy"] == r.answer
     assert np.all(r.tree["num_tokens"][r.tree["parent"] != -1] > 0)
+
+
+def test_plan_cache_never_returns_another_tables_plan(tmp_path):
+    """plan_for caches per (table, budget): an entry left by a freed table whose id a new table
+    reuses must not be served (the cache holds its table and checks it is the same object)."""
+    cfg = dataclasses.replace(BASE, method="auto", n=8)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = StrategyTable.load(_table(tmp_path / "a", ("stop", 2, 0), ("weighted_best_of_n", 6, 0)))
+    b = StrategyTable.load(_table(tmp_path / "b", ("stop", 2, 0), ("beam_search", 4, 2)))
+    t = round(adaptive.budget_tokens(cfg, b), 6)
+    adaptive._PLANS[(id(b), t)] = (a, adaptive.plan_for(cfg, a))  # what a reused id would leave
+    plan = adaptive.plan_for(cfg, b)
+    assert [o.method for o in plan.options] == ["stop", "beam_search"]
+    assert adaptive.plan_for(cfg, b) is plan  # and it is cached for b now

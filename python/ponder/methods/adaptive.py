@@ -151,7 +151,10 @@ EARLY_STOP_CLASSES = {
     "weighted_best_of_n": EarlyStopWeightedBestOfN,
 }
 
-_PLANS: dict[tuple[int, float], Plan] = {}
+# (id(table), budget) -> (table, plan): the entry holds its table, so the id cannot be reused
+# by another table while the entry lives (a key of a bare id could return a freed table's plan)
+_PLANS: dict[tuple[int, float], tuple[StrategyTable, Plan]] = {}
+_PLANS_MAX = 256
 
 
 def budget_tokens(config, table: StrategyTable) -> float:
@@ -167,9 +170,12 @@ def plan_for(config, table: StrategyTable | None = None) -> Plan:
     table = load_cached(config.strategy) if table is None else table
     t = budget_tokens(config, table)
     key = (id(table), round(t, 6))
-    if key not in _PLANS:
-        _PLANS[key] = table.plan(t)
-    return _PLANS[key]
+    hit = _PLANS.get(key)
+    if hit is None or hit[0] is not table:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        hit = _PLANS[key] = (table, table.plan(t))
+    return hit[1]
 
 
 class Auto(Method):
