@@ -143,9 +143,11 @@ def collect(
     return records
 
 
-def save_records(records: Sequence[ProblemRecord], path: str | Path) -> Path:
+def save_records(records: Sequence[ProblemRecord], path: str | Path, append: bool = False) -> Path:
+    """One JSON line per record; ``append`` adds them to the end of ``path``."""
     path = Path(path)
-    path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records), encoding="utf-8")
+    with path.open("a" if append else "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r.to_dict()) + "\n" for r in records))
     return path
 
 
@@ -250,6 +252,9 @@ def run(args: argparse.Namespace) -> int:
     if not set(trees) <= set(TREES):
         print(f"ponder calibrate: --trees takes methods of {', '.join(TREES)}; got {args.trees!r}", file=sys.stderr)
         return 2
+    if args.chunk < 1:
+        print(f"ponder calibrate: --chunk must be >= 1; got {args.chunk}", file=sys.stderr)
+        return 2
     meta = {"policy": args.policy, "prm": args.prm, "dataset": args.dataset, "seed": args.seed,
             "samples": args.samples, "tree_n": args.tree_n, "beam_width": args.beam_width,
             "temperature": args.temperature}
@@ -283,9 +288,6 @@ def run(args: argparse.Namespace) -> int:
         done = _resume_records(rec_path, settings, args.resume)
         if done is None:
             return 2
-        if args.chunk < 1:
-            print(f"ponder calibrate: --chunk must be >= 1; got {args.chunk}", file=sys.stderr)
-            return 2
         # problem i draws from seed + 1000 * i whatever the chunks: a resumed run measures the same
         todo = [(i, p) for i, p in enumerate(problems) if str(p.id) not in done]
         if done:
@@ -298,8 +300,7 @@ def run(args: argparse.Namespace) -> int:
             part = todo[c:c + args.chunk]
             got = collect([p for _, p in part], policy, prm, base, samples=args.samples, tree_ns=args.tree_n,
                           beam_width=args.beam_width, seeds=[args.seed + 1000 * i for i, _ in part], trees=trees)
-            with rec_path.open("a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r.to_dict()) + "\n" for r in got))
+            save_records(got, rec_path, append=True)
             done.update((r.id, r) for r in got)
             print(f"[calibrate] {len(done)}/{len(problems)} problems saved to {rec_path}", file=sys.stderr)
         meta["collect_s"] = round(time.perf_counter() - t0, 1)
@@ -342,9 +343,8 @@ def _resume_records(rec_path: Path, settings: dict, resume: bool) -> dict | None
             return None
     lines = rec_path.read_text(encoding="utf-8").splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):  # cut mid-write: that record is measured again
-        lines.pop()
-        rec_path.write_text("".join(lines), encoding="utf-8")
-    return {r.id: r for r in (ProblemRecord.from_dict(json.loads(x)) for x in lines if x.strip())}
+        rec_path.write_text("".join(lines[:-1]), encoding="utf-8")
+    return {r.id: r for r in load_records(rec_path)}
 
 
 def summary(table: StrategyTable) -> str:
