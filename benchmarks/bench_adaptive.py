@@ -8,9 +8,10 @@ Built-in models (``builtin:policy-small`` + ``builtin:prm``), CPU. On the held-o
   ``--samples`` (the first n of one set of ``--samples`` solutions per problem: i.i.d. samples,
   so a prefix is an n-sample run), beam search and DVTS at each ``--tree-n`` (beam width 4, or
   n when smaller) -- measured by ``ponder.calibrate.collect``;
-* early-stopped majority and weighted best-of-N (cap n = ``--ref-n``, threshold 0.95, rounds
-  of ``--round-size``; majority with the futility rule at ``--futility``, weighted best-of-N at
-  ``--weighted-futility``: the settings chosen on the calibration records), and
+* early-stopped majority and weighted best-of-N (cap n = ``--ref-n``, threshold 0.95; majority
+  in rounds of ``--round-size`` with the futility rule at ``--futility`` gated at PRM score
+  ``--futility-score``, weighted best-of-N with the ``--weighted-*`` settings: the settings
+  ``fit_early_stop.py`` chose on the calibration records), and
   ``method="auto"`` at each ``--budgets`` (n-equivalents) with ``--strategy`` (default: the
   shipped ``ponder/toy/strategy.json``, calibrated on freshly generated problems) -- real engine
   runs of those state machines (``--runs`` caches them; ``--only`` runs a part);
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -56,15 +58,18 @@ except ImportError:  # running from a checkout without an install
 
 from ponder.calibrate import collect, load_records
 from ponder.methods.config import SearchConfig
-from ponder.methods.stopping import EarlyStop, futile, should_stop, tally
+from ponder.methods.stopping import EarlyStop, all_below, futile, should_stop, tally
 from ponder.methods.strategy import OPTION_VOTE, SAMPLING, TREES, load_cached, vote
 from ponder.protocols import SamplingParams
 
 BENCH_SEED = 777_001  # the sampling seed (the held-out problems are fixed)
-#: the early-stop settings of the benchmark, chosen on the calibration records (docs/adaptive.md):
-#: the fewest tokens whose accuracy there stays within 0.5 point of the vote at n = 16; rounds of 4.
-#: Weighted best-of-N: no futility level kept it (every one lost 2-3 of 160 problems), so none.
-ES_ROUND, ES_FUTILITY, WEIGHTED_ES_FUTILITY = 4, 0.3, 0.0
+#: the early-stop settings of the benchmark, chosen on the 490 calibration records by
+#: ``fit_early_stop.py`` (docs/adaptive.md): the fewest tokens whose accuracy there stays within
+#: 0.5 point of the vote at n = 16. Majority: rounds of 2, futility 0.25 gated at PRM score 0.1
+#: (2 of 490 lost, token ratio 0.379). Weighted best-of-N: every futility rule lost 3 or more,
+#: so the leader rule alone, in rounds of 2.
+ES_ROUND, ES_FUTILITY, ES_FUTILITY_SCORE = 2, 0.25, 0.1
+WEIGHTED_ES_ROUND, WEIGHTED_ES_FUTILITY, WEIGHTED_ES_FUTILITY_SCORE = 2, 0.0, 0.0
 TARGETS = {"auto_tokens_to_match_best16_ratio": 0.5, "auto_gain_at_n16_tokens": 0.02,
            "early_stop_token_ratio": 0.4, "early_stop_accuracy_delta": -0.005}
 
@@ -215,7 +220,8 @@ def fixed_records(problems, policy, prm, base: SearchConfig, samples: int, tree_
 
 def replay_early_stop(record, rule: EarlyStop, cap: int, weighted: bool) -> tuple[bool, int]:
     """(correct, policy tokens) of the early-stop state machine replayed on a record's i.i.d.
-    samples (its first rounds), as ``EarlyStopSampling`` decides: the leader rule, then futility."""
+    samples (its first rounds), as ``EarlyStopSampling`` decides: the leader rule, then futility
+    and its PRM gate (the samples' ``score``: the aggregated PRM score the vote reads)."""
     from ponder.grading import normalize_answer
 
     s, used = record.samples, 0
@@ -226,11 +232,18 @@ def replay_early_stop(record, rule: EarlyStop, cap: int, weighted: bool) -> tupl
         votes = tally(answers, weights)
         if should_stop(votes, rule.threshold):
             break
-        if rule.futility is not None and used < cap and futile(votes, used, cap - used, rule.futility, rule.threshold):
+        if (rule.futility is not None and used < cap
+                and _futile(tuple(sorted(votes.values(), reverse=True)), used, cap - used, rule.futility, rule.threshold)
+                and (rule.futility_score is None or all_below([x["score"] for x in s[:used]], rule.futility_score))):
             break
     got = s[:used]
     i = vote([x["answer"] for x in got], [x["score"] for x in got], "weighted" if weighted else "majority")
     return (bool(got[i]["correct"]) if i >= 0 else False), record.prompt_tokens + sum(x["tokens"] for x in got)
+
+
+@functools.lru_cache(maxsize=200_000)
+def _futile(votes: tuple, samples: int, remaining: int, futility: float, threshold: float) -> bool:
+    return futile(votes, samples, remaining, futility, threshold)
 
 
 def simulated_early_stop(records, cap: int, rules: list[EarlyStop]) -> list[dict]:
@@ -243,7 +256,7 @@ def simulated_early_stop(records, cap: int, rules: list[EarlyStop]) -> list[dict
             got = [replay_early_stop(r, rule, cap, weighted) for r in records]
             n = len(records)
             out.append({"method": name, "threshold": rule.threshold, "round_size": rule.round_size,
-                        "futility": rule.futility, "accuracy": sum(c for c, _ in got) / n,
+                        "futility": rule.futility, "futility_score": rule.futility_score, "accuracy": sum(c for c, _ in got) / n,
                         "token_ratio": sum(t for _, t in got) / max(1, sum(t for _, t in full)),
                         "accuracy_delta": (sum(c for c, _ in got) - sum(c for c, _ in full)) / n})
     return out
@@ -269,6 +282,31 @@ def by_level(per: list[dict]) -> dict:
         out[str(lv)] = {"problems": len(xs), "accuracy": sum(x["correct"] for x in xs) / len(xs),
                         "mean_policy_tokens": sum(x["tokens"] for x in xs) / len(xs)}
     return out
+
+
+def level_oracle(fixed: list[dict], max_tokens: float) -> dict | None:
+    """The best allocation by level, chosen in hindsight: one fixed row (method and n) per level,
+    measured on this very set, with mean policy tokens <= ``max_tokens`` and the most correct
+    problems. An upper bound for any allocation that gives every problem of a level the same
+    fixed method, even one told each problem's level; so a target above it needs finer
+    difficulty than the level. None when no allocation fits."""
+    front = [(0.0, 0.0, ())]  # (total tokens, correct problems, choices), Pareto-pruned
+    total = 0
+    for lv in sorted({k for r in fixed for k in r.get("by_level", {})}, key=str):
+        opts = [(r["by_level"][lv], f"{r['method']}@{r['n']}") for r in fixed if lv in r.get("by_level", {})]
+        total += opts[0][0]["problems"]
+        merged = sorted(((t + v["problems"] * v["mean_policy_tokens"], c + v["problems"] * v["accuracy"], ch + ((lv, name),))
+                         for t, c, ch in front for v, name in opts), key=lambda x: (x[0], -x[1]))
+        front, best = [], -1.0
+        for x in merged:
+            if x[1] > best + 1e-9:
+                front.append(x)
+                best = x[1]
+    fits = [x for x in front if x[0] / total <= max_tokens + 1e-9]
+    if not fits:
+        return None
+    t, c, ch = max(fits, key=lambda x: (x[1], -x[0]))
+    return {"max_tokens": max_tokens, "accuracy": c / total, "mean_policy_tokens": t / total, "choice": dict(ch)}
 
 
 def figures(fixed: list[dict], runs: dict, ref_n: int, budgets: list[int], table) -> dict:
@@ -308,6 +346,9 @@ def figures(fixed: list[dict], runs: dict, ref_n: int, budgets: list[int], table
         "weighted_early_stop_accuracy_delta": wes["accuracy"] - wbon["accuracy"],
         "auto": auto,
         "early_stop": [es, wes],
+        # what allocating by level could reach at the two targets' token levels (hindsight bound)
+        "level_oracle_at_half_best16_tokens": level_oracle(fixed, 0.5 * best["mean_policy_tokens"]),
+        "level_oracle_at_best16_tokens": level_oracle(fixed, best["mean_policy_tokens"]),
     }
     out["targets_met"] = {
         "auto_tokens_to_match_best16_ratio": ratio is not None and ratio <= TARGETS["auto_tokens_to_match_best16_ratio"],
@@ -385,11 +426,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, help="write the frontier plot here (e.g. docs/adaptive.png)")
     ap.add_argument("--kv-budget", type=int, default=16384)
     ap.add_argument("--threshold", type=float, default=0.95, help="early stop: the leader rule's threshold")
-    ap.add_argument("--round-size", type=int, default=ES_ROUND, help=f"early stop: samples per round (default {ES_ROUND})")
+    ap.add_argument("--round-size", type=int, default=ES_ROUND,
+                    help=f"early stop of majority: samples per round (default {ES_ROUND})")
     ap.add_argument("--futility", type=float, default=ES_FUTILITY,
                     help=f"early stop of majority: the futility level (default {ES_FUTILITY}; 0: off)")
+    ap.add_argument("--futility-score", type=float, default=ES_FUTILITY_SCORE,
+                    help=f"early stop of majority: the futility rule's PRM gate (default {ES_FUTILITY_SCORE}; 0: off)")
+    ap.add_argument("--weighted-round-size", type=int, default=WEIGHTED_ES_ROUND,
+                    help=f"early stop of weighted best-of-N: samples per round (default {WEIGHTED_ES_ROUND})")
     ap.add_argument("--weighted-futility", type=float, default=WEIGHTED_ES_FUTILITY,
                     help=f"early stop of weighted best-of-N: the futility level (default {WEIGHTED_ES_FUTILITY}: off)")
+    ap.add_argument("--weighted-futility-score", type=float, default=WEIGHTED_ES_FUTILITY_SCORE,
+                    help=f"early stop of weighted best-of-N: the PRM gate (default {WEIGHTED_ES_FUTILITY_SCORE}: off)")
     args = ap.parse_args(argv)
     if args.only and not args.runs:
         ap.error("--only needs --runs (where the engine runs are kept for the report)")
@@ -415,8 +463,13 @@ def main(argv: list[str] | None = None) -> int:
     t_fixed = time.perf_counter() - t0
     table = load_cached(args.strategy)
     t1 = time.perf_counter()
-    rule = EarlyStop(args.threshold, args.round_size, args.futility or None).validate()
-    wrule = EarlyStop(args.threshold, args.round_size, args.weighted_futility or None).validate()
+    try:
+        rule = EarlyStop(args.threshold, args.round_size, args.futility or None,
+                         (args.futility_score or None) if args.futility else None).validate()
+        wrule = EarlyStop(args.threshold, args.weighted_round_size, args.weighted_futility or None,
+                          (args.weighted_futility_score or None) if args.weighted_futility else None).validate()
+    except ValueError as exc:
+        ap.error(str(exc))
     runs = engine_runs(problems, policy, prm, base, args.ref_n, args.budgets, args.strategy, rule, wrule, args.runs,
                        args.only, seeds, args.chunk, sample)
     if args.only:
@@ -439,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     figs["early_stop_rule"] = dataclasses.asdict(rule)
     figs["weighted_early_stop_rule"] = dataclasses.asdict(wrule)
     figs["early_stop_simulated"] = simulated_early_stop(
-        records, args.ref_n, list(dict.fromkeys([plain, rule, wrule, *(EarlyStop(args.threshold, 4, f) for f in (0.05, 0.1))])))
+        records, args.ref_n, list(dict.fromkeys([plain, rule, wrule, EarlyStop(args.threshold, 4, 0.3),
+                                                 *(EarlyStop(args.threshold, 4, f) for f in (0.05, 0.1))])))
     out = {
         "slice": _slice_name(args, problems),
         "levels": {str(lv): sum(p.level == lv for p in problems) for lv in sorted({p.level for p in problems})},

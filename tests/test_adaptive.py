@@ -107,6 +107,34 @@ def test_futility_stops_a_scattered_vote_and_spares_a_forming_one(monkeypatch):
     assert len(full.completions) == 16 and full.chosen["stopped_by"] is None
 
 
+def test_futility_prm_gate_spares_what_the_prm_finds_plausible(monkeypatch):
+    from ponder.testing import scripted
+
+    monkeypatch.setitem(scripted.DISTRIBUTIONS, "scatter", {str(i): 1 / 1000 for i in range(1000)})
+    monkeypatch.setitem(scripted.SCORES, "scatter", {str(i): 0.5 for i in range(1000)})
+    monkeypatch.setitem(scripted.DISTRIBUTIONS, "hopeless", {str(i): 1 / 1000 for i in range(1000)})
+    monkeypatch.setitem(scripted.SCORES, "hopeless", {str(i): 0.02 for i in range(1000)})
+    gated = dataclasses.replace(BASE, method="majority", early_stop=stopping.EarlyStop(0.95, 4, 0.2, futility_score=0.1))
+    (plausible, hopeless), _ = run(["scatter", "hopeless"], gated)
+    # the PRM scores every scattered answer 0.5: the gate stays shut, all 16 are sampled
+    assert len(plausible.completions) == 16 and plausible.chosen["stopped_by"] is None
+    assert plausible.chosen["futility_score"] == 0.1
+    # scored 0.02: futility stops it exactly where the ungated rule would
+    answers = [c.answer for c in hopeless.completions]
+    k = len(answers)
+    assert hopeless.chosen["stopped_by"] == "futility" and k < 16
+    assert stopping.futile(stopping.tally(answers), k, 16 - k, 0.2)
+    for j in range(4, k, 4):
+        assert not stopping.futile(stopping.tally(answers[:j]), j, 16 - j, 0.2)
+    # majority's completions were scored for the gate; its answer is still the plain vote
+    assert all(c.score == pytest.approx(0.02) for c in hopeless.completions)
+    votes = stopping.tally(answers)
+    assert votes[hopeless.answer] == max(votes.values())
+    # the gate needs a PRM
+    with pytest.raises(ValueError, match="futility_score reads the completions' PRM scores"):
+        Engine(VotePolicy(1), None).submit("scatter", gated)
+
+
 # ----------------------------------------------------------------------------- auto
 
 

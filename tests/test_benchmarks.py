@@ -91,3 +91,30 @@ def test_benchmark_quick_json(name, tmp_path):
     elif name == "bench_verifier.py":
         assert report["n"] == 2 and [row["level"] for row in report["levels"]] == [2]
         assert {"oracle", "majority", "prm_last", "prm_first_error_auc"} <= set(report["levels"][0])
+
+
+@pytest.mark.slow
+def test_fit_early_stop_quick_json(tmp_path):
+    """fit_early_stop.py (the early-stop rules' choice on calibration records) runs and its
+    choice is the grid's fewest-token rule within the allowed loss."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "fit_early_stop.py"), "--quick", "--json"],
+                          capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["problems"] == 60 and report["cap"] == 16
+    for name in ("majority", "weighted_best_of_n"):
+        rows, chosen = report[name]["grid"], report[name]["chosen"]
+        assert len(rows) == 2 * (1 + 2 * 3)  # rounds x (off + futility levels x gates)
+        ok = [r for r in rows if r["accuracy_delta"] >= -report["max_loss"] - 1e-12]
+        assert ok and chosen == min(ok, key=lambda r: r["token_ratio"])
+        assert all(0.0 < r["token_ratio"] <= 1.0 + 1e-12 for r in rows)
+
+
+def test_fit_early_stop_refuses_short_records(tmp_path):
+    rec = {"id": "p", "prompt_tokens": 3, "samples": [{"answer": "1", "correct": True, "score": 0.5, "tokens": 4}] * 4,
+           "trees": {}, "level": 1}
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "fit_early_stop.py"), "--records", str(path)],
+                          capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and "fewer than --cap 16 samples" in proc.stderr and "Traceback" not in proc.stderr

@@ -232,3 +232,22 @@ def test_bad_futility_is_refused():
         with pytest.raises(ValueError, match="futility"):
             stopping.EarlyStop(futility=bad).validate()
     assert stopping.as_early_stop({"threshold": 0.95, "round_size": 2, "futility": 0.1}) == stopping.EarlyStop(0.95, 2, 0.1)
+
+
+def test_all_below_is_the_prm_gate():
+    assert stopping.all_below([0.05, 0.09], 0.1)
+    assert not stopping.all_below([0.05, 0.1], 0.1)  # at the level is not below it
+    assert not stopping.all_below([], 0.1)  # nothing scored: the gate stays shut
+    assert not stopping.all_below([0.01, float("nan")], 0.1)  # an unscored completion shuts it too
+    assert stopping.all_below([0.99], 1.0)
+
+
+def test_futility_score_is_checked():
+    es = stopping.EarlyStop(0.95, 2, futility=0.25, futility_score=0.1)
+    assert es.validate() is es
+    assert stopping.as_early_stop({"threshold": 0.95, "round_size": 2, "futility": 0.25, "futility_score": 0.1}) == es
+    for bad in (0, -0.1, 1.5, True, "0.1", float("nan")):
+        with pytest.raises(ValueError, match="futility_score must be"):
+            stopping.EarlyStop(futility=0.25, futility_score=bad).validate()
+    with pytest.raises(ValueError, match="set futility too"):
+        stopping.EarlyStop(futility_score=0.1).validate()

@@ -65,6 +65,7 @@ from .methods.majority import Majority
 from .methods.method import Method
 from .methods.particle_filtering import ParticleFiltering
 from .methods.rebase import Rebase
+from .methods.stopping import as_early_stop
 from .methods.tree import Search, SearchTree
 
 #: a step's tokens assumed before any step was sampled
@@ -216,7 +217,12 @@ class Engine:
         config = SearchConfig() if config is None else config
         config.validate()
         text = problem_text(problem)
-        scored = config.method != "majority" or votes is not None
+        es = as_early_stop(config.early_stop)
+        gated = es is not None and es.futility_score is not None  # the futility gate reads PRM scores
+        scored = config.method != "majority" or votes is not None or gated
+        if gated and self.prm is None:
+            raise ValueError("early_stop.futility_score reads the completions' PRM scores: pass a PRM, "
+                             "or drop futility_score")
         if scored and self.prm is None and (config.method != "majority" or len(votes or {}) > 1):
             raise ValueError(f"method {config.method!r} needs a PRM; only 'majority' runs without one")
         scored = scored and self.prm is not None

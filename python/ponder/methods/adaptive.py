@@ -7,8 +7,9 @@
   prefix-sharing policy computes once and the budget counts once). After every round the
   stopping rule of ``ponder.methods.stopping`` decides: majority on the answer counts, the
   best-of-N variants on the PRM-weighted votes (``vote_agg``); with ``EarlyStop.futility`` set,
-  an unsettled vote that more samples are unlikely to settle stops too (``stopping.futile``).
-  The vote is the method's own.
+  an unsettled vote that more samples are unlikely to settle stops too (``stopping.futile``),
+  and with ``EarlyStop.futility_score`` also set, only while every completion's PRM score
+  (``vote_agg``) is below it (``stopping.all_below``). The vote is the method's own.
 * ``Auto`` (``method="auto"``): a probe of k solutions (k from the plan), the difficulty
   estimate from them (``strategy.difficulty``), then the option the strategy table's plan
   gives the difficulty's bin: stop, more samples for a sampling vote, or a beam search / DVTS
@@ -31,7 +32,7 @@ from .. import grading
 from .beam_search import BeamSearch
 from .dvts import DVTS
 from .method import Method
-from .stopping import as_early_stop, futile, should_stop, tally
+from .stopping import all_below, as_early_stop, futile, should_stop, tally
 from .strategy import OPTION_VOTE, SAMPLING, Plan, StrategyTable, difficulty, load_cached
 
 TREE_CLASSES = {"beam_search": BeamSearch, "dvts": DVTS}
@@ -99,7 +100,8 @@ class EarlyStopSampling(Method):
 
     def _decide(self) -> tuple[bool, bool]:
         """(settled, futile) after this round: the leader rule, then (``rule.futility`` set and
-        samples left) the futility rule, both on the method's votes."""
+        samples left) the futility rule, both on the method's votes, then (``futility_score``
+        set) its PRM gate on the completions' scores."""
         answers = [None if a is None else grading.normalize_answer(a) for a in _answers(self.tree, self.solutions)]
         weights = None
         if self.vote != "majority" and self.search.scored:
@@ -111,7 +113,13 @@ class EarlyStopSampling(Method):
         remaining = sum(self.sizes[self.round:])
         if self.rule.futility is None or remaining <= 0:
             return False, False
-        return False, futile(votes, len(self.solutions), remaining, self.rule.futility, self.rule.threshold)
+        if not futile(votes, len(self.solutions), remaining, self.rule.futility, self.rule.threshold):
+            return False, False
+        if self.rule.futility_score is None:
+            return False, True
+        # the PRM gate (the engine scores a gated search's paths, majority included)
+        scores = self.tree.path_scores(self.solutions, self.config.vote_agg) if self.search.scored else []
+        return False, all_below(scores, self.rule.futility_score)
 
     def final(self):
         return self.solutions, self.vote, self.agg
@@ -129,6 +137,7 @@ class EarlyStopSampling(Method):
                 "early_stopped": bool((self.settled or self.futile) and self.round < len(self.sizes)),
                 "stopped_by": "settled" if self.settled else ("futility" if self.futile else None),
                 "threshold": self.rule.threshold, "futility": self.rule.futility,
+                "futility_score": self.rule.futility_score,
             },
         }
 

@@ -36,6 +36,14 @@ with probability at most ``eps``; the answer is then the vote so far. (The union
 conservative: for 4 different answers in 4 samples with 12 left it gives 0.84 where the exact
 model probability is 0.17.)
 
+PRM gate (optional, ``EarlyStop(futility=eps, futility_score=s)``): futility may stop a search
+only while every completion so far has an aggregated PRM score below ``s`` (``all_below``):
+the verifier finds nothing plausible among them. A scattered vote whose completions the PRM
+rates plausibly (a weak policy on a problem within its reach, whose right answer has not yet
+repeated) keeps sampling. It reads the completions' scores, so it needs a PRM (majority then
+scores its completions; the answer is still the plain vote). It only narrows the futility
+rule: its bound holds unchanged.
+
 All functions are pure (no state, no randomness) and take plain Python numbers.
 """
 
@@ -333,6 +341,18 @@ def futile(
     return settle_probability(votes, samples, remaining, threshold, concentration) <= futility
 
 
+def all_below(scores: Iterable[float], level: float) -> bool:
+    """True when there is at least one score and every score is a number below ``level``
+    (a NaN, an unscored completion, is not below anything: the gate stays shut)."""
+    seen = False
+    for s in scores:
+        s = float(s)
+        if not s < level:  # also False for NaN
+            return False
+        seen = True
+    return seen
+
+
 def check_futility(futility: float) -> None:
     """ValueError unless futility is a number in (0, 1)."""
     if isinstance(futility, bool) or not isinstance(futility, (int, float)) or not 0.0 < futility < 1.0:
@@ -352,16 +372,26 @@ class EarlyStop:
     steps) and stop once ``should_stop`` holds at ``threshold`` after a round (majority: the
     answer counts; best-of-N and weighted best-of-N: the PRM-weighted votes), or, with
     ``futility`` in (0, 1) set, once ``futile`` holds at that level (the vote is unlikely to
-    settle before the cap), or after n. ``futility=None`` (the default): the leader rule only."""
+    settle before the cap), or after n. ``futility=None`` (the default): the leader rule only.
+    ``futility_score`` in (0, 1] (needs ``futility``, and a PRM): a futility stop only while
+    every completion's aggregated PRM score (``SearchConfig.vote_agg``) is below it."""
 
     threshold: float = DEFAULT_THRESHOLD
     round_size: int = 4
     futility: float | None = None
+    futility_score: float | None = None
 
     def validate(self) -> EarlyStop:
         check_threshold(self.threshold)
         if self.futility is not None:
             check_futility(self.futility)
+        fs = self.futility_score
+        if fs is not None:
+            if isinstance(fs, bool) or not isinstance(fs, (int, float)) or not 0.0 < fs <= 1.0:
+                raise ValueError(f"early_stop.futility_score must be None or a number in (0, 1]; got {fs!r}")
+            if self.futility is None:
+                raise ValueError("early_stop.futility_score gates the futility rule: set futility too "
+                                 "(e.g. EarlyStop(futility=0.25, futility_score=0.1))")
         r = self.round_size
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"early_stop.round_size must be an integer >= 1; got {r!r}")
