@@ -427,6 +427,70 @@ def test_bad_pf_option_in_a_subprocess_is_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_early_stop_options_reach_the_sampling_votes(tmp_path, models, capsys, monkeypatch):
+    """--early-stop / --round-size / --futility / --futility-score make SearchConfig.early_stop of
+    majority and the best-of-N votes (each searched alone: they stop at their own rounds), not
+    of the tree methods; run.json and every row record it."""
+    from ponder.methods.stopping import EarlyStop
+
+    seen = []
+    real = evaluation_run.search_batch
+
+    def recording(batch, policy, prm, config, methods):
+        seen.append((config, list(methods)))
+        return real(batch, policy, prm, config, methods)
+
+    monkeypatch.setattr(evaluation_run, "search_batch", recording)
+    argv = _args(tmp_path, "--methods", "majority,best_of_n,dvts", "--n", "8", "--limit", "2", "--early-stop", "0.9",
+                 "--round-size", "2", "--futility", "0.25", "--futility-score", "0.1")
+    assert _main(argv) == 0
+    assert "early stop of the sampling votes at 0.9 in rounds of 2, futility 0.25 below PRM score 0.1" in capsys.readouterr().err
+    rule = EarlyStop(0.9, 2, 0.25, 0.1)
+    by_method = {methods[0]: config for config, methods in seen}
+    assert all(len(methods) == 1 for _, methods in seen)  # no shared sampling under early stop
+    assert by_method["majority"].early_stop == rule and by_method["best_of_n"].early_stop == rule
+    assert by_method["dvts"].early_stop is None
+    search = json.loads((tmp_path / "out" / "run.json").read_text())["search"]
+    assert search["early_stop"] == {"threshold": 0.9, "round_size": 2, "futility": 0.25, "futility_score": 0.1}
+    rows = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row["method"] in ("majority", "best_of_n"):
+            assert row["chosen"]["futility_score"] == 0.1 and row["num_completions"] <= 8
+            assert row["chosen"]["stopped_by"] in ("settled", "futility", None)
+    # the round size defaults to EarlyStop's
+    assert cli._early_stop(cli.build_run_parser().parse_args(["--early-stop", "0.95"])) == EarlyStop(0.95)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--futility", "0.2"], "--futility sets how early stopping works: add --early-stop P (e.g. --early-stop 0.95)"),
+    (["--round-size", "2"], "--round-size sets how early stopping works: add --early-stop P"),
+    (["--early-stop", "0.5"], "--early-stop must be a probability in (0.5, 1] (e.g. 0.95); got 0.5"),
+    (["--early-stop", "nan"], "--early-stop must be a probability in (0.5, 1]"),
+    (["--early-stop", "0.95", "--futility", "1"], "--futility must be a probability in (0, 1) (e.g. 0.25); got 1.0"),
+    (["--early-stop", "0.95", "--futility-score", "0.1"], "--futility-score gates the futility rule: add --futility EPS"),
+    (["--early-stop", "0.95", "--futility", "0.2", "--futility-score", "2"],
+     "--futility-score must be None or a number in (0, 1]; got 2.0"),
+    (["--early-stop", "0.95", "--round-size", "0"], "--round-size must be an integer >= 1; got 0"),
+])
+def test_bad_early_stop_options_are_one_line(tmp_path, models, capsys, argv, message):
+    assert _main(_args(tmp_path, "--methods", "majority", "--n", "4", *argv)) == 2
+    assert message in _error_of(capsys)
+    assert models == [] and not (tmp_path / "out").exists()
+
+
+def test_gated_majority_needs_a_prm():
+    from ponder import SearchConfig
+    from ponder.evaluation import EvalConfig
+    from ponder.methods.stopping import EarlyStop
+
+    gated = EvalConfig(["majority"], [4], SearchConfig(early_stop=EarlyStop(0.95, 4, 0.2, 0.1)))
+    assert gated.needs_prm
+    with pytest.raises(ValueError, match="majority's early stop with early_stop.futility_score reads PRM scores"):
+        gated.validate(has_prm=False)
+    plain = EvalConfig(["majority"], [4], SearchConfig(early_stop=EarlyStop(0.95, 4, 0.2)))
+    assert not plain.needs_prm and plain.validate(has_prm=False) is plain
+
+
 def test_help_documents_the_pf_and_rebase_options(capsys):
     assert _main(["run", "--help"]) == 0
     out = capsys.readouterr().out

@@ -43,9 +43,12 @@ def search(problems: Sequence[Any], policy, prm, config: SearchConfig | None = N
     texts = [problem_text(x) for x in problems]
     if not texts:
         return []
+    from .methods.adaptive import prm_gated
+
     if config.method != "majority" and prm is None:
         raise ValueError(f"method {config.method!r} needs a PRM; only 'majority' runs without one")
-    return _run_batch(policy, prm if config.method != "majority" else None, [(t, config, None, ()) for t in texts], "main")
+    scored = config.method != "majority" or prm_gated(config)  # a gated early stop reads PRM scores
+    return _run_batch(policy, prm if scored else None, [(t, config, None, ()) for t in texts], "main")
 
 
 def _run_batch(policy, prm, requests, name):

@@ -195,6 +195,15 @@ def build_run_parser() -> argparse.ArgumentParser:
     search.add_argument("--strategy", default=None, metavar="PATH",
                         help="auto: a strategy.json fit by ponder calibrate (default: the built-in models' table)")
     search.add_argument("--compat-search-and-learn", action="store_true", help="reproduce search-and-learn where ponder deliberately differs")
+    es = p.add_argument_group("early stopping of majority / best_of_n / weighted_best_of_n (docs/adaptive.md)")
+    es.add_argument("--early-stop", type=float, default=None, metavar="P",
+                    help="sample in rounds and stop once the vote's leader holds with posterior probability P in "
+                         "(0.5, 1] (n is the cap; default off)")
+    es.add_argument("--round-size", type=int, default=None, metavar="R", help="samples per round (default 4)")
+    es.add_argument("--futility", type=float, default=None, metavar="EPS",
+                    help="also stop once the remaining samples settle the vote with probability <= EPS (default off)")
+    es.add_argument("--futility-score", type=float, default=None, metavar="S",
+                    help="futility stops only while the PRM scores every completion below S (majority then needs --prm)")
 
     pf = p.add_argument_group("particle filtering / REBASE (docs/methods_pf_rebase.md)")
     d = SearchConfig()
@@ -492,6 +501,18 @@ def _validate(args: argparse.Namespace) -> None:
         raise _Refused("--resume needs --out DIR (the directory of the run to complete)")
     if args.kv_budget is not None and args.kv_budget < 1:
         raise _Refused(f"--kv-budget must be >= 1; got {args.kv_budget}")
+    if args.early_stop is None:
+        given = [f for f, v in (("--round-size", args.round_size), ("--futility", args.futility),
+                                ("--futility-score", args.futility_score)) if v is not None]
+        if given:
+            raise _Refused(f"{given[0]} sets how early stopping works: add --early-stop P (e.g. --early-stop 0.95)")
+    else:
+        if not 0.5 < args.early_stop <= 1.0:
+            raise _Refused(f"--early-stop must be a probability in (0.5, 1] (e.g. 0.95); got {args.early_stop}")
+        if args.futility is not None and not 0.0 < args.futility < 1.0:
+            raise _Refused(f"--futility must be a probability in (0, 1) (e.g. 0.25); got {args.futility}")
+        if args.futility_score is not None and args.futility is None:
+            raise _Refused("--futility-score gates the futility rule: add --futility EPS (e.g. --futility 0.25)")
     if args.ray is not None:  # Ray installed, --workers etc. (python/ponder/distributed.py)
         from .distributed import check_cli_args
 
@@ -505,7 +526,8 @@ def option_names() -> dict[str, str]:
     name in their messages (``ponder.evaluation.rename_fields``)."""
     names = {a.dest: a.option_strings[-1] for a in build_run_parser()._actions if a.option_strings and a.dest != "help"}
     names.pop("n")  # "n=6" in a message is a budget, not the option
-    names.update({"ns": "--n", "source": "--dataset", "config": "--dataset-config", "prm": "--prm PATH",
+    names.update({"early_stop.futility_score": "--futility-score", "early_stop.round_size": "--round-size",
+                  "ns": "--n", "source": "--dataset", "config": "--dataset-config", "prm": "--prm PATH",
                   "sampling.max_step_tokens": "--max-step-tokens", "sampling.temperature": "--temperature",
                   "sampling.top_p": "--top-p"})
     return names
@@ -543,10 +565,21 @@ def _eval_config(args: argparse.Namespace, problems: list):
         budget_tokens=args.budget_tokens, strategy=args.strategy,
         pf_temperature=args.pf_temperature, pf_weights=args.pf_weights, pf_resampling=args.pf_resampling,
         pf_ess_threshold=args.pf_ess_threshold, pf_finished=args.pf_finished, rebase_temperature=args.rebase_temperature,
-        rebase_allocation=args.rebase_allocation,
+        rebase_allocation=args.rebase_allocation, early_stop=_early_stop(args),
     )
     ns = sorted(set(args.budget or args.n))  # dynamic compute: budgets are n-equivalents
     return EvalConfig(methods=list(dict.fromkeys(args.methods)), ns=ns, base_config=base, batch_size=args.batch_size)
+
+
+def _early_stop(args: argparse.Namespace):
+    """``SearchConfig.early_stop`` of the options (None without --early-stop; checked by
+    ``EvalConfig.validate``, whose messages name the options)."""
+    if args.early_stop is None:
+        return None
+    from .methods.stopping import EarlyStop
+
+    return EarlyStop(threshold=args.early_stop, round_size=4 if args.round_size is None else args.round_size,
+                     futility=args.futility, futility_score=args.futility_score)
 
 
 def _prepare(args: argparse.Namespace):
@@ -669,8 +702,13 @@ def _execute(args: argparse.Namespace, dataset, problems: list, config, out_dir)
         models["policy"]["revision"] = revision
     # the loaded models (hub commits now cached, the PRM's resolved settings) against run.json
     manifest = _checked_manifest(out_dir, problems, config, sections, True)
+    es = config.base_config.early_stop
+    stop = "" if es is None else (
+        f", early stop of the sampling votes at {es.threshold} in rounds of {es.round_size}"
+        + ("" if es.futility is None else f", futility {es.futility}")
+        + ("" if es.futility_score is None else f" below PRM score {es.futility_score}"))
     print(f"ponder run: {len(problems)} problems, methods {','.join(config.methods)}, "
-          f"n {','.join(map(str, config.ns))} -> {out_dir}", file=sys.stderr)
+          f"n {','.join(map(str, config.ns))}{stop} -> {out_dir}", file=sys.stderr)
     progress = not args.no_progress
     try:
         rows = run_evaluation(problems, policy, prm, config, out_dir=out_dir, resume=args.resume, progress=progress,

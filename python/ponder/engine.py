@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from ._core import KVCacheFull
-from .methods.adaptive import Auto, method_class
+from .methods.adaptive import Auto, method_class, prm_gated
 from .methods.beam_search import BeamSearch
 from .methods.best_of_n import BestOfN, WeightedBestOfN
 from .methods.config import SearchConfig, SearchResult
@@ -65,7 +65,6 @@ from .methods.majority import Majority
 from .methods.method import Method
 from .methods.particle_filtering import ParticleFiltering
 from .methods.rebase import Rebase
-from .methods.stopping import as_early_stop
 from .methods.tree import Search, SearchTree
 
 #: a step's tokens assumed before any step was sampled
@@ -217,8 +216,7 @@ class Engine:
         config = SearchConfig() if config is None else config
         config.validate()
         text = problem_text(problem)
-        es = as_early_stop(config.early_stop)
-        gated = es is not None and es.futility_score is not None  # the futility gate reads PRM scores
+        gated = prm_gated(config)  # the futility gate reads PRM scores
         scored = config.method != "majority" or votes is not None or gated
         if gated and self.prm is None:
             raise ValueError("early_stop.futility_score reads the completions' PRM scores: pass a PRM, "

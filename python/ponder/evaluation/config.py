@@ -24,8 +24,10 @@ GREEDY = "greedy"
 EVAL_METHODS = (GREEDY, *METHODS)
 #: methods whose n is split into beams / subtrees of ``beam_width``
 TREE_METHODS = ("beam_search", "dvts")
-#: methods that never call the PRM
+#: methods that never call the PRM (majority does when its early stop has a PRM gate)
 PRM_FREE_METHODS = (GREEDY, "majority")
+#: the methods ``base_config.early_stop`` applies to (the others run without it)
+EARLY_STOP_METHODS = ("majority", "best_of_n", "weighted_best_of_n")
 
 
 def method_config(base_config: SearchConfig, method: str, n: int) -> SearchConfig:
@@ -34,8 +36,8 @@ def method_config(base_config: SearchConfig, method: str, n: int) -> SearchConfi
     ``greedy`` becomes majority voting over n=1 completion at temperature 0. Methods with an
     implied vote (majority, best-of-N variants) get ``vote=None``; the other methods keep
     ``base_config.vote``. A tree method (beam search, DVTS) at an n below ``beam_width`` is one
-    tree n wide. ``budget`` / ``budget_tokens`` are kept for ``auto`` only. The result is
-    validated (ValueError names the bad field).
+    tree n wide. ``budget`` / ``budget_tokens`` are kept for ``auto`` only, ``early_stop`` for
+    ``EARLY_STOP_METHODS`` only. The result is validated (ValueError names the bad field).
     """
     if method not in EVAL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(EVAL_METHODS)}")
@@ -50,6 +52,8 @@ def method_config(base_config: SearchConfig, method: str, n: int) -> SearchConfi
         config = dataclasses.replace(base_config, method=method, n=n, vote=vote, beam_width=width)
     if method != "auto":  # budget_tokens / strategy belong to auto (dynamic compute)
         config = dataclasses.replace(config, budget=None, budget_tokens=None)
+    if method not in EARLY_STOP_METHODS:  # early stop belongs to the sampling votes (greedy: one sample)
+        config = dataclasses.replace(config, early_stop=None)
     return config.validate()
 
 
@@ -106,8 +110,18 @@ class EvalConfig:
 
     @property
     def needs_prm(self) -> bool:
-        """Whether any method calls the PRM (every method but greedy and majority)."""
-        return any(m not in PRM_FREE_METHODS for m in self.methods)
+        """Whether any method calls the PRM (every method but greedy and majority; majority too
+        when ``base_config.early_stop`` has a PRM gate, ``futility_score``)."""
+        return any(m not in PRM_FREE_METHODS for m in self.methods) or ("majority" in self.methods and self._gated)
+
+    @property
+    def _gated(self) -> bool:
+        from ..methods.adaptive import prm_gated
+
+        try:
+            return prm_gated(self.base_config)
+        except ValueError:
+            return False  # validate() reports it
 
     def pairs(self) -> list[tuple[str, int]]:
         """The (method, n) searches, in plan order (:func:`plan`)."""
@@ -154,6 +168,9 @@ class EvalConfig:
         self.configs()
         if has_prm is False and self.needs_prm:
             needs = [m for m in methods if m not in PRM_FREE_METHODS]
+            if not needs:
+                raise ValueError("majority's early stop with `early_stop.futility_score` reads PRM scores: pass `prm`, "
+                                 "or drop the futility gate")
             raise ValueError(f"method {needs[0]} needs a PRM: pass `prm`; only greedy and majority run without one")
 
 

@@ -142,8 +142,8 @@ def run_evaluation(
     wall time divided by its problems), num_completions, beam_width (beam search / DVTS), seed,
     shared_samples, difficulty and chosen (``auto``).
 
-    Majority, best-of-N and weighted best-of-N at the same n (with a PRM) are answered from
-    one set of samples (``ponder.batch.search_sampled``): the same answers and policy tokens
+    Majority, best-of-N and weighted best-of-N at the same n (with a PRM, without early
+    stopping) are answered from one set of samples (``ponder.batch.search_sampled``): the same answers and policy tokens
     as three separate searches, a third of the sampling; their rows say ``shared_samples``
     and carry the shared search's wall time.
 
@@ -174,7 +174,7 @@ def run_evaluation(
     configs = config.configs()
     results_path = out_dir / RESULTS_FILE
 
-    for group in search_groups(pairs, prm is not None):
+    for group in search_groups(pairs, prm is not None and config.base_config.early_stop is None):
         method, n = group[0]
         pending = [p for p in problems if any((str(p.id), policy_label, m, k) not in done for m, k in group)]
         names = "+".join(m for m, _ in group)
@@ -226,7 +226,9 @@ def search_batch(batch: list[Problem], policy, prm, config: SearchConfig, method
 def search_groups(pairs: list[tuple[str, int]], have_prm: bool) -> list[list[tuple[str, int]]]:
     """The searches an evaluation runs: majority, best-of-N and weighted best-of-N at the same
     n vote over the same samples (they depend on the seed, not on the PRM), so with a PRM they
-    share one ``search_sampled`` call; every other (method, n) is a search of its own."""
+    share one ``search_sampled`` call; every other (method, n) is a search of its own.
+    ``have_prm`` False (also what an evaluation passes with early stopping, where each vote
+    stops at its own round): no sharing."""
     groups: list[list[tuple[str, int]]] = []
     shared: dict[int, list[tuple[str, int]]] = {}
     for method, n in pairs:

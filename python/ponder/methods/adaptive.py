@@ -292,6 +292,13 @@ def method_class(config, registry: dict) -> type[Method]:
     return registry[config.method]
 
 
+def prm_gated(config) -> bool:
+    """Whether ``config``'s early stop has a PRM gate (``EarlyStop.futility_score``): then even
+    majority reads PRM scores (ValueError for a bad ``early_stop``)."""
+    es = as_early_stop(config.early_stop)
+    return es is not None and es.futility_score is not None
+
+
 def validate_adaptive(config) -> None:
     """ValueError naming the first bad dynamic-compute field of a ``SearchConfig``."""
     es = as_early_stop(config.early_stop)
