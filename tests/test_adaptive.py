@@ -261,3 +261,11 @@ def test_plan_cache_never_returns_another_tables_plan(tmp_path):
     plan = adaptive.plan_for(cfg, b)
     assert [o.method for o in plan.options] == ["stop", "beam_search"]
     assert adaptive.plan_for(cfg, b) is plan  # and it is cached for b now
+
+
+def test_search_sampled_refuses_early_stop():
+    from ponder.batch import search_sampled
+
+    cfg = dataclasses.replace(BASE, method="majority", early_stop=0.95)
+    with pytest.raises(ValueError, match="call ponder.search once per method with early_stop"):
+        search_sampled(["easy"], VotePolicy(1), VotePRM(), cfg, ["majority", "best_of_n"])

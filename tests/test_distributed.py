@@ -194,3 +194,15 @@ def test_jobs_are_the_single_process_batches():
         (["beam_search"], [problems[2].id, problems[3].id]),
         (["beam_search"], [problems[4].id]),
     ]
+
+
+def test_jobs_under_early_stop_search_each_vote_alone():
+    """With early stopping each vote stops at its own round: no shared samples, as in
+    ``run_evaluation`` (``evaluation.run.shares_samples``)."""
+    problems = load_problems("builtin:arith", limit=2)
+    config = EvalConfig(methods=["majority", "best_of_n"], ns=[4], base_config=SearchConfig(early_stop=0.95), batch_size=2)
+    jobs = distributed.plan_jobs(problems, config, done=set(), has_prm=True)
+    assert [[m for m, _ in j.group] for j in jobs] == [["majority"], ["best_of_n"]]
+    assert all(c.early_stop is not None for j in jobs for c in j.configs.values())
+    assert not evaluation_run.shares_samples(config, True)
+    assert evaluation_run.shares_samples(dataclasses.replace(config, base_config=SearchConfig()), True)

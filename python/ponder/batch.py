@@ -34,7 +34,8 @@ def search(problems: Sequence[Any], policy, prm, config: SearchConfig | None = N
 
     problems: questions (str) or problem-like objects with ``.problem``; their index is the
     result's ``problem_id``. policy: a ``ponder.Policy``. prm: a ``ponder.PRM`` (None allowed
-    for majority voting, which never scores). Returns one ``SearchResult`` per problem, in order.
+    for majority voting, which never scores unless its early stop has a PRM gate,
+    ``EarlyStop.futility_score``: ValueError then). Returns one ``SearchResult`` per problem, in order.
     """
     config = SearchConfig() if config is None else config
     config.validate()
@@ -82,13 +83,16 @@ def search_sampled(
     each method's answers and policy budget are those ``search`` gives with ``config`` and
     ``method=`` that method; majority's budget leaves out the PRM (it needs none), and every
     method's completions carry the PRM scores. ``config.method`` is ignored; ``prm`` may be
-    None only when ``methods`` is just majority. The votes are the methods' own: majority
+    None only when ``methods`` is just majority; ``config.early_stop`` must be off (ValueError). The votes are the methods' own: majority
     (``agg``), best and weighted (``vote_agg``).
     """
     methods = list(dict.fromkeys(methods))
     bad = [m for m in methods if m not in SAMPLING_METHODS]
     if bad or not methods:
         raise ValueError(f"search_sampled takes methods among {SAMPLING_METHODS}; got {methods!r}")
+    if config.early_stop is not None and config.early_stop is not False:
+        raise ValueError("search_sampled shares one set of samples between votes, and early stopping stops each vote "
+                         "at its own round: call ponder.search once per method with early_stop")
     configs = {m: dataclasses.replace(config, method=m, vote=None).validate() for m in methods}
     if isinstance(problems, str):
         raise TypeError("problems must be a sequence of problems, not one str")

@@ -192,7 +192,7 @@ def plan_jobs(problems: list[Problem], config: EvalConfig, *, done: set, has_prm
     are those of a fresh run (a single-process resume re-cuts the pending problems instead)."""
     configs = config.configs()
     jobs: list[_Job] = []
-    for group in _run.search_groups(config.pairs(), has_prm):
+    for group in _run.search_groups(config.pairs(), _run.shares_samples(config, has_prm)):
         for start in range(0, len(problems), config.batch_size):
             batch = problems[start : start + config.batch_size]
             if any((str(p.id), policy_label, m, k) not in done for p in batch for m, k in group):
@@ -342,7 +342,7 @@ def run_evaluation_ray(
     pairs = config.pairs()
 
     jobs = plan_jobs(problems, config, done=set(done), has_prm=has_prm, policy_label=policy_label)
-    total = len(problems) * len(_run.search_groups(pairs, has_prm))
+    total = len(problems) * len(_run.search_groups(pairs, _run.shares_samples(config, has_prm)))
     remaining = sum(len(j.batch) for j in jobs)  # partly done batches count whole
     desc = f"ray: {'+'.join(dict.fromkeys(m for m, _ in pairs))}" + (f" [{policy_label}]" if policy_label else "")
     bar = _run.progress_bar(total, total - remaining, desc, progress)

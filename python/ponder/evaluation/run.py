@@ -174,7 +174,7 @@ def run_evaluation(
     configs = config.configs()
     results_path = out_dir / RESULTS_FILE
 
-    for group in search_groups(pairs, prm is not None and config.base_config.early_stop is None):
+    for group in search_groups(pairs, shares_samples(config, prm is not None)):
         method, n = group[0]
         pending = [p for p in problems if any((str(p.id), policy_label, m, k) not in done for m, k in group)]
         names = "+".join(m for m, _ in group)
@@ -223,12 +223,17 @@ def search_batch(batch: list[Problem], policy, prm, config: SearchConfig, method
         ) from exc
 
 
+def shares_samples(config: EvalConfig, has_prm: bool) -> bool:
+    """Whether the sampling votes at the same n share one set of samples (``search_groups``):
+    with a PRM, and without early stopping (where each vote stops at its own round)."""
+    return bool(has_prm) and config.base_config.early_stop is None
+
+
 def search_groups(pairs: list[tuple[str, int]], have_prm: bool) -> list[list[tuple[str, int]]]:
     """The searches an evaluation runs: majority, best-of-N and weighted best-of-N at the same
     n vote over the same samples (they depend on the seed, not on the PRM), so with a PRM they
     share one ``search_sampled`` call; every other (method, n) is a search of its own.
-    ``have_prm`` False (also what an evaluation passes with early stopping, where each vote
-    stops at its own round): no sharing."""
+    ``have_prm`` False: no sharing (evaluations pass ``shares_samples(config, has_prm)``)."""
     groups: list[list[tuple[str, int]]] = []
     shared: dict[int, list[tuple[str, int]]] = {}
     for method, n in pairs:
@@ -242,4 +247,4 @@ def search_groups(pairs: list[tuple[str, int]], have_prm: bool) -> list[list[tup
     return groups
 
 
-__all__ = ["prepare", "progress_bar", "run_evaluation", "search_batch", "search_groups"]
+__all__ = ["prepare", "progress_bar", "run_evaluation", "search_batch", "search_groups", "shares_samples"]
