@@ -236,6 +236,20 @@ def test_completions_extra_body_search(client):
 
 
 @pytest.mark.slow
+def test_gated_early_stop_through_the_api(client):
+    """search.early_stop as an object, with the PRM gate: majority then reads PRM scores (usage
+    counts them) and the response says how the vote stopped."""
+    es = {"threshold": 0.95, "round_size": 2, "futility": 0.25, "futility_score": 0.1}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": EASY}], seed=5,
+                                       extra_body={"search": {"method": "majority", "n": 8, "early_stop": es}})
+    p = r.model_extra["ponder"]
+    assert p["method"] == "majority" and p["config"]["early_stop"] == es
+    assert p["chosen"]["futility_score"] == 0.1 and p["chosen"]["stopped_by"] in ("settled", "futility", None)
+    assert 2 <= p["chosen"]["n"] <= 8
+    assert r.usage.prm_tokens > 0  # the gate's scores
+
+
+@pytest.mark.slow
 def test_model_suffix_and_reasoning_effort(serve_server, client):
     r = client.chat.completions.create(model=f"{MODEL}:beam_search-4", messages=[{"role": "user", "content": EASY}],
                                        seed=2)
@@ -337,6 +351,9 @@ def test_errors_as_openai_exceptions(serve_server, client):
         ({"search": {"sampling": None}}, "search.sampling"),
         ({"search": {"seed": -1}}, "search.seed"),
         ({"search": {"method": "beam_search", "early_stop": 0.9}}, "search.early_stop"),
+        ({"search": {"method": "majority", "early_stop": {"futility": 0.2, "futility_score": 2}}},
+         "search.early_stop.futility_score"),
+        ({"search": {"method": "majority", "early_stop": {"futility_score": 0.1}}}, "search.early_stop.futility_score"),
         ({"reasoning_effort": "extreme"}, "reasoning_effort"),
         ({"stop": ["\n"]}, "stop"),
         ({"n": 5}, "n"),  # above --max-choices

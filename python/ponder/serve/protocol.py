@@ -259,12 +259,13 @@ def search_config(fields: dict[str, Any], base: SearchConfig, limits: Limits, pr
 
 def _field_named(message: str, names: set[str]) -> str:
     """The ``search.*`` field a ``SearchConfig.validate`` message is about (its first word,
-    or the first field name it mentions; ``search`` when none)."""
+    or the first field name it mentions, with its sub-field, e.g. ``early_stop.futility_score``;
+    ``search`` when none)."""
     words = [w.strip("(),:;'\"=") for w in message.replace("=", " ").split()]
     if words and words[0].startswith("sampling."):
         return f"search.{words[0]}"
     for w in words:
-        if w in names:
+        if w in names or w.split(".")[0] in names:
             return f"search.{w}"
     if words and words[0] in ("method", "budget"):
         return f"search.{words[0]}"
