@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -58,7 +57,7 @@ except ImportError:  # running from a checkout without an install
 
 from ponder.calibrate import collect, load_records
 from ponder.methods.config import SearchConfig
-from ponder.methods.stopping import EarlyStop, all_below, futile, should_stop, tally
+from ponder.methods.stopping import EarlyStop, decide, tally
 from ponder.methods.strategy import OPTION_VOTE, SAMPLING, TREES, load_cached, vote
 from ponder.protocols import SamplingParams
 
@@ -229,21 +228,12 @@ def replay_early_stop(record, rule: EarlyStop, cap: int, weighted: bool) -> tupl
         used = min(cap, used + rule.round_size)
         answers = [None if x["answer"] is None else normalize_answer(x["answer"]) for x in s[:used]]
         weights = [min(1.0, max(0.0, x["score"])) for x in s[:used]] if weighted else None
-        votes = tally(answers, weights)
-        if should_stop(votes, rule.threshold):
-            break
-        if (rule.futility is not None and used < cap
-                and _futile(tuple(sorted(votes.values(), reverse=True)), used, cap - used, rule.futility, rule.threshold)
-                and (rule.futility_score is None or all_below([x["score"] for x in s[:used]], rule.futility_score))):
+        settled, futile = decide(rule, tally(answers, weights), used, cap - used, lambda: [x["score"] for x in s[:used]])
+        if settled or futile:
             break
     got = s[:used]
     i = vote([x["answer"] for x in got], [x["score"] for x in got], "weighted" if weighted else "majority")
     return (bool(got[i]["correct"]) if i >= 0 else False), record.prompt_tokens + sum(x["tokens"] for x in got)
-
-
-@functools.lru_cache(maxsize=200_000)
-def _futile(votes: tuple, samples: int, remaining: int, futility: float, threshold: float) -> bool:
-    return futile(votes, samples, remaining, futility, threshold)
 
 
 def simulated_early_stop(records, cap: int, rules: list[EarlyStop]) -> list[dict]:

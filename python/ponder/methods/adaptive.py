@@ -32,7 +32,7 @@ from .. import grading
 from .beam_search import BeamSearch
 from .dvts import DVTS
 from .method import Method
-from .stopping import all_below, as_early_stop, futile, should_stop, tally
+from .stopping import as_early_stop, decide, tally
 from .strategy import OPTION_VOTE, SAMPLING, Plan, StrategyTable, difficulty, load_cached
 
 TREE_CLASSES = {"beam_search": BeamSearch, "dvts": DVTS}
@@ -107,19 +107,9 @@ class EarlyStopSampling(Method):
         if self.vote != "majority" and self.search.scored:
             weights = [0.0 if not (s == s) else min(1.0, max(0.0, float(s)))
                        for s in self.tree.path_scores(self.solutions, self.agg)]
-        votes = tally(answers, weights)
-        if should_stop(votes, self.rule.threshold):
-            return True, False
-        remaining = sum(self.sizes[self.round:])
-        if self.rule.futility is None or remaining <= 0:
-            return False, False
-        if not futile(votes, len(self.solutions), remaining, self.rule.futility, self.rule.threshold):
-            return False, False
-        if self.rule.futility_score is None:
-            return False, True
-        # the PRM gate (the engine scores a gated search's paths, majority included)
-        scores = self.tree.path_scores(self.solutions, self.config.vote_agg) if self.search.scored else []
-        return False, all_below(scores, self.rule.futility_score)
+        # the PRM gate reads the paths' scores (the engine scores a gated search's paths, majority included)
+        scores = (lambda: self.tree.path_scores(self.solutions, self.config.vote_agg)) if self.search.scored else None
+        return decide(self.rule, tally(answers, weights), len(self.solutions), sum(self.sizes[self.round:]), scores)
 
     def final(self):
         return self.solutions, self.vote, self.agg

@@ -49,8 +49,9 @@ All functions are pure (no state, no randomness) and take plain Python numbers.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 DEFAULT_THRESHOLD = 0.95
@@ -280,13 +281,20 @@ def settle_probability(
     values = [float(v) for v in (votes.values() if isinstance(votes, dict) else votes) if v > 0]
     if all(v.is_integer() for v in values) and samples >= sum(values):
         counts = tuple(sorted((int(v) for v in values), reverse=True))
-        memo: dict = {}
         try:
-            return _settle_exact(counts, int(samples) - sum(counts), int(remaining), float(threshold),
-                                 float(concentration), memo)
+            return _settle_exact_from(counts, int(samples) - sum(counts), int(remaining), float(threshold),
+                                      float(concentration))
         except _TooManyStates:
             pass
     return settle_probability_bound(values, samples, remaining, threshold, concentration)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _settle_exact_from(counts: tuple[int, ...], abstain: int, remaining: int, threshold: float, alpha: float) -> float:
+    """``_settle_exact`` from one urn state with a fresh memo, cached: a pure function of its
+    arguments, and searches (and replays over many records) meet the same states again.
+    ``_TooManyStates`` propagates (an exception is not cached)."""
+    return _settle_exact(counts, abstain, remaining, threshold, alpha, {})
 
 
 def _leads(counts: tuple[int, ...], threshold: float) -> bool:
@@ -351,6 +359,24 @@ def all_below(scores: Iterable[float], level: float) -> bool:
             return False
         seen = True
     return seen
+
+
+def decide(rule: EarlyStop, votes: dict, samples: int, remaining: int,
+           scores: Callable[[], Iterable[float]] | None = None) -> tuple[bool, bool]:
+    """(settled, futile) after a round: ``should_stop`` at ``rule.threshold``; else, with
+    ``rule.futility`` set and ``remaining`` samples left, ``futile``; and, with
+    ``rule.futility_score`` set, only if ``all_below(scores(), rule.futility_score)``
+    (``scores``: the completions' aggregated PRM scores, asked for only then; None: none, the
+    gate stays shut). The one decision of the early-stop state machine and of its replays."""
+    if should_stop(votes, rule.threshold):
+        return True, False
+    if rule.futility is None or remaining <= 0:
+        return False, False
+    if not futile(votes, samples, remaining, rule.futility, rule.threshold):
+        return False, False
+    if rule.futility_score is None:
+        return False, True
+    return False, all_below(scores() if scores is not None else (), rule.futility_score)
 
 
 def check_futility(futility: float) -> None:
