@@ -199,6 +199,20 @@ def test_manifest_difference_skips_unknown_keys_and_execution():
     assert evaluate.manifest_difference(old, {"a": {"y": 3}}) == "a.y differs: null in run.json, 3 now"
 
 
+def test_manifest_difference_sees_a_setting_turned_into_an_object_and_back():
+    """A setting null on one side and an object on the other (early_stop off / on) differs; it
+    is not a key only one side knows."""
+    es = {"threshold": 0.95, "round_size": 2, "futility": None, "futility_score": None}
+    off, on = {"search": {"early_stop": None, "seed": 0}}, {"search": {"early_stop": es, "seed": 0}}
+    assert evaluate.manifest_difference(off, on) == (
+        '--early-stop differs: null in run.json, {"threshold": 0.95, "round_size": 2, "futility": null, '
+        '"futility_score": null} now')
+    assert evaluate.manifest_difference(on, off).startswith('--early-stop differs: {"threshold": 0.95')
+    assert evaluate.manifest_difference(on, {"search": {"early_stop": {**es, "threshold": 0.9}, "seed": 0}}) == (
+        "--early-stop differs: 0.95 in run.json, 0.9 now")
+    assert evaluate.manifest_difference(on, on) is None and evaluate.manifest_difference(off, off) is None
+
+
 # ----------------------------------------------------------------------------- problem ids
 
 

@@ -185,6 +185,8 @@ _SETTING_NAMES = {
     "dataset.limit": "--limit",
     "dataset.per_level": "--per-level",
     "dataset.full": "--full",
+    "search.early_stop": "--early-stop",
+    "search.early_stop.threshold": "--early-stop",
     "dataset.num_problems": "the number of problems",
     "dataset.content_hash": "the dataset's content (hash of ids, questions, answers, levels)",
     "models.dtype": "--dtype",
@@ -246,16 +248,35 @@ def manifest_difference(old: dict, new: dict) -> str | None:
     ``UNCHECKED_SECTIONS`` are not compared."""
     a, b = _flatten(old), _flatten(new)
     for key in b:
-        if key.split(".", 1)[0] in UNCHECKED_SECTIONS or key not in a:
+        if key.split(".", 1)[0] in UNCHECKED_SECTIONS:
             continue
-        if a[key] == b[key]:
-            continue
+        if key not in a:
+            # a setting that is a value on one side and an object on the other (e.g. early_stop
+            # off in run.json, on now, or the reverse) differs; a key only one side knows does not
+            parts = key.split(".")
+            known = [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in a]
+            if known:
+                key = known[0]
+            elif not any(k.startswith(key + ".") for k in a):
+                continue
+            old_v, new_v = _at(old, key), _at(new, key)
+        else:
+            if a[key] == b[key]:
+                continue
+            old_v, new_v = a[key], b[key]
         name = _SETTING_NAMES.get(key)
         if name is None:
             leaf = key.rsplit(".", 1)[-1]
             name = f"--{leaf.replace('_', '-')}" if key.startswith("search.") else key
-        return f"{name} differs: {_short(a[key])} in run.json, {_short(b[key])} now"
+        return f"{name} differs: {_short(old_v)} in run.json, {_short(new_v)} now"
     return None
+
+
+def _at(record: dict, key: str) -> Any:
+    """The value at a dotted ``key`` of a nested record."""
+    for part in key.split("."):
+        record = record[part]
+    return record
 
 
 def run_manifest(problems: Sequence[Problem], base_config: SearchConfig, **sections: Any) -> dict:
